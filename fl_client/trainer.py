@@ -1,0 +1,170 @@
+"""Local training of one client for one round, with or without DP-SGD.
+
+The client's examples are tokenised once (padded to ``max_length``) into a
+``TensorDataset``; each batch is trimmed to its longest sequence before the forward pass,
+so padding costs nothing. With DP, Opacus samples batches by Poisson sampling at the
+calibrated rate and :class:`~opacus.utils.batch_memory_manager.BatchMemoryManager` splits
+logical batches into physical ones of at most ``physical_batch_size``; one *step* is one
+logical batch (one noisy optimizer update), which is what the ledger counts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from adapters.base import AdapterPlugin
+from privacy.dpsgd import loader_sample_rate, make_private
+from task.config import RunConfig
+from task.data import TextDataset
+
+# Opacus's hooks fire on modules whose inputs need no grad (frozen embeddings); harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+__all__ = ["LocalResult", "build_loader", "local_steps", "make_optimizer", "train_local"]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    steps: int
+    examples: int  # distinct examples held by the client (FedAvg weight)
+    samples_seen: int  # examples processed (sum of batch sizes)
+    loss_first: float
+    loss_mean: float
+    loss_last: float
+    seconds: float
+
+
+def tensorize(tokenizer, data: TextDataset, max_length: int) -> TensorDataset:  # type: ignore[no-untyped-def]
+    enc = tokenizer(list(data.texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.as_tensor(data.labels, dtype=torch.long))
+
+
+def build_loader(dataset: TensorDataset, batch_size: int, seed: int) -> DataLoader:
+    """Loader whose length defines the DP sample rate (1/len) and the epoch."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, generator=gen, drop_last=False)
+
+
+def local_steps(cfg: RunConfig, n_examples: int) -> int:
+    """Optimizer steps per round: ``local_steps`` if set, else local_epochs x batches."""
+    if cfg.train.local_steps:
+        return cfg.train.local_steps
+    per_epoch = math.ceil(n_examples / min(cfg.train.batch_size, n_examples))
+    return max(1, math.ceil(cfg.train.local_epochs * per_epoch))
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)
+    return torch.optim.Adam(params, lr=cfg.train.lr)
+
+
+def _trim(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    length = int(mask.sum(dim=1).max()) if mask.numel() else 1
+    return input_ids[:, : max(length, 1)], mask[:, : max(length, 1)]
+
+
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    while True:
+        yield from loader
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    disable = os.environ.get("FEDPEFT_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, mininterval=2.0, disable=disable)
+
+
+def train_local(
+    model: nn.Module,
+    plugin: AdapterPlugin,
+    tokenizer,  # type: ignore[no-untyped-def]
+    data: TextDataset,
+    cfg: RunConfig,
+    steps: int,
+    device: torch.device,
+    noise_multiplier: float | None,
+    seed: int,
+    desc: str = "local training",
+) -> LocalResult:
+    """Run ``steps`` optimizer steps on ``data``; DP-SGD when ``noise_multiplier`` is set.
+
+    ``model`` must already carry the adapter (``plugin.attach``) and the global state.
+    """
+    model.to(device).train()
+    dataset = tensorize(tokenizer, data, cfg.model.max_length)
+    loader = build_loader(dataset, cfg.train.batch_size, seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    torch.manual_seed(seed)  # dropout masks: reproducible per client and round
+    losses: list[float] = []
+    seen = 0
+    start = time.perf_counter()
+    bar = _progress(steps, desc)
+    if noise_multiplier is not None:
+        parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed=seed)
+        net, opt = parts.module, parts.optimizer
+        done = 0
+        while done < steps:
+            with BatchMemoryManager(
+                data_loader=parts.loader, max_physical_batch_size=cfg.train.physical_batch_size, optimizer=opt
+            ) as physical:
+                for ids, mask, labels in physical:
+                    ids, mask = _trim(ids, mask)
+                    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+                    loss = plugin.loss(net, batch, labels.to(device)) if len(labels) else None
+                    if loss is not None:
+                        loss.backward()
+                        losses.append(float(loss.detach()))
+                        seen += len(labels)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if not opt._is_last_step_skipped:
+                        done += 1
+                        bar.update(1)
+                        if done >= steps:
+                            break
+        net._close()  # remove Opacus hooks so the model can be reused and exported
+    else:
+        stream = _cycle(loader)
+        for _ in range(steps):
+            ids, mask, labels = next(stream)
+            optimizer.zero_grad(set_to_none=True)
+            chunks = range(0, len(labels), cfg.train.physical_batch_size)
+            for lo in chunks:
+                sl = slice(lo, lo + cfg.train.physical_batch_size)
+                cid, cmask = _trim(ids[sl], mask[sl])
+                batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
+                loss = plugin.loss(model, batch, labels[sl].to(device)) * (len(labels[sl]) / len(labels))
+                loss.backward()
+            losses.append(float(loss.detach()) * len(labels) / len(labels[sl]))
+            seen += len(labels)
+            optimizer.step()
+            bar.update(1)
+    bar.close()
+    model.eval()
+    if not losses:
+        losses = [float("nan")]
+    return LocalResult(
+        steps=steps,
+        examples=len(data),
+        samples_seen=seen,
+        loss_first=losses[0],
+        loss_mean=sum(losses) / len(losses),
+        loss_last=losses[-1],
+        seconds=time.perf_counter() - start,
+    )
+
+
+__all__ += ["loader_sample_rate", "tensorize"]

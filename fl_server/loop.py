@@ -1,0 +1,136 @@
+"""The server's round loop: send, validate, aggregate, evaluate, record.
+
+Flower's ``Strategy.start`` runs a fixed loop; fedpeft drives the same strategy calls
+(``configure_train`` / ``aggregate_train`` through ``grid.send_and_receive``) itself so
+that every round ends with a central evaluation on the held-out test set, one
+``metrics.jsonl`` row, one log summary line, and (issue: reliability) a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from adapters import get as get_plugin
+from fl_server.run_dir import RunDir
+from strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
+from strategies.validation import StateSpec
+from task.config import RunConfig, config_hash, config_to_toml
+from task.data import train_test_split_for
+from task.evaluate import evaluate
+from task.model import load_base_model, load_tokenizer, pick_device
+
+__all__ = ["ServerSetup", "run_federation"]
+
+log = logging.getLogger("fedpeft.server")
+
+
+class ServerSetup:
+    """Server-side model, test data and initial global state for one configuration."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.plugin = get_plugin(cfg.adapter.method)
+        self.device = pick_device(cfg.device)
+        self.tokenizer = load_tokenizer(cfg.model)
+        pool, self.test = train_test_split_for(cfg.data, cfg.seed)
+        base = load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed)
+        self.model = self.plugin.attach(base, cfg).to(self.device)
+        self.state = {k: v.detach().cpu().numpy().copy() for k, v in self.plugin.trainable_state(self.model).items()}
+        self.spec = StateSpec.from_state(self.state, self.plugin.frozen_fingerprint(self.model))
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        self.state = state
+        self.plugin.load_state(self.model, state)
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device)
+
+
+def _round_row(
+    cfg: RunConfig, report: RoundReport, ev: dict[str, float], eps: dict[str, float], accountants: set[str],
+    seconds: float,
+) -> dict[str, Any]:
+    finite = [e for e in eps.values() if math.isfinite(e)]
+    train_losses = [r.metrics.get("train-loss", math.nan) for r in report.accepted]
+    return {
+        "round": report.server_round,
+        "accuracy": ev["accuracy"],
+        "loss": ev["loss"],
+        "epsilon": max(finite) if (cfg.privacy.enabled and finite) else (0.0 if cfg.privacy.enabled else math.inf),
+        "epsilon_per_client": dict(sorted(eps.items())),
+        "epsilon_unit": "example-level, per client" if cfg.privacy.enabled else "no DP",
+        "accountant": ",".join(sorted(accountants)) or "none",
+        "delta": cfg.privacy.delta,
+        "bytes_up": report.bytes_up,
+        "bytes_down": report.bytes_down,
+        "seconds": seconds,
+        "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
+        "train_loss_first": float(np.mean([r.metrics.get("train-loss-first", math.nan) for r in report.accepted]))
+        if report.accepted else math.nan,
+        "clients_sent": report.sent_to,
+        "clients_accepted": len(report.accepted),
+        "rejected": report.rejected,
+        "refused": report.refused,
+        "failed": report.failed,
+        "method": cfg.adapter.method,
+    }
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3600.0) -> list[dict[str, Any]]:
+    """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the rows."""
+    rd = RunDir(run_dir)
+    handler = rd.attach_log()
+    try:
+        rd.write_config(cfg)
+        setup = ServerSetup(cfg)
+        strategy = AdapterAvg(
+            setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+            extra_config={"ledger-dir": str(rd.ledger_dir.resolve())},
+        )
+        strategy.summary()
+        dp = (f"DP-SGD epsilon={cfg.privacy.epsilon:g} delta={cfg.privacy.delta:g} clip={cfg.privacy.clip:g} "
+              f"(example-level, per client, {cfg.privacy.accountant})") if cfg.privacy.enabled else "no DP"
+        log.info("run %s: %s r=%d on %s, %d clients, %d rounds, %s; upload %d bytes/client",
+                 rd.path, cfg.adapter.method, cfg.adapter.rank, ",".join(cfg.adapter.target_modules),
+                 cfg.train.clients, cfg.train.rounds, dp, setup.spec.nbytes)
+        eps: dict[str, float] = {}
+        accountants: set[str] = set()
+        rows: list[dict[str, Any]] = []
+        for server_round in range(1, cfg.train.rounds + 1):
+            t0 = time.perf_counter()
+            messages = strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(), grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            arrays, _ = strategy.aggregate_train(server_round, replies)
+            if arrays is not None:
+                setup.set_state({k: v.numpy() for k, v in arrays.items()})
+            report = strategy.report
+            for rep in report.accepted:
+                eps[rep.client] = rep.metrics.get("epsilon", math.inf)
+            for msg in replies:
+                if not msg.has_error() and "info" in msg.content:
+                    accountants.add(str(msg.content["info"].get("accountant", "none")))
+            accountants.discard("none")
+            ev = setup.evaluate()
+            row = _round_row(cfg, report, ev, eps, accountants, time.perf_counter() - t0)
+            rows.append(row)
+            rd.append_metrics(row)
+            eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
+                       f"delta={cfg.privacy.delta:g}, {row['accountant']})") if cfg.privacy.enabled else "no DP"
+            log.info("round %d/%d: accuracy=%.4f loss=%.4f train_loss=%.4f %s clients=%d/%d up=%dB down=%dB %.1fs",
+                     server_round, cfg.train.rounds, row["accuracy"], row["loss"], row["train_loss"], eps_txt,
+                     row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"], row["seconds"])
+        setup.plugin.export(setup.model, rd.adapter_dir)
+        log.info("final adapter written to %s", rd.adapter_dir)
+        return rows
+    finally:
+        for name in ("fedpeft",):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()

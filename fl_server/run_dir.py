@@ -1,0 +1,83 @@
+"""The run directory contract that other tools and tests read.
+
+```
+DIR/config.toml     fully resolved configuration
+DIR/metrics.jsonl   one JSON object per round
+DIR/ledger/         one privacy ledger per client (client-<id>.json)
+DIR/adapter/        final global adapter, a PEFT directory
+DIR/server.log      log with one summary line per round
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from privacy.ledger import atomic_write_text
+from task.config import RunConfig, config_to_toml
+
+__all__ = ["RunDir", "default_run_dir"]
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    """``cfg.output_dir`` if set, else ``runs/<name-or-timestamp>``."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    return Path("runs") / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class RunDir:
+    """Creates and writes the files of one run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ledger_dir.mkdir(exist_ok=True)
+
+    @property
+    def ledger_dir(self) -> Path:
+        return self.path / "ledger"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def write_config(self, cfg: RunConfig) -> None:
+        atomic_write_text(self.path / "config.toml", config_to_toml(cfg))
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(row)) + "\n")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def attach_log(self, logger_names: tuple[str, ...] = ("fedpeft",)) -> logging.Handler:
+        handler = logging.FileHandler(self.path / "server.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name in logger_names:
+            lg = logging.getLogger(name)
+            lg.addHandler(handler)
+            lg.setLevel(logging.INFO)
+        return handler

@@ -1,0 +1,165 @@
+"""``fedpeft`` command line: a thin layer over reusable components.
+
+Every flag maps to one key of the typed configuration (see :mod:`task.config`); a TOML
+file given with ``--config`` is the base layer and flags override it. Any invalid input
+ends with exit status 2 and a single line ``fedpeft: error: ...`` -- never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from task.config import ConfigError, RunConfig, load_config_file, parse_config
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+# flag -> config key
+FLAG_KEYS: dict[str, str] = {
+    "rounds": "train.rounds",
+    "clients": "train.clients",
+    "clients_per_round": "train.clients_per_round",
+    "local_epochs": "train.local_epochs",
+    "local_steps": "train.local_steps",
+    "batch_size": "train.batch_size",
+    "physical_batch_size": "train.physical_batch_size",
+    "lr": "train.lr",
+    "optimizer": "train.optimizer",
+    "method": "adapter.method",
+    "rank": "adapter.rank",
+    "alpha": "adapter.alpha",
+    "target_modules": "adapter.target_modules",
+    "adapter_seed": "adapter.seed",
+    "epsilon": "privacy.epsilon",
+    "delta": "privacy.delta",
+    "clip": "privacy.clip",
+    "accountant": "privacy.accountant",
+    "partition": "data.partition",
+    "dirichlet_alpha": "data.dirichlet_alpha",
+    "label_proportions": "data.label_proportions",
+    "data": "data.path",
+    "text_column": "data.text_column",
+    "label_column": "data.label_column",
+    "test_size": "data.test_size",
+    "examples_per_client": "data.examples_per_client",
+    "model": "model.path",
+    "max_length": "model.max_length",
+    "seed": "seed",
+    "output_dir": "output_dir",
+    "name": "name",
+    "device": "device",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedpeft: error: {message} (see --help)\n")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The run-configuration flags shared by ``simulate`` and other run commands."""
+    g = p.add_argument_group("run configuration (each flag overrides the --config file)")
+    g.add_argument("--config", metavar="FILE", help="TOML file with [model] [data] [adapter] [privacy] [train] tables")
+    for flag, key in FLAG_KEYS.items():
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=key.split(".")[-1].upper(),
+                       help=f"sets {key}")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key, e.g. --set adapter.options.kl_weight=0.1")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Layer the config file, the flags and --set pairs, then validate once."""
+    layers: list[dict[str, Any]] = []
+    if getattr(args, "config", None):
+        layers.append(load_config_file(args.config))
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
+    layers.append(flags)
+    sets: dict[str, Any] = {}
+    for item in getattr(args, "set", []) or []:
+        if "=" not in item:
+            raise ConfigError("--set", item, "expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        sets[key.strip()] = value.strip()
+    layers.append(sets)
+    return parse_config(*layers)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.simulate import simulate
+
+    cfg = config_from_args(args)
+    path, rows = simulate(cfg)
+    last = rows[-1]
+    eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, delta={last['delta']:g}, {last['accountant']})"
+           if cfg.privacy.enabled else "no DP")
+    print(f"fedpeft: {len(rows)} rounds done: accuracy={last['accuracy']:.4f} {eps}; run directory: {path}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from adapters import plugins
+
+    for plugin in plugins():
+        print(plugin.describe())
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+    "simulate": ("run a federation on this machine (Flower simulation engine)", add_run_options, _cmd_simulate),
+    "methods": ("list the adapter methods", lambda p: None, _cmd_methods),
+}
+
+
+def register_command(
+    name: str, help_text: str, add_args: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """Extension point for further sub-commands (compare, privacy, deploy, bench)."""
+    COMMANDS[name] = (help_text, add_args, run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedpeft", description="Federated parameter-efficient fine-tuning with DP (FFA-LoRA).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (help_text, add_args, _) in COMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command][2](args)
+    except ConfigError as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpeft: interrupted", file=sys.stderr)
+        return 130
+
+
+def _load_extensions() -> None:
+    """Import modules that add sub-commands via :func:`register_command`."""
+    import importlib
+
+    for mod in ("simulations.cli_extra",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

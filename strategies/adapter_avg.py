@@ -1,0 +1,153 @@
+"""AdapterAvg: Flower FedAvg whose aggregation rule belongs to the adapter plugin.
+
+Sampling and message construction are Flower's :class:`~flwr.serverapp.strategy.FedAvg`.
+What changes:
+
+* every round's ``ConfigRecord`` carries the resolved run configuration, its hash and
+  the hash of the shared frozen tensors (FFA-LoRA's A), so clients can check both;
+* each reply is validated on its own (:mod:`strategies.validation`): errors, budget
+  refusals and invalid replies are logged with their reason and left out, and the round
+  goes on with the rest (Flower's FedAvg would raise on one inconsistent reply);
+* aggregation calls ``plugin.aggregate`` (FFA-LoRA: weighted mean of B, exact), then
+  ``plugin.server_step``;
+* a :class:`RoundReport` records bytes, per-client metrics and rejections for the
+  server's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from adapters.base import AdapterPlugin, NDArrays
+from strategies.validation import Rejected, StateSpec, ValidatedReply, validate_reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from task.config import RunConfig
+
+__all__ = ["AdapterAvg", "RoundReport", "state_to_arrayrecord", "state_nbytes"]
+
+log = logging.getLogger("fedpeft.server")
+
+
+def state_to_arrayrecord(state: NDArrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def state_nbytes(state: NDArrays) -> int:
+    """Raw payload bytes (element count x item size), excluding serialisation headers."""
+    return int(sum(v.nbytes for v in state.values()))
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for metrics and logs."""
+
+    server_round: int
+    sent_to: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    accepted: list[ValidatedReply] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # client/node -> reason
+    refused: dict[str, str] = field(default_factory=dict)  # budget refusals
+    failed: dict[str, str] = field(default_factory=dict)  # client errors
+
+
+class AdapterAvg(FedAvg):
+    """FedAvg sampling + per-reply validation + the adapter plugin's aggregation rule."""
+
+    def __init__(
+        self,
+        plugin: AdapterPlugin,
+        cfg: RunConfig,
+        spec: StateSpec,
+        config_toml: str,
+        config_hash: str,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
+        n = cfg.train.clients_per_round or cfg.train.clients
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+            min_available_nodes=n, weighted_by_key="num-examples",
+        )
+        self.plugin, self.cfg, self.spec = plugin, cfg, spec
+        self.config_toml, self.config_hash = config_toml, config_hash
+        self.extra_config = dict(extra_config or {})
+        self.per_round = n
+        self.rng = random.Random(cfg.seed)
+        self.report = RoundReport(0)
+        self.previous: NDArrays = {}
+
+    def summary(self) -> None:
+        log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",
+                 self.plugin.name, self.per_round, self.plugin.exact_average)
+
+    def round_config(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord({
+            "server-round": server_round,
+            "fedpeft-config": self.config_toml,
+            "config-hash": self.config_hash,
+            "frozen-hash": self.spec.frozen_hash,
+            **self.extra_config,
+        })
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) < self.per_round:
+            log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
+        chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
+        self.report = RoundReport(server_round, sent_to=len(chosen))
+        payload = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
+        self.report.bytes_down = payload * len(chosen)
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.report
+        for msg in replies:
+            node = f"node-{msg.metadata.src_node_id}"
+            if msg.has_error():
+                report.failed[node] = str(msg.error.reason).strip().splitlines()[-1][:300]
+                log.warning("round %d: %s failed: %s", server_round, node, report.failed[node])
+                continue
+            content = msg.content
+            status = content.get("status")
+            if isinstance(status, ConfigRecord) and status.get("refused"):
+                who = str(status.get("client", node))
+                report.refused[who] = str(status.get("reason", "budget"))
+                log.warning("round %d: client %s refused: %s", server_round, who, report.refused[who])
+                continue
+            for value in content.values():
+                if isinstance(value, ArrayRecord):
+                    report.bytes_up += sum(
+                        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in value.values()
+                    )
+            try:
+                report.accepted.append(validate_reply(content, self.spec))
+            except Rejected as exc:
+                report.rejected[node] = str(exc)
+                log.warning("round %d: rejected reply from %s: %s", server_round, node, exc)
+        if not report.accepted:
+            log.warning("round %d: no valid replies; global state unchanged", server_round)
+            return None, None
+        states = [r.state for r in report.accepted]
+        weights = [r.weight for r in report.accepted]
+        new_state = self.plugin.aggregate(states, weights, self.previous)
+        new_state = self.plugin.server_step(server_round, new_state, self.cfg)
+        self.previous = new_state
+        total = float(sum(weights))
+        loss = sum(r.metrics.get("train-loss", float("nan")) * r.weight for r in report.accepted) / total
+        metrics = MetricRecord({"train-loss": loss, "num-examples": total, "clients": len(report.accepted)})
+        return state_to_arrayrecord(new_state), metrics

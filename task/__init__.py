@@ -1,0 +1,1 @@
+"""Shared task code for server and client: config, data, partitions, model, evaluation."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny random BERT (fast) and small configs on the real data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FEDPEFT_PROGRESS", "0")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_model import make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture()
+def tiny_cfg(tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A small, fast configuration on Rotten Tomatoes with the tiny model."""
+    from task.config import parse_config
+
+    return parse_config({
+        "model.path": str(tiny_model_dir), "model.max_length": 24,
+        "data.examples_per_client": 96, "data.test_size": 64,
+        "train.rounds": 2, "train.batch_size": 32, "train.local_steps": 2,
+        "output_dir": str(tmp_path / "run"),
+    })
