@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import math
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.runtime import ClientIdentity, Runtime, runtime_for
-from fl_client.trainer import build_loader, local_steps, loader_sample_rate, tensorize, train_local
+from fl_client.trainer import build_loader, loader_sample_rate, local_steps, tensorize, train_local
 from privacy.accounting import calibrate_noise
 from privacy.ledger import BudgetExceeded, Ledger
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord

@@ -9,14 +9,17 @@ the same ServerApp with :func:`make_server_app` around an already-parsed configu
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
-from fl_server.loop import run_federation
+from fl_server.loop import RoundHook, run_federation
 from fl_server.run_dir import default_run_dir
+from strategies.adapter_avg import AdapterAvg
 from task.config import RunConfig, load_config_file, parse_config
 
 __all__ = ["app", "config_from_run_config", "make_server_app"]
@@ -42,7 +45,13 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
-def make_server_app(cfg: RunConfig, run_dir: str | None = None, timeout: float = 3600.0) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig,
+    run_dir: str | None = None,
+    timeout: float = 3600.0,
+    hooks: Sequence[RoundHook] = (),
+    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+) -> ServerApp:
     """A ServerApp bound to a parsed configuration (used by ``fedpeft simulate``)."""
     server = ServerApp()
 
@@ -50,7 +59,7 @@ def make_server_app(cfg: RunConfig, run_dir: str | None = None, timeout: float =
     def _main(grid: Grid, context: Context) -> None:
         _configure_logging()
         run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir),
-                       timeout=timeout)
+                       timeout=timeout, hooks=hooks, wrap_strategy=wrap_strategy)
 
     return server
 

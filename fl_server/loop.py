@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from adapters import get as get_plugin
 from fl_server.run_dir import RunDir
@@ -27,9 +29,32 @@ from task.data import train_test_split_for
 from task.evaluate import evaluate
 from task.model import load_base_model, load_tokenizer, pick_device
 
-__all__ = ["ServerSetup", "run_federation"]
+__all__ = ["RoundHook", "ServerSetup", "inner_strategy", "run_federation"]
 
 log = logging.getLogger("fedpeft.server")
+
+
+class RoundHook:
+    """Extension point for the round loop (heterogeneous-client emulation, reliability,
+    reporting). Every method is optional; ``on_round_end`` may add keys to ``row`` before it
+    is written to ``metrics.jsonl``."""
+
+    def on_start(self, setup: ServerSetup, strategy: Strategy, run_dir: RunDir) -> None:
+        """Called once before round 1."""
+
+    def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
+        """Called after aggregation and evaluation of each round."""
+
+    def on_end(self, rows: list[dict[str, Any]]) -> None:
+        """Called once after the last round (also after a failure, with the rows so far)."""
+
+
+def inner_strategy(strategy: Strategy) -> AdapterAvg:
+    """Unwrap Flower-style wrapper strategies (which keep the wrapped one as ``.strategy``)."""
+    inner = strategy
+    while not isinstance(inner, AdapterAvg):
+        inner = inner.strategy  # type: ignore[attr-defined]
+    return inner
 
 
 class ServerSetup:
@@ -84,18 +109,33 @@ def _round_row(
     }
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3600.0) -> list[dict[str, Any]]:
-    """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the rows."""
+def run_federation(
+    grid: Grid,
+    cfg: RunConfig,
+    run_dir: Path,
+    timeout: float = 3600.0,
+    hooks: Sequence[RoundHook] = (),
+    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the rows.
+
+    ``wrap_strategy`` may wrap the :class:`AdapterAvg` in Flower-style wrapper strategies
+    (e.g. client-level central DP, deadlines); ``hooks`` observe and annotate each round.
+    """
     rd = RunDir(run_dir)
     handler = rd.attach_log()
+    rows: list[dict[str, Any]] = []
     try:
         rd.write_config(cfg)
         setup = ServerSetup(cfg)
-        strategy = AdapterAvg(
+        base = AdapterAvg(
             setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
             extra_config={"ledger-dir": str(rd.ledger_dir.resolve())},
         )
+        strategy: Strategy = wrap_strategy(base) if wrap_strategy else base
         strategy.summary()
+        for hook in hooks:
+            hook.on_start(setup, strategy, rd)
         dp = (f"DP-SGD epsilon={cfg.privacy.epsilon:g} delta={cfg.privacy.delta:g} clip={cfg.privacy.clip:g} "
               f"(example-level, per client, {cfg.privacy.accountant})") if cfg.privacy.enabled else "no DP"
         log.info("run %s: %s r=%d on %s, %d clients, %d rounds, %s; upload %d bytes/client",
@@ -103,7 +143,6 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3
                  cfg.train.clients, cfg.train.rounds, dp, setup.spec.nbytes)
         eps: dict[str, float] = {}
         accountants: set[str] = set()
-        rows: list[dict[str, Any]] = []
         for server_round in range(1, cfg.train.rounds + 1):
             t0 = time.perf_counter()
             messages = strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(), grid)
@@ -111,7 +150,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3
             arrays, _ = strategy.aggregate_train(server_round, replies)
             if arrays is not None:
                 setup.set_state({k: v.numpy() for k, v in arrays.items()})
-            report = strategy.report
+            report = inner_strategy(strategy).report
             for rep in report.accepted:
                 eps[rep.client] = rep.metrics.get("epsilon", math.inf)
             for msg in replies:
@@ -120,6 +159,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3
             accountants.discard("none")
             ev = setup.evaluate()
             row = _round_row(cfg, report, ev, eps, accountants, time.perf_counter() - t0)
+            for hook in hooks:
+                hook.on_round_end(server_round, row, report)
             rows.append(row)
             rd.append_metrics(row)
             eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
@@ -131,6 +172,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: Path, timeout: float = 3
         log.info("final adapter written to %s", rd.adapter_dir)
         return rows
     finally:
+        for hook in hooks:
+            hook.on_end(rows)
         for name in ("fedpeft",):
             logging.getLogger(name).removeHandler(handler)
         handler.close()

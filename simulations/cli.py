@@ -150,15 +150,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_extensions() -> None:
-    """Import modules that add sub-commands via :func:`register_command`."""
+    """Import every module of :mod:`simulations.commands`; each registers its sub-command(s)
+    with :func:`register_command` at import time."""
     import importlib
+    import pkgutil
 
-    for mod in ("simulations.cli_extra",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import simulations.commands as commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"simulations.commands.{info.name}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,10 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flwr.serverapp.strategy import Strategy
+
+from fl_server.loop import RoundHook
 from fl_server.run_dir import RunDir, default_run_dir
+from strategies.adapter_avg import AdapterAvg
 from task.config import ConfigError, RunConfig
 from task.data import train_test_split_for
 from task.model import load_tokenizer, pick_device, resolve_model_path
@@ -59,8 +64,18 @@ def backend_config(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def simulate(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[dict[str, Any]]]:
-    """Run the federation; return the run directory and its metrics rows."""
+def simulate(
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    hooks: Sequence[RoundHook] = (),
+    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    backend: dict[str, Any] | None = None,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the federation; return the run directory and its metrics rows.
+
+    ``hooks`` / ``wrap_strategy`` are passed to the server loop; ``backend`` overrides
+    :func:`backend_config` (e.g. GPU fractions per client).
+    """
     from flwr.simulation import run_simulation
 
     from fl_client.app import app as client_app
@@ -75,10 +90,10 @@ def simulate(cfg: RunConfig, run_dir: Path | None = None) -> tuple[Path, list[di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(cfg, str(path)),
+            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy),
             client_app=client_app,
             num_supernodes=cfg.train.clients,
-            backend_config=backend_config(cfg),
+            backend_config=backend if backend is not None else backend_config(cfg),
         )
     rows = RunDir(path).read_metrics()
     if len(rows) != cfg.train.rounds:
