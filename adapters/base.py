@@ -32,7 +32,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # pragma: no cover
     from task.config import RunConfig
 
-__all__ = ["AdapterPlugin", "NDArrays", "weighted_mean", "hash_tensors"]
+__all__ = ["AdapterPlugin", "NDArrays", "float_option", "weighted_mean", "hash_tensors"]
 
 NDArrays = dict[str, np.ndarray]
 
@@ -65,6 +65,21 @@ def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def float_option(cfg: RunConfig, name: str, default: float, low: float, high: float) -> float:
+    """``adapter.options[name]`` as a float in [low, high] (CLI values arrive as strings);
+    ConfigError naming the key otherwise."""
+    from task.config import ConfigError
+
+    raw = cfg.adapter.option(name, default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"adapter.options.{name}", raw, "expected a number") from None
+    if not (low <= value <= high):
+        raise ConfigError(f"adapter.options.{name}", raw, f"must be in [{low:g}, {high:g}]")
+    return value
+
+
 class AdapterPlugin(ABC):
     """One adapter method, client and server halves. Subclasses set the class attributes."""
 
@@ -74,6 +89,7 @@ class AdapterPlugin(ABC):
     exact_average: bool = False
     supports_dp: bool = True
     dp_refusal: str = ""  # why DP-SGD cannot be used, when supports_dp is False
+    options: tuple[str, ...] | None = None  # allowed adapter.options keys (None: not checked)
 
     # ---- configuration ---------------------------------------------------------------
     def validate_config(self, cfg: RunConfig) -> None:
@@ -82,6 +98,12 @@ class AdapterPlugin(ABC):
 
         if cfg.privacy.enabled and not self.supports_dp:
             raise ConfigError("privacy.epsilon", cfg.privacy.epsilon, f"{self.name} cannot run with DP-SGD: {self.dp_refusal}; use inf")
+        if self.options is not None:
+            unknown = sorted(k for k, _ in cfg.adapter.options if k not in self.options)
+            if unknown:
+                allowed = ", ".join(self.options) or "none"
+                raise ConfigError(f"adapter.options.{unknown[0]}", dict(cfg.adapter.options)[unknown[0]],
+                                  f"unknown option for {self.name}; allowed: {allowed}")
 
     # ---- client half -------------------------------------------------------------------
     @abstractmethod
@@ -117,6 +139,21 @@ class AdapterPlugin(ABC):
     def client_extras(self) -> dict[str, Any]:
         """Per-client state that persists across rounds and never leaves the client."""
         return {}
+
+    def local_state(self, model: nn.Module) -> NDArrays:
+        """Tensors that stay on this client and persist across its rounds (default: none).
+
+        In simulation one worker process serves several virtual clients with ONE cached
+        model, so the ClientApp saves this after training into the node's
+        ``Context.state`` and restores it with :meth:`load_local_state` before the next
+        round of the same client. It is never part of a reply.
+        """
+        return {}
+
+    def load_local_state(self, model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+        """Install this client's local state; an empty ``state`` means a fresh client and
+        must reset the local tensors to their initial values (default: nothing to do)."""
+        return None
 
     # ---- server half -------------------------------------------------------------------
     def aggregate(

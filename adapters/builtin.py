@@ -1,3 +1,6 @@
 """Import every shipped adapter module once so that each registers itself."""
 
+import adapters.abmll  # noqa: F401
+import adapters.texforce  # noqa: F401
+import adapters.triadapt_lora  # noqa: F401
 from adapters import ffa_lora, lora  # noqa: F401

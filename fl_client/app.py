@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_client.runtime import ClientIdentity, Runtime, runtime_for
@@ -32,6 +32,7 @@ log = logging.getLogger("fedpeft.client")
 app = ClientApp()
 
 LEDGER_STATE_KEY = "fedpeft-ledger"
+LOCAL_STATE_KEY = "fedpeft-local"
 
 
 def _ledger(rt: Runtime, ident: ClientIdentity, context: Context, n_examples: int, steps_per_round: int) -> Ledger:
@@ -81,6 +82,10 @@ def handle_train(msg: Message, context: Context) -> Message:
                 f"{expected[:12]}); the adapter seed or code differs from the server's"
             )
         plugin.load_state(model, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+        # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
+        # model serves several virtual clients in simulation; empty = fresh client (reset).
+        local = context.state.get(LOCAL_STATE_KEY)
+        plugin.load_local_state(model, {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {})
         steps = local_steps(cfg, len(data))
         sigma: float | None = None
         epsilon = 0.0
@@ -102,6 +107,9 @@ def handle_train(msg: Message, context: Context) -> Message:
             epsilon = ledger.record(server_round, result.steps)
             _save_ledger(ledger, ident, context)
         state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
+        local_after = plugin.local_state(model)
+        if local_after:  # stays in this node's Context.state; never part of the reply
+            context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(local_after)
 
     metrics = MetricRecord({
         "num-examples": result.examples,

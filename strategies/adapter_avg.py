@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -61,6 +62,17 @@ class RoundReport:
     failed: dict[str, str] = field(default_factory=dict)  # client errors
 
 
+def _who(msg: Message) -> str:
+    """Name a reply's sender for logs: its client id when it says one, else its node id."""
+    node = f"node-{msg.metadata.src_node_id}"
+    if msg.has_error():
+        return node
+    for value in msg.content.values():
+        if isinstance(value, ConfigRecord) and "client" in value:
+            return f"client-{value['client']}"
+    return node
+
+
 class AdapterAvg(FedAvg):
     """FedAvg sampling + per-reply validation + the adapter plugin's aggregation rule."""
 
@@ -85,6 +97,7 @@ class AdapterAvg(FedAvg):
         self.rng = random.Random(cfg.seed)
         self.report = RoundReport(0)
         self.previous: NDArrays = {}
+        self.node_wait_s = 300.0
 
     def summary(self) -> None:
         log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",
@@ -99,10 +112,20 @@ class AdapterAvg(FedAvg):
             **self.extra_config,
         })
 
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Wait (bounded by ``node_wait_s``) until enough nodes are connected."""
+        deadline = time.monotonic() + self.node_wait_s
+        node_ids = sorted(grid.get_node_ids())
+        while len(node_ids) < self.per_round and time.monotonic() < deadline:
+            log.info("round %d: waiting for nodes (%d/%d connected)", server_round, len(node_ids), self.per_round)
+            time.sleep(1.0)
+            node_ids = sorted(grid.get_node_ids())
+        return node_ids
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        node_ids = sorted(grid.get_node_ids())
+        node_ids = self._wait_for_nodes(grid, server_round)
         if len(node_ids) < self.per_round:
             log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
         chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
@@ -117,7 +140,7 @@ class AdapterAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = self.report
         for msg in replies:
-            node = f"node-{msg.metadata.src_node_id}"
+            node = _who(msg)
             if msg.has_error():
                 report.failed[node] = str(msg.error.reason).strip().splitlines()[-1][:300]
                 log.warning("round %d: %s failed: %s", server_round, node, report.failed[node])

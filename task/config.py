@@ -229,7 +229,8 @@ def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
         if norm == "target_modules":
             kwargs[norm] = _parse_str_list(full, value)
         elif norm == "label_proportions":
-            kwargs[norm] = _parse_proportions(full, value)
+            if value != "":  # empty = the default split (tiled over the clients)
+                kwargs[norm] = _parse_proportions(full, value)
         elif norm == "options":
             if isinstance(value, dict):
                 kwargs[norm] = tuple(sorted(value.items()))
@@ -302,7 +303,7 @@ def parse_config(*layers: dict[str, Any]) -> RunConfig:
             raise ConfigError(key, value, f"unknown key; allowed: {allowed}")
     cfg = RunConfig(**kwargs)
     data_raw = merged.get("data", {}) if isinstance(merged.get("data"), dict) else {}
-    props_given = any(k.replace("-", "_") == "label_proportions" for k in data_raw)
+    props_given = any(k.replace("-", "_") == "label_proportions" and v != "" for k, v in data_raw.items())
     if not props_given and cfg.data.partition == "label-proportions" and cfg.train.clients != len(cfg.data.label_proportions):
         # The paper's three mixes, repeated: 10/90, 90/10, 50/50, 10/90, ...
         base = DataConfig().label_proportions

