@@ -38,7 +38,7 @@ __all__ = ["FfaLoraPlugin", "lora_a_tensors"]
 
 def lora_a_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen A matrices by layer name."""
-    return {name: layer.lora_A["default"].weight for name, layer in lora_layers(model)}
+    return {name: layer.lora_A["default"].weight for name, layer in lora_layers(model)}  # type: ignore[index,misc]
 
 
 class FfaLoraPlugin(AdapterPlugin):

@@ -40,13 +40,13 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 def seeded_lora_a(model: nn.Module, seed: int, adapter: str = "default") -> None:
     """Overwrite every ``lora_A`` from ``seed`` (identical on every machine, CPU-generated)."""
     for index, (_, layer) in enumerate(lora_layers(model)):
-        weight = layer.lora_A[adapter].weight
+        weight: torch.Tensor = layer.lora_A[adapter].weight  # type: ignore[index,assignment]
         gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
         bound = 1.0 / math.sqrt(weight.shape[1])
         values = (torch.rand(weight.shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
         with torch.no_grad():
             weight.copy_(values.to(weight.device, weight.dtype))
-            layer.lora_B[adapter].weight.zero_()
+            layer.lora_B[adapter].weight.zero_()  # type: ignore[index,operator]
 
 
 def inject_lora(model: nn.Module, cfg: RunConfig, freeze_a: bool) -> nn.Module:
@@ -55,7 +55,7 @@ def inject_lora(model: nn.Module, cfg: RunConfig, freeze_a: bool) -> nn.Module:
     lora_cfg = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=a.rank,
-        lora_alpha=a.alpha,
+        lora_alpha=a.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         target_modules=list(a.target_modules),
         lora_dropout=0.0,
         bias="none",

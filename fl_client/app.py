@@ -65,10 +65,10 @@ def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> Non
 
 def handle_train(msg: Message, context: Context) -> Message:
     """Pure function of (message, context) so tests can call it without Flower's runtime."""
-    conf = msg.content["config"]
+    conf: ConfigRecord = msg.content.config_records["config"]
     rt = runtime_for(str(conf["fedpeft-config"]), str(conf["config-hash"]))
     cfg, plugin = rt.cfg, rt.plugin
-    server_round = int(conf["server-round"])
+    server_round = int(conf["server-round"])  # type: ignore[arg-type]
     ident = ClientIdentity.from_node(dict(context.node_config), dict(conf))
     data = rt.data_for(ident, dict(context.node_config))
 
@@ -81,7 +81,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                 f"client {ident.client_id}: frozen-tensor hash mismatch (local {local_hash[:12]} != server "
                 f"{expected[:12]}); the adapter seed or code differs from the server's"
             )
-        plugin.load_state(model, {k: v.numpy() for k, v in msg.content["arrays"].items()})
+        plugin.load_state(model, {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
         # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
         # model serves several virtual clients in simulation; empty = fresh client (reset).
         local = context.state.get(LOCAL_STATE_KEY)

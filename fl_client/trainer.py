@@ -141,14 +141,16 @@ def train_local(
         for _ in range(steps):
             ids, mask, labels = next(stream)
             optimizer.zero_grad(set_to_none=True)
-            chunks = range(0, len(labels), cfg.train.physical_batch_size)
-            for lo in chunks:
+            step_loss = 0.0
+            for lo in range(0, len(labels), cfg.train.physical_batch_size):
                 sl = slice(lo, lo + cfg.train.physical_batch_size)
                 cid, cmask = _trim(ids[sl], mask[sl])
                 batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
+                # gradient accumulation: each chunk weighted by its share of the logical batch
                 loss = plugin.loss(model, batch, labels[sl].to(device)) * (len(labels[sl]) / len(labels))
                 loss.backward()
-            losses.append(float(loss.detach()) * len(labels) / len(labels[sl]))
+                step_loss += float(loss.detach())
+            losses.append(step_loss)
             seen += len(labels)
             optimizer.step()
             bar.update(1)

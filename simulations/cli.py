@@ -54,6 +54,37 @@ FLAG_KEYS: dict[str, str] = {
 }
 
 
+FLAG_HELP: dict[str, str] = {
+    "method": "see `fedpeft methods`",
+    "epsilon": "a number, or inf for no DP",
+    "partition": "iid | dirichlet | label-proportions",
+    "label_proportions": "rows of class fractions, e.g. 0.1,0.9;0.9,0.1;0.5,0.5",
+    "optimizer": "adam | sgd",
+    "accountant": "prv | rdp",
+    "data": "CSV/TSV/JSONL file; empty = Rotten Tomatoes",
+    "model": "local Hugging Face model directory; empty = MiniLM-L6",
+    "local_steps": "0 = derive from local-epochs",
+    "clients_per_round": "0 = all",
+    "examples_per_client": "0 = the whole partition",
+    "device": "auto | cpu | cuda",
+    "target_modules": "comma-separated module names",
+}
+
+
+def _defaults() -> dict[str, Any]:
+    from task.config import config_to_dict
+
+    flat: dict[str, Any] = {}
+    for section, value in config_to_dict(RunConfig()).items():
+        if isinstance(value, dict):
+            flat.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            flat[section] = value
+    if "data.label_proportions" in flat:
+        flat["data.label_proportions"] = ";".join(",".join(map(str, r)) for r in flat["data.label_proportions"])
+    return flat
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"fedpeft: error: {message} (see --help)\n")
@@ -63,9 +94,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """The run-configuration flags shared by ``simulate`` and other run commands."""
     g = p.add_argument_group("run configuration (each flag overrides the --config file)")
     g.add_argument("--config", metavar="FILE", help="TOML file with [model] [data] [adapter] [privacy] [train] tables")
+    defaults = _defaults()
     for flag, key in FLAG_KEYS.items():
+        extra = FLAG_HELP.get(flag, "")
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=key.split(".")[-1].upper(),
-                       help=f"sets {key}")
+                       help=f"{key} (default: {defaults.get(key, '')!s}){'; ' + extra if extra else ''}")
     g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key, e.g. --set adapter.options.kl_weight=0.1")
 

@@ -69,7 +69,7 @@ def _who(msg: Message) -> str:
         return node
     for value in msg.content.values():
         if isinstance(value, ConfigRecord) and "client" in value:
-            return f"client-{value['client']}"
+            return f"client-{value['client']!s}"
     return node
 
 

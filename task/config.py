@@ -306,8 +306,8 @@ def parse_config(*layers: dict[str, Any]) -> RunConfig:
     props_given = any(k.replace("-", "_") == "label_proportions" and v != "" for k, v in data_raw.items())
     if not props_given and cfg.data.partition == "label-proportions" and cfg.train.clients != len(cfg.data.label_proportions):
         # The paper's three mixes, repeated: 10/90, 90/10, 50/50, 10/90, ...
-        base = DataConfig().label_proportions
-        tiled = tuple(base[i % len(base)] for i in range(cfg.train.clients))
+        paper = DataConfig().label_proportions
+        tiled = tuple(paper[i % len(paper)] for i in range(cfg.train.clients))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, label_proportions=tiled))
     validate(cfg)
     return cfg

@@ -9,6 +9,8 @@ class, i.e. through the library's extension point, and works anywhere a partitio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
@@ -29,7 +31,7 @@ class LabelProportionsPartitioner(Partitioner):
 
     def __init__(
         self,
-        proportions: np.ndarray | list[list[float]],
+        proportions: np.ndarray | Sequence[Sequence[float]],
         partition_by: str = "label",
         max_size: int = 0,
         seed: int = 42,

@@ -40,7 +40,7 @@ def test_reply_carries_exactly_b_and_head_and_validates(tiny_cfg, tmp_path: Path
     reply = handle_train(_message(setup, strategy, 1), _context())
     arrays = [v for v in reply.content.values() if isinstance(v, ArrayRecord)]
     assert len(arrays) == 1
-    assert not any("lora_A" in k for k in arrays[0].keys())
+    assert not any("lora_A" in k for k in arrays[0])
     assert set(arrays[0].keys()) == set(setup.spec.tensors)
     rep = validate_reply(reply.content, setup.spec)
     assert rep.weight == tiny_cfg.data.examples_per_client
