@@ -98,12 +98,14 @@ def export_npz(state: Mapping[str, torch.Tensor | np.ndarray], directory: Path) 
     """Write a global adapter state as ``adapter_state.npz`` (re-load with ``load_state``)."""
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in state.items()}
-    np.savez(directory / "adapter_state.npz", **arrays)
+    np.savez(directory / "adapter_state.npz", **arrays)  # type: ignore[arg-type]
 
 
 # ---- the layer -------------------------------------------------------------------------
 class TriAdaptLinear(nn.Module):
     """``y = base(x) + s * B @ (m * T @ (m * A @ x))`` with a rank mask ``m``."""
+
+    rank_mask: torch.Tensor
 
     def __init__(self, base: nn.Linear, rank: int, init_rank: int, scaling: float, seed: int, index: int) -> None:
         super().__init__()

@@ -55,7 +55,11 @@ def _stop_processes_under(flwr_home: Path) -> None:
 @pytest.mark.slow
 def test_flwr_run_local_simulation(tiny_model_dir: Path, tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    # `flwr` launches `flower-superlink` through PATH: make sure the venv's bin/ is on it even
+    # when the venv is not activated (CI calls .venv/bin/python directly).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     flwr = str(Path(sys.executable).with_name("flwr"))
     out = tmp_path / "run"
     overrides = (f"model.path='{tiny_model_dir}' train.rounds=2 data.examples_per_client=64 data.test_size=50 "
