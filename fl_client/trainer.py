@@ -1,11 +1,17 @@
 """Local training of one client for one round, with or without DP-SGD.
 
 The client's examples are tokenised once (padded to ``max_length``) into a
-``TensorDataset``; each batch is trimmed to its longest sequence before the forward pass,
-so padding costs nothing. With DP, Opacus samples batches by Poisson sampling at the
-calibrated rate and :class:`~opacus.utils.batch_memory_manager.BatchMemoryManager` splits
-logical batches into physical ones of at most ``physical_batch_size``; one *step* is one
-logical batch (one noisy optimizer update), which is what the ledger counts.
+``TensorDataset``. Each logical batch is sorted by length and cut into physical chunks of
+at most ``physical_batch_size`` examples, each trimmed to its own longest sequence
+(:func:`length_buckets`): on Rotten Tomatoes (median 26 tokens, cap 40) this processes
+about a third fewer tokens than padding every chunk to the batch maximum, and it changes
+nothing in the maths -- the gradient of a logical batch is the same sum over examples.
+
+With DP, Opacus samples logical batches by Poisson sampling at the calibrated rate; every
+chunk but the last calls ``signal_skip_step`` (as Opacus's own ``BatchMemoryManager``
+does), so per-sample gradients are clipped and accumulated across chunks and noise is
+added once per logical batch. One *step* is one logical batch (one noisy optimizer
+update), which is what the ledger counts.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -32,7 +37,7 @@ from task.data import TextDataset
 # Opacus's hooks fire on modules whose inputs need no grad (frozen embeddings); harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-__all__ = ["LocalResult", "build_loader", "local_steps", "make_optimizer", "train_local"]
+__all__ = ["LocalResult", "build_loader", "length_buckets", "local_steps", "make_optimizer", "train_local"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +76,19 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
     return torch.optim.Adam(params, lr=cfg.train.lr)
 
 
-def _trim(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    length = int(mask.sum(dim=1).max()) if mask.numel() else 1
-    return input_ids[:, : max(length, 1)], mask[:, : max(length, 1)]
+def length_buckets(
+    input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Split one logical batch into chunks of at most ``chunk`` examples of similar length,
+    each trimmed to its own longest sequence (right padding). An empty batch gives no chunks."""
+    lengths = mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = []
+    for lo in range(0, len(order), chunk):
+        idx = order[lo : lo + chunk]
+        width = max(int(lengths[idx].max()), 1)
+        out.append((input_ids[idx, :width], mask[idx, :width], labels[idx]))
+    return out
 
 
 def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -115,26 +130,32 @@ def train_local(
     if noise_multiplier is not None:
         parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed=seed)
         net, opt = parts.module, parts.optimizer
-        done = 0
-        while done < steps:
-            with BatchMemoryManager(
-                data_loader=parts.loader, max_physical_batch_size=cfg.train.physical_batch_size, optimizer=opt
-            ) as physical:
-                for ids, mask, labels in physical:
-                    ids, mask = _trim(ids, mask)
-                    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-                    loss = plugin.loss(net, batch, labels.to(device)) if len(labels) else None
-                    if loss is not None:
-                        loss.backward()
-                        losses.append(float(loss.detach()))
-                        seen += len(labels)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if not opt._is_last_step_skipped:
-                        done += 1
-                        bar.update(1)
-                        if done >= steps:
-                            break
+        stream = _cycle(parts.loader)
+        for _ in range(steps):
+            ids, mask, labels = next(stream)
+            chunks = length_buckets(ids, mask, labels, cfg.train.physical_batch_size)
+            step_loss = 0.0
+            for j, (cid, cmask, clabels) in enumerate(chunks):
+                if j < len(chunks) - 1:
+                    opt.signal_skip_step(do_skip=True)  # accumulate; noise once per logical batch
+                batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
+                loss = plugin.loss(net, batch, clabels.to(device))
+                loss.backward()
+                step_loss += float(loss.detach()) * len(clabels) / len(labels)
+                if j < len(chunks) - 1:
+                    opt.step()  # clips and accumulates this chunk's per-sample gradients only
+                    opt.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops grad_sample
+            if not chunks:
+                # An empty Poisson batch is still a (noise-only) DP step; BERT cannot run on zero
+                # rows, so hand Opacus the zero per-sample gradients it would have produced.
+                for param in opt.params:
+                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+            opt.step()  # last chunk: one noisy update for the whole logical batch
+            opt.zero_grad(set_to_none=True)
+            if len(labels):
+                losses.append(step_loss)
+                seen += len(labels)
+            bar.update(1)
         net._close()  # remove Opacus hooks so the model can be reused and exported
     else:
         stream = _cycle(loader)
@@ -142,12 +163,10 @@ def train_local(
             ids, mask, labels = next(stream)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for lo in range(0, len(labels), cfg.train.physical_batch_size):
-                sl = slice(lo, lo + cfg.train.physical_batch_size)
-                cid, cmask = _trim(ids[sl], mask[sl])
+            for cid, cmask, clabels in length_buckets(ids, mask, labels, cfg.train.physical_batch_size):
                 batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
                 # gradient accumulation: each chunk weighted by its share of the logical batch
-                loss = plugin.loss(model, batch, labels[sl].to(device)) * (len(labels[sl]) / len(labels))
+                loss = plugin.loss(model, batch, clabels.to(device)) * (len(clabels) / len(labels))
                 loss.backward()
                 step_loss += float(loss.detach())
             losses.append(step_loss)
