@@ -114,7 +114,7 @@ class PrivacyConfig:
 class TrainConfig:
     """Federation and local optimisation."""
 
-    rounds: int = 4
+    rounds: int = 3
     clients: int = 3
     local_epochs: float = 1.0
     local_steps: int = 0  # > 0 overrides local_epochs
