@@ -1,6 +1,7 @@
 """Import every shipped adapter module once so that each registers itself."""
 
 import adapters.abmll  # noqa: F401
+import adapters.ffa_lora_hetero  # noqa: F401
 import adapters.nola  # noqa: F401
 import adapters.osft  # noqa: F401
 import adapters.sara  # noqa: F401

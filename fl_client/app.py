@@ -14,8 +14,11 @@ Per round the client
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -63,6 +66,18 @@ def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> Non
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
+def _hetero_directive(conf: ConfigRecord, partition_id: int | None) -> dict[str, Any]:
+    """This client's entry of the heterogeneous-device plan (simulations/hetero), if any:
+    its emulated profile, the physical batch / rank its memory allows, and a reason to skip
+    this round (offline, or its device cannot fit the model)."""
+    raw = str(conf.get("hetero-plan", "") or "")
+    if not raw or partition_id is None:
+        return {}
+    plan = json.loads(raw)
+    profile = plan["profiles"][plan["assign"][partition_id]]
+    return {"profile": profile, **plan["plan"][profile], "skip": plan["skip"].get(str(partition_id), "")}
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Pure function of (message, context) so tests can call it without Flower's runtime."""
     conf: ConfigRecord = msg.content.config_records["config"]
@@ -71,6 +86,12 @@ def handle_train(msg: Message, context: Context) -> Message:
     server_round = int(conf["server-round"])  # type: ignore[arg-type]
     ident = ClientIdentity.from_node(dict(context.node_config), dict(conf))
     data = rt.data_for(ident, dict(context.node_config))
+    hetero = _hetero_directive(conf, ident.partition_id)
+    if hetero.get("skip"):
+        status = ConfigRecord({"refused": True, "hetero-skip": True, "reason": hetero["skip"], "client": ident.client_id})
+        return Message(content=RecordDict({"status": status}), reply_to=msg)
+    if hetero:  # smaller physical batch = Opacus virtual steps; the logical batch (and DP) is unchanged
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, physical_batch_size=int(hetero["physical_batch"])))
 
     with rt.lock:
         model = rt.model
@@ -82,6 +103,8 @@ def handle_train(msg: Message, context: Context) -> Message:
                 f"{expected[:12]}); the adapter seed or code differs from the server's"
             )
         plugin.load_state(model, {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
+        if hetero and hasattr(plugin, "set_client_rank"):
+            plugin.set_client_rank(model, int(hetero["rank"]))
         # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
         # model serves several virtual clients in simulation; empty = fresh client (reset).
         local = context.state.get(LOCAL_STATE_KEY)
@@ -124,7 +147,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         "bytes-up": state_nbytes(state),
     })
     info = ConfigRecord({"client": ident.client_id, "frozen-hash": local_hash,
-                         "accountant": ledger.accountant if ledger else "none"})
+                         "accountant": ledger.accountant if ledger else "none",
+                         **({"profile": hetero["profile"]} if hetero else {})})
     content = RecordDict({"arrays": state_to_arrayrecord(state), "metrics": metrics, "info": info})
     return Message(content=content, reply_to=msg)
 

@@ -1,0 +1,14 @@
+"""Heterogeneous-client emulation: device profiles, memory and time models, deadline
+policies, a server hook and plots (see docs/hetero.md)."""
+
+from simulations.hetero.deadlines import POLICIES, DeadlinePolicy, resolve_round
+from simulations.hetero.memory import MemoryDecision, MemoryEstimate, ModelShape, TrainShape, decide, estimate
+from simulations.hetero.profiles import DeviceProfile, load_catalogue
+from simulations.hetero.scenario import Scenario, load_scenario, scenario_names
+from simulations.hetero.timing import ClientTiming, client_timing
+
+__all__ = [
+    "POLICIES", "ClientTiming", "DeadlinePolicy", "DeviceProfile", "MemoryDecision", "MemoryEstimate", "ModelShape",
+    "Scenario", "TrainShape", "client_timing", "decide", "estimate", "load_catalogue", "load_scenario",
+    "resolve_round", "scenario_names",
+]
