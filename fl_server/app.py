@@ -19,6 +19,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_server.loop import RoundHook, run_federation
 from fl_server.run_dir import default_run_dir
+from privacy.central import with_central_dp
 from strategies.adapter_avg import AdapterAvg
 from task.config import RunConfig, load_config_file, parse_config
 
@@ -58,8 +59,9 @@ def make_server_app(
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         _configure_logging()
+        wrap, central_hooks = with_central_dp(cfg, wrap_strategy)  # client-level central DP, if configured
         run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir),
-                       timeout=timeout, hooks=hooks, wrap_strategy=wrap_strategy)
+                       timeout=timeout, hooks=[*hooks, *central_hooks], wrap_strategy=wrap)
 
     return server
 
@@ -71,4 +73,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     _configure_logging()
     cfg = config_from_run_config(dict(context.run_config))
-    run_federation(grid, cfg, default_run_dir(cfg))
+    wrap, central_hooks = with_central_dp(cfg)  # client-level central DP, if configured
+    run_federation(grid, cfg, default_run_dir(cfg), hooks=central_hooks, wrap_strategy=wrap)

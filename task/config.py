@@ -21,6 +21,8 @@ from typing import Any
 
 import tomli_w
 
+from privacy.central import CentralDPConfig, validate_central
+
 __all__ = [
     "AdapterConfig",
     "ConfigError",
@@ -134,6 +136,7 @@ class RunConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)  # privacy/central.py
     name: str = ""
     output_dir: str = ""
     seed: int = 0
@@ -146,6 +149,7 @@ _SECTIONS = {
     "adapter": AdapterConfig,
     "privacy": PrivacyConfig,
     "train": TrainConfig,
+    "central": CentralDPConfig,
 }
 
 
@@ -367,6 +371,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.device in DEVICES, "device", cfg.device, f"allowed: {', '.join(DEVICES)}")
     _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     registry.get(a.method).validate_config(cfg)
+    validate_central(cfg)
 
 
 def _to_plain(obj: Any) -> Any:
