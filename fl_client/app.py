@@ -10,16 +10,24 @@ Per round the client
    epsilon budget (the reply says so and carries no weights);
 4. trains, appends the round to its ledger and replies with exactly the plugin's
    trainable state plus metrics (examples, loss, epsilon spent, seconds, bytes).
+
+A round that is re-run with the same inputs (a retry, or a resume after a server crash)
+reproduces the same update; the ledger then records it as a replay, not as new spending
+(:meth:`privacy.ledger.Ledger.record`). In simulation ``faults.fail_rate`` injects seeded
+crashes and timeouts (:mod:`simulations.faults`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -27,6 +35,7 @@ from fl_client.runtime import ClientIdentity, Runtime, runtime_for
 from fl_client.trainer import build_loader, loader_sample_rate, local_steps, tensorize, train_local
 from privacy.accounting import calibrate_noise
 from privacy.ledger import BudgetExceeded, Ledger
+from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
 
 __all__ = ["app", "handle_train"]
@@ -66,6 +75,24 @@ def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> Non
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
+def _digest(*parts: str | Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over strings and named arrays (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, str):
+            h.update(part.encode() + b"\0")
+            continue
+        for name in sorted(part):
+            arr = np.ascontiguousarray(part[name])
+            h.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _refusal(msg: Message, **status: Any) -> Message:
+    return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
+
+
 def _hetero_directive(conf: ConfigRecord, partition_id: int | None) -> dict[str, Any]:
     """This client's entry of the heterogeneous-device plan (simulations/hetero), if any:
     its emulated profile, the physical batch / rank its memory allows, and a reason to skip
@@ -88,8 +115,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = rt.data_for(ident, dict(context.node_config))
     hetero = _hetero_directive(conf, ident.partition_id)
     if hetero.get("skip"):
-        status = ConfigRecord({"refused": True, "hetero-skip": True, "reason": hetero["skip"], "client": ident.client_id})
-        return Message(content=RecordDict({"status": status}), reply_to=msg)
+        return _refusal(msg, refused=True, **{"hetero-skip": True}, reason=hetero["skip"], client=ident.client_id)
+    attempt = int(conf.get("attempt", 0))  # type: ignore[arg-type]
+    fault = draw_fault(cfg.faults.fail_rate, cfg.seed, server_round, attempt, ident.client_id) \
+        if ident.partition_id is not None else ""
+    if fault == "crash":
+        raise InjectedCrash(f"client {ident.client_id}: injected crash in round {server_round} attempt {attempt} "
+                            f"(faults.fail_rate={cfg.faults.fail_rate:g})")
     if hetero:  # smaller physical batch = Opacus virtual steps; the logical batch (and DP) is unchanged
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, physical_batch_size=int(hetero["physical_batch"])))
 
@@ -102,34 +134,50 @@ def handle_train(msg: Message, context: Context) -> Message:
                 f"client {ident.client_id}: frozen-tensor hash mismatch (local {local_hash[:12]} != server "
                 f"{expected[:12]}); the adapter seed or code differs from the server's"
             )
-        plugin.load_state(model, {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()})
+        incoming = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+        plugin.load_state(model, incoming)
         if hetero and hasattr(plugin, "set_client_rank"):
             plugin.set_client_rank(model, int(hetero["rank"]))
         # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
         # model serves several virtual clients in simulation; empty = fresh client (reset).
         local = context.state.get(LOCAL_STATE_KEY)
-        plugin.load_local_state(model, {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {})
+        local_in = {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {}
+        plugin.load_local_state(model, local_in)
         steps = local_steps(cfg, len(data))
+        seed = cfg.seed * 1_000_003 + server_round * 7919 + (ident.partition_id or 0)
+        # Everything this round's update is a function of: same key + same output = a replay.
+        replay_key = _digest(str(conf["config-hash"]), f"{server_round}|{ident.client_id}|{seed}|{steps}",
+                             json.dumps(hetero, sort_keys=True, default=str), incoming, local_in)
         sigma: float | None = None
         epsilon = 0.0
         ledger = None
         if cfg.privacy.enabled:
             ledger = _ledger(rt, ident, context, len(data), steps)
+            replay = ledger.replay_of(server_round, replay_key)
             try:
-                ledger.check_budget(steps)
+                if replay is None:
+                    ledger.check_budget(steps)
             except BudgetExceeded as exc:
                 _save_ledger(ledger, ident, context)
                 log.warning("%s", exc)
-                status = ConfigRecord({"refused": True, "reason": str(exc), "client": ident.client_id})
-                return Message(content=RecordDict({"status": status}), reply_to=msg)
+                return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id)
             sigma = ledger.noise_multiplier
-        seed = cfg.seed * 1_000_003 + server_round * 7919 + (ident.partition_id or 0)
         result = train_local(model, plugin, rt.tokenizer, data, cfg, steps, rt.device, sigma, seed,
                              desc=f"client {ident.client_id} round {server_round}")
-        if ledger is not None:
-            epsilon = ledger.record(server_round, result.steps)
-            _save_ledger(ledger, ident, context)
         state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
+        if ledger is not None:
+            output_hash = _digest(state)
+            if replay is not None and replay.output_hash != output_hash:
+                try:  # not bit-identical (non-deterministic kernels): releasing it is new spending
+                    ledger.check_budget(steps)
+                except BudgetExceeded as exc:  # nothing released, nothing spent
+                    log.warning("%s", exc)
+                    return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id)
+            elif replay is not None:
+                log.info("client %s: round %d re-run reproduced its released update bit for bit; no new "
+                         "privacy cost", ident.client_id, server_round)
+            epsilon = ledger.record(server_round, result.steps, replay_key, output_hash)
+            _save_ledger(ledger, ident, context)
         local_after = plugin.local_state(model)
         if local_after:  # stays in this node's Context.state; never part of the reply
             context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(local_after)
@@ -146,6 +194,10 @@ def handle_train(msg: Message, context: Context) -> Message:
         "noise-multiplier": sigma or 0.0,
         "bytes-up": state_nbytes(state),
     })
+    if fault == "timeout":  # emulated: the client trained and spent its budget; the reply is lost
+        return _refusal(msg, **{"timed-out": True}, client=ident.client_id,
+                        reason=f"injected timeout in round {server_round} attempt {attempt} "
+                               f"(faults.fail_rate={cfg.faults.fail_rate:g}); reply discarded")
     info = ConfigRecord({"client": ident.client_id, "frozen-hash": local_hash,
                          "accountant": ledger.accountant if ledger else "none",
                          **({"profile": hetero["profile"]} if hetero else {})})

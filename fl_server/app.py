@@ -52,6 +52,7 @@ def make_server_app(
     timeout: float = 3600.0,
     hooks: Sequence[RoundHook] = (),
     wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to a parsed configuration (used by ``fedpeft simulate``)."""
     server = ServerApp()
@@ -61,7 +62,7 @@ def make_server_app(
         _configure_logging()
         wrap, central_hooks = with_central_dp(cfg, wrap_strategy)  # client-level central DP, if configured
         run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir),
-                       timeout=timeout, hooks=[*hooks, *central_hooks], wrap_strategy=wrap)
+                       timeout=timeout, hooks=[*hooks, *central_hooks], wrap_strategy=wrap, resume=resume)
 
     return server
 

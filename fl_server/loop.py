@@ -3,7 +3,9 @@
 Flower's ``Strategy.start`` runs a fixed loop; fedpeft drives the same strategy calls
 (``configure_train`` / ``aggregate_train`` through ``grid.send_and_receive``) itself so
 that every round ends with a central evaluation on the held-out test set, one
-``metrics.jsonl`` row, one log summary line, and (issue: reliability) a checkpoint.
+``metrics.jsonl`` row, one log summary line, and a checkpoint (:mod:`fl_server.checkpoint`)
+that ``--resume`` continues from. A round with fewer than ``faults.min_clients`` valid
+replies is retried with the same global state or skipped (:mod:`simulations.faults`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from adapters import get as get_plugin
+from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fl_server.run_dir import RunDir
 from strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
 from strategies.validation import StateSpec
@@ -84,7 +87,8 @@ def _round_row(
     seconds: float,
 ) -> dict[str, Any]:
     finite = [e for e in eps.values() if math.isfinite(e)]
-    train_losses = [r.metrics.get("train-loss", math.nan) for r in report.accepted]
+    used = report.accepted if report.released else []  # replies that went into the average
+    train_losses = [r.metrics.get("train-loss", math.nan) for r in used]
     return {
         "round": report.server_round,
         "accuracy": ev["accuracy"],
@@ -97,16 +101,58 @@ def _round_row(
         "bytes_up": report.bytes_up,
         "bytes_down": report.bytes_down,
         "seconds": seconds,
-        "train_loss": float(np.mean(train_losses)) if train_losses else math.nan,
-        "train_loss_first": float(np.mean([r.metrics.get("train-loss-first", math.nan) for r in report.accepted]))
-        if report.accepted else math.nan,
+        "train_loss": float(np.mean(train_losses)) if train_losses else None,  # None: nothing trained in
+        "train_loss_first": float(np.mean([r.metrics.get("train-loss-first", math.nan) for r in used]))
+        if used else None,
         "clients_sent": report.sent_to,
-        "clients_accepted": len(report.accepted),
+        "clients_accepted": len(used),
+        "attempts": report.attempt + 1,
+        "skipped": not report.released,
         "rejected": report.rejected,
         "refused": report.refused,
         "failed": report.failed,
         "method": cfg.adapter.method,
     }
+
+
+def _resume_from(ckpt_path: Path, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, rd: RunDir) -> Checkpoint:
+    """Restore server, strategy and ``metrics.jsonl`` from the last checkpoint."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.config_hash != config_hash(cfg):
+        raise ValueError(f"{ckpt_path}: checkpoint of configuration {ckpt.config_hash}, this run is "
+                         f"{config_hash(cfg)}; resume with the run's own configuration")
+    setup.set_state(ckpt.state)
+    inner = inner_strategy(strategy)
+    inner.previous = dict(ckpt.previous)
+    if ckpt.rng_state is not None:
+        inner.rng.setstate(ckpt.rng_state)
+    rd.rewrite_metrics(ckpt.rows)  # drop a row written after the checkpoint, if the crash came in between
+    log.info("resuming %s after round %d of %d (checkpoint %s)", rd.path, ckpt.server_round, cfg.train.rounds,
+             ckpt_path.name)
+    return ckpt
+
+
+def _train_round(
+    grid: Grid, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, server_round: int, timeout: float,
+) -> tuple[RoundReport, list[Any]]:
+    """Send, receive and aggregate one round; retry it (same global state) while too few
+    valid replies came back and ``faults.on_too_few = retry`` allows."""
+    inner = inner_strategy(strategy)
+    max_attempts = 1 + (cfg.faults.max_retries if cfg.faults.on_too_few == "retry" else 0)
+    for attempt in range(max_attempts):
+        inner.attempt = attempt
+        messages = strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(), grid)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        report = inner.report
+        if arrays is not None:
+            setup.set_state({k: v.numpy() for k, v in arrays.items()})
+            return report, replies
+        if attempt + 1 < max_attempts:
+            log.warning("round %d: retrying with the same global state (attempt %d of %d)",
+                        server_round, attempt + 2, max_attempts)
+    log.warning("round %d: skipped after %d attempt(s); global state unchanged", server_round, max_attempts)
+    return report, replies
 
 
 def run_federation(
@@ -116,11 +162,13 @@ def run_federation(
     timeout: float = 3600.0,
     hooks: Sequence[RoundHook] = (),
     wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the rows.
 
     ``wrap_strategy`` may wrap the :class:`AdapterAvg` in Flower-style wrapper strategies
     (e.g. client-level central DP, deadlines); ``hooks`` observe and annotate each round.
+    A checkpoint is written after every round; ``resume=True`` continues from it.
     """
     rd = RunDir(run_dir)
     handler = rd.attach_log()
@@ -134,6 +182,13 @@ def run_federation(
         )
         strategy: Strategy = wrap_strategy(base) if wrap_strategy else base
         strategy.summary()
+        eps: dict[str, float] = {}
+        accountants: set[str] = set()
+        first = 1
+        if resume:
+            ckpt = _resume_from(rd.checkpoint_path, cfg, setup, strategy, rd)
+            rows, eps, accountants, first = list(ckpt.rows), dict(ckpt.epsilon), set(ckpt.accountants), \
+                ckpt.server_round + 1
         for hook in hooks:
             hook.on_start(setup, strategy, rd)
         dp = (f"DP-SGD epsilon={cfg.privacy.epsilon:g} delta={cfg.privacy.delta:g} clip={cfg.privacy.clip:g} "
@@ -141,16 +196,9 @@ def run_federation(
         log.info("run %s: %s r=%d on %s, %d clients, %d rounds, %s; upload %d bytes/client",
                  rd.path, cfg.adapter.method, cfg.adapter.rank, ",".join(cfg.adapter.target_modules),
                  cfg.train.clients, cfg.train.rounds, dp, setup.spec.nbytes)
-        eps: dict[str, float] = {}
-        accountants: set[str] = set()
-        for server_round in range(1, cfg.train.rounds + 1):
+        for server_round in range(first, cfg.train.rounds + 1):
             t0 = time.perf_counter()
-            messages = strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(), grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
-            arrays, _ = strategy.aggregate_train(server_round, replies)
-            if arrays is not None:
-                setup.set_state({k: v.numpy() for k, v in arrays.items()})
-            report = inner_strategy(strategy).report
+            report, replies = _train_round(grid, cfg, setup, strategy, server_round, timeout)
             for rep in report.accepted:
                 eps[rep.client] = rep.metrics.get("epsilon", math.inf)
             for msg in replies:
@@ -163,11 +211,17 @@ def run_federation(
                 hook.on_round_end(server_round, row, report)
             rows.append(row)
             rd.append_metrics(row)
+            save_checkpoint(rd.checkpoint_path, Checkpoint(
+                server_round, config_hash(cfg), setup.state, inner_strategy(strategy).previous,
+                inner_strategy(strategy).rng.getstate(), rows, eps, sorted(accountants)))
             eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
                        f"delta={cfg.privacy.delta:g}, {row['accountant']})") if cfg.privacy.enabled else "no DP"
-            log.info("round %d/%d: accuracy=%.4f loss=%.4f train_loss=%.4f %s clients=%d/%d up=%dB down=%dB %.1fs",
-                     server_round, cfg.train.rounds, row["accuracy"], row["loss"], row["train_loss"], eps_txt,
-                     row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"], row["seconds"])
+            skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""
+            log.info("round %d/%d: accuracy=%.4f loss=%.4f train_loss=%.4f %s clients=%d/%d up=%dB down=%dB %.1fs%s",
+                     server_round, cfg.train.rounds, row["accuracy"], row["loss"],
+                     math.nan if row["train_loss"] is None else row["train_loss"], eps_txt,
+                     row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"],
+                     row["seconds"], skipped)
         setup.plugin.export(setup.model, rd.adapter_dir)
         log.info("final adapter written to %s", rd.adapter_dir)
         return rows

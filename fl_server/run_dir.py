@@ -6,6 +6,7 @@ DIR/metrics.jsonl   one JSON object per round
 DIR/ledger/         one privacy ledger per client (client-<id>.json)
 DIR/adapter/        final global adapter, a PEFT directory
 DIR/server.log      log with one summary line per round
+DIR/checkpoint.npz  server state after the last completed round (fl_server/checkpoint.py)
 ```
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 from privacy.ledger import atomic_write_text
 from task.config import RunConfig, config_to_toml
 
-__all__ = ["RunDir", "default_run_dir"]
+__all__ = ["RunDir", "default_run_dir", "jsonable"]
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -31,13 +32,13 @@ def default_run_dir(cfg: RunConfig) -> Path:
     return Path("runs") / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -64,9 +65,17 @@ class RunDir:
     def write_config(self, cfg: RunConfig) -> None:
         atomic_write_text(self.path / "config.toml", config_to_toml(cfg))
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / "checkpoint.npz"
+
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Replace ``metrics.jsonl`` atomically with ``rows`` (resume: exactly the checkpointed rounds)."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(row)) + "\n")
+            fh.write(json.dumps(jsonable(row)) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

@@ -12,6 +12,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -59,6 +60,7 @@ def epsilon_for(history: Sequence[HistoryEntry], delta: float, accountant: str =
     return float(_accountant("rdp", steps).get_epsilon(delta=delta)), "rdp"
 
 
+@lru_cache(maxsize=256)  # pure and slow (1-10 s with PRV): a worker serving many clients calibrates each plan once
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
 ) -> Calibration:

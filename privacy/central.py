@@ -113,7 +113,7 @@ class ClientLevelAccountant:
         from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
 
         sigma_eff = math.nan
-        if report.accepted:  # the wrapper released a noised aggregate this round
+        if report.released:  # the wrapper released a noised aggregate this round
             sigma_eff = self.effective_noise_multiplier([r.weight for r in report.accepted])
             self.accountant.compose(GaussianPrivacyEvent(
                 noise_multiplier=sigma_eff, sample_size=self.sampled, population_size=self.cfg.train.clients))

@@ -55,6 +55,8 @@ class LedgerEntry:
     sample_rate: float
     steps: int
     epsilon_after: float
+    replay_key: str = ""  # hash of everything the round's update was computed from (see record)
+    output_hash: str = ""  # hash of the update the client released
 
 
 @dataclass
@@ -100,11 +102,28 @@ class Ledger:
             )
         return eps
 
-    def record(self, server_round: int, steps: int) -> float:
-        """Append a finished round and return the epsilon spent in total."""
-        if any(e.round == server_round for e in self.entries):
+    def replay_of(self, server_round: int, replay_key: str) -> LedgerEntry | None:
+        """The recorded entry of ``server_round`` computed from the same inputs, if any."""
+        if not replay_key:
+            return None
+        return next((e for e in self.entries if e.round == server_round and e.replay_key == replay_key), None)
+
+    def record(self, server_round: int, steps: int, replay_key: str = "", output_hash: str = "") -> float:
+        """Append a finished round and return the epsilon spent in total.
+
+        A round can be re-run (a retry after too few replies, a resume after a server
+        crash). If it was computed from the same inputs (``replay_key``: global state,
+        local state, seed, configuration) and produced bit-for-bit the same update
+        (``output_hash``), releasing it again reveals nothing new: nothing is added and
+        the current epsilon is returned. Any other re-run is new privacy spending and is
+        appended. Without a ``replay_key`` a round is never recorded twice.
+        """
+        previous = self.replay_of(server_round, replay_key)
+        if previous is not None and output_hash and previous.output_hash == output_hash:
+            return self.epsilon()[0]
+        if not replay_key and any(e.round == server_round for e in self.entries):
             raise ValueError(f"round {server_round} is already in the ledger of client {self.client}")
-        entry = LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, steps, 0.0)
+        entry = LedgerEntry(server_round, self.noise_multiplier, self.sample_rate, steps, 0.0, replay_key, output_hash)
         self.entries.append(entry)
         entry.epsilon_after = self.epsilon()[0]
         return entry.epsilon_after

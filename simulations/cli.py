@@ -48,6 +48,9 @@ FLAG_KEYS: dict[str, str] = {
     "model": "model.path",
     "max_length": "model.max_length",
     "pooling": "model.pooling",
+    "fail_rate": "faults.fail_rate",
+    "min_clients": "faults.min_clients",
+    "on_too_few": "faults.on_too_few",
     "seed": "seed",
     "output_dir": "output_dir",
     "name": "name",
@@ -70,6 +73,9 @@ FLAG_HELP: dict[str, str] = {
     "examples_per_client": "0 = the whole partition",
     "device": "auto | cpu | cuda",
     "target_modules": "comma-separated module names",
+    "fail_rate": "simulation: probability a client crashes or times out in a round (seeded)",
+    "min_clients": "fewest valid replies a round needs (0 = 1)",
+    "on_too_few": "retry | skip, when a round has fewer than min-clients valid replies",
 }
 
 
@@ -123,11 +129,67 @@ def config_from_args(args: argparse.Namespace, *base: dict[str, Any]) -> RunConf
     return parse_config(*layers)
 
 
+def add_simulate_options(p: argparse.ArgumentParser) -> None:
+    add_run_options(p)
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue RUN_DIR from its last completed round (its config.toml is the base layer; "
+                        "a flag that changes the configuration is refused)")
+
+
+def resume_config(args: argparse.Namespace) -> RunConfig:
+    """The configuration of ``--resume RUN_DIR``: the run's own config.toml, then --config and
+    flags; refused (ConfigError) when that differs from the checkpointed configuration."""
+    from pathlib import Path
+
+    from fl_server.checkpoint import load_checkpoint
+    from task.config import config_hash, config_to_dict
+
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError("--resume", str(run_dir), "not a fedpeft run directory (no config.toml)")
+    ckpt_path = run_dir / "checkpoint.npz"
+    if not ckpt_path.is_file():
+        raise ConfigError("--resume", str(run_dir), "has no checkpoint (no round finished); start a new run")
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except ValueError as exc:
+        raise ConfigError("--resume", str(run_dir), str(exc)) from None
+    stored = load_config_file(run_dir / "config.toml")
+    cfg = config_from_args(args, stored, {"output_dir": str(run_dir)})
+    if config_hash(cfg) != ckpt.config_hash:
+        old, new = _flat(config_to_dict(parse_config(stored))), _flat(config_to_dict(cfg))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in ("output_dir", "name"))
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) or "code version"
+        raise ConfigError("--resume", str(run_dir), f"the configuration differs from the run's ({detail}); "
+                                                    "resume with the same configuration or start a new run")
+    if cfg.central.enabled:
+        raise ConfigError("--resume", str(run_dir), "runs with central DP cannot be resumed yet (the client-level "
+                                                    "accountant is not checkpointed)")
+    if ckpt.server_round >= cfg.train.rounds:
+        raise ConfigError("--resume", str(run_dir), f"the run is complete ({ckpt.server_round} of "
+                                                    f"{cfg.train.rounds} rounds)")
+    return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.simulate import simulate
 
-    cfg = config_from_args(args)
-    path, rows = simulate(cfg)
+    if getattr(args, "resume", None):
+        cfg = resume_config(args)
+        path, rows = simulate(cfg, resume=True)
+    else:
+        cfg = config_from_args(args)
+        path, rows = simulate(cfg)
     last = rows[-1]
     eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, delta={last['delta']:g}, {last['accountant']})"
            if cfg.privacy.enabled else "no DP")
@@ -144,7 +206,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "simulate": ("run a federation on this machine (Flower simulation engine)", add_run_options, _cmd_simulate),
+    "simulate": ("run a federation on this machine (Flower simulation engine)", add_simulate_options, _cmd_simulate),
     "methods": ("list the adapter methods", lambda p: None, _cmd_methods),
 }
 

@@ -89,11 +89,13 @@ def simulate(
     hooks: Sequence[RoundHook] = (),
     wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
     backend: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run the federation; return the run directory and its metrics rows.
 
     ``hooks`` / ``wrap_strategy`` are passed to the server loop; ``backend`` overrides
-    :func:`backend_config` (e.g. GPU fractions per client).
+    :func:`backend_config` (e.g. GPU fractions per client); ``resume`` continues the run in
+    ``run_dir`` from its checkpoint (see :mod:`fl_server.checkpoint`).
     """
     from flwr.simulation import run_simulation
 
@@ -102,14 +104,14 @@ def simulate(
 
     preflight(cfg)
     path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    if (path / "metrics.jsonl").exists():
+    if not resume and (path / "metrics.jsonl").exists():
         raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
     RunDir(path)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy),
+            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.train.clients,
             backend_config=backend if backend is not None else backend_config(cfg),

@@ -8,8 +8,11 @@ What changes:
 * each reply is validated on its own (:mod:`strategies.validation`): errors, budget
   refusals and invalid replies are logged with their reason and left out, and the round
   goes on with the rest (Flower's FedAvg would raise on one inconsistent reply);
-* aggregation calls ``plugin.aggregate`` (FFA-LoRA: weighted mean of B, exact), then
-  ``plugin.server_step``;
+* a round needs ``faults.min_clients`` valid replies; with fewer nothing is averaged in
+  (the loop in :mod:`fl_server.loop` retries or skips the round);
+* aggregation calls ``plugin.aggregate`` (FFA-LoRA: weighted mean of B, exact) over the
+  replies sorted by client id (so the floating-point sum, and a resumed run, do not depend
+  on the order replies arrive in), then ``plugin.server_step``;
 * a :class:`RoundReport` records bytes, per-client metrics and rejections for the
   server's ``metrics.jsonl``.
 """
@@ -59,7 +62,9 @@ class RoundReport:
     accepted: list[ValidatedReply] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # client/node -> reason
     refused: dict[str, str] = field(default_factory=dict)  # budget refusals
-    failed: dict[str, str] = field(default_factory=dict)  # client errors
+    failed: dict[str, str] = field(default_factory=dict)  # client errors and timeouts
+    attempt: int = 0  # 0 = first try of this round; >0 = retry (faults.on_too_few = retry)
+    released: bool = False  # a new global state was aggregated from the accepted replies
 
 
 def _who(msg: Message) -> str:
@@ -71,6 +76,11 @@ def _who(msg: Message) -> str:
         if isinstance(value, ConfigRecord) and "client" in value:
             return f"client-{value['client']!s}"
     return node
+
+
+def _client_order(client: str) -> tuple[int, int | str]:
+    """Numeric client ids in numeric order, then any others by name."""
+    return (0, int(client)) if client.isdigit() else (1, client)
 
 
 class AdapterAvg(FedAvg):
@@ -98,6 +108,7 @@ class AdapterAvg(FedAvg):
         self.report = RoundReport(0)
         self.previous: NDArrays = {}
         self.node_wait_s = 300.0
+        self.attempt = 0  # set by the round loop before each (re)try of a round
 
     def summary(self) -> None:
         log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",
@@ -109,6 +120,7 @@ class AdapterAvg(FedAvg):
             "fedpeft-config": self.config_toml,
             "config-hash": self.config_hash,
             "frozen-hash": self.spec.frozen_hash,
+            "attempt": self.attempt,
             **self.extra_config,
         })
 
@@ -130,7 +142,7 @@ class AdapterAvg(FedAvg):
             log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
         chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
         record = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
-        self.report = RoundReport(server_round, sent_to=len(chosen))
+        self.report = RoundReport(server_round, sent_to=len(chosen), attempt=self.attempt)
         payload = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
         self.report.bytes_down = payload * len(chosen)
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
@@ -147,6 +159,11 @@ class AdapterAvg(FedAvg):
                 continue
             content = msg.content
             status = content.get("status")
+            if isinstance(status, ConfigRecord) and status.get("timed-out"):
+                who = str(status.get("client", node))
+                report.failed[who] = str(status.get("reason", "timed out"))
+                log.warning("round %d: client %s timed out: %s", server_round, who, report.failed[who])
+                continue
             if isinstance(status, ConfigRecord) and status.get("refused"):
                 who = str(status.get("client", node))
                 report.refused[who] = str(status.get("reason", "budget"))
@@ -162,9 +179,13 @@ class AdapterAvg(FedAvg):
             except Rejected as exc:
                 report.rejected[node] = str(exc)
                 log.warning("round %d: rejected reply from %s: %s", server_round, node, exc)
-        if not report.accepted:
-            log.warning("round %d: no valid replies; global state unchanged", server_round)
+        need = self.cfg.faults.minimum()
+        if len(report.accepted) < need:
+            log.warning("round %d: %d valid replies, %d needed (faults.min_clients); nothing averaged in",
+                        server_round, len(report.accepted), need)
             return None, None
+        report.accepted.sort(key=lambda r: _client_order(r.client))
+        report.released = True
         states = [r.state for r in report.accepted]
         weights = [r.weight for r in report.accepted]
         new_state = self.plugin.aggregate(states, weights, self.previous)

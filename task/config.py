@@ -22,6 +22,7 @@ from typing import Any
 import tomli_w
 
 from privacy.central import CentralDPConfig, validate_central
+from simulations.faults import FaultConfig, validate_faults
 
 __all__ = [
     "AdapterConfig",
@@ -137,6 +138,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     central: CentralDPConfig = field(default_factory=CentralDPConfig)  # privacy/central.py
+    faults: FaultConfig = field(default_factory=FaultConfig)  # simulations/faults.py
     name: str = ""
     output_dir: str = ""
     seed: int = 0
@@ -150,6 +152,7 @@ _SECTIONS = {
     "privacy": PrivacyConfig,
     "train": TrainConfig,
     "central": CentralDPConfig,
+    "faults": FaultConfig,
 }
 
 
@@ -372,6 +375,7 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     registry.get(a.method).validate_config(cfg)
     validate_central(cfg)
+    validate_faults(cfg)
 
 
 def _to_plain(obj: Any) -> Any:

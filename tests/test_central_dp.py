@@ -97,7 +97,7 @@ def test_client_level_epsilon_is_accounted_per_release(flwr_identity) -> None:  
     assert rows[0]["epsilon_client_level"] < rows[1]["epsilon_client_level"]
     assert "client-level" in rows[1]["epsilon_client_level_unit"]
     # a round without accepted replies releases nothing and spends nothing
-    empty = dataclasses.replace(report, accepted=[])
+    empty = dataclasses.replace(report, accepted=[], released=False)
     rows.append({})
     hook.on_round_end(3, rows[2], empty)
     assert rows[2]["epsilon_client_level"] == rows[1]["epsilon_client_level"] and rows[2]["central_releases"] == 2

@@ -27,6 +27,11 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     if not getattr(args, "scenario", None):
         return _RUN(args)
+    if getattr(args, "resume", None):
+        from task.config import ConfigError
+
+        raise ConfigError("--resume", args.resume, "scenario runs cannot be resumed yet (the emulated clock and "
+                                                   "device states are not checkpointed); run without --scenario")
     from simulations.hetero.run import run_scenario
     from simulations.hetero.scenario import load_scenario
 

@@ -1,0 +1,120 @@
+"""Crash-resume with a real SIGKILL: a run killed mid-way and resumed with ``--resume`` ends
+bit-identical to an uninterrupted run, and no client's privacy ledger is reset or charged
+twice. Real processes (the ``fedpeft`` CLI, Flower's simulation engine, Ray workers); every
+process the test starts is killed by PID, even on failure."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from fl_server.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 3
+
+
+def _fedpeft(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "fedpeft"), "-q", "simulate", *args]
+
+
+def _cmd(model: Path, out: Path, *extra: str) -> list[str]:
+    return [*_fedpeft(), "--model", str(model), "--rounds", str(ROUNDS), "--examples-per-client", "96",
+            "--test-size", "64", "--batch-size", "32", "--local-steps", "6", "--max-length", "24",
+            "--output-dir", str(out), *extra]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, FEDPEFT_PROGRESS="0", HF_HUB_OFFLINE="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def _kill_tree(proc: psutil.Process, known: set[int]) -> None:
+    """SIGKILL ``proc`` and every descendant seen now or earlier (``known``), by PID."""
+    with contextlib.suppress(psutil.Error):
+        known |= {c.pid for c in proc.children(recursive=True)}
+    for pid in [proc.pid, *sorted(known)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _adapter(run: Path) -> dict[str, np.ndarray]:
+    files = sorted((run / "adapter").glob("*.safetensors"))
+    assert files, f"no adapter written in {run}"
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def _ledgers(run: Path) -> dict[str, list[tuple[int, int]]]:
+    return {p.name: [(e["round"], e["steps"]) for e in json.loads(p.read_text())["entries"]]
+            for p in sorted((run / "ledger").glob("client-*.json"))}
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path) -> None:
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    subprocess.run(_cmd(tiny_model_dir, reference), env=_env(), check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    proc = subprocess.Popen(_cmd(tiny_model_dir, crashed), env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ps, seen = psutil.Process(proc.pid), set()
+    killed_after = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                seen |= {c.pid for c in ps.children(recursive=True)}
+            ckpt = crashed / "checkpoint.npz"
+            if ckpt.is_file():
+                killed_after = load_checkpoint(ckpt).server_round
+                _kill_tree(ps, seen)  # round killed_after + 1 is in flight
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_tree(ps, seen)
+        proc.wait(timeout=30)
+    assert killed_after is not None and killed_after < ROUNDS, "the run was not interrupted mid-way"
+    assert not (crashed / "adapter").exists()
+
+    resumed = subprocess.run(_fedpeft("--resume", str(crashed)),
+                             env=_env(), timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = _adapter(reference), _adapter(crashed)
+    assert set(a) == set(b) and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bit-identical
+    rows_a = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    rows_b = [json.loads(x) for x in (crashed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows_b] == list(range(1, ROUNDS + 1))
+    assert [r["accuracy"] for r in rows_a] == [r["accuracy"] for r in rows_b]
+    assert [r["epsilon"] for r in rows_a] == [r["epsilon"] for r in rows_b]
+    # every client's ledger: each round once, nothing reset, nothing charged twice
+    assert _ledgers(crashed) == _ledgers(reference)
+    assert all(len(v) == ROUNDS for v in _ledgers(crashed).values())
+
+
+def test_resume_with_another_configuration_exits_2(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = subprocess.run(_cmd(tiny_model_dir, run, "--rounds", "1"), env=_env(), timeout=600,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    again = subprocess.run(_fedpeft("--resume", str(run), "--lr", "0.5"), env=_env(), timeout=120,
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "differs" in again.stderr and "train.lr" in again.stderr
+    assert "Traceback" not in again.stderr
