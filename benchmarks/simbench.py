@@ -1,0 +1,170 @@
+"""Simulation benchmarks: Flower's overhead over a bare loop, and scale in virtual clients.
+
+*Overhead* compares :func:`simulations.simulate.simulate` (real ``run_simulation``: Ray,
+ServerApp, ClientApp, ledgers, validation, checkpoints) with :func:`bare_federation`, one
+process doing the same work with no Flower: per round, every client's
+:func:`fl_client.trainer.train_local` call with the same data, steps, seed and calibrated
+sigma, the plugin's aggregation and the server's evaluation. The two are run interleaved
+(bare, simulated, bare, ...) and compared by median wall time; the ratio of the steady
+rounds (all but the first, whose time includes each Ray actor loading the model) is reported
+separately, clearly labelled, as is the one-off start-up.
+
+*Scale* runs the simulation with 10, 100 and 1,000 virtual clients, 10 sampled per round,
+sampling the resident memory of the whole process tree with
+:class:`benchmarks.hetero_scale.PeakRss` (the approach of ``hetero_scale.py``, on the plain
+``simulate`` path rather than the heterogeneous scenario).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .results import Measurement, Target
+
+__all__ = ["bare_federation", "scale", "sim_overhead"]
+
+Progress = Callable[[str], None]
+
+
+def bare_federation(cfg: Any) -> list[float]:
+    """The federation's training, aggregation and evaluation in one process, no Flower.
+
+    Returns the wall seconds of each round; round 1 includes loading the model from disk
+    (the in-process cache is cleared first, as a fresh Flower worker would start cold).
+    """
+    from adapters import get as get_plugin
+    from fl_client.trainer import local_steps, train_local
+    from privacy.accounting import calibrate_noise
+    from task import model as task_model
+    from task.data import train_test_split_for
+    from task.evaluate import evaluate
+    from task.model import load_base_model, load_tokenizer, pick_device
+    from task.partition import client_partition
+
+    task_model._load_base.cache_clear()
+    task_model._load_tokenizer.cache_clear()
+    t0 = time.perf_counter()
+    plugin = get_plugin(cfg.adapter.method)
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(cfg.model)
+    pool, test = train_test_split_for(cfg.data, cfg.seed)
+    model = plugin.attach(load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed), cfg).to(device)
+    state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
+    data = [client_partition(pool, cfg.data, cfg.train.clients, i, cfg.seed) for i in range(cfg.train.clients)]
+    sigmas: dict[int, float | None] = {}
+    seconds: list[float] = []
+    for server_round in range(1, cfg.train.rounds + 1):
+        states, weights = [], []
+        for i, part in enumerate(data):
+            steps = local_steps(cfg, len(part))
+            if i not in sigmas:  # calibrated once per client, as the ClientApp does
+                q = 1.0 / math.ceil(len(part) / min(cfg.train.batch_size, len(part)))
+                sigmas[i] = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps * cfg.train.rounds,
+                                            cfg.privacy.accountant).noise_multiplier if cfg.privacy.enabled else None
+            plugin.load_state(model, state)
+            seed = cfg.seed * 1_000_003 + server_round * 7919 + i
+            res = train_local(model, plugin, tok, part, cfg, steps, device, sigmas[i], seed)
+            states.append({k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()})
+            weights.append(float(res.examples))
+        state = plugin.server_step(server_round, plugin.aggregate(states, weights, state), cfg)
+        plugin.load_state(model, state)
+        evaluate(model, tok, test, cfg.model.max_length, device)
+        seconds.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+    return seconds
+
+
+def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float]]:
+    from simulations.simulate import simulate
+
+    t0 = time.perf_counter()
+    _, rows = simulate(cfg, run_dir)
+    return time.perf_counter() - t0, [float(r["seconds"]) for r in rows]
+
+
+def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_steps: int, examples: int,
+                 test_size: int, progress: Progress | None = None) -> list[Measurement]:
+    """Simulated run / bare loop, total and steady-state (rounds after the first)."""
+    from task.config import parse_config
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
+    cfg = parse_config({"model.path": model_path, "train.rounds": rounds, "train.clients": clients,
+                        "train.local_steps": local_steps, "train.batch_size": 32, "data.examples_per_client": examples,
+                        "data.test_size": test_size, "output_dir": str(tmp)})
+    bare: list[list[float]] = []
+    sim: list[tuple[float, list[float]]] = []
+    try:
+        for rep in range(reps):
+            bare.append(bare_federation(cfg))
+            if progress:
+                progress(f"bare loop {rep + 1}/{reps}: {sum(bare[-1]):.1f} s")
+            sim.append(_simulated(cfg, tmp / f"sim-{rep}"))
+            if progress:
+                progress(f"simulation {rep + 1}/{reps}: {sim[-1][0]:.1f} s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    bare_total = statistics.median(sum(b) for b in bare)
+    sim_total = statistics.median(s[0] for s in sim)
+    bare_steady = statistics.median(sum(b[1:]) for b in bare) if rounds > 1 else math.nan
+    sim_steady = statistics.median(sum(s[1][1:]) for s in sim) if rounds > 1 else math.nan
+    sim_rounds = statistics.median(sum(s[1]) for s in sim)
+    detail = {"model": model_path or "MiniLM-L6 (default)", "clients": clients, "rounds": rounds,
+              "local_steps": local_steps, "batch_size": 32, "examples_per_client": examples, "test_size": test_size,
+              "dp": f"epsilon={cfg.privacy.epsilon:g}", "reps": reps, "bare_total_s": bare_total,
+              "sim_total_s": sim_total, "bare_steady_s": bare_steady, "sim_steady_s": sim_steady,
+              "sim_startup_s": sim_total - sim_rounds, "bare_round_s": bare, "sim_round_s": [s[1] for s in sim],
+              "sim_wall_s": [s[0] for s in sim]}
+    return [
+        Measurement("sim_overhead", "simulated run / bare loop, wall time (incl. Ray start-up)",
+                    sim_total / bare_total, "x", Target("<=", 1.10), detail=detail),
+        Measurement("sim_overhead", "simulated / bare, rounds after the first (start-up and model loads excluded)",
+                    sim_steady / bare_steady, "x", detail=detail),
+        Measurement("sim_overhead", "one-off simulation start-up (Ray, ServerApp set-up) before round 1",
+                    sim_total - sim_rounds, "s", detail=detail),
+    ]
+
+
+def scale(model_path: str, sizes: tuple[int, ...], rounds: int, per_round: int = 10,
+          progress: Progress | None = None) -> list[Measurement]:
+    """Peak memory and median time per round for each population size; ratios largest / smallest."""
+    from simulations.simulate import simulate
+    from task.config import parse_config
+
+    from .hetero_scale import PeakRss
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    runs: list[dict[str, Any]] = []
+    try:
+        for n in sizes:
+            cfg = parse_config({"model.path": model_path, "model.max_length": 24, "train.clients": n,
+                                "train.clients_per_round": per_round, "train.rounds": rounds, "train.local_steps": 1,
+                                "train.batch_size": 8, "data.examples_per_client": 8, "data.partition": "iid",
+                                "data.test_size": 64, "output_dir": str(tmp / f"run-{n}")})
+            t0 = time.perf_counter()
+            with PeakRss() as mem:
+                _, rows = simulate(cfg, tmp / f"run-{n}")
+            per = [float(r["seconds"]) for r in rows]
+            runs.append({"clients": n, "peak_rss_mb": round(mem.peak / 1e6, 1), "wall_s": round(time.perf_counter() - t0, 1),
+                         "round_s": [round(x, 2) for x in per],
+                         "median_round_s": statistics.median(per[1:] if len(per) > 1 else per)})
+            if progress:
+                progress(f"{n} clients: {runs[-1]['median_round_s']:.2f} s/round, {runs[-1]['peak_rss_mb']:.0f} MB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    lo, hi = runs[0], runs[-1]
+    detail = {"model": model_path, "per_round": per_round, "rounds": rounds, "runs": runs,
+              "note": "median over rounds after the first; DP on (each newly sampled client calibrates sigma once)"}
+    name = f"{hi['clients']} / {lo['clients']} clients"
+    return [
+        Measurement("scale", f"peak memory, {name}", hi["peak_rss_mb"] / lo["peak_rss_mb"], "x", Target("<=", 1.2),
+                    detail=detail),
+        Measurement("scale", f"time per round, {name}", hi["median_round_s"] / lo["median_round_s"], "x",
+                    Target("<=", 1.2), detail=detail),
+    ]
