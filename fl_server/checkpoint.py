@@ -20,14 +20,14 @@ SuperNode), are only ever appended to, and a resume never rewrites them.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from privacy.ledger import atomic_write
 
 __all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -82,17 +82,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
     arrays: dict[str, np.ndarray] = {_META: np.array(json.dumps(meta))}
     arrays.update({_STATE + k: np.ascontiguousarray(v) for k, v in ckpt.state.items()})
     arrays.update({_PREV + k: np.ascontiguousarray(v) for k, v in ckpt.previous.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
 
 def _unjson(value: Any) -> Any:
