@@ -29,9 +29,10 @@ def _base(tiny_model_dir: Path, rounds: int = 2) -> dict[str, object]:
 class FakeRunner:
     """Writes what a real run writes; ``fail`` names cells that raise; records calls."""
 
-    def __init__(self, fail: tuple[str, ...] = (), stop_after_round: int | None = None) -> None:
+    def __init__(self, fail: tuple[str, ...] = (), stop_after_round: int | None = None,
+                 all_clients_fail: tuple[str, ...] = ()) -> None:
         self.calls: list[str] = []
-        self.fail, self.stop_after_round = fail, stop_after_round
+        self.fail, self.stop_after_round, self.all_clients_fail = fail, stop_after_round, all_clients_fail
 
     def __call__(self, cfg: RunConfig, path: Path) -> None:
         self.calls.append(path.name)
@@ -46,6 +47,8 @@ class FakeRunner:
                 "round": r, "accuracy": 0.5 + 0.01 * r + 0.001 * cfg.seed + (0.0 if math.isinf(eps) else -0.1 / eps),
                 "loss": 0.7, "epsilon": math.inf if math.isinf(eps) else eps * r / cfg.train.rounds,
                 "delta": cfg.privacy.delta, "bytes_up": 1000 * r, "seconds": 1.5, "accountant": "prv",
+                **({"clients_accepted": 0, "failed": {"node-1": "OutOfMemoryError: worker killed"}}
+                   if path.name in self.all_clients_fail else {"clients_accepted": 3, "failed": {}}),
             })
         if path.name in self.fail:
             raise RuntimeError("boom: simulated failure")
@@ -87,6 +90,18 @@ def test_partial_runs_are_cleaned_and_rerun(tiny_model_dir: Path, tmp_path: Path
     runner = FakeRunner()
     run_sweep(cells, runner)
     assert runner.calls == [cells[0].name] and not stale.exists() and cell_is_finished(cells[0])
+
+
+def test_a_run_whose_clients_all_failed_is_a_failed_cell(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Complete metrics from a run where no update was ever averaged (e.g. Ray killed the workers
+    for memory) must not enter the comparison as an untrained model."""
+    cells = plan_cells(SweepSpec(("ffa_lora",), (3.0,), (0,), _base(tiny_model_dir)), tmp_path)
+    results = run_sweep(cells, FakeRunner(all_clients_fail=(cells[0].name,)))
+    assert results[0].status == "failed" and "every client failed" in results[0].error
+    assert "OutOfMemoryError" in json.loads((cells[0].path / "cell.json").read_text())["error"]
+    assert not cell_is_finished(cells[0])
+    rerun = FakeRunner()
+    assert run_sweep(cells, rerun)[0].status == "ran" and rerun.calls == [cells[0].name]
 
 
 def test_a_changed_configuration_reruns_the_cells(tiny_model_dir: Path, tmp_path: Path) -> None:

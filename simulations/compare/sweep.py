@@ -4,7 +4,8 @@ Each cell is an ordinary run (:func:`simulations.simulate.simulate`) whose direc
 ``OUTPUT/<method>_eps-<epsilon>_seed-<seed>``. A cell counts as *finished* when its
 ``metrics.jsonl`` has the configured number of rounds, its ``config.toml`` has the same
 :func:`~task.config.config_hash` as the cell's configuration now, and no ``cell.json``
-records it as failed; a finished cell is never
+records it as failed, and no round lost every client to a failure (unless the cell injects
+faults on purpose); a finished cell is never
 rerun, so an interrupted sweep continues where it stopped and a changed setting reruns only
 the cells it changes. An unfinished cell's directory (partial metrics, and a ledger that
 would otherwise carry its spent budget into the rerun) is deleted before the cell runs again.
@@ -28,7 +29,7 @@ from typing import Any
 
 from task.config import ConfigError, RunConfig, config_from_toml, config_hash, parse_config
 
-__all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "eps_label", "plan_cells", "run_sweep"]
+__all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "eps_label", "plan_cells", "run_sweep"]
 
 log = logging.getLogger("fedpeft.compare")
 
@@ -96,21 +97,41 @@ def plan_cells(spec: SweepSpec, output_dir: Path) -> list[Cell]:
     return cells
 
 
-def cell_is_finished(cell: Cell) -> bool:
-    """Complete metrics for the configured rounds, written under the same configuration."""
+def cell_problem(cell: Cell) -> str | None:
+    """Why ``cell`` does not count as finished, or None when it does.
+
+    Finished means: metrics for every configured round, written under the same
+    configuration, no ``cell.json`` saying failed, and -- unless the cell injects faults on
+    purpose (``faults.fail_rate`` > 0) -- no round in which every client failed. Such a
+    round (e.g. Ray killing the workers when the machine ran out of memory) leaves the
+    global state unchanged and would enter the comparison as an untrained model.
+    """
     metrics, conf = cell.path / "metrics.jsonl", cell.path / "config.toml"
     if not (metrics.is_file() and conf.is_file()):
-        return False
+        return "no metrics.jsonl/config.toml"
     try:
         rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
         done_cfg = config_from_toml(conf.read_text(encoding="utf-8"))
         info = cell.path / "cell.json"
         if info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("status") == "failed":
-            return False  # e.g. complete metrics, but the run failed afterwards (export)
-    except (ValueError, ConfigError):
-        return False
-    return (len(rows) == cell.cfg.train.rounds and [r.get("round") for r in rows] == list(range(1, len(rows) + 1))
-            and config_hash(done_cfg) == config_hash(cell.cfg))
+            return "cell.json records a failure"  # e.g. complete metrics, but the run failed afterwards (export)
+    except (ValueError, ConfigError) as exc:
+        return f"unreadable run files ({exc})"
+    if len(rows) != cell.cfg.train.rounds or [r.get("round") for r in rows] != list(range(1, len(rows) + 1)):
+        return f"{len(rows)} of {cell.cfg.train.rounds} rounds in metrics.jsonl"
+    if config_hash(done_cfg) != config_hash(cell.cfg):
+        return "written under another configuration"
+    if cell.cfg.faults.fail_rate <= 0:
+        for r in rows:
+            if not r.get("clients_accepted") and r.get("failed"):
+                reason = str(next(iter(r["failed"].values())))[:160]
+                return f"round {r['round']}: every client failed ({len(r['failed'])}; e.g. {reason})"
+    return None
+
+
+def cell_is_finished(cell: Cell) -> bool:
+    """True when :func:`cell_problem` finds nothing wrong."""
+    return cell_problem(cell) is None
 
 
 def _simulate_cell(cfg: RunConfig, path: Path) -> None:
@@ -153,8 +174,9 @@ def run_sweep(cells: Sequence[Cell], runner: CellRunner | None = None) -> list[C
             t0 = time.perf_counter()
             try:
                 run(cell.cfg, cell.path)
-                if not cell_is_finished(cell):
-                    raise RuntimeError("run ended without complete metrics")
+                problem = cell_problem(cell)
+                if problem is not None:
+                    raise RuntimeError(f"run ended unusable: {problem}")
             except (RuntimeError, ValueError, OSError) as exc:
                 wall = time.perf_counter() - t0
                 msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
