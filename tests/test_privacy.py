@@ -76,3 +76,19 @@ def test_budget_refusal_before_exceeding(tmp_path: Path) -> None:
     msg = str(info.value)
     assert "example-level" in msg and "delta=1e-05" in msg and "prv" in msg
     assert led.total_steps == 20  # refusing spends nothing
+
+
+def test_merged_history_gives_the_same_epsilon() -> None:
+    """Per-round ledger entries with the same (sigma, q) are merged before accounting (the PRV
+    accountant's cost grows per entry); the epsilon must be that of the unmerged history."""
+    from privacy.accounting import merge_history
+
+    assert merge_history([(1.1, 0.25, 4), (0.9, 0.5, 2), (1.1, 0.25, 3), (0.9, 0.5, 0)]) == [(1.1, 0.25, 7),
+                                                                                          (0.9, 0.5, 2)]
+    history = [(1.1, 0.25, 4), (0.9, 0.5, 2), (1.1, 0.25, 3)]
+    for acc_cls, name in ((PRVAccountant, "prv"), (RDPAccountant, "rdp")):
+        raw = acc_cls()
+        raw.history = [h for h in history if h[2] > 0]
+        eps, used = epsilon_for(history, 1e-5, name)
+        assert used == name
+        assert eps == pytest.approx(raw.get_epsilon(delta=1e-5), rel=1e-6)
