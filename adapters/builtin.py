@@ -2,9 +2,11 @@
 
 import adapters.abmll  # noqa: F401
 import adapters.ffa_lora_hetero  # noqa: F401
+import adapters.mtlora  # noqa: F401
 import adapters.nola  # noqa: F401
 import adapters.osft  # noqa: F401
 import adapters.sara  # noqa: F401
+import adapters.smora  # noqa: F401
 import adapters.soka  # noqa: F401
 import adapters.texforce  # noqa: F401
 import adapters.triadapt_lora  # noqa: F401

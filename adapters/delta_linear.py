@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,7 +39,8 @@ from adapters.base import AdapterPlugin, float_option, hash_tensors
 if TYPE_CHECKING:  # pragma: no cover
     from task.config import RunConfig
 
-__all__ = ["DeltaLinear", "DeltaPlugin", "bool_option", "delta_layers", "int_option", "HEAD_PREFIXES"]
+__all__ = ["DeltaLinear", "DeltaPlugin", "bool_option", "delta_layers", "int_option", "HEAD_PREFIXES",
+           "single_threaded"]
 
 HEAD_PREFIXES = ("classifier", "score")
 
@@ -68,6 +70,23 @@ def bool_option(cfg: RunConfig, name: str, default: bool) -> bool:
         return str(raw).lower() in ("true", "1")
     raise ConfigError(f"adapter.options.{name}", raw, "expected true or false")
 
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run a decomposition of W0 with one torch thread, so every process gets the same bits.
+
+    Multi-threaded LAPACK/BLAS splits the work by thread count and sums in another order:
+    an SVD of a 384 x 384 MiniLM weight differs in the last bits between the server (2
+    threads) and a Ray actor (1 thread), and the frozen-tensor hash check then (rightly)
+    rejects every client. Frozen parts derived from W0 (SoKA, OSFT) are computed here.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 class DeltaLinear(nn.Module):
     """Frozen ``base_layer`` plus ``delta_weight(params)`` from this module's own parameters.

@@ -47,7 +47,7 @@ from peft.tuners.osf.utils import decompose_weight_matrix
 from torch import nn
 
 from adapters.base import NDArrays, weighted_mean
-from adapters.delta_linear import DeltaLinear, DeltaPlugin, delta_layers
+from adapters.delta_linear import DeltaLinear, DeltaPlugin, delta_layers, single_threaded
 from adapters.registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,7 +69,8 @@ class OsftLinear(DeltaLinear):
         super().__init__(base)
         top = max(1, min(min(self.out_features, self.in_features) - 1,
                          round(keep * min(self.out_features, self.in_features))))
-        svd = decompose_weight_matrix(base.weight.detach(), top_k=top)
+        with single_threaded():  # same bits in every process (frozen parts are hash-checked)
+            svd = decompose_weight_matrix(base.weight.detach(), top_k=top)
         self.add_frozen("u_high", svd["U_high"].detach().clone())
         self.add_frozen("v_high", svd["V_high"].detach().clone())
         low = (svd["U_low"] * svd["S_low"].unsqueeze(0)) @ svd["V_low"]

@@ -40,7 +40,7 @@ import torch
 from peft.tuners.lokr.layer import factorization
 from torch import nn
 
-from adapters.delta_linear import DeltaLinear, DeltaPlugin
+from adapters.delta_linear import DeltaLinear, DeltaPlugin, single_threaded
 from adapters.registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,8 @@ def kpsvd(weight: torch.Tensor, m: tuple[int, int], n: tuple[int, int]) -> tuple
     (m1, m2), (n1, n2) = m, n
     w = weight.detach().to("cpu", torch.float64)
     rearranged = w.view(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
-    u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
+    with single_threaded():  # same bits in every process (frozen parts are hash-checked)
+        u, s, vh = torch.linalg.svd(rearranged, full_matrices=False)
     return u.T.reshape(-1, m1, n1), s, vh.reshape(-1, m2, n2)
 
 

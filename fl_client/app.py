@@ -37,6 +37,7 @@ from privacy.accounting import calibrate_noise
 from privacy.ledger import BudgetExceeded, Ledger
 from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
+from task.config import RunConfig
 
 __all__ = ["app", "handle_train"]
 
@@ -89,6 +90,33 @@ def _digest(*parts: str | Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: Ledger | None, steps: int,
+                        server_round: int) -> str:
+    """Why this node refuses the run under its own cap ``max-epsilon`` (node config), or "".
+
+    A deployed node's owner caps what may ever be spent on its data, whatever the server
+    asks for. The check is on the run's plan: the node's ledger (all its history on this
+    disk) plus this round and every remaining round at the run's sigma; a run without DP
+    is refused outright by a capped node.
+    """
+    raw = node_config.get("max-epsilon")
+    if raw is None or str(raw).strip() == "":
+        return ""
+    try:
+        cap = float(str(raw))
+    except (TypeError, ValueError):
+        return f"node config max-epsilon={raw!r} is not a number; refusing to train"
+    if ledger is None:
+        return f"this node allows at most epsilon={cap:g} and the run has no DP (privacy.epsilon=inf)"
+    remaining = steps * (cfg.train.rounds - server_round + 1)
+    planned, acc = ledger.epsilon_if(remaining)
+    if planned > cap:
+        return (f"client {ledger.client}: the run's plan (rounds {server_round}..{cfg.train.rounds}, {remaining} steps "
+                f"at sigma={ledger.noise_multiplier:.4f}) would reach epsilon={planned:.3f} > this node's cap "
+                f"max-epsilon={cap:g} (example-level, delta={ledger.delta:g}, {acc})")
+    return ""
+
+
 def _refusal(msg: Message, **status: Any) -> Message:
     return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
 
@@ -127,6 +155,7 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     with rt.lock:
         model = rt.model
+        rt.activate(model, ident)
         local_hash = plugin.frozen_fingerprint(model)
         expected = str(conf.get("frozen-hash", ""))
         if expected != local_hash:
@@ -157,11 +186,17 @@ def handle_train(msg: Message, context: Context) -> Message:
             try:
                 if replay is None:
                     ledger.check_budget(steps)
+                    capped = node_budget_refusal(context.node_config, cfg, ledger, steps, server_round)
+                    if capped:
+                        raise BudgetExceeded(capped)
             except BudgetExceeded as exc:
                 _save_ledger(ledger, ident, context)
                 log.warning("%s", exc)
                 return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id)
             sigma = ledger.noise_multiplier
+        elif reason := node_budget_refusal(context.node_config, cfg, None, steps, server_round):
+            log.warning("client %s: %s", ident.client_id, reason)
+            return _refusal(msg, refused=True, reason=reason, client=ident.client_id)
         result = train_local(model, plugin, rt.tokenizer, data, cfg, steps, rt.device, sigma, seed,
                              desc=f"client {ident.client_id} round {server_round}")
         state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}

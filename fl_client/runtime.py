@@ -9,6 +9,7 @@ global state each round) and each client's data partition.
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import nn
 from adapters import AdapterPlugin
 from adapters import get as get_plugin
 from task.config import RunConfig, config_from_toml
-from task.data import TextDataset, load_dataset, train_test_split_for
+from task.data import TextDataset, load_dataset, train_test_split_for, with_label_names
 from task.model import load_base_model, load_tokenizer, pick_device
 from task.partition import client_partition
 
@@ -34,6 +35,9 @@ class ClientIdentity:
     partition_id: int | None  # simulation: index into the shared pool
     data_path: str  # deployment: the node's own file ("" in simulation)
     ledger_dir: Path
+    # The federation's label vocabulary as the server sent it (round config ``label-names``);
+    # a deployed node maps its own file's string labels with it. Empty: use the pool's.
+    label_names: tuple[str, ...] = ()
 
     @classmethod
     def from_node(cls, node_config: dict[str, Any], round_config: dict[str, Any]) -> ClientIdentity:
@@ -41,23 +45,48 @@ class ClientIdentity:
         pid = node_config.get("partition-id")
         cid = str(node_config.get("client-id", pid if pid is not None else "0"))
         ledger = node_config.get("ledger-dir") or round_config.get("ledger-dir") or "ledger"
+        labels = tuple(json.loads(str(round_config.get("label-names") or "[]")))
         return cls(cid, None if node_config.get("data-path") else (int(pid) if pid is not None else 0),
-                   str(node_config.get("data-path", "")), Path(str(ledger)))
+                   str(node_config.get("data-path", "")), Path(str(ledger)), labels)
 
 
 class Runtime:
     """Cached model + data for one configuration in this process."""
+
+    _pool: TextDataset | None = None  # loaded on first use: a deployed node may not have the server's file
+    _label_names: tuple[str, ...] = ()
+    _fixed_num_labels: int | None = None
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.pool, _ = train_test_split_for(cfg.data, cfg.seed)
-        self.num_labels = self.pool.num_classes
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
         self.lock = threading.Lock()
+
+    @property
+    def pool(self) -> TextDataset:
+        """The shared training pool of a simulation (``data.path`` on this machine)."""
+        if self._pool is None:
+            self._pool, _ = train_test_split_for(self.cfg.data, self.cfg.seed)
+        return self._pool
+
+    @pool.setter
+    def pool(self, value: TextDataset) -> None:
+        self._pool = value
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of the model head: the server's label list when it sent one, else the pool's."""
+        if self._fixed_num_labels is not None:
+            return self._fixed_num_labels
+        return len(self._label_names) if self._label_names else self.pool.num_classes
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:  # subclasses that size their heads themselves
+        self._fixed_num_labels = value
 
     @property
     def model(self) -> nn.Module:
@@ -66,6 +95,9 @@ class Runtime:
             base = load_base_model(self.cfg.model, self.num_labels, head_seed=self.cfg.adapter.seed)
             self._model = self.plugin.attach(base, self.cfg).to(self.device)
         return self._model
+
+    def activate(self, model: nn.Module, ident: ClientIdentity) -> None:
+        """Prepare the cached model for this client before its round (multi-task: its task)."""
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
         if ident.client_id not in self._data:
@@ -77,13 +109,11 @@ class Runtime:
                     text_column=str(node_config.get("text-column", self.cfg.data.text_column)),
                     label_column=str(node_config.get("label-column", self.cfg.data.label_column)),
                 )
-                local = load_dataset(data_cfg)
-                if local.label_names != self.pool.label_names:
-                    raise ValueError(
-                        f"client {ident.client_id}: labels {local.label_names} differ from the federation's "
-                        f"{self.pool.label_names}"
-                    )
-                self._data[ident.client_id] = local
+                # Map this node's string labels into the federation's vocabulary (sent by the
+                # server), so label i is the same class on every node and on the server.
+                self._label_names = ident.label_names or self.pool.label_names
+                self._data[ident.client_id] = with_label_names(
+                    load_dataset(data_cfg), self._label_names, f"client {ident.client_id}'s {ident.data_path}")
             else:
                 assert ident.partition_id is not None
                 self._data[ident.client_id] = client_partition(
@@ -102,6 +132,12 @@ def runtime_for(config_toml: str, config_hash: str) -> Runtime:
         rt = _RUNTIMES.get(config_hash)
         if rt is None:
             _RUNTIMES.clear()
-            rt = Runtime(config_from_toml(config_toml))
+            cfg = config_from_toml(config_toml)
+            if cfg.tasks.enabled:  # multi-task federation: fl_client/multitask.py
+                from fl_client.multitask import MultiTaskRuntime
+
+                rt = MultiTaskRuntime(cfg)
+            else:
+                rt = Runtime(cfg)
             _RUNTIMES[config_hash] = rt
         return rt

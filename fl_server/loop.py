@@ -10,6 +10,7 @@ replies is retried with the same global state or skipped (:mod:`simulations.faul
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -80,6 +81,15 @@ class ServerSetup:
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device)
+
+
+def make_setup(cfg: RunConfig) -> ServerSetup:
+    """:class:`ServerSetup`, or :class:`fl_server.multitask.MultiTaskSetup` when ``[tasks]`` is set."""
+    if cfg.tasks.enabled:
+        from fl_server.multitask import MultiTaskSetup
+
+        return MultiTaskSetup(cfg)
+    return ServerSetup(cfg)
 
 
 def _round_row(
@@ -175,10 +185,13 @@ def run_federation(
     rows: list[dict[str, Any]] = []
     try:
         rd.write_config(cfg)
-        setup = ServerSetup(cfg)
-        base = AdapterAvg(
+        setup = make_setup(cfg)
+        hooks = [*hooks, *getattr(setup, "hooks", [])]  # the multi-task setup brings its own
+        base = getattr(setup, "strategy_class", AdapterAvg)(
             setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
-            extra_config={"ledger-dir": str(rd.ledger_dir.resolve())},
+            extra_config={"ledger-dir": str(rd.ledger_dir.resolve()),
+                          # deployed nodes map their files' string labels with the server's list
+                          "label-names": json.dumps(list(getattr(getattr(setup, "test", None), "label_names", ())))},
         )
         strategy: Strategy = wrap_strategy(base) if wrap_strategy else base
         strategy.summary()

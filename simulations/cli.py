@@ -55,6 +55,7 @@ FLAG_KEYS: dict[str, str] = {
     "output_dir": "output_dir",
     "name": "name",
     "device": "device",
+    "tasks": "tasks.names",
 }
 
 
@@ -76,6 +77,7 @@ FLAG_HELP: dict[str, str] = {
     "fail_rate": "simulation: probability a client crashes or times out in a round (seeded)",
     "min_clients": "fewest valid replies a round needs (0 = 1)",
     "on_too_few": "retry | skip, when a round has fewer than min-clients valid replies",
+    "tasks": "multi-task federation: comma-separated tasks (rt, bbc, tweets, or [tasks.NAME] tables)",
 }
 
 

@@ -36,6 +36,11 @@ def preflight(cfg: RunConfig) -> list[int]:
     """Validate data, partitions and model; return examples per client."""
     resolve_model_path(cfg.model)
     pick_device(cfg.device)
+    if cfg.tasks.enabled:  # multi-task federation: every task's data (task/multitask.py)
+        from task.multitask import preflight_tasks
+
+        load_tokenizer(cfg.model)
+        return preflight_tasks(cfg)
     pool, test = train_test_split_for(cfg.data, cfg.seed)
     sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
     empty = [i for i, n in enumerate(sizes) if n < 2]

@@ -147,6 +147,14 @@ class AdapterAvg(FedAvg):
         self.report.bytes_down = payload * len(chosen)
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
 
+    def reply_spec(self, content: RecordDict) -> StateSpec:
+        """The spec a reply must match (one for all here; per task in MultiTaskAvg)."""
+        return self.spec
+
+    def aggregate_states(self, states: list[NDArrays], weights: list[float]) -> NDArrays:
+        """The adapter's aggregation rule over the accepted states (grouped in MultiTaskAvg)."""
+        return self.plugin.aggregate(states, weights, self.previous)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -175,7 +183,7 @@ class AdapterAvg(FedAvg):
                         int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in value.values()
                     )
             try:
-                report.accepted.append(validate_reply(content, self.spec))
+                report.accepted.append(validate_reply(content, self.reply_spec(content)))
             except Rejected as exc:
                 report.rejected[node] = str(exc)
                 log.warning("round %d: rejected reply from %s: %s", server_round, node, exc)
@@ -188,7 +196,7 @@ class AdapterAvg(FedAvg):
         report.released = True
         states = [r.state for r in report.accepted]
         weights = [r.weight for r in report.accepted]
-        new_state = self.plugin.aggregate(states, weights, self.previous)
+        new_state = self.aggregate_states(states, weights)
         new_state = self.plugin.server_step(server_round, new_state, self.cfg)
         self.previous = new_state
         total = float(sum(weights))

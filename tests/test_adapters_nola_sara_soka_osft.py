@@ -223,3 +223,23 @@ def test_flower_simulation_two_rounds(tiny_cfg, tmp_path: Path, method: str) -> 
         assert row["bytes_up"] > 0 and 0.0 <= row["accuracy"] <= 1.0 and np.isfinite(row["train_loss"])
         assert 0 < row["epsilon"] <= cfg.privacy.epsilon
     assert (path / "adapter" / "adapter_model.safetensors").is_file() or any((path / "adapter").iterdir())
+
+
+@pytest.mark.parametrize("make", [lambda lin: SokaLinear(lin, 0.9, 16), lambda lin: OsftLinear(lin, 0.5)],
+                         ids=["soka", "osft"])
+def test_w0_decompositions_are_bit_identical_at_any_thread_count(make) -> None:  # type: ignore[no-untyped-def]
+    """The server (2 torch threads) and a Ray actor (1 thread) must derive the same frozen bits
+    from W0, or the frozen-tensor hash check rejects every client (it did on MiniLM's 384 x 384)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(384, 384)
+    threads = torch.get_num_threads()
+    frozen = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            layer = make(lin)  # frozen W0-derived tensors and the trainable values they initialise
+            frozen.append({k: v.detach().clone() for k, v in layer.direct_params().items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert frozen[0] and all(set(f) == set(frozen[0]) for f in frozen)
+    assert all(torch.equal(f[k], frozen[0][k]) for f in frozen[1:] for k in f)
