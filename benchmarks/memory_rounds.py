@@ -32,14 +32,30 @@ from fl_server.loop import RoundHook
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tree_rss() -> int:
-    """Summed RSS of this process and all its descendants (Ray's workers included)."""
+def tree_rss_by_kind() -> dict[str, int]:
+    """RSS of this process and all its descendants, summed per kind of process.
+
+    The kind is the process title (``ray::ClientAppActor``, ``gcs_server``, ``raylet``, ...)
+    or, for Python processes, the script they run; this process is ``driver``. It tells
+    whether growth is ours (driver = ServerApp, actors = ClientApps) or Ray's bookkeeping.
+    """
     me = psutil.Process()
-    total = 0
+    kinds: dict[str, int] = {}
     for p in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):  # a worker may exit between listing and reading
-            total += p.memory_info().rss
-    return total
+            if p.pid == me.pid:
+                kind = "driver"
+            else:
+                cmd = p.cmdline()
+                script = next((Path(c).name for c in cmd[1:] if c.endswith(".py")), "")
+                kind = script or (Path(cmd[0]).name if cmd else p.name())
+            kinds[kind] = kinds.get(kind, 0) + p.memory_info().rss
+    return kinds
+
+
+def tree_rss() -> int:
+    """Summed RSS of this process and all its descendants (Ray's workers included)."""
+    return sum(tree_rss_by_kind().values())
 
 
 class RssPerRound(RoundHook):
@@ -47,10 +63,21 @@ class RssPerRound(RoundHook):
 
     def __init__(self) -> None:
         self.mb: list[float] = []
+        self.by_kind: list[dict[str, float]] = []
 
     def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
-        self.mb.append(tree_rss() / 1e6)
+        kinds = tree_rss_by_kind()
+        self.by_kind.append({k: round(v / 1e6, 1) for k, v in sorted(kinds.items())})
+        self.mb.append(sum(kinds.values()) / 1e6)
         row["tree_rss_mb"] = round(self.mb[-1], 1)
+
+
+def _growth_by_kind(by_kind: list[dict[str, float]]) -> dict[str, float]:
+    """MB each kind of process gained from the middle of the run to the end."""
+    if not by_kind:
+        return {}
+    mid, last = by_kind[len(by_kind) // 2], by_kind[-1]
+    return {k: round(last.get(k, 0.0) - mid.get(k, 0.0), 1) for k in sorted(set(mid) | set(last))}
 
 
 def verdict(mb: list[float]) -> dict[str, Any]:
@@ -93,6 +120,8 @@ def main() -> int:
         "rounds": len(rows), "clients": cfg.train.clients, "dp": "DP-SGD epsilon=6 (ledger, accountant every round)",
         "wall_s": round(time.perf_counter() - t0, 1), "rss_mb_per_round": [round(x, 1) for x in hook.mb],
         **verdict(hook.mb),
+        "growth_by_kind_mb": _growth_by_kind(hook.by_kind),
+        "rss_mb_by_kind_per_round": hook.by_kind,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
