@@ -37,7 +37,8 @@ def bare_federation(cfg: Any) -> list[float]:
     """The federation's training, aggregation and evaluation in one process, no Flower.
 
     Returns the wall seconds of each round; round 1 includes loading the model from disk
-    (the in-process cache is cleared first, as a fresh Flower worker would start cold).
+    and calibrating sigma (the in-process caches are cleared first, as a fresh Flower worker
+    starts cold).
     """
     from adapters import get as get_plugin
     from fl_client.trainer import local_steps, train_local
@@ -50,6 +51,7 @@ def bare_federation(cfg: Any) -> list[float]:
 
     task_model._load_base.cache_clear()
     task_model._load_tokenizer.cache_clear()
+    calibrate_noise.cache_clear()  # a fresh worker calibrates its clients' sigma, so does the bare loop
     t0 = time.perf_counter()
     plugin = get_plugin(cfg.adapter.method)
     device = pick_device(cfg.device)

@@ -28,6 +28,24 @@ def test_more_steps_or_smaller_epsilon_need_more_noise() -> None:
     assert calibrate_noise(1.0, 1e-5, 0.1, 40, accountant="rdp").noise_multiplier > base
 
 
+@pytest.mark.parametrize(("epsilon", "q", "steps", "accountant"), [
+    (6.0, 1 / 3, 6, "prv"), (0.5, 0.01, 1000, "prv"), (20.0, 1.0, 3, "prv"), (3.0, 0.1, 20, "rdp"),
+])
+def test_calibration_agrees_with_opacus_bisection(epsilon: float, q: float, steps: int, accountant: str) -> None:
+    """Our bracketed regula falsi finds the sigma Opacus's own bisection finds (same
+    accountant, same tolerance): both epsilons lie in [target - 0.005, target]."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    calibrate_noise.cache_clear()
+    plan = calibrate_noise(epsilon, 1e-5, q, steps, accountant)
+    ref = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=q, steps=steps,
+                               accountant=accountant, epsilon_tolerance=0.005)
+    eps_ref, _ = epsilon_for([(ref, q, steps)], 1e-5, accountant)
+    assert epsilon - 0.005 <= plan.epsilon <= epsilon
+    assert epsilon - 0.005 <= eps_ref <= epsilon
+    assert plan.noise_multiplier == pytest.approx(ref, rel=0.01)
+
+
 def test_rdp_is_looser_than_prv() -> None:
     hist = [(1.0, 0.05, 200)]
     prv, _ = epsilon_for(hist, 1e-5, "prv")
