@@ -110,3 +110,25 @@ def test_merged_history_gives_the_same_epsilon() -> None:
         eps, used = epsilon_for(history, 1e-5, name)
         assert used == name
         assert eps == pytest.approx(raw.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_grid_prv_accountant_matches_opacus_and_reuses_few_fft_lengths() -> None:
+    """The ledger's PRV accountant (power-of-two grid, so long runs do not pile up FFT plans)
+    gives Opacus's epsilon, on a grid at least as fine and as wide as Opacus's own."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    from privacy.accounting import GridPRVAccountant
+
+    for hist in ([(3.26, 1 / 3, 30)], [(1.0, 0.1, 40)], [(0.86, 256 / 3000, 48), (1.2, 0.05, 10)]):
+        stock, grid = PRVAccountant(), GridPRVAccountant()
+        stock.history = grid.history = hist
+        assert grid.get_epsilon(delta=1e-5) == pytest.approx(stock.get_epsilon(delta=1e-5), abs=1e-3)
+    prvs = [PoissonSubsampledGaussianPRV(1 / 3, 3.26)]
+    sizes = set()
+    for steps in range(3, 153, 12):  # a ledger growing by 3 steps a round, every 4th of 50 rounds
+        ours = GridPRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+        theirs = PRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+        assert ours.size & (ours.size - 1) == 0  # a power of two
+        assert ours.dt <= theirs.dt and ours.t_min <= theirs.t_min and ours.t_max >= theirs.t_max
+        sizes.add(ours.size)
+    assert len(sizes) <= 4  # Opacus's own grid has a new length every round
