@@ -2,6 +2,8 @@
 
 import adapters.abmll  # noqa: F401
 import adapters.ffa_lora_hetero  # noqa: F401
+import adapters.icm_lora  # noqa: F401
+import adapters.meteora  # noqa: F401
 import adapters.mtlora  # noqa: F401
 import adapters.nola  # noqa: F401
 import adapters.osft  # noqa: F401

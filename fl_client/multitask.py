@@ -7,7 +7,9 @@ names it in its node config (``task = "bbc"`` next to ``data-path``), and its fi
 exactly that task's labels. Before each round :meth:`activate` routes the cached model's
 heads to the client's task and makes only the shared and that task's tensors trainable,
 so the reply carries nothing of other tasks (one cached model serves every virtual client
-of a worker process; the activation is redone every round).
+of a worker process; the activation is redone every round). A plugin with a one-off data
+release (``release_vectors``, ICM-LoRA's task vector) gets it there too, recorded in the
+client's ledger before its first DP-SGD step (:mod:`fl_client.task_release`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,12 @@ class MultiTaskRuntime(Runtime):
         return self._task[ident.client_id]
 
     def activate(self, model: nn.Module, ident: ClientIdentity) -> None:
-        activate_task(model, self.task_of(ident))
+        task = self.task_of(ident)
+        activate_task(model, task)
+        if hasattr(self.plugin, "release_vectors"):  # a one-off DP release (ICM-LoRA's task vector)
+            from fl_client.task_release import ensure_release
+
+            ensure_release(self, model, ident, task)
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
         if ident.client_id not in self._data:

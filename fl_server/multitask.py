@@ -17,7 +17,11 @@ picks it when ``cfg.tasks.enabled``):
 * a plugin with a server-side *public-data step* (``public_step(model, batches, cfg)``,
   SMoRA's routing-bias update) gets it after each round's evaluation, on the unlabelled
   server-held sample of every task (``tasks.public_size``); tensors it changes are listed by
-  ``plugin.server_state(model)`` and travel down only.
+  ``plugin.server_state(model)`` and travel down only;
+* a plugin whose clients send different tensors in different rounds lists every reply
+  shape with ``reply_variants(model) -> {suffix: state}`` (the active task's; specs are keyed
+  ``<task><suffix>``), and ``server_round_end(setup, round, report) -> dict`` adds the
+  method's own server-side work and metrics to each round's row (MeteoRA, ICM-LoRA).
 """
 
 from __future__ import annotations
@@ -63,9 +67,12 @@ class MultiTaskSetup(ServerSetup):
         self.test = self.tasks[0].test
         self.model = build_model(cfg, self.plugin).to(self.device)
         per_task: dict[str, StateSpec] = {}
+        variants = getattr(self.plugin, "reply_variants", None)  # e.g. MeteoRA: one reply per phase
         for task in self.tasks:
             activate_task(self.model, task.name)
-            per_task[task.name] = StateSpec.from_state(_numpy(self.plugin.trainable_state(self.model)))
+            replies = variants(self.model) if variants is not None else {"": self.plugin.trainable_state(self.model)}
+            for suffix, reply in replies.items():
+                per_task[task.name + suffix] = StateSpec.from_state(_numpy(reply))
         activate_task(self.model, None)
         self.state = self._global_state()
         fingerprint = self.plugin.frozen_fingerprint(self.model)
@@ -138,5 +145,8 @@ class MultiTaskHook(RoundHook):
         row["tasks"] = [t.name for t in self.setup.tasks]
         if report.released:
             self.setup.public_step()
+        round_end = getattr(self.setup.plugin, "server_round_end", None)  # method-specific server work
+        if round_end is not None:
+            row.update(round_end(self.setup, server_round, report))
         per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get("accuracy_per_task", {}).items())
         log.info("round %d: per-task accuracy %s (mean %.4f)", server_round, per_task, row["accuracy"])
