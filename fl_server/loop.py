@@ -1,11 +1,18 @@
 """The server's round loop: send, validate, aggregate, evaluate, record.
 
 Flower's ``Strategy.start`` runs a fixed loop; fedpeft drives the same strategy calls
-(``configure_train`` / ``aggregate_train`` through ``grid.send_and_receive``) itself so
+(``configure_train`` / ``aggregate_train`` through :func:`send_and_receive`) itself so
 that every round ends with a central evaluation on the held-out test set, one
 ``metrics.jsonl`` row, one log summary line, and a checkpoint (:mod:`fl_server.checkpoint`)
 that ``--resume`` continues from. A round with fewer than ``faults.min_clients`` valid
 replies is retried with the same global state or skipped (:mod:`simulations.faults`).
+
+:func:`send_and_receive` is Flower's ``Grid.send_and_receive`` with two changes: it pulls
+replies every ``PULL_INTERVAL_S`` (Flower 1.42's deployed grid sleeps 3 s between pulls,
+its simulation grid 0.1 s), and an error reply the SuperLink makes on behalf of a node
+(node offline, message expired: its ``src_node_id`` is the SuperLink's own ID, 1) is
+re-addressed from the node the instruction went to, so logs and ``metrics.jsonl`` name
+the node that failed.
 """
 
 from __future__ import annotations
@@ -13,13 +20,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -33,9 +41,15 @@ from task.data import train_test_split_for
 from task.evaluate import evaluate
 from task.model import load_base_model, load_tokenizer, pick_device
 
-__all__ = ["RoundHook", "ServerSetup", "inner_strategy", "run_federation"]
+__all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "run_federation",
+           "send_and_receive"]
 
 log = logging.getLogger("fedpeft.server")
+
+PULL_INTERVAL_S = 0.5
+"""Seconds between reply pulls on a deployed grid (Flower's own: 3 s; see module doc).
+``FEDPEFT_PULL_INTERVAL`` in the ServerApp's environment overrides it (for benchmarks);
+a grid with its own ``pull_interval`` (the simulation's, 0.1 s) keeps that."""
 
 
 class RoundHook:
@@ -142,6 +156,52 @@ def _resume_from(ckpt_path: Path, cfg: RunConfig, setup: ServerSetup, strategy: 
     return ckpt
 
 
+def attribute_reply(reply: Message, sent: dict[str, Message]) -> Message:
+    """``reply`` as from the node its instruction went to: an error reply whose sender is
+    not that node (the SuperLink answers for an offline node with ``src_node_id`` 1) is
+    rebuilt with Flower's ``Message(error, reply_to=instruction)``; others are returned as is."""
+    if not reply.has_error():
+        return reply
+    ins = sent.get(reply.metadata.reply_to_message_id)
+    if ins is None or reply.metadata.src_node_id == ins.metadata.dst_node_id:
+        return reply
+    return Message(reply.error, reply_to=ins)
+
+
+def _pull_interval(grid: Grid) -> float:
+    own = getattr(grid, "pull_interval", None)
+    if isinstance(own, (int, float)):
+        return float(own)
+    env = os.environ.get("FEDPEFT_PULL_INTERVAL", "")
+    try:
+        value = float(env) if env else PULL_INTERVAL_S
+    except ValueError:
+        raise ValueError(f"invalid FEDPEFT_PULL_INTERVAL={env!r}: seconds, e.g. 0.5") from None
+    if not 0.01 <= value <= 60:
+        raise ValueError(f"invalid FEDPEFT_PULL_INTERVAL={env!r}: between 0.01 and 60 seconds")
+    return value
+
+
+def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float,
+                     pull_interval: float | None = None) -> list[Message]:
+    """Push ``messages``, then pull replies every ``pull_interval`` seconds until each has
+    one or ``timeout`` passes (as Flower's ``Grid.send_and_receive``); error replies are
+    attributed to their node (:func:`attribute_reply`)."""
+    interval = _pull_interval(grid) if pull_interval is None else pull_interval
+    pending = {i for i in grid.push_messages(messages) if i}  # the grid sets each message's id
+    sent = {m.metadata.message_id: m for m in messages}
+    end = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= end:
+            break
+        time.sleep(interval)
+    return [attribute_reply(m, sent) for m in replies]
+
+
 def _train_round(
     grid: Grid, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, server_round: int, timeout: float,
 ) -> tuple[RoundReport, list[Any]]:
@@ -151,8 +211,9 @@ def _train_round(
     max_attempts = 1 + (cfg.faults.max_retries if cfg.faults.on_too_few == "retry" else 0)
     for attempt in range(max_attempts):
         inner.attempt = attempt
-        messages = strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(), grid)
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        messages = list(strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(),
+                                                 grid))
+        replies = send_and_receive(grid, messages, timeout)
         arrays, _ = strategy.aggregate_train(server_round, replies)
         report = inner.report
         if arrays is not None:

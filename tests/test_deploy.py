@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from simulations.cli import main
 from simulations.deploy.certs import DeployError, make_certs
-from simulations.deploy.commands import make_plan, node_config_arg, render, superlink_argv, supernode_argv
+from simulations.deploy.commands import TUNED_ENV, make_plan, node_config_arg, render, superlink_argv, supernode_argv
 from simulations.deploy.keys import make_keys
 
 
@@ -151,6 +151,8 @@ def test_printed_commands_parse_with_flowers_parsers(certs: Path, tmp_path: Path
     assert conn["default"] == "fedpeft" and conn["fedpeft"]["address"] == "10.1.2.3:9093"
     assert conn["fedpeft"]["root-certificates"].endswith("ca.crt")
     assert any(ln.startswith("flwr run . fedpeft") for ln in lines)
+    for key, value in TUNED_ENV.items():  # the tuned Flower settings go to the server host and every node host
+        assert sum(shlex.split(ln, comments=True) == ["export", f"{key}={value}"] for ln in lines) == 1 + 2
 
 
 def test_print_commands_insecure_needs_flag_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

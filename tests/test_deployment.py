@@ -2,24 +2,35 @@
 and SuperNode authentication on, started from the same argument lists that
 ``fedpeft deploy print-commands`` prints (:mod:`simulations.deploy.commands`).
 
-Network: loopback (127.0.0.1); every process binds or dials 127.0.0.1 only. Each test
-prints ``network: loopback`` and the cluster writes it to ``network_mode.txt``. (Separate
-network namespaces with veth pairs are not implemented yet.)
+Network: as root (and where ``ip netns`` works) every "host" is its own Linux network
+namespace (:mod:`simulations.deploy.netns`): the SuperLink and the ``flwr`` CLI in one,
+SuperNode *i* in ``n<i>`` joined to the SuperLink's namespace by a veth pair on its own
+/30 subnet, and an outsider namespace ``x`` for the refused clients; no namespace has a
+default route. Otherwise everything runs on loopback (127.0.0.1). Each test prints
+``network: ...`` and the fixture writes the same line to ``network_mode.txt`` in its
+directory. ``FEDPEFT_TEST_NETWORK=loopback|netns`` forces one (``netns`` fails if
+unavailable). Traffic goes only to loopback or the test's own namespaces.
 
 Every process is started in its own session (process group) and stopped by the fixture's
-finalizer by PID -- SIGTERM to the group, then SIGKILL -- also when a test fails.
+finalizer by PID -- SIGTERM to the group, then SIGKILL -- also when a test fails; the
+finalizer then deletes the namespaces and checks that no started process group and no
+namespace of this test is left.
 
-Checks: an unregistered key and a client without TLS are refused; a 3-round FFA-LoRA +
-DP-SGD run on the tiny model where every node holds its own CSV file (string labels), node 3 is killed after round 1 and
-restarted, rejoins for round 3 and its on-disk ledger continues; the run's metrics.jsonl
-and every node's ledger agree. Slow (minutes on 2 shared cores): marked ``slow``.
+Checks: the processes are the real Flower processes in their namespaces and a node's
+namespace reaches nothing but its SuperLink address; an unregistered key and a client
+without TLS are refused; a 3-round FFA-LoRA + DP-SGD run on the tiny model where every node
+holds its own CSV file (string labels), node 3 is killed after round 1 and restarted, rejoins
+for round 3 and its on-disk ledger continues; the run's metrics.jsonl (including which node
+failed in round 2) and every node's ledger agree. Slow (minutes on 2 shared cores).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
-import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,15 +38,16 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from simulations.deploy.commands import NodeSpec, flwr_run_argv
+from simulations.deploy.commands import TUNED_ENV, NodeSpec, flwr_run_argv
 from simulations.deploy.keys import make_keys
-from simulations.deploy.local import BIN, Cluster, free_port, start_cluster, wait_for
+from simulations.deploy.local import BIN, Cluster, free_port, node_host, start_cluster, wait_for
+from simulations.deploy.netns import LINK, NETNS_DIR, NetnsLab, make_network
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-NETWORK = "loopback"
 CONNECTION = "fedpeft-test"
+OUTSIDER = "x"  # a host that is not part of the federation (rogue and plaintext clients)
 
 
 def _write_data(root: Path) -> Path:
@@ -52,43 +64,68 @@ def _write_data(root: Path) -> Path:
     return root / "server.csv"
 
 
+def _netns_names() -> set[str]:
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False)
+    return {ln.split()[0] for ln in res.stdout.splitlines() if ln.strip()}
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("deploy")
-    (root / "network_mode.txt").write_text(NETWORK + "\n")
-    print(f"network: {NETWORK}")
     _write_data(root)
     make_keys(root / "rogue", 1)
     nodes = [NodeSpec(index=i, client_id=f"node-{i}", data_path=str(root / f"node-{i}.csv"), text_column="review",
                       label_column="sentiment", ledger_dir=str(root / f"ledger-{i}")) for i in (1, 2, 3)]
-    c = start_cluster(root, nodes, CONNECTION)
+    net = make_network([node_host(n) for n in nodes] + [OUTSIDER], os.environ.get("FEDPEFT_TEST_NETWORK", "auto"))
+    (root / "network_mode.txt").write_text(net.describe() + "\n")
+    print(f"network: {net.describe()}")
+    c = start_cluster(root, nodes, CONNECTION, net=net, env=TUNED_ENV)  # destroys `net` itself if it fails
     try:
         yield c
     finally:
-        c.stop()
+        problems = c.stop()
+        alive = c.procs.alive()
+        left = {n for n in _netns_names() if isinstance(net, NetnsLab) and n.startswith(net.prefix)}
+        assert not problems and not alive and not left, f"left behind: {problems} {alive} {sorted(left)}"
+
+
+def test_processes_are_flowers_own_and_nodes_reach_only_the_superlink(cluster: Cluster) -> None:
+    print(f"network: {cluster.net.describe()}")
+    for name, where in [("superlink", LINK), *((n.client_id, node_host(n)) for n in cluster.nodes)]:
+        proc = cluster.procs.running[name]
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        exe = "flower-superlink" if name == "superlink" else "flower-supernode"
+        assert any(part.endswith(exe.encode()) for part in cmdline[:2]), cmdline  # exec'd: not `ip`
+        assert os.getpgid(proc.pid) == proc.pid  # its own process group: stoppable by PID
+        if isinstance(cluster.net, NetnsLab):
+            ns_inode = os.stat(f"{NETNS_DIR}/{cluster.net.namespace(where)}").st_ino
+            assert os.stat(f"/proc/{proc.pid}/ns/net").st_ino == ns_inode
+    if not isinstance(cluster.net, NetnsLab):
+        pytest.skip(f"isolation checks need network namespaces ({cluster.net.describe()})")
+    lab = cluster.net
+    assert lab.probe("n1", lab.superlink_host("n1"), cluster.port).connected
+    for host in (lab.superlink_host("n2"), lab.peers["n2"].peer_ip, "192.0.2.1"):  # another pair; outside
+        got = lab.probe("n1", host, cluster.port, timeout=3)
+        assert not got.connected and got.errno == errno.ENETUNREACH, got  # no route at all
 
 
 def test_unregistered_key_and_plaintext_client_are_refused(cluster: Cluster) -> None:
-    print(f"network: {NETWORK}")
+    print(f"network: {cluster.net.describe()}")
     before = cluster.node_status()
+    assert list(before.values()).count("online") == 3
     rogue = NodeSpec(index=9, client_id="rogue", data_path=str(cluster.root / "node-1.csv"),
                      private_key=str(cluster.root / "rogue/node-1.key"), runtime_port=free_port())
-    proc = cluster.procs.start("rogue", [*cluster.node_argv(rogue), "--max-retries", "1"], cwd=cluster.root)
+    proc = cluster.start("rogue", OUTSIDER, [*cluster.node_argv(rogue, OUTSIDER), "--max-retries", "1"])
     assert proc.wait(timeout=180) != 0
     assert "No SuperNode found with the given public key" in cluster.procs.log("superlink")
     plain = NodeSpec(index=8, client_id="plain", data_path=str(cluster.root / "node-1.csv"), runtime_port=free_port())
-    proc = cluster.procs.start("plain", [*cluster.node_argv(plain, insecure=True), "--max-retries", "1"],
-                               cwd=cluster.root)
+    proc = cluster.start("plain", OUTSIDER, [*cluster.node_argv(plain, OUTSIDER, insecure=True),
+                                             "--max-retries", "1"])
     assert proc.wait(timeout=180) != 0
-    # and a raw plaintext HTTP request on the SuperLink's port gets no HTTP answer
-    host, port = cluster.superlink.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        try:
-            answer = s.recv(64)
-        except OSError:
-            answer = b""
-    assert not answer.startswith(b"HTTP/")
+    # and a raw plaintext HTTP request on the SuperLink's port connects but gets no HTTP answer
+    got = cluster.net.probe(OUTSIDER, cluster.net.superlink_host(OUTSIDER), cluster.port,
+                            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+    assert got.connected and not got.answer.startswith(b"HTTP/"), got
     cluster.procs.stop("rogue")
     cluster.procs.stop("plain")
     assert cluster.node_status() == before  # nobody new joined
@@ -100,7 +137,7 @@ def _ledger(cluster: Cluster, i: int) -> dict[str, Any]:
 
 @pytest.mark.timeout(2400)
 def test_three_rounds_with_dp_and_a_supernode_killed_and_restarted(cluster: Cluster, tiny_model_dir: Path) -> None:
-    print(f"network: {NETWORK}")
+    print(f"network: {cluster.net.describe()}")
     run_dir = cluster.root / "run"
     run_config = " ".join([
         f"model.path='{tiny_model_dir}'", "model.max_length=24",
@@ -108,7 +145,7 @@ def test_three_rounds_with_dp_and_a_supernode_killed_and_restarted(cluster: Clus
         "data.test_size=30", "train.rounds=3", "train.batch_size=16", "train.local_steps=2",
         "adapter.method='ffa_lora'", "privacy.epsilon=6.0", f"output_dir='{run_dir}'",
     ])
-    run = cluster.procs.start("flwr-run", flwr_run_argv(CONNECTION, run_config, app_dir=str(REPO),
+    run = cluster.start("flwr-run", LINK, flwr_run_argv(CONNECTION, run_config, app_dir=str(REPO),
                                                         exe=str(BIN / "flwr")), cwd=REPO)
     metrics = run_dir / "metrics.jsonl"
 
@@ -130,7 +167,9 @@ def test_three_rounds_with_dp_and_a_supernode_killed_and_restarted(cluster: Clus
     got = rows()
     assert [r["round"] for r in got] == [1, 2, 3]
     assert got[0]["clients_accepted"] == 3 and got[2]["clients_accepted"] == 3
-    assert got[1]["clients_accepted"] == 2  # node 3 was down during round 2
+    assert got[1]["clients_accepted"] == 2  # node 3 was down during round 2 ...
+    assert set(got[1]["failed"]) == {f"node-{node3_id}"}  # ... and the server names node 3, not the SuperLink
+    assert not got[0]["failed"] and not got[2]["failed"]
     assert cluster.node_id("node-3") == node3_id  # rejoined under its registered identity
     for r in got:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["accountant"] == "prv" and r["epsilon_unit"].startswith("example")

@@ -29,6 +29,7 @@ from simulations.deploy.keys import MAX_NODES
 
 __all__ = [
     "INSECURE_WARNING",
+    "TUNED_ENV",
     "DeployPlan",
     "NodeSpec",
     "connection_toml",
@@ -44,6 +45,16 @@ __all__ = [
 INSECURE_WARNING = ("WARNING: --insecure: no TLS and no SuperNode authentication. Model updates travel in clear "
                     "text and any process that reaches the SuperLink can join the federation as a client. "
                     "Use this only on a trusted, isolated network.")
+
+
+TUNED_ENV: dict[str, str] = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
+"""Flower settings fedpeft exports on every host (measured: benchmarks/deploy_overhead.py).
+
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` is how often the SuperExec that a SuperNode (and the
+SuperLink, for the ServerApp) starts asks for a new task before it launches the
+``flwr-clientapp`` process (Flower 1.42 default 1.0 s). The SuperNode's own idle poll
+(3 s) and heartbeat (30 s) are constants in Flower's code; the server's reply poll is
+fedpeft's own (``fl_server.loop.PULL_INTERVAL_S``)."""
 
 
 def parse_superlink(address: str) -> tuple[str, int]:
@@ -197,6 +208,11 @@ def _cmd(argv: list[str]) -> str:
     return " ".join(_quote(a) for a in argv)
 
 
+def _tuned_exports() -> list[str]:
+    return [f"export {k}={shlex.quote(v)}  # Flower setting tuned for fedpeft (docs/deploy.md)"
+            for k, v in TUNED_ENV.items()]
+
+
 def render(plan: DeployPlan) -> str:
     """The step-by-step commands for the server host and every node host, as text."""
     host, port = parse_superlink(plan.superlink)
@@ -210,6 +226,7 @@ def render(plan: DeployPlan) -> str:
                 f"{keys}/node-<i>.pub to {r}/ on the server host",
                 f"mkdir -p {shlex.quote(r)} && chmod 700 {shlex.quote(r)}"]
     out += ["export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # the app's dependencies are installed already",
+            *_tuned_exports(),
             _cmd(superlink_argv(r, "0.0.0.0", port, plan.insecure, database="/var/lib/fedpeft/superlink.db")), ""]
     out += ["# ==== 2. Operator (server host or any machine that reaches it): Flower CLI connection "
             + "=" * 4,
@@ -225,7 +242,7 @@ def render(plan: DeployPlan) -> str:
         if not plan.insecure:
             out += [f"# copy {certs}/ca.crt and {keys}/node-{n.index}.key (0600) to {r}/ on this host; "
                     f"the data file {n.data_path} stays here"]
-        out += ["export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+        out += ["export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", *_tuned_exports(),
                 _cmd(supernode_argv(n, plan.superlink, plan.ca_cert, plan.insecure)), ""]
     out += ["# ==== 4. Start the run (from the fedpeft project directory, where `flwr` is configured) " + "=" * 2,
             "# the server's data.path holds its held-out test set and must exist on the server host",
