@@ -25,3 +25,22 @@ def make_tiny_model(directory: Path, layers: int = 2, hidden: int = 32) -> Path:
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(directory)
     return directory
+
+
+def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Freeze the classifier head, then train ``steps`` plain (non-DP) steps of the adapter
+    alone on ``data``; returns the training loss (before, after) so a test can assert that
+    the adapter by itself learns."""
+    import torch
+
+    from fl_client.trainer import train_local
+    from task.evaluate import evaluate
+    from task.model import load_tokenizer
+
+    for name, param in model.named_parameters():
+        if name.startswith("classifier"):
+            param.requires_grad_(False)
+    tok, cpu = load_tokenizer(cfg.model), torch.device("cpu")
+    before = evaluate(model, tok, data, 24, cpu)["loss"]
+    train_local(model, plugin, tok, data, cfg, steps=steps, device=cpu, noise_multiplier=None, seed=0)
+    return before, evaluate(model, tok, data, 24, cpu)["loss"]
