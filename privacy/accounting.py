@@ -89,11 +89,18 @@ def epsilon_for(history: Sequence[HistoryEntry], delta: float, accountant: str =
     """(epsilon, accountant used) for a DP-SGD history; 0 for an empty history.
 
     PRV is tried first when asked for; if it fails numerically, RDP (looser, never
-    tighter) answers and the returned name says so.
+    tighter) answers and the returned name says so. Results are memoised per process on
+    the merged history: a client asks for the same figure twice a round (the budget check
+    before training, the ledger entry after it).
     """
-    steps = [h for h in history if h[2] > 0]
+    steps = tuple((float(s), float(q), int(n)) for s, q, n in merge_history(history))
     if not steps:
         return 0.0, accountant
+    return _epsilon_of(steps, float(delta), accountant)
+
+
+@lru_cache(maxsize=256)
+def _epsilon_of(steps: tuple[HistoryEntry, ...], delta: float, accountant: str) -> tuple[float, str]:
     if accountant == "prv":
         try:
             eps = float(_accountant("prv", steps).get_epsilon(delta=delta))
@@ -128,18 +135,12 @@ def calibrate_noise(
         used = "rdp"
         sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, "rdp")
     for _ in range(200):
-        eps, used_now = _plan_epsilon(sigma, sample_rate, steps, delta, used)
+        eps, used_now = epsilon_for([(sigma, sample_rate, steps)], delta, used)
         if eps <= target_epsilon:
             return Calibration(sigma, sample_rate, steps, eps, used_now)
         sigma *= 1.005
     raise RuntimeError(f"could not calibrate sigma for epsilon={target_epsilon}")
 
-
-
-@lru_cache(maxsize=64)
-def _plan_epsilon(sigma: float, q: float, steps: int, delta: float, accountant: str) -> tuple[float, str]:
-    """Epsilon of one (sigma, q, steps) plan; cached so the search's last point is not recomputed."""
-    return epsilon_for([(sigma, q, steps)], delta, accountant)
 
 
 EPSILON_TOLERANCE = 0.005  # a calibrated epsilon lies in [target - this, target]
@@ -157,7 +158,7 @@ def _search_sigma(target: float, delta: float, q: float, steps: int, accountant:
     """
 
     def gap(sigma: float) -> float:  # log(epsilon / target): > 0 too little noise, <= 0 enough
-        eps, _ = _plan_epsilon(sigma, q, steps, delta, accountant)
+        eps, _ = epsilon_for([(sigma, q, steps)], delta, accountant)
         return math.log(max(eps, 1e-300) / target) if math.isfinite(eps) else math.inf
 
     lo, g_lo = 1.0, gap(1.0)
