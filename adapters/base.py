@@ -32,7 +32,7 @@ from torch.nn import functional as F
 if TYPE_CHECKING:  # pragma: no cover
     from task.config import RunConfig
 
-__all__ = ["AdapterPlugin", "NDArrays", "float_option", "weighted_mean", "hash_tensors"]
+__all__ = ["AdapterPlugin", "NDArrays", "float_option", "hash_tensors", "replace_submodule", "weighted_mean"]
 
 NDArrays = dict[str, np.ndarray]
 
@@ -52,6 +52,13 @@ def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
             acc += wi * state[key].astype(np.float64)
         out[key] = acc.astype(states[0][key].dtype)
     return out
+
+
+def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted path) sits in ``model``:
+    how the custom adapter layers wrap a target linear layer."""
+    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    setattr(parent, name.split(".")[-1], new)
 
 
 def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -69,7 +69,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.base import AdapterPlugin, float_option, hash_tensors
+from adapters.base import AdapterPlugin, float_option, hash_tensors, replace_submodule
 from adapters.mtlora import target_linears
 from adapters.registry import register
 from adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
@@ -236,8 +236,7 @@ class IcmLoraPlugin(AdapterPlugin):
         freeze_all_but_head(model)
         dim = 0
         for index, (name, linear) in enumerate(target_linears(model, a.target_modules)):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.split(".")[-1], IcmLoraLinear(linear, tasks, a.rank, a.alpha / a.rank, a.seed, index))
+            replace_submodule(model, name, IcmLoraLinear(linear, tasks, a.rank, a.alpha / a.rank, a.seed, index))
         if tasks:
             head = _head(model)
             dim = int(getattr(getattr(model, "config", None), "hidden_size", 0) or next(

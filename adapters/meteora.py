@@ -66,7 +66,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.base import AdapterPlugin, NDArrays, hash_tensors
+from adapters.base import AdapterPlugin, NDArrays, hash_tensors, replace_submodule
 from adapters.mtlora import target_linears
 from adapters.registry import register
 from adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
@@ -248,9 +248,7 @@ class MeteoraPlugin(AdapterPlugin):
         tasks = tuple(s.name for s in cfg.tasks.resolved())
         freeze_all_but_head(model)
         for index, (name, linear) in enumerate(target_linears(model, a.target_modules)):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.split(".")[-1],
-                    MeteoRALinear(linear, tasks, a.rank, a.alpha / a.rank, top_k, a.seed, index))
+            replace_submodule(model, name, MeteoRALinear(linear, tasks, a.rank, a.alpha / a.rank, top_k, a.seed, index))
         if len(tasks) > 1:
             model.meteora = MeteoRAState(expert_rounds).to(next(model.parameters()).device)  # type: ignore[assignment]
         return model

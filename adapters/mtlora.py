@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import AdapterPlugin, NDArrays, hash_tensors
+from adapters.base import AdapterPlugin, NDArrays, hash_tensors, replace_submodule
 from adapters.registry import register
 from adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
 
@@ -162,9 +162,7 @@ class MTLoraPlugin(AdapterPlugin):
         for index, (name, linear) in enumerate(found):
             b = block_index(name)
             branch_tasks = tasks if (b is not None and b >= first_task_block and task_layers > 0) else ()
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.split(".")[-1],
-                    MTLoRALinear(linear, branch_tasks, a.rank, a.alpha / a.rank, a.seed, index))
+            replace_submodule(model, name, MTLoRALinear(linear, branch_tasks, a.rank, a.alpha / a.rank, a.seed, index))
         model._mtlora_mode = mode  # type: ignore[assignment]
         return model
 

@@ -57,7 +57,7 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from adapters.base import AdapterPlugin, float_option, hash_tensors
+from adapters.base import AdapterPlugin, float_option, hash_tensors, replace_submodule
 from adapters.mtlora import target_linears
 from adapters.registry import register
 from adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
@@ -167,8 +167,7 @@ class SmoraPlugin(AdapterPlugin):
         a, k = cfg.adapter, self.top_k(cfg)
         freeze_all_but_head(model)
         for index, (name, linear) in enumerate(target_linears(model, a.target_modules)):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.split(".")[-1], SMoRALinear(linear, a.rank, k, a.alpha / a.rank, a.seed, index))
+            replace_submodule(model, name, SMoRALinear(linear, a.rank, k, a.alpha / a.rank, a.seed, index))
         return model
 
     def frozen_fingerprint(self, model: nn.Module) -> str:

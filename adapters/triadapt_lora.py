@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from adapters.base import AdapterPlugin, NDArrays, float_option, hash_tensors, weighted_mean
+from adapters.base import AdapterPlugin, NDArrays, float_option, hash_tensors, replace_submodule, weighted_mean
 from adapters.registry import register
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -83,8 +83,7 @@ def replace_targets(model: nn.Module, targets: Sequence[str], factory: Callable[
 
         raise ConfigError("adapter.target_modules", ",".join(targets), "no linear layer of the model has that name")
     for index, (name, linear) in enumerate(found):
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.split(".")[-1], factory(index, linear))
+        replace_submodule(model, name, factory(index, linear))
     return len(found)
 
 
