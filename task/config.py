@@ -318,6 +318,9 @@ def parse_config(*layers: dict[str, Any]) -> RunConfig:
     cfg = RunConfig(**kwargs)
     data_raw = merged.get("data", {}) if isinstance(merged.get("data"), dict) else {}
     props_given = any(k.replace("-", "_") == "label_proportions" and v != "" for k, v in data_raw.items())
+    # Range first: the paper's mixes are tiled per client below (--clients 10**12 must be a
+    # one-line error, not a 24 GB tuple; found by the config fuzzer).
+    _require(1 <= cfg.train.clients <= 100_000, "train.clients", cfg.train.clients, "must be an integer in [1, 100000]")
     if not props_given and cfg.data.partition == "label-proportions" and cfg.train.clients != len(cfg.data.label_proportions):
         # The paper's three mixes, repeated: 10/90, 90/10, 50/50, 10/90, ...
         paper = DataConfig().label_proportions
@@ -369,8 +372,11 @@ def validate(cfg: RunConfig) -> None:
     _require(p.accountant in ACCOUNTANTS, "privacy.accountant", p.accountant, f"allowed: {', '.join(ACCOUNTANTS)}")
     _require(1 <= t.rounds <= 100_000, "train.rounds", t.rounds, "must be an integer in [1, 100000]")
     _require(1 <= t.clients <= 100_000, "train.clients", t.clients, "must be an integer in [1, 100000]")
-    _require(t.local_epochs > 0 and math.isfinite(t.local_epochs), "train.local_epochs", t.local_epochs, "must be > 0")
-    _require(t.local_steps >= 0, "train.local_steps", t.local_steps, "must be >= 0 (0 = use local_epochs)")
+    # Upper bounds keep a typo from becoming an unbounded run (and a privacy plan whose
+    # accountant grid would not fit in memory).
+    _require(0 < t.local_epochs <= 1_000, "train.local_epochs", t.local_epochs, "must be in (0, 1000]")
+    _require(0 <= t.local_steps <= 100_000, "train.local_steps", t.local_steps,
+             "must be an integer in [0, 100000] (0 = use local_epochs)")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     _require(t.physical_batch_size >= 1, "train.physical_batch_size", t.physical_batch_size, "must be >= 1")
     _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")

@@ -168,8 +168,8 @@ def validate_tasks(cfg: RunConfig) -> None:
     t = cfg.tasks
     if not t.enabled:
         return
-    if t.clients_per_task < 1:
-        raise _error("tasks.clients_per_task", t.clients_per_task, "must be >= 1")
+    if not 1 <= t.clients_per_task <= 100_000:
+        raise _error("tasks.clients_per_task", t.clients_per_task, "must be an integer in [1, 100000]")
     if t.partition not in TASK_PARTITIONS:
         raise _error("tasks.partition", t.partition, f"allowed: {', '.join(TASK_PARTITIONS)}")
     if t.public_size < 0:

@@ -60,6 +60,12 @@ def test_label_proportions_tiled_for_other_client_counts() -> None:
         ({"nonsense": 1}, "nonsense"),
         ({"data.label_proportions": "0.5,0.6;0.5,0.5;0.5,0.5"}, "data.label_proportions"),
         ({"train.clients": 2, "data.label_proportions": "0.5,0.5;0.5,0.5;0.5,0.5"}, "data.label_proportions"),
+        # huge values are one-line errors, never allocations (the fuzzer once OOM-killed CI
+        # with train.clients ~ 10**12: the paper's mixes were tiled per client first)
+        ({"train.clients": 10**12}, "train.clients"),
+        ({"train.local_steps": 10**12}, "train.local_steps"),
+        ({"train.local_epochs": 1e9}, "train.local_epochs"),
+        ({"tasks.names": ["rt", "bbc"], "tasks.clients_per_task": 10**12}, "tasks.clients_per_task"),
     ],
 )
 def test_invalid_values_name_the_key(raw: dict, key: str) -> None:

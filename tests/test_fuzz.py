@@ -143,6 +143,8 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "train.rounds": _ints_outside(1, 100_000),
     "train.clients": _ints_outside(1, 100_000),
     "train.batch_size": _ints_outside(1),
+    "train.local_steps": _ints_outside(0, 100_000),
+    "train.local_epochs": _floats_outside(0.0, 1000.5),
     "train.lr": _floats_outside(0.0, math.inf),
     "train.optimizer": _not_in(("adam", "sgd")),
     "adapter.rank": _ints_outside(1, 1024),
