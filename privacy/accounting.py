@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import Domain
 
@@ -103,7 +105,10 @@ def epsilon_for(history: Sequence[HistoryEntry], delta: float, accountant: str =
 def _epsilon_of(steps: tuple[HistoryEntry, ...], delta: float, accountant: str) -> tuple[float, str]:
     if accountant == "prv":
         try:
-            eps = float(_accountant("prv", steps).get_epsilon(delta=delta))
+            with warnings.catch_warnings(), np.errstate(divide="ignore"):
+                if any(q >= 1.0 for _, q, _ in steps):  # Opacus's PRV takes log(1 - q): harmless at q = 1
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                eps = float(_accountant("prv", steps).get_epsilon(delta=delta))
             if math.isfinite(eps) and eps >= 0:
                 return eps, "prv"
         except (ValueError, RuntimeError, OverflowError) as exc:
@@ -113,13 +118,15 @@ def _epsilon_of(steps: tuple[HistoryEntry, ...], delta: float, accountant: str) 
 
 @lru_cache(maxsize=256)  # pure and slow (1-10 s with PRV): a worker serving many clients calibrates each plan once
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+    prior: tuple[HistoryEntry, ...] = (),
 ) -> Calibration:
     """Smallest noise multiplier whose planned ``steps`` at ``sample_rate`` stay within epsilon.
 
-    Calibrated once for the whole run. The result is re-checked with :func:`epsilon_for`
-    (the figure clients will later report); if accountant noise puts it above the target,
-    sigma is raised by 0.5 % steps until it is not.
+    Calibrated once for the whole run; ``prior`` is history already spent before it (e.g. a
+    one-off release, :mod:`privacy.releases`), composed in and counted in ``epsilon``. The
+    result is re-checked with :func:`epsilon_for` (the figure clients will later report); if
+    accountant noise puts it above the target, sigma is raised by 0.5 % steps until it is not.
     """
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
@@ -127,26 +134,26 @@ def calibrate_noise(
         raise ValueError(f"steps must be >= 1, got {steps}")
     used = accountant
     try:
-        sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, accountant)
+        sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, accountant, prior)
     except (ValueError, RuntimeError, OverflowError) as exc:
         if accountant != "prv":
             raise
         log.warning("PRV calibration failed (%s); calibrating with RDP", exc)
         used = "rdp"
-        sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, "rdp")
+        sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, "rdp", prior)
     for _ in range(200):
-        eps, used_now = epsilon_for([(sigma, sample_rate, steps)], delta, used)
+        eps, used_now = epsilon_for([*prior, (sigma, sample_rate, steps)], delta, used)
         if eps <= target_epsilon:
             return Calibration(sigma, sample_rate, steps, eps, used_now)
         sigma *= 1.005
     raise RuntimeError(f"could not calibrate sigma for epsilon={target_epsilon}")
 
 
-
 EPSILON_TOLERANCE = 0.005  # a calibrated epsilon lies in [target - this, target]
 
 
-def _search_sigma(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+def _search_sigma(target: float, delta: float, q: float, steps: int, accountant: str,
+                  prior: tuple[HistoryEntry, ...] = ()) -> float:
     """Smallest sigma (to ``EPSILON_TOLERANCE`` in epsilon) whose epsilon is at most ``target``.
 
     Opacus's ``get_noise_multiplier`` bisects from [0, 10]: ~15 accountant evaluations (PRV:
@@ -158,7 +165,7 @@ def _search_sigma(target: float, delta: float, q: float, steps: int, accountant:
     """
 
     def gap(sigma: float) -> float:  # log(epsilon / target): > 0 too little noise, <= 0 enough
-        eps, _ = epsilon_for([(sigma, q, steps)], delta, accountant)
+        eps, _ = epsilon_for([*prior, (sigma, q, steps)], delta, accountant)
         return math.log(max(eps, 1e-300) / target) if math.isfinite(eps) else math.inf
 
     lo, g_lo = 1.0, gap(1.0)

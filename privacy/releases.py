@@ -22,9 +22,7 @@ step.
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,15 +40,9 @@ def release_entry(sigma: float) -> HistoryEntry:
     return (float(sigma), 1.0, 1)
 
 
-def _quiet_epsilon(history: Sequence[HistoryEntry], delta: float, accountant: str) -> tuple[float, str]:
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return epsilon_for(history, delta, accountant)
-
-
 def release_epsilon(sigma: float, delta: float, accountant: str = "prv") -> tuple[float, str]:
     """Epsilon of one release on its own (for reports; the ledger composes it with DP-SGD)."""
-    return _quiet_epsilon([release_entry(sigma)], delta, accountant)
+    return epsilon_for([release_entry(sigma)], delta, accountant)
 
 
 def clipped_noisy_mean(
@@ -78,34 +70,17 @@ def calibrate_after(
     accountant: str = "prv",
 ) -> Calibration:
     """DP-SGD's sigma such that ``prior`` releases plus ``steps`` steps at ``sample_rate``
-    stay within ``target_epsilon`` (by :func:`epsilon_for`, the figure the ledger checks).
-
-    Starts from the plain calibration (``prior`` ignored) and raises sigma geometrically
-    until the composition fits, then bisects to 0.5 %. ValueError if the prior alone
-    already spends the target.
+    stay within ``target_epsilon`` (by :func:`epsilon_for`, the figure the ledger checks):
+    :func:`calibrate_noise` with the releases as its prior history. ValueError if the prior
+    alone already spends the target.
     """
-    prior = list(prior)
-    if not prior:
-        return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
-    alone, _ = _quiet_epsilon(prior, delta, accountant)
-    if alone >= target_epsilon:
-        raise ValueError(f"the releases alone spend epsilon={alone:.3f} >= the budget {target_epsilon:g}; "
-                         f"raise their noise")
-    base = calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
-
-    def eps(sigma: float) -> tuple[float, str]:
-        return _quiet_epsilon([*prior, (sigma, sample_rate, steps)], delta, base.accountant)
-
-    lo, hi = base.noise_multiplier, base.noise_multiplier
-    while eps(hi)[0] > target_epsilon:
-        lo, hi = hi, hi * 1.25
-        if hi > 1e4:
-            raise RuntimeError("could not calibrate sigma after the releases")
-    while hi / lo > 1.005:
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if eps(mid)[0] > target_epsilon else (lo, mid)
-    spent, used = eps(hi)
-    return Calibration(hi, sample_rate, steps, spent, used)
+    prior = tuple(prior)
+    if prior:
+        alone, _ = epsilon_for(prior, delta, accountant)
+        if alone >= target_epsilon:
+            raise ValueError(f"the releases alone spend epsilon={alone:.3f} >= the budget {target_epsilon:g}; "
+                             f"raise their noise")
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, prior=prior)
 
 
 def record_release(
@@ -126,6 +101,6 @@ def record_release(
     digest = hashlib.sha256(np.ascontiguousarray(payload).tobytes()).hexdigest()
     entry = LedgerEntry(0, float(sigma), 1.0, 1, 0.0, replay_key=f"release:{tag}", output_hash=digest)
     ledger.entries.append(entry)
-    entry.epsilon_after = _quiet_epsilon(ledger.history, delta, ledger.accountant)[0]
+    entry.epsilon_after = epsilon_for(ledger.history, delta, ledger.accountant)[0]
     ledger.save(path)
     return ledger
