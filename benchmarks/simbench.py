@@ -43,6 +43,7 @@ def bare_federation(cfg: Any) -> list[float]:
     from adapters import get as get_plugin
     from fl_client.trainer import local_steps, train_local
     from privacy.accounting import calibrate_noise
+    from privacy.plan import sample_rate_for
     from task import model as task_model
     from task.data import train_test_split_for
     from task.evaluate import evaluate
@@ -67,7 +68,7 @@ def bare_federation(cfg: Any) -> list[float]:
         for i, part in enumerate(data):
             steps = local_steps(cfg, len(part))
             if i not in sigmas:  # calibrated once per client, as the ClientApp does
-                q = 1.0 / math.ceil(len(part) / min(cfg.train.batch_size, len(part)))
+                q = sample_rate_for(len(part), cfg.train.batch_size)
                 sigmas[i] = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps * cfg.train.rounds,
                                             cfg.privacy.accountant).noise_multiplier if cfg.privacy.enabled else None
             plugin.load_state(model, state)

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +34,7 @@ from fl_client.runtime import ClientIdentity, Runtime, runtime_for
 from fl_client.trainer import build_loader, loader_sample_rate, local_steps, tensorize, train_local
 from privacy.accounting import calibrate_noise
 from privacy.ledger import BudgetExceeded, Ledger
+from privacy.plan import sample_rate_for
 from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
 from task.config import RunConfig
@@ -59,8 +59,7 @@ def _ledger(rt: Runtime, ident: ClientIdentity, context: Context, n_examples: in
     )
     if ledger.noise_multiplier == 0.0:
         # Calibrate once for every step this client will take in the whole run.
-        dataset_len = n_examples
-        q = 1.0 / math.ceil(dataset_len / min(cfg.train.batch_size, dataset_len))
+        q = sample_rate_for(n_examples, cfg.train.batch_size)
         plan = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps_per_round * cfg.train.rounds,
                                cfg.privacy.accountant)
         ledger.noise_multiplier, ledger.sample_rate = plan.noise_multiplier, plan.sample_rate

@@ -23,7 +23,6 @@ ClientApp (:func:`fl_client.trainer.local_steps`, sample rate ``1 / batches per 
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +31,7 @@ from torch import nn
 
 from fl_client.trainer import local_steps
 from privacy.ledger import atomic_write
+from privacy.plan import sample_rate_for
 from privacy.releases import clipped_noisy_mean, record_release, release_epsilon
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,7 +57,7 @@ def ensure_release(rt: Runtime, model: nn.Module, ident: ClientIdentity, task: s
         vector = clipped_noisy_mean(feats, clip, noise).numpy()
         if cfg.privacy.enabled:
             n = len(data)
-            q = 1.0 / math.ceil(n / min(cfg.train.batch_size, n))  # as the ClientApp's calibration
+            q = sample_rate_for(n, cfg.train.batch_size)  # as the ClientApp's calibration
             ledger = record_release(
                 ident.ledger_dir / f"client-{ident.client_id}.json", ident.client_id,
                 target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
