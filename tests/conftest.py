@@ -11,6 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FEDPEFT_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).parent))
+# The repository root before site-packages: Opacus installs a top-level `benchmarks` package
+# that would shadow ours when pytest is run as `pytest` rather than `python -m pytest`.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from tiny_model import make_tiny_model  # noqa: E402
 
