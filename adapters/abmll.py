@@ -152,6 +152,7 @@ class AbmllPlugin(AdapterPlugin):
     travels = "prior mean theta per layer + head; posterior mean/variance stay on the client"
     exact_average = True
     options = ("kl_weight", "prior_std", "init_std")
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
 
     def _opts(self, cfg: RunConfig) -> tuple[float, float, float]:
         return (float_option(cfg, "kl_weight", 0.1, 0.0, 1e6), float_option(cfg, "prior_std", 0.05, 1e-6, 1e3),

@@ -96,6 +96,10 @@ class AdapterPlugin(ABC):
     exact_average: bool = False
     supports_dp: bool = True
     dp_refusal: str = ""  # why DP-SGD cannot be used, when supports_dp is False
+    # Client-level central DP (privacy.central) noises the weighted mean of the clients' states,
+    # so it is sound only if ``aggregate`` IS that mean and ``server_step`` the identity, and the
+    # replies have the global state's shapes. True only on plugins checked to be so.
+    central_dp_compatible: bool = False
     options: tuple[str, ...] | None = None  # allowed adapter.options keys (None: not checked)
 
     # ---- configuration ---------------------------------------------------------------

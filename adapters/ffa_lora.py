@@ -48,6 +48,7 @@ class FfaLoraPlugin(AdapterPlugin):
     paper = "FFA-LoRA (Sun et al., ICLR 2024)"
     travels = "lora_B + head (A regenerated from seed, hash-checked)"
     exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         peft_model = inject_lora(model, cfg, freeze_a=True)

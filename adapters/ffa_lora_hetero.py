@@ -70,6 +70,7 @@ class FfaLoraHeteroPlugin(FfaLoraPlugin):
     paper = "FFA-LoRA (Sun et al., ICLR 2024) + zero-padded heterogeneous ranks"
     travels = "lora_B[:, :r_i] + head (A from seed; server zero-pads to rank R)"
     exact_average = True
+    central_dp_compatible = False  # replies are narrower than the global B: no per-client update to clip
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         peft_model = super().attach(model, cfg)

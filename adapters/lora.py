@@ -87,6 +87,7 @@ class LoraPlugin(AdapterPlugin):
     paper = "LoRA (Hu et al., ICLR 2022)"
     travels = "lora_A + lora_B + head"
     exact_average = False
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         return inject_lora(model, cfg, freeze_a=False)

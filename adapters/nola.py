@@ -89,6 +89,7 @@ class NolaPlugin(DeltaPlugin):
     paper = "NOLA (Koohpayegani et al., ICLR 2024)"
     travels = "beta coefficients + head (bases and alpha regenerated from seed, hash-checked)"
     exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
     options = ("num_basis", "train_a")
 
     def validate_config(self, cfg: RunConfig) -> None:

@@ -95,6 +95,7 @@ class OsftPlugin(DeltaPlugin):
     paper = "Sculpting Subspaces / OSFT (Nayak et al., arXiv:2504.07097, 2025)"
     travels = "low-subspace factors U_l, S_l, V_l + head (top subspace from W0's SVD, hash-checked)"
     exact_average = True
+    central_dp_compatible = False  # aggregate re-SVDs the mean before the noise
     options = ("keep",)
     float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"keep": (0.5, 0.0, 0.99)}
 

@@ -78,6 +78,7 @@ class SaraPlugin(DeltaPlugin):
     paper = "SaRA (Hu et al., ICLR 2025)"
     travels = "values at the small-|W0| mask + head (mask recomputed from W0, hash-checked)"
     exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
     options = ("fraction",)
     float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"fraction": (0.02, 1e-6, 1.0)}
 

@@ -108,6 +108,7 @@ class SokaPlugin(DeltaPlugin):
     paper = "SoKA (Chong & Qu, arXiv:2506.15251, 2025)"
     travels = "Kronecker B factors + head (A, B0 from W0's KPSVD, hash-checked)"
     exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
     options = ("energy",)
     float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"energy": (0.9, 1e-6, 1.0)}
 

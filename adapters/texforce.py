@@ -78,6 +78,7 @@ class TexForcePlugin(AdapterPlugin):
     paper = "TexForce (Chen et al., ECCV 2024), policy-gradient analog for classification"
     travels = "lora_B + head (A regenerated from seed, hash-checked)"
     exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
     options = ("clip_ratio",)
 
     def clip_ratio(self, cfg: RunConfig) -> float:

@@ -151,6 +151,7 @@ class TriAdaptLoraPlugin(AdapterPlugin):
     paper = "TriAdaptLoRA (Liang, Wang, Zeng, arXiv:2501.08008, 2025)"
     travels = "r x r core T per layer (masked) + head; rank masks broadcast only"
     exact_average = True
+    central_dp_compatible = False  # masks carried from previous + rank-growth server_step
     options = ("init_rank",)
 
     def init_rank(self, cfg: RunConfig) -> int:

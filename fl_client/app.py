@@ -5,16 +5,25 @@ Per round the client
    (simulation: its partition of the pool; deployment: ``data-path`` in its node config);
 2. checks the hash of its locally generated frozen tensors (FFA-LoRA's A) against the
    server's -- a mismatch is an error, never tolerated;
-3. loads its privacy ledger (disk + ``Context.state``); on first use calibrates sigma for
-   all steps it will take in the run; refuses to train if this round would exceed its
-   epsilon budget (the reply says so and carries no weights);
-4. trains, appends the round to its ledger and replies with exactly the plugin's
-   trainable state plus metrics (examples, loss, epsilon spent, seconds, bytes).
+3. answers a round it has already released (same replay key: global state, local state,
+   configuration, round) from its stored release (:mod:`fl_client.node_store`): nothing is
+   retrained, nothing is charged;
+4. loads its privacy ledger (disk + ``Context.state``), checks the run's plan against it
+   (:meth:`privacy.ledger.Ledger.ensure_plan`: calibrates sigma once, recalibrates or refuses
+   when q, delta or the target changed), against its budget and against the node's own limits
+   (:mod:`fl_client.limits`); refuses with a reason and no weights when any says no;
+5. trains with randomness from its **node secret** (:mod:`privacy.randomness`; nothing the
+   server sends seeds it), records the sigma, q and steps that actually ran, stores the
+   release, and replies.
 
-A round that is re-run with the same inputs (a retry, or a resume after a server crash)
-reproduces the same update; the ledger then records it as a replay, not as new spending
-(:meth:`privacy.ledger.Ledger.record`). In simulation ``faults.fail_rate`` injects seeded
-crashes and timeouts (:mod:`simulations.faults`).
+What a DP reply carries (the server is the adversary DP protects against): the DP-trained
+state and only values that are public by design or derived from public values --
+``num-examples`` (public: the neighbouring relation is replace-one, see README), ``steps``,
+``sample-rate``, ``noise-multiplier``, ``epsilon``, ``delta``, ``bytes-up``. Training loss,
+Poisson batch sizes and wall time stay on the node (debug log). Without DP those diagnostics
+are sent as before. A failure on the node is logged on the node; the reply says only what
+kind of failure it was (:class:`NodeRefusal` texts are written to carry no data).
+In simulation ``faults.fail_rate`` injects seeded crashes and timeouts (:mod:`simulations.faults`).
 """
 
 from __future__ import annotations
@@ -30,11 +39,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.runtime import ClientIdentity, Runtime, runtime_for
-from fl_client.trainer import build_loader, loader_sample_rate, local_steps, tensorize, train_local
-from privacy.accounting import calibrate_noise
+from fl_client.limits import node_budget_refusal
+from fl_client.node_store import StoredRelease, load_release, node_secret, save_release
+from fl_client.runtime import ClientIdentity, runtime_for
+from fl_client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
+from privacy.dpsgd import loader_sample_rate
 from privacy.ledger import BudgetExceeded, Ledger
 from privacy.plan import sample_rate_for
+from privacy.randomness import RoundRandomness
 from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
 from task.config import RunConfig
@@ -48,26 +60,20 @@ LEDGER_STATE_KEY = "fedpeft-ledger"
 LOCAL_STATE_KEY = "fedpeft-local"
 
 
-def _ledger(rt: Runtime, ident: ClientIdentity, context: Context, n_examples: int, steps_per_round: int) -> Ledger:
-    cfg = rt.cfg
+class NodeRefusal(RuntimeError):
+    """A failure whose text is safe to send to the server (it names no data: no labels,
+    columns, file contents or paths). Every other exception is logged on the node and
+    answered with a generic text (:func:`train`)."""
+
+
+def _ledger(cfg: RunConfig, ident: ClientIdentity, context: Context) -> Ledger:
     state = context.state.get(LEDGER_STATE_KEY)
     state_json = str(state["json"]) if isinstance(state, ConfigRecord) and "json" in state else None
-    ledger = Ledger.load_or_new(
+    return Ledger.load_or_new(
         ident.ledger_dir / f"client-{ident.client_id}.json", state_json,
         client=ident.client_id, target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
         accountant=cfg.privacy.accountant,
     )
-    if ledger.noise_multiplier == 0.0:
-        # Calibrate once for every step this client will take in the whole run.
-        q = sample_rate_for(n_examples, cfg.train.batch_size)
-        plan = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps_per_round * cfg.train.rounds,
-                               cfg.privacy.accountant)
-        ledger.noise_multiplier, ledger.sample_rate = plan.noise_multiplier, plan.sample_rate
-        ledger.planned_steps, ledger.accountant = plan.planned_steps, plan.accountant
-        log.info("client %s: sigma=%.4f calibrated for %d steps at q=%.5f (epsilon=%.3f, delta=%g, %s)",
-                 ident.client_id, plan.noise_multiplier, plan.planned_steps, q, plan.epsilon,
-                 cfg.privacy.delta, plan.accountant)
-    return ledger
 
 
 def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> None:
@@ -89,33 +95,6 @@ def _digest(*parts: str | Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: Ledger | None, steps: int,
-                        server_round: int) -> str:
-    """Why this node refuses the run under its own cap ``max-epsilon`` (node config), or "".
-
-    A deployed node's owner caps what may ever be spent on its data, whatever the server
-    asks for. The check is on the run's plan: the node's ledger (all its history on this
-    disk) plus this round and every remaining round at the run's sigma; a run without DP
-    is refused outright by a capped node.
-    """
-    raw = node_config.get("max-epsilon")
-    if raw is None or str(raw).strip() == "":
-        return ""
-    try:
-        cap = float(str(raw))
-    except (TypeError, ValueError):
-        return f"node config max-epsilon={raw!r} is not a number; refusing to train"
-    if ledger is None:
-        return f"this node allows at most epsilon={cap:g} and the run has no DP (privacy.epsilon=inf)"
-    remaining = steps * (cfg.train.rounds - server_round + 1)
-    planned, acc = ledger.epsilon_if(remaining)
-    if planned > cap:
-        return (f"client {ledger.client}: the run's plan (rounds {server_round}..{cfg.train.rounds}, {remaining} steps "
-                f"at sigma={ledger.noise_multiplier:.4f}) would reach epsilon={planned:.3f} > this node's cap "
-                f"max-epsilon={cap:g} (example-level, delta={ledger.delta:g}, {acc})")
-    return ""
-
-
 def _refusal(msg: Message, **status: Any) -> Message:
     return Message(content=RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
 
@@ -132,14 +111,41 @@ def _hetero_directive(conf: ConfigRecord, partition_id: int | None) -> dict[str,
     return {"profile": profile, **plan["plan"][profile], "skip": plan["skip"].get(str(partition_id), "")}
 
 
+def _metrics(cfg: RunConfig, result: LocalResult, epsilon: float, sigma: float | None, nbytes: int,
+             client: str, server_round: int) -> dict[str, Any]:
+    """The reply's metrics: under DP only public values; the rest stays in the node's log."""
+    public: dict[str, Any] = {"num-examples": result.examples, "steps": result.steps, "bytes-up": nbytes}
+    diagnostics = {"train-loss": result.loss_mean, "train-loss-first": result.loss_first,
+                   "train-loss-last": result.loss_last, "samples-seen": result.samples_seen,
+                   "seconds": result.seconds}
+    if not cfg.privacy.enabled:
+        return {**public, **diagnostics, "epsilon": float("inf"), "noise-multiplier": 0.0}
+    log.debug("client %s round %d (stays on this node): %s", client, server_round, diagnostics)
+    return {**public, "epsilon": epsilon, "delta": cfg.privacy.delta, "noise-multiplier": float(sigma or 0.0),
+            "sample-rate": result.sample_rate}
+
+
+def _identity(conf: ConfigRecord, context: Context) -> ClientIdentity:
+    node = dict(context.node_config)
+    if node.get("data-path") and not str(node.get("ledger-dir") or "").strip():
+        raise NodeRefusal("this deployed node has no ledger-dir in its node config; a node keeps its own ledger "
+                          "and secret on its own disk (set ledger-dir=...)")
+    return ClientIdentity.from_node(node, dict(conf))
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """Pure function of (message, context) so tests can call it without Flower's runtime."""
     conf: ConfigRecord = msg.content.config_records["config"]
     rt = runtime_for(str(conf["fedpeft-config"]), str(conf["config-hash"]))
-    cfg, plugin = rt.cfg, rt.plugin
+    cfg = rt.cfg
     server_round = int(conf["server-round"])  # type: ignore[arg-type]
-    ident = ClientIdentity.from_node(dict(context.node_config), dict(conf))
-    data = rt.data_for(ident, dict(context.node_config))
+    ident = _identity(conf, context)
+    try:
+        data = rt.data_for(ident, dict(context.node_config))
+    except Exception:  # the text may name labels, columns or values of the node's data
+        log.exception("client %s: could not use its local data", ident.client_id)
+        return _refusal(msg, refused=True, client=ident.client_id,
+                        reason="local data could not be used; details are in the node's log")
     hetero = _hetero_directive(conf, ident.partition_id)
     if hetero.get("skip"):
         return _refusal(msg, refused=True, **{"hetero-skip": True}, reason=hetero["skip"], client=ident.client_id)
@@ -153,95 +159,120 @@ def handle_train(msg: Message, context: Context) -> Message:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, physical_batch_size=int(hetero["physical_batch"])))
 
     with rt.lock:
-        model = rt.model
-        rt.activate(model, ident)
-        local_hash = plugin.frozen_fingerprint(model)
-        expected = str(conf.get("frozen-hash", ""))
-        if expected != local_hash:
-            raise RuntimeError(
-                f"client {ident.client_id}: frozen-tensor hash mismatch (local {local_hash[:12]} != server "
-                f"{expected[:12]}); the adapter seed or code differs from the server's"
-            )
-        incoming = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
-        plugin.load_state(model, incoming)
-        if hetero and hasattr(plugin, "set_client_rank"):
-            plugin.set_client_rank(model, int(hetero["rank"]))
-        # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
-        # model serves several virtual clients in simulation; empty = fresh client (reset).
-        local = context.state.get(LOCAL_STATE_KEY)
-        local_in = {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {}
-        plugin.load_local_state(model, local_in)
-        steps = local_steps(cfg, len(data))
-        seed = cfg.seed * 1_000_003 + server_round * 7919 + (ident.partition_id or 0)
-        # Everything this round's update is a function of: same key + same output = a replay.
-        replay_key = _digest(str(conf["config-hash"]), f"{server_round}|{ident.client_id}|{seed}|{steps}",
-                             json.dumps(hetero, sort_keys=True, default=str), incoming, local_in)
-        sigma: float | None = None
-        epsilon = 0.0
-        ledger = None
-        if cfg.privacy.enabled:
-            ledger = _ledger(rt, ident, context, len(data), steps)
-            replay = ledger.replay_of(server_round, replay_key)
-            try:
-                if replay is None:
-                    ledger.check_budget(steps)
-                    capped = node_budget_refusal(context.node_config, cfg, ledger, steps, server_round)
-                    if capped:
-                        raise BudgetExceeded(capped)
-            except BudgetExceeded as exc:
-                _save_ledger(ledger, ident, context)
-                log.warning("%s", exc)
-                return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id)
-            sigma = ledger.noise_multiplier
-        elif reason := node_budget_refusal(context.node_config, cfg, None, steps, server_round):
-            log.warning("client %s: %s", ident.client_id, reason)
-            return _refusal(msg, refused=True, reason=reason, client=ident.client_id)
-        result = train_local(model, plugin, rt.tokenizer, data, cfg, steps, rt.device, sigma, seed,
-                             desc=f"client {ident.client_id} round {server_round}")
-        state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
-        if ledger is not None:
-            output_hash = _digest(state)
-            if replay is not None and replay.output_hash != output_hash:
-                try:  # not bit-identical (non-deterministic kernels): releasing it is new spending
-                    ledger.check_budget(steps)
-                except BudgetExceeded as exc:  # nothing released, nothing spent
-                    log.warning("%s", exc)
-                    return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id)
-            elif replay is not None:
-                log.info("client %s: round %d re-run reproduced its released update bit for bit; no new "
-                         "privacy cost", ident.client_id, server_round)
-            epsilon = ledger.record(server_round, result.steps, replay_key, output_hash)
-            _save_ledger(ledger, ident, context)
-        local_after = plugin.local_state(model)
-        if local_after:  # stays in this node's Context.state; never part of the reply
-            context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(local_after)
-
-    metrics = MetricRecord({
-        "num-examples": result.examples,
-        "train-loss": result.loss_mean,
-        "train-loss-first": result.loss_first,
-        "train-loss-last": result.loss_last,
-        "steps": result.steps,
-        "samples-seen": result.samples_seen,
-        "seconds": result.seconds,
-        "epsilon": epsilon if cfg.privacy.enabled else float("inf"),
-        "noise-multiplier": sigma or 0.0,
-        "bytes-up": state_nbytes(state),
-    })
-    if fault == "timeout":  # emulated: the client trained and spent its budget; the reply is lost
-        return _refusal(msg, **{"timed-out": True}, client=ident.client_id,
+        reply = _train_round(msg, context, rt, cfg, ident, data, hetero, server_round)
+    if fault == "timeout" and "arrays" in reply.content:  # emulated: trained and spent; the reply is lost
+        metrics = reply.content["metrics"]
+        return _refusal(msg, **{"timed-out": True}, client=ident.client_id, epsilon=float(metrics["epsilon"]),
                         reason=f"injected timeout in round {server_round} attempt {attempt} "
                                f"(faults.fail_rate={cfg.faults.fail_rate:g}); reply discarded")
-    info = ConfigRecord({"client": ident.client_id, "frozen-hash": local_hash,
-                         "accountant": ledger.accountant if ledger else "none",
-                         **({"profile": hetero["profile"]} if hetero else {})})
-    content = RecordDict({"arrays": state_to_arrayrecord(state), "metrics": metrics, "info": info})
+    return reply
+
+
+def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident: ClientIdentity, data: Any,
+                 hetero: dict[str, Any], server_round: int) -> Message:
+    """Steps 2-5 of the module doc, under the runtime's lock (one cached model per process)."""
+    plugin, conf = rt.plugin, msg.content.config_records["config"]
+    model = rt.model
+    rt.activate(model, ident)
+    local_hash = plugin.frozen_fingerprint(model)
+    expected = str(conf.get("frozen-hash", ""))
+    if expected != local_hash:
+        raise NodeRefusal(
+            f"client {ident.client_id}: frozen-tensor hash mismatch (local {local_hash[:12]} != server "
+            f"{expected[:12]}); the adapter seed or code differs from the server's"
+        )
+    incoming = {k: v.numpy() for k, v in msg.content.array_records["arrays"].items()}
+    # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
+    # model serves several virtual clients in simulation; empty = fresh client (reset).
+    local = context.state.get(LOCAL_STATE_KEY)
+    local_in = {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {}
+    steps = local_steps(cfg, len(data))
+    # Everything this round's update is a function of (besides the node's secret): same key,
+    # same release. The key also keys the round's randomness, so two different inputs never
+    # share noise or batches.
+    replay_key = _digest(str(conf["config-hash"]), f"{server_round}|{ident.client_id}|{steps}",
+                         json.dumps(hetero, sort_keys=True, default=str), incoming, local_in)
+    info = {"client": ident.client_id, "frozen-hash": local_hash, **({"profile": hetero["profile"]} if hetero else {})}
+    ledger = None
+    if cfg.privacy.enabled:
+        ledger = _ledger(cfg, ident, context)
+        stored = load_release(ident.ledger_dir, ident.client_id, server_round, replay_key)
+        if stored is not None and ledger.replay_of(server_round, replay_key) is not None:
+            log.info("client %s: round %d was already released from these inputs; re-sending the stored "
+                     "release (no new privacy cost)", ident.client_id, server_round)
+            if stored.local:
+                context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(stored.local)
+            return _reply(msg, stored.state, stored.metrics, {**info, "accountant": ledger.accountant})
+        remaining = steps * (cfg.train.rounds - server_round + 1)
+        try:
+            note = ledger.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+                                      sample_rate=sample_rate_for(len(data), cfg.train.batch_size),
+                                      planned_steps=remaining, accountant=cfg.privacy.accountant)
+            if note:
+                log.info("client %s: %s", ident.client_id, note)
+            ledger.check_budget(steps)
+            capped = node_budget_refusal(context.node_config, cfg, ledger, steps, server_round)
+            if capped:
+                raise BudgetExceeded(capped)
+        except BudgetExceeded as exc:
+            _save_ledger(ledger, ident, context)
+            log.warning("%s", exc)
+            return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id,
+                            epsilon=ledger.epsilon()[0])
+        secret = node_secret(ident.ledger_dir, ident.client_id, deployed=bool(ident.data_path))
+        rng: RoundRandomness | int = RoundRandomness.fresh_keys() if cfg.privacy.secure_mode \
+            else RoundRandomness.derived(secret, replay_key)
+    elif reason := node_budget_refusal(context.node_config, cfg, None, steps, server_round):
+        log.warning("client %s: %s", ident.client_id, reason)
+        return _refusal(msg, refused=True, reason=reason, client=ident.client_id)
+    else:
+        rng = int(hashlib.sha256(replay_key.encode()).hexdigest()[:15], 16)  # no DP: nothing to protect
+    plugin.load_state(model, incoming)
+    if hetero and hasattr(plugin, "set_client_rank"):
+        plugin.set_client_rank(model, int(hetero["rank"]))
+    plugin.load_local_state(model, local_in)
+    sigma = ledger.noise_multiplier if ledger is not None else None
+    result = train_local(model, plugin, rt.tokenizer, data, cfg, steps, rt.device, sigma, rng,
+                         desc=f"client {ident.client_id} round {server_round}")
+    state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
+    local_after = plugin.local_state(model)
+    epsilon, output_hash = float("inf"), _digest(state)
+    if ledger is not None:
+        # Record first, then store: a crash in between can only over-count, never under-count.
+        epsilon = ledger.record(server_round, result.steps, replay_key, output_hash,
+                                noise_multiplier=float(sigma or 0.0), sample_rate=result.sample_rate)
+        _save_ledger(ledger, ident, context)
+    metrics = _metrics(cfg, result, epsilon, sigma, state_nbytes(state), ident.client_id, server_round)
+    if ledger is not None:
+        save_release(ident.ledger_dir, ident.client_id,
+                     StoredRelease(server_round, replay_key, output_hash, state, local_after, metrics))
+    if local_after:  # stays in this node's Context.state; never part of the reply
+        context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(local_after)
+    return _reply(msg, state, metrics, {**info, "accountant": ledger.accountant if ledger else "none"})
+
+
+def _reply(msg: Message, state: Mapping[str, np.ndarray], metrics: Mapping[str, Any], info: Mapping[str, Any]) -> Message:
+    content = RecordDict({"arrays": state_to_arrayrecord(dict(state)), "metrics": MetricRecord(dict(metrics)),
+                          "info": ConfigRecord(dict(info))})
     return Message(content=content, reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handle_train(msg, context)
+    """Flower's entry point: :func:`handle_train`, with every failure's text kept on the node.
+
+    Flower puts an exception's text into the error reply the server reads; a data error's
+    text can name the node's labels, columns or values. Only :class:`NodeRefusal` and the
+    simulation's injected crashes (texts written to carry no data) pass through as they are.
+    """
+    try:
+        return handle_train(msg, context)
+    except (NodeRefusal, InjectedCrash):
+        raise
+    except Exception as exc:
+        log.exception("training failed on this node")
+        raise NodeRefusal(f"training failed on the node ({type(exc).__name__}); details are in the node's log") \
+            from None
 
 
-__all__ += ["build_loader", "loader_sample_rate", "tensorize"]
+__all__ += ["NodeRefusal", "build_loader", "loader_sample_rate", "node_budget_refusal", "tensorize"]

@@ -7,11 +7,17 @@ at most ``physical_batch_size`` examples, each trimmed to its own longest sequen
 about a third fewer tokens than padding every chunk to the batch maximum, and it changes
 nothing in the maths -- the gradient of a logical batch is the same sum over examples.
 
-With DP, Opacus samples logical batches by Poisson sampling at the calibrated rate; every
+With DP, logical batches are Poisson samples at the rate ``1 / len(loader)`` (the rate the
+ledger records, returned as ``LocalResult.sample_rate``); every
 chunk but the last calls ``signal_skip_step`` (as Opacus's own ``BatchMemoryManager``
 does), so per-sample gradients are clipped and accumulated across chunks and noise is
 added once per logical batch. One *step* is one logical batch (one noisy optimizer
 update), which is what the ledger counts.
+
+Randomness: the Poisson batches, the DP noise and the dropout masks of a DP round come from
+the node's :class:`~privacy.randomness.RoundRandomness` (keys derived from the node secret),
+never from a seed the server knows. Without DP the loader's shuffling and dropout use a
+plain seed (there is no guarantee to protect).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm.auto import tqdm
 
 from adapters.base import AdapterPlugin
 from privacy.dpsgd import loader_sample_rate, make_private
+from privacy.randomness import RoundRandomness
 from task.config import RunConfig
 from task.data import TextDataset
 
@@ -49,6 +56,7 @@ class LocalResult:
     loss_mean: float
     loss_last: float
     seconds: float
+    sample_rate: float = 1.0  # DP: the Poisson rate the loader sampled at; else 1 / batches per epoch
 
 
 def tensorize(tokenizer, data: TextDataset, max_length: int) -> TensorDataset:  # type: ignore[no-untyped-def]
@@ -110,26 +118,34 @@ def train_local(
     steps: int,
     device: torch.device,
     noise_multiplier: float | None,
-    seed: int,
+    seed: int | RoundRandomness,
     desc: str = "local training",
 ) -> LocalResult:
     """Run ``steps`` optimizer steps on ``data``; DP-SGD when ``noise_multiplier`` is set.
 
     ``model`` must already carry the adapter (``plugin.attach``) and the global state.
+    ``seed`` is the node's :class:`RoundRandomness` for a DP round (required: a DP round
+    refuses a plain integer seed) and an integer without DP.
     """
+    if noise_multiplier is not None and not isinstance(seed, RoundRandomness):
+        raise TypeError("DP-SGD needs the node's RoundRandomness, not an integer seed (the server may know it)")
     model.to(device).train()
     dataset = tensorize(tokenizer, data, cfg.model.max_length)
-    loader = build_loader(dataset, cfg.train.batch_size, seed)
+    plain_seed = seed.dropout_seed if isinstance(seed, RoundRandomness) else int(seed)
+    loader = build_loader(dataset, cfg.train.batch_size, plain_seed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
-    torch.manual_seed(seed)  # dropout masks: reproducible per client and round
+    torch.manual_seed(plain_seed)  # dropout masks: from the node's secret under DP
+    sample_rate = loader_sample_rate(loader)
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
     bar = _progress(steps, desc)
     if noise_multiplier is not None:
-        parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed=seed)
-        net, opt = parts.module, parts.optimizer
+        assert isinstance(seed, RoundRandomness)
+        parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed,
+                             secure_mode=cfg.privacy.secure_mode)
+        net, opt, sample_rate = parts.module, parts.optimizer, parts.sample_rate
         stream = _cycle(parts.loader)
         for _ in range(steps):
             ids, mask, labels = next(stream)
@@ -185,6 +201,7 @@ def train_local(
         loss_mean=sum(losses) / len(losses),
         loss_last=losses[-1],
         seconds=time.perf_counter() - start,
+        sample_rate=sample_rate,
     )
 
 

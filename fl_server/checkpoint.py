@@ -4,6 +4,9 @@ After every completed round the server writes ``DIR/checkpoint.npz`` holding
 
 * the global trainable state (what the next round would send) and the strategy's state
   (the previous aggregate that plugins such as TriAdaptLoRA carry their rank masks in);
+  under client-level central DP both are the *noised* release -- the clipped, un-noised
+  aggregate is never kept by the strategy (:mod:`privacy.central_strategy`), so nothing in
+  the run directory lets its reader subtract the central noise (:func:`round_checkpoint`);
 * the round number, the configuration hash, the server's sampling RNG state;
 * the metrics rows so far and the per-client epsilon table, so ``metrics.jsonl`` can be
   rewritten to exactly the checkpointed rounds on resume.
@@ -29,7 +32,7 @@ import numpy as np
 
 from privacy.ledger import atomic_write
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "round_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_VERSION = 1
@@ -48,6 +51,20 @@ class Checkpoint:
     rows: list[dict[str, Any]] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)
     accountants: list[str] = field(default_factory=list)
+
+
+def round_checkpoint(
+    server_round: int, config_hash: str, state: dict[str, np.ndarray], strategy: Any,
+    rows: list[dict[str, Any]], epsilon: dict[str, float], accountants: list[str],
+) -> Checkpoint:
+    """What the round loop saves after ``server_round``: the global ``state`` it will send next,
+    and from the innermost strategy (an ``AdapterAvg``) its ``previous`` and sampler RNG state.
+
+    ``state`` and ``previous`` are what the server released; under central DP that is the
+    noised aggregate for both (the un-noised one is never assigned to ``previous``).
+    """
+    return Checkpoint(server_round, config_hash, dict(state), dict(strategy.previous), strategy.rng.getstate(),
+                      list(rows), dict(epsilon), list(accountants))
 
 
 def _rng_to_json(state: Any) -> Any:

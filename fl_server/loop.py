@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from adapters import get as get_plugin
-from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fl_server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
 from fl_server.run_dir import RunDir
 from strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
 from strategies.validation import StateSpec
@@ -41,8 +41,8 @@ from task.data import train_test_split_for
 from task.evaluate import evaluate
 from task.model import load_base_model, load_tokenizer, pick_device
 
-__all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "run_federation",
-           "send_and_receive"]
+__all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "reported_epsilon",
+           "run_federation", "send_and_receive"]
 
 log = logging.getLogger("fedpeft.server")
 
@@ -112,7 +112,9 @@ def _round_row(
 ) -> dict[str, Any]:
     finite = [e for e in eps.values() if math.isfinite(e)]
     used = report.accepted if report.released else []  # replies that went into the average
-    train_losses = [r.metrics.get("train-loss", math.nan) for r in used]
+    # Clients' training losses exist only without DP (a DP reply carries none: fl_client/app.py).
+    train_losses = [r.metrics["train-loss"] for r in used if "train-loss" in r.metrics]
+    first_losses = [r.metrics["train-loss-first"] for r in used if "train-loss-first" in r.metrics]
     return {
         "round": report.server_round,
         "accuracy": ev["accuracy"],
@@ -126,8 +128,7 @@ def _round_row(
         "bytes_down": report.bytes_down,
         "seconds": seconds,
         "train_loss": float(np.mean(train_losses)) if train_losses else None,  # None: nothing trained in
-        "train_loss_first": float(np.mean([r.metrics.get("train-loss-first", math.nan) for r in used]))
-        if used else None,
+        "train_loss_first": float(np.mean(first_losses)) if first_losses else None,
         "clients_sent": report.sent_to,
         "clients_accepted": len(used),
         "attempts": report.attempt + 1,
@@ -137,6 +138,22 @@ def _round_row(
         "failed": report.failed,
         "method": cfg.adapter.method,
     }
+
+
+def reported_epsilon(msg: Message) -> tuple[str, float] | None:
+    """``(client, epsilon spent)`` that a reply states (its metrics, or the status of a
+    refusal or timeout), or None when it states none (errors, malformed values)."""
+    if msg.has_error():
+        return None
+    content = msg.content
+    status, info, metrics = content.get("status"), content.get("info"), content.get("metrics")
+    who = next((str(r["client"]) for r in (info, status) if isinstance(r, ConfigRecord) and "client" in r), None)
+    value = next((r["epsilon"] for r in (metrics, status) if isinstance(r, (MetricRecord, ConfigRecord))
+                  and "epsilon" in r), None)
+    if who is None or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    eps = float(value)
+    return (who, eps) if eps >= 0 and not math.isnan(eps) else None
 
 
 def _resume_from(ckpt_path: Path, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, rd: RunDir) -> Checkpoint:
@@ -209,21 +226,23 @@ def _train_round(
     valid replies came back and ``faults.on_too_few = retry`` allows."""
     inner = inner_strategy(strategy)
     max_attempts = 1 + (cfg.faults.max_retries if cfg.faults.on_too_few == "retry" else 0)
+    received: list[Any] = []  # every attempt's replies: each states what its client spent
     for attempt in range(max_attempts):
         inner.attempt = attempt
         messages = list(strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(),
                                                  grid))
         replies = send_and_receive(grid, messages, timeout)
+        received.extend(replies)
         arrays, _ = strategy.aggregate_train(server_round, replies)
         report = inner.report
         if arrays is not None:
             setup.set_state({k: v.numpy() for k, v in arrays.items()})
-            return report, replies
+            return report, received
         if attempt + 1 < max_attempts:
             log.warning("round %d: retrying with the same global state (attempt %d of %d)",
                         server_round, attempt + 2, max_attempts)
     log.warning("round %d: skipped after %d attempt(s); global state unchanged", server_round, max_attempts)
-    return report, replies
+    return report, received
 
 
 def run_federation(
@@ -273,9 +292,12 @@ def run_federation(
         for server_round in range(first, cfg.train.rounds + 1):
             t0 = time.perf_counter()
             report, replies = _train_round(grid, cfg, setup, strategy, server_round, timeout)
-            for rep in report.accepted:
-                eps[rep.client] = rep.metrics.get("epsilon", math.inf)
+            # Every client that trained has spent, whether its reply was then used, rejected,
+            # cut off as late by a wrapper or lost to a timeout: read each reply received.
             for msg in replies:
+                spent = reported_epsilon(msg)
+                if spent is not None:
+                    eps[spent[0]] = max(spent[1], eps.get(spent[0], 0.0))
                 if not msg.has_error() and "info" in msg.content:
                     accountants.add(str(msg.content["info"].get("accountant", "none")))
             accountants.discard("none")
@@ -285,9 +307,8 @@ def run_federation(
                 hook.on_round_end(server_round, row, report)
             rows.append(row)
             rd.append_metrics(row)
-            save_checkpoint(rd.checkpoint_path, Checkpoint(
-                server_round, config_hash(cfg), setup.state, inner_strategy(strategy).previous,
-                inner_strategy(strategy).rng.getstate(), rows, eps, sorted(accountants)))
+            save_checkpoint(rd.checkpoint_path, round_checkpoint(  # released state only (central DP: noised)
+                server_round, config_hash(cfg), setup.state, inner_strategy(strategy), rows, eps, sorted(accountants)))
             eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
                        f"delta={cfg.privacy.delta:g}, {row['accountant']})") if cfg.privacy.enabled else "no DP"
             skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""

@@ -13,7 +13,12 @@ picks it when ``cfg.tasks.enabled``):
 * evaluation runs every task on its own held-out split; ``accuracy`` / ``loss`` in
   ``metrics.jsonl`` are the unweighted means over tasks, ``accuracy_per_task`` /
   ``loss_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
-  what each task group contributed (:class:`MultiTaskHook`);
+  what each task group contributed (:class:`MultiTaskHook`); in a DP run
+  ``train_loss_per_task`` is ``None``: the server is the adversary DP-SGD protects against,
+  so DP replies carry no training loss (nothing the accountant does not cover leaves a
+  client) and nothing here reads client training statistics -- a reply is read only for
+  its tensor names (which task it holds, known to any per-task aggregation) and its
+  ``num-examples`` weight;
 * a plugin with a server-side *public-data step* (``public_step(model, batches, cfg)``,
   SMoRA's routing-bias update) gets it after each round's evaluation, on the unlabelled
   server-held sample of every task (``tasks.public_size``); tensors it changes are listed by
@@ -27,7 +32,6 @@ picks it when ``cfg.tasks.enabled``):
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -133,15 +137,20 @@ class MultiTaskHook(RoundHook):
 
     def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
         row.update(self.setup.last_eval)
+        dp = self.setup.cfg.privacy.enabled
         counts: dict[str, int] = {t.name: 0 for t in self.setup.tasks}
         losses: dict[str, list[float]] = {t.name: [] for t in self.setup.tasks}
         for reply in (report.accepted if report.released else []):
             owners = {owned_task(k) for k in reply.state} - {None}
+            loss = None if dp else reply.metrics.get("train-loss")  # DP: never read a client's loss
             for owner in owners:
                 counts[str(owner)] += 1
-                losses[str(owner)].append(reply.metrics.get("train-loss", math.nan))
+                if isinstance(loss, (int, float)):  # absent: not averaged in as NaN
+                    losses[str(owner)].append(float(loss))
         row["clients_per_task"] = counts
-        row["train_loss_per_task"] = {k: (float(np.mean(v)) if v else None) for k, v in losses.items()}
+        # None in DP runs (no reply carries a loss); per task None when no reply of it had one
+        row["train_loss_per_task"] = None if dp else {k: (float(np.mean(v)) if v else None)
+                                                       for k, v in losses.items()}
         row["tasks"] = [t.name for t in self.setup.tasks]
         if report.released:
             self.setup.public_step()

@@ -8,10 +8,17 @@ DIR/adapter/        final global adapter, a PEFT directory
 DIR/server.log      log with one summary line per round
 DIR/checkpoint.npz  server state after the last completed round (fl_server/checkpoint.py)
 ```
+
+A directory whose ledgers were charged under one configuration is never reused for
+another: :meth:`RunDir.write_config` refuses (:class:`RunDirReused`) when ``ledger/``
+already holds ledgers and the saved ``config.toml`` hashes differently from the new run
+(a resume of the same configuration is allowed). Mixing two runs' spending in one
+directory would make its ledgers, metrics and audit describe neither run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,9 +27,23 @@ from pathlib import Path
 from typing import Any
 
 from privacy.ledger import atomic_write_text
-from task.config import RunConfig, config_to_toml
+from task.config import RunConfig, config_from_toml, config_hash, config_to_toml
 
-__all__ = ["RunDir", "default_run_dir", "jsonable"]
+__all__ = ["RunDir", "RunDirReused", "default_run_dir", "jsonable", "saved_config_hash"]
+
+
+class RunDirReused(ValueError):
+    """A run directory with ledgers of another configuration was given to a new run."""
+
+
+def saved_config_hash(path: Path) -> str:
+    """:func:`task.config.config_hash` of the ``config.toml`` at ``path``; if that no longer
+    parses (an older, now invalid configuration), ``"unparseable-"`` + a hash of its text."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return config_hash(config_from_toml(text))
+    except (ValueError, TypeError, KeyError):
+        return "unparseable-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -63,7 +84,21 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
     def write_config(self, cfg: RunConfig) -> None:
+        """Write ``config.toml``; RunDirReused if this directory holds ledgers of another config."""
+        self.check_reuse(cfg)
         atomic_write_text(self.path / "config.toml", config_to_toml(cfg))
+
+    def check_reuse(self, cfg: RunConfig) -> None:
+        """RunDirReused (one line, both hashes) if ``ledger/client-*.json`` exist and the saved
+        ``config.toml`` is of another configuration (or missing)."""
+        if not any(self.ledger_dir.glob("client-*.json")):
+            return
+        saved_path = self.path / "config.toml"
+        new = config_hash(cfg)
+        saved = saved_config_hash(saved_path) if saved_path.is_file() else "missing"
+        if saved != new:
+            raise RunDirReused(f"{self.path} holds privacy ledgers of configuration {saved}, this run is {new}; "
+                               f"use a new --output-dir (only a resume of the same configuration may reuse it)")
 
     @property
     def checkpoint_path(self) -> Path:

@@ -3,13 +3,17 @@
 Some methods need a client to release something about its data besides DP-SGD updates --
 ICM-LoRA's *task vector*, the mean of the client's example embeddings. That is an extra
 release and costs privacy. Here it is the Gaussian mechanism on a sum: every example's
-vector is clipped to L2 norm ``clip`` (so adding or removing one example changes the sum
-by at most ``clip``, the same add/remove adjacency as DP-SGD), Gaussian noise with standard
-deviation ``sigma * clip`` is added to the sum, and the result is divided by the number of
-examples (a count the client reports anyway as its FedAvg weight). This is exactly one
-DP-SGD "step" with sample rate 1 and noise multiplier ``sigma``, so it is one ledger entry
-``(sigma, 1.0, 1)`` and the run's accountant (PRV / RDP, :mod:`privacy.accounting`)
-composes it with the client's DP-SGD steps -- no separate hand-made epsilon.
+vector is clipped to L2 norm ``clip``, Gaussian noise with standard deviation
+``sigma * clip`` is added to the sum, and the result is divided by the number of examples n.
+
+Sensitivity. Neighbouring datasets are *replace-one* (one example substituted), because n
+is public: it is the client's FedAvg weight and fixes its sample rate. Substituting one
+example moves the clipped sum by up to ``2 * clip`` (one clipped vector out, another in).
+That factor 2 is the accountant's business, not ours: the release is one ledger entry
+``(sigma, q=1, 1 step)`` and dp-accounting's PLD under REPLACE_ONE accounts a q = 1
+Gaussian exactly as a Gaussian of sensitivity 2 (:mod:`privacy.accounting`), composed with
+the client's DP-SGD steps -- no separate hand-made epsilon. Dividing by n is
+post-processing with a public constant, so it costs nothing and needs no noise of its own.
 
 Budget. DP-SGD's sigma is normally calibrated so that the planned steps spend exactly the
 target epsilon; a release on top would push the last round over it and the ledger would
@@ -29,7 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from privacy.accounting import Calibration, HistoryEntry, calibrate_noise, epsilon_for
+from privacy.accounting import (
+    DEFAULT_ACCOUNTANT,
+    DEFAULT_RELATION,
+    Calibration,
+    HistoryEntry,
+    calibrate_noise,
+    epsilon_for,
+)
 from privacy.ledger import Ledger, LedgerEntry
 
 __all__ = ["calibrate_after", "clipped_noisy_mean", "release_entry", "release_epsilon", "record_release"]
@@ -40,9 +51,10 @@ def release_entry(sigma: float) -> HistoryEntry:
     return (float(sigma), 1.0, 1)
 
 
-def release_epsilon(sigma: float, delta: float, accountant: str = "prv") -> tuple[float, str]:
+def release_epsilon(sigma: float, delta: float, accountant: str = DEFAULT_ACCOUNTANT,
+                    relation: str = DEFAULT_RELATION) -> tuple[float, str]:
     """Epsilon of one release on its own (for reports; the ledger composes it with DP-SGD)."""
-    return epsilon_for([release_entry(sigma)], delta, accountant)
+    return epsilon_for([release_entry(sigma)], delta, accountant, relation)
 
 
 def clipped_noisy_mean(
@@ -67,7 +79,7 @@ def clipped_noisy_mean(
 
 def calibrate_after(
     prior: Sequence[HistoryEntry], target_epsilon: float, delta: float, sample_rate: float, steps: int,
-    accountant: str = "prv",
+    accountant: str = DEFAULT_ACCOUNTANT, relation: str = DEFAULT_RELATION,
 ) -> Calibration:
     """DP-SGD's sigma such that ``prior`` releases plus ``steps`` steps at ``sample_rate``
     stay within ``target_epsilon`` (by :func:`epsilon_for`, the figure the ledger checks):
@@ -76,31 +88,38 @@ def calibrate_after(
     """
     prior = tuple(prior)
     if prior:
-        alone, _ = epsilon_for(prior, delta, accountant)
+        alone, _ = epsilon_for(prior, delta, accountant, relation)
         if alone >= target_epsilon:
             raise ValueError(f"the releases alone spend epsilon={alone:.3f} >= the budget {target_epsilon:g}; "
                              f"raise their noise")
-    return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, prior=prior)
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant, prior=prior, relation=relation)
 
 
 def record_release(
     path: Path, client: str, *, target_epsilon: float, delta: float, accountant: str, sigma: float,
-    sample_rate: float, planned_steps: int, tag: str, payload: np.ndarray,
+    sample_rate: float, planned_steps: int, tag: str, payload: np.ndarray, relation: str = DEFAULT_RELATION,
 ) -> Ledger:
     """Append one release (``(sigma, 1, 1)``, round 0 = before training) to the client's
     ledger at ``path`` and save it. A new ledger (no sigma yet) is first calibrated for
     ``planned_steps`` DP-SGD steps at ``sample_rate`` with the release included, so that the
-    whole run fits the target; the ClientApp then keeps that sigma. Returns the ledger.
+    whole run fits the target; the ClientApp's :meth:`Ledger.ensure_plan` then keeps that
+    sigma (the plan covers ``planned_steps`` after the release). On a ledger that already
+    has a plan the release eats into it and the next ``ensure_plan`` re-calibrates.
+    Returns the ledger.
     """
     ledger = Ledger.load_or_new(path, None, client=client, target_epsilon=target_epsilon, delta=delta,
-                                accountant=accountant)
-    if ledger.noise_multiplier == 0.0 and not ledger.entries:
-        plan = calibrate_after([release_entry(sigma)], target_epsilon, delta, sample_rate, planned_steps, accountant)
+                                accountant=accountant, relation=relation)
+    new = ledger.noise_multiplier == 0.0 and not ledger.entries
+    if new:
+        plan = calibrate_after([release_entry(sigma)], target_epsilon, delta, sample_rate, planned_steps, accountant,
+                               relation)
         ledger.noise_multiplier, ledger.sample_rate = plan.noise_multiplier, plan.sample_rate
-        ledger.planned_steps, ledger.accountant = plan.planned_steps, plan.accountant
+        ledger.planned_steps = plan.planned_steps
     digest = hashlib.sha256(np.ascontiguousarray(payload).tobytes()).hexdigest()
     entry = LedgerEntry(0, float(sigma), 1.0, 1, 0.0, replay_key=f"release:{tag}", output_hash=digest)
     ledger.entries.append(entry)
-    entry.epsilon_after = epsilon_for(ledger.history, delta, ledger.accountant)[0]
+    entry.epsilon_after, entry.accountant = ledger.epsilon()
+    if new:
+        ledger.plan_offset = ledger.total_steps
     ledger.save(path)
     return ledger

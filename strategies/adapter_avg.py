@@ -14,7 +14,8 @@ What changes:
   replies sorted by client id (so the floating-point sum, and a resumed run, do not depend
   on the order replies arrive in), then ``plugin.server_step``;
 * a :class:`RoundReport` records bytes, per-client metrics and rejections for the
-  server's ``metrics.jsonl``.
+  server's ``metrics.jsonl``. DP replies carry no training loss (it would be an unaccounted
+  release of the client's data); the aggregate's ``train-loss`` exists only without DP.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class AdapterAvg(FedAvg):
         self.rng = random.Random(cfg.seed)
         self.report = RoundReport(0)
         self.previous: NDArrays = {}
+        # True under client-level central DP (privacy.central_strategy): the wrapper noises the
+        # aggregate and sets ``previous`` to that release; the un-noised aggregate is never kept.
+        self.release_sets_previous = False
         self.node_wait_s = 300.0
         self.attempt = 0  # set by the round loop before each (re)try of a round
 
@@ -198,8 +202,10 @@ class AdapterAvg(FedAvg):
         weights = [r.weight for r in report.accepted]
         new_state = self.aggregate_states(states, weights)
         new_state = self.plugin.server_step(server_round, new_state, self.cfg)
-        self.previous = new_state
+        if not self.release_sets_previous:
+            self.previous = new_state
         total = float(sum(weights))
-        loss = sum(r.metrics.get("train-loss", float("nan")) * r.weight for r in report.accepted) / total
-        metrics = MetricRecord({"train-loss": loss, "num-examples": total, "clients": len(report.accepted)})
+        metrics = MetricRecord({"num-examples": total, "clients": len(report.accepted)})
+        if all("train-loss" in r.metrics for r in report.accepted):  # runs without DP only (module doc)
+            metrics["train-loss"] = sum(float(r.metrics["train-loss"]) * r.weight for r in report.accepted) / total
         return state_to_arrayrecord(new_state), metrics

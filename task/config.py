@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 PARTITIONS = ("iid", "dirichlet", "label-proportions")
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("pld",)  # dp-accounting PLD under replace-one (privacy/accounting.py)
+ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
@@ -107,7 +108,11 @@ class PrivacyConfig:
     epsilon: float = 6.0
     delta: float = 1e-5
     clip: float = 1.0
-    accountant: str = "prv"
+    accountant: str = "pld"
+
+    # CSPRNG keys from fresh OS entropy every round (nothing reproducible; replays re-send the
+    # node's stored release) and Opacus's floating-point-attack-resistant Gaussian sampling.
+    secure_mode: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -369,6 +374,9 @@ def validate(cfg: RunConfig) -> None:
     _require(p.epsilon > 0, "privacy.epsilon", p.epsilon, "must be > 0 (or inf for no DP)")
     _require(0 < p.delta < 1, "privacy.delta", p.delta, "must be in (0, 1)")
     _require(p.clip > 0 and math.isfinite(p.clip), "privacy.clip", p.clip, "must be > 0")
+    _require(p.accountant not in ADD_REMOVE_ACCOUNTANTS, "privacy.accountant", p.accountant,
+             "prv and rdp account add/remove neighbours, but fedpeft releases each client's example count "
+             "(replace-one); allowed: pld")
     _require(p.accountant in ACCOUNTANTS, "privacy.accountant", p.accountant, f"allowed: {', '.join(ACCOUNTANTS)}")
     _require(1 <= t.rounds <= 100_000, "train.rounds", t.rounds, "must be an integer in [1, 100000]")
     _require(1 <= t.clients <= 100_000, "train.clients", t.clients, "must be an integer in [1, 100000]")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FEDPEFT_PROGRESS", "0")
+# Simulated clients' node secrets (fl_client/node_store.py): never in the user's home from tests.
+os.environ.setdefault("FEDPEFT_SECRET_HOME", tempfile.mkdtemp(prefix="fedpeft-test-secrets-"))
 sys.path.insert(0, str(Path(__file__).parent))
 # The repository root before site-packages: Opacus installs a top-level `benchmarks` package
 # that would shadow ours when pytest is run as `pytest` rather than `python -m pytest`.

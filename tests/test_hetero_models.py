@@ -11,13 +11,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from simulations.hetero.deadlines import Candidate, DeadlinePolicy, draw_round, resolve_round
 from simulations.hetero.memory import ModelShape, TrainShape, decide, estimate
 from simulations.hetero.profiles import CATALOGUE_PATH, DeviceProfile, load_catalogue
 from simulations.hetero.scenario import load_scenario, scenario_names
-from simulations.hetero.timing import client_timing
+from simulations.hetero.timing import StepCost, client_timing, expected_batch
 from task.config import ConfigError
 
 MINILM = ModelShape(layers=6, hidden=384, heads=12, intermediate=1536, vocab=30522)
@@ -180,12 +181,187 @@ def test_policy_keeps_halves_lowers_rank_or_declines() -> None:
 def test_time_scales_compute_by_throughput_and_adds_link_time() -> None:
     host = DeviceProfile("host", tflops=0.2, memory_gb=8, uplink_mbps=1000, downlink_mbps=1000)
     dev = DeviceProfile("dev", tflops=2.0, memory_gb=8, uplink_mbps=8, downlink_mbps=80)
-    t = client_timing(dev, host, measured_compute_s=10.0, bytes_down=1e6, bytes_up=1e6)
+    t = client_timing(dev, host, host_compute_s=10.0, bytes_down=1e6, bytes_up=1e6)
     assert t.compute_s == pytest.approx(1.0)  # 10x the host's throughput
     assert t.upload_s == pytest.approx(1.0) and t.download_s == pytest.approx(0.1)  # 8 Mbit over 8 / 80 Mbit/s
     assert t.total_s == pytest.approx(2.1)
     with pytest.raises(ValueError):
         client_timing(dev, host, -1.0, 0, 0)
+
+
+def test_expected_batch_is_the_mean_logical_batch_from_public_values() -> None:
+    assert expected_batch(64, 32) == pytest.approx(32.0)
+    assert expected_batch(10, 4) == pytest.approx(10 / 3)  # 3 batches per epoch: 4 + 4 + 2
+    assert expected_batch(64, 32, sample_rate=0.25) == pytest.approx(16.0)  # the rate a DP reply states
+    assert expected_batch(0, 32) == 0.0
+    cost = StepCost(seconds_per_example=0.01)
+    assert cost.host_seconds(3, 20.0) == pytest.approx(0.6)
+    with pytest.raises(ValueError):
+        StepCost(seconds_per_example=math.nan)
+
+
+# ---- the hook on DP replies (no client timings) --------------------------------------------------
+HOOK_SCENARIO = """
+name = "dp-replies"
+host_profile = "Host"
+[config]
+"adapter.method" = "ffa_lora"
+"train.clients" = 3
+"data.partition" = "iid"
+[clients]
+Fast = 2
+Slow = 1
+[deadline]
+policy = "drop-late"
+seconds = 10.0
+[profiles.Host]
+tflops = 1.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+[profiles.Fast]
+tflops = 10.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+[profiles.Slow]
+tflops = 0.01
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+"""
+
+# exactly the keys a DP reply may carry (fl_client/app.py): no seconds, loss or samples-seen
+DP_KEYS = {"num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate", "bytes-up"}
+
+
+def _dp_reply(cid: int, extra: dict[str, float] | None = None):  # type: ignore[no-untyped-def]
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    out = Message(content=RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(1))})}), dst_node_id=1,
+                  message_type="train")
+    metrics = {"num-examples": 64.0, "steps": 2, "epsilon": 0.5, "delta": 1e-5, "noise-multiplier": 1.1,
+               "sample-rate": 0.5, "bytes-up": 64, **(extra or {})}
+    content = RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros((4, 4), np.float32))}),
+                          "metrics": MetricRecord(metrics),
+                          "info": ConfigRecord({"client": str(cid), "frozen-hash": "h", "accountant": "prv"})})
+    return Message(content=content, reply_to=out)
+
+
+def _settle(tmp_path: Path, extra: dict[str, float] | None = None):  # type: ignore[no-untyped-def]
+    from simulations.hetero.hook import HeteroEmulator
+    from task.config import parse_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "s.toml").write_text(HOOK_SCENARIO)
+    scenario = load_scenario(str(tmp_path / "s.toml"))
+    cfg = parse_config(scenario.config, {"train.batch_size": 32, "privacy.epsilon": 6.0})
+    emulator = HeteroEmulator(scenario, cfg, step_cost=StepCost(seconds_per_example=0.01))
+    emulator.plan_memory(MINILM)
+    emulator.full_shapes = {"w": (4, 4)}
+    emulator._round_plan(1)
+    replies = [_dp_reply(cid, extra) for cid in range(3)]
+    assert set(replies[0].content["metrics"]) == DP_KEYS | set(extra or ())
+    kept = emulator.settle(1, replies, bytes_down_each=0)
+    round_s, entries = emulator._pending[1]
+    return emulator, kept, round_s, {e.client: e for e in entries}
+
+
+@pytest.mark.usefixtures("flwr_identity")
+def test_hook_settles_dp_replies_without_client_timings(tmp_path: Path) -> None:
+    """A DP reply has no ``seconds``: compute comes from the server's cost model (price per
+    example-step x reported steps x sample-rate x num-examples), and deadlines still cut."""
+    emulator, kept, round_s, entries = _settle(tmp_path)
+    host_s = 0.01 * 2 * (0.5 * 64)  # 0.64 s on the host
+    for cid, e in entries.items():
+        fast = emulator.assignment[int(cid)] == "Fast"
+        assert e.status == ("accepted" if fast else "late")
+        assert e.estimated_compute_s == pytest.approx(host_s) and e.compute_source == "server cost model"
+        assert e.steps == 2 and e.expected_batch == pytest.approx(32.0)
+        assert e.compute_s == pytest.approx(host_s / 10 if fast else host_s * 100)  # host 1 TFLOPS
+    assert round_s == pytest.approx(10.0)  # the Slow client is late: the round lasts the deadline
+    assert len(kept) == 2
+
+
+@pytest.mark.usefixtures("flwr_identity")
+def test_hook_never_reads_a_client_timing(tmp_path: Path) -> None:
+    """Without DP a reply still carries ``seconds`` (and losses); the emulation ignores them:
+    the same timeline whatever a client claims its wall time was."""
+    _, _, round_a, a = _settle(tmp_path / "a")
+    _, _, round_b, b = _settle(tmp_path / "b", {"seconds": 1e6, "train-loss": 0.3, "samples-seen": 64})
+    assert round_a == round_b and a == b
+
+
+@pytest.mark.parametrize("epsilon", [6.0, math.inf])
+def test_server_prices_a_step_on_its_own_copy(tiny_cfg, epsilon: float) -> None:  # type: ignore[no-untyped-def]
+    """The cost model is the server's own measurement (its model, its held-out data), with
+    DP-SGD's per-sample work when DP is on; the global model and the torch RNG are untouched."""
+    import dataclasses
+
+    import torch
+
+    from fl_server.loop import ServerSetup
+    from simulations.hetero.cost import measure_step_cost
+
+    cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=epsilon))
+    setup = ServerSetup(cfg)
+    before = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    cost = measure_step_cost(setup, steps=1)
+    assert cost.seconds_per_example > 0 and cost.batch == min(cfg.train.batch_size, len(setup.test))
+    assert cost.dp == math.isfinite(epsilon) and cost.source == "server cost model"
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    after = setup.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in setup.model.parameters())
+
+
+def test_server_cost_chunks_as_the_trainer_does() -> None:
+    """cost.py restates the trainer's length bucketing (it may not import fl_client)."""
+    import torch
+
+    from fl_client.trainer import length_buckets
+    from simulations.hetero.cost import length_chunks
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 24, (37,), generator=gen)
+    mask = (torch.arange(24)[None, :] < lengths[:, None]).long()
+    ids, labels = torch.randint(0, 100, (37, 24), generator=gen) * mask, torch.randint(0, 2, (37,), generator=gen)
+    for chunk in (1, 8, 37, 64):
+        mine, theirs = length_chunks(ids, mask, labels, chunk), length_buckets(ids, mask, labels, chunk)
+        assert len(mine) == len(theirs)
+        assert all(torch.equal(x, y) for a, b in zip(mine, theirs, strict=True) for x, y in zip(a, b, strict=True))
+
+
+def test_hetero_emulation_imports_no_client_code() -> None:
+    """The emulation runs in the server: like fl_server and strategies it imports nothing of
+    the client package (whose trainer holds the node-secret randomness)."""
+    import ast
+
+    forbidden = ("fl_client", "privacy.randomness")
+    for path in (Path(__file__).resolve().parents[1] / "simulations" / "hetero").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)], path
+
+
+@pytest.mark.usefixtures("flwr_identity")
+def test_hook_steps_fallback_is_the_trainers_count(tmp_path: Path) -> None:
+    """A reply without ``steps`` is priced at the configured steps for its example count."""
+    import dataclasses
+
+    from flwr.app import MetricRecord
+
+    from fl_client.trainer import local_steps
+
+    emulator, _, _, _ = _settle(tmp_path)
+    base = emulator.cfg
+    for train in ({"local_epochs": 1.0}, {"local_epochs": 1.5}, {"local_steps": 3}):
+        emulator.cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, **train))
+        for n in (1, 10, 64, 100):
+            steps, batch, host_s = emulator.compute_estimate(MetricRecord({"num-examples": float(n)}))
+            assert steps == local_steps(emulator.cfg, n) and host_s == pytest.approx(0.01 * steps * batch)
 
 
 # ---- deadlines ---------------------------------------------------------------------------------

@@ -100,7 +100,17 @@ def test_timeline_shows_each_clients_fate_and_ranks(hetero_run) -> None:  # type
     slow = [e for e in entries if e["profile"] == "Slow"]
     # the rank-2 client really sent half of B's columns (the head is the same size for both)
     assert slow[0]["bytes_up"] < fast[0]["bytes_up"]
-    assert all(e["compute_s"] < e["measured_compute_s"] for e in fast)  # 1000 TFLOPS vs the host
+    # Compute is the server's cost-model estimate (client timings never leave a DP node, and are
+    # not used without DP either), scaled to the device: 1000 TFLOPS beats the host, and the host
+    # estimate is the server's price per example-step x the steps and expected batch the reply implies.
+    cost = json.loads((path / "hetero_plan.json").read_text())["compute_cost"]
+    assert cost["seconds_per_example"] > 0 and cost["dp"] and cost["source"] == "server cost model"
+    for e in fast + slow:
+        assert e["compute_source"] == "server cost model" and "measured_compute_s" not in e
+        assert e["steps"] == 1 and e["expected_batch"] == pytest.approx(32.0)  # 64 examples, batch 32
+        assert e["estimated_compute_s"] == pytest.approx(cost["seconds_per_example"] * 32)
+    assert all(e["compute_s"] < e["estimated_compute_s"] for e in fast)
+    assert all(e["compute_s"] > 30.0 for e in slow)  # 1e-6 TFLOPS: late by the emulated compute alone
     # a declined client never trained: it has no privacy ledger entry
     declined = {e["client"] for e in entries if e["status"] == "declined"}
     assert not declined & set(rows[-1]["epsilon_per_client"])

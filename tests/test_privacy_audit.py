@@ -59,12 +59,13 @@ def test_central_dp_reports_both_epsilons_with_units(dp_run: Path) -> None:
     for r in rows:
         assert r["epsilon_unit"].startswith("example-level")
         assert r["epsilon_client_level_unit"].startswith("client-level")
-        assert r["central_noise_multiplier_effective"] == pytest.approx(1.5)  # equal client sizes
-    # client-level epsilon: 2 releases of the Gaussian mechanism at sigma 1.5, recomputed by dp-accounting
+        # equal client sizes; replace-one sensitivity 2 * clip / m against std 1.5 * clip / m
+        assert r["central_noise_multiplier_effective"] == pytest.approx(0.75)
+    # client-level epsilon: 2 releases of the Gaussian mechanism at sigma_eff 0.75, recomputed by dp-accounting
     from dp_accounting import dp_event, rdp
 
     acc = rdp.RdpAccountant()
-    acc.compose(dp_event.GaussianDpEvent(1.5), 2)
+    acc.compose(dp_event.GaussianDpEvent(0.75), 2)
     assert rows[-1]["epsilon_client_level"] == pytest.approx(acc.get_epsilon(1e-3), rel=1e-6)
     assert rows[1]["epsilon_client_level"] > rows[0]["epsilon_client_level"]
 

@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 
 
-def make_tiny_model(directory: Path, layers: int = 2, hidden: int = 32) -> Path:
-    """Write a randomly initialised BERT (a few hundred thousand weights) to ``directory``."""
+def make_tiny_model(directory: Path, layers: int = 2, hidden: int = 32, dropout: float = 0.1) -> Path:
+    """Write a randomly initialised BERT (a few hundred thousand weights) to ``directory``
+    (``dropout = 0``: deterministic training, for tests that compare exact gradients)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -21,6 +22,7 @@ def make_tiny_model(directory: Path, layers: int = 2, hidden: int = 32) -> Path:
     config = BertConfig(
         vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=2 * hidden, max_position_embeddings=128, num_labels=2,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(directory)

@@ -4,7 +4,9 @@
 before anything is trained (:mod:`privacy.plan`). ``audit`` recomputes every client's
 epsilon from its ledger with Opacus (PRV, RDP) and Google's dp-accounting (PLD, RDP),
 prints them side by side, and exits 1 when a reported epsilon is off by more than the
-tolerance (:mod:`privacy.audit`).
+tolerance (:mod:`privacy.audit`). ``audit --empirical`` instead trains a canary-audited copy
+of the run's mechanism and reports an empirical lower bound on epsilon beside the accounted
+one, exiting 1 when the bound exceeds it (:mod:`privacy.empirical`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     audit.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with ledger/ and metrics.jsonl)")
     audit.add_argument("--tolerance", type=float, default=0.02, help="allowed relative difference (default: 0.02)")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
+    audit.add_argument("--empirical", action="store_true",
+                       help="one-run canary audit (privacy/empirical): an empirical lower bound on epsilon; "
+                            "RUN_DIR may then also be a CONFIG file")
+    audit.add_argument("--canaries", type=int, default=1000, help="--empirical: canaries m (default: 1000)")
+    audit.add_argument("--beta", type=float, default=0.05, help="--empirical: 1 - confidence (default: 0.05)")
+    audit.add_argument("--steps", type=int, default=None, help="--empirical: audit this many steps (default: the run's)")
+    audit.add_argument("--score", choices=("llr", "sum"), default="llr", help="--empirical: canary score")
+    audit.add_argument("--seed", type=int, default=None, help="--empirical: canary directions/membership seed")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -66,12 +76,38 @@ def _audit(args: argparse.Namespace) -> int:
 
     from privacy.audit import audit_run
 
+    if args.empirical:
+        return _empirical(args)
     if not Path(args.run_dir).is_dir():
         raise ConfigError("RUN_DIR", args.run_dir, "not a directory; pass a run directory")
     if not 0 <= args.tolerance < 1:
         raise ConfigError("--tolerance", args.tolerance, "must be in [0, 1)")
     result = audit_run(args.run_dir, args.tolerance)
     print(json.dumps(result.to_json(), indent=1, default=str) if args.json else result.table())
+    return 0 if result.ok else 1
+
+
+def _empirical(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from privacy.empirical import audit_target
+
+    if not Path(args.run_dir).exists():
+        raise ConfigError("RUN_DIR", args.run_dir, "not found; pass a run directory or a config file")
+    if args.canaries < 10:
+        raise ConfigError("--canaries", args.canaries, "must be >= 10")
+    if not 0 < args.beta < 1:
+        raise ConfigError("--beta", args.beta, "must be in (0, 1)")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError("--steps", args.steps, "must be >= 1")
+    try:
+        result = audit_target(args.run_dir, canaries=args.canaries, beta=args.beta, steps=args.steps,
+                              score=args.score, audit_seed=args.seed)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError("RUN_DIR", args.run_dir, str(exc)) from None
+    print(json.dumps(result.to_json(), indent=1, default=str) if args.json else "\n".join(result.lines()))
     return 0 if result.ok else 1
 
 

@@ -5,10 +5,10 @@ from simulations.hetero.deadlines import POLICIES, DeadlinePolicy, resolve_round
 from simulations.hetero.memory import MemoryDecision, MemoryEstimate, ModelShape, TrainShape, decide, estimate
 from simulations.hetero.profiles import DeviceProfile, load_catalogue
 from simulations.hetero.scenario import Scenario, load_scenario, scenario_names
-from simulations.hetero.timing import ClientTiming, client_timing
+from simulations.hetero.timing import ClientTiming, StepCost, client_timing, expected_batch
 
 __all__ = [
     "POLICIES", "ClientTiming", "DeadlinePolicy", "DeviceProfile", "MemoryDecision", "MemoryEstimate", "ModelShape",
-    "Scenario", "TrainShape", "client_timing", "decide", "estimate", "load_catalogue", "load_scenario",
-    "resolve_round", "scenario_names",
+    "Scenario", "StepCost", "TrainShape", "client_timing", "decide", "estimate", "expected_batch", "load_catalogue",
+    "load_scenario", "resolve_round", "scenario_names",
 ]

@@ -13,8 +13,19 @@
   dropouts really change the model.
 * as a :class:`~fl_server.loop.RoundHook`: each ``metrics.jsonl`` row gets ``sim_seconds``
   (simulated round time) and ``sim_clock`` next to the real ``seconds``, plus counts per
-  outcome; every client's phases go to ``hetero_timeline.jsonl``; the plots are written at
-  the end.
+  outcome; every client's phases go to ``hetero_timeline.jsonl`` (``estimated_compute_s``
+  is the server's estimate of the host compute, ``compute_source`` says so; ``compute_s``
+  is that scaled to the device); the plots are written at the end.
+
+**Compute time comes from the server's cost model, never from the client.** A client's
+wall time is a timing side channel in DP runs (it depends on its private Poisson batch
+sizes and snippet lengths), so DP replies carry no ``seconds``. At the start the server
+prices a step on its own model and held-out data
+(:func:`simulations.hetero.cost.measure_step_cost`); a client's host compute is that
+price x the ``steps`` it reports x its expected batch (sample rate x ``num-examples``), see
+:mod:`simulations.hetero.timing`. The same model is used without DP (whose replies still
+carry ``seconds``), so a reply is read for ``num-examples``, ``steps`` and ``sample-rate``
+(and its tensors' sizes) only.
 
 Client ids are simulation partition ids (``str(i)``), so the plan is a list indexed by them.
 """
@@ -42,7 +53,7 @@ from fl_server.run_dir import RunDir
 from simulations.hetero.deadlines import Candidate, Outcome, draw_round, resolve_round
 from simulations.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide
 from simulations.hetero.scenario import Scenario
-from simulations.hetero.timing import ClientTiming, client_timing
+from simulations.hetero.timing import COMPUTE_SOURCE, ClientTiming, StepCost, client_timing, expected_batch
 from strategies.adapter_avg import RoundReport, state_to_arrayrecord
 from task.config import RunConfig
 
@@ -54,7 +65,12 @@ TIMELINE_FILE = "hetero_timeline.jsonl"
 
 @dataclass(frozen=True)
 class TimelineEntry:
-    """One selected client in one round (seconds from the round start)."""
+    """One selected client in one round (seconds from the round start).
+
+    Every time is the emulation's: ``estimated_compute_s`` is the server's cost-model
+    estimate of the compute on the host (``compute_source``), never a client measurement;
+    ``compute_s`` is it scaled to the emulated device.
+    """
 
     round: int
     client: str
@@ -64,18 +80,23 @@ class TimelineEntry:
     compute_s: float
     upload_s: float
     end_s: float
-    measured_compute_s: float
+    estimated_compute_s: float
     rank: int
     physical_batch: int
     bytes_up: int
     reason: str = ""
+    steps: int = 0
+    expected_batch: float = 0.0
+    compute_source: str = COMPUTE_SOURCE
 
 
 class HeteroEmulator(RoundHook):
     """Scenario-driven emulation of heterogeneous clients inside a real Flower run."""
 
-    def __init__(self, scenario: Scenario, cfg: RunConfig) -> None:
+    def __init__(self, scenario: Scenario, cfg: RunConfig, step_cost: StepCost | None = None) -> None:
+        """``step_cost``: the price of a step; ``None`` = the server measures it in :meth:`on_start`."""
         self.scenario, self.cfg = scenario, cfg
+        self.step_cost = step_cost
         self.assignment = scenario.assign(cfg.train.clients, cfg.seed)
         self.names = sorted(set(self.assignment))
         self.index = {n: i for i, n in enumerate(self.names)}
@@ -131,6 +152,13 @@ class HeteroEmulator(RoundHook):
         num_labels = int(getattr(config, "num_labels", 2))
         self.plan_memory(ModelShape.from_config(config, num_labels))
         self.full_shapes = {k: tuple(v.shape) for k, v in setup.state.items()}
+        if self.step_cost is None:
+            from simulations.hetero.cost import measure_step_cost
+
+            self.step_cost = measure_step_cost(setup)
+        log.info("hetero compute model: %.3g host s per example-step (server-measured on %d held-out examples, "
+                 "%s, %s); client timings are not used", self.step_cost.seconds_per_example, self.step_cost.batch,
+                 "DP-SGD" if self.step_cost.dp else "no DP", self.step_cost.device or "set by hand")
         inner = inner_strategy(strategy)
         inner.per_round = self.scenario.deadline.selection(self.k, self.cfg.train.clients)
         counts = Counter(self.assignment)
@@ -143,6 +171,7 @@ class HeteroEmulator(RoundHook):
             "scenario": self.scenario.name, "assignment": self.assignment,
             "memory": {n: asdict(d) for n, d in self.decisions.items()},
             "deadline": asdict(self.scenario.deadline),
+            "compute_cost": asdict(self.step_cost),
         }, indent=1, default=str), encoding="utf-8")
 
     def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
@@ -182,7 +211,8 @@ class HeteroEmulator(RoundHook):
         """Simulate the round for ``replies``; return those the server aggregates (B padded)."""
         draws = self._plan["draws"]
         cands: list[Candidate] = []
-        info: dict[str, tuple[ClientTiming | None, Message | None, int, str]] = {}
+        info: dict[str, tuple[ClientTiming | None, tuple[int, float, float], int, str]] = {}
+        replies_of: dict[str, Message] = {}
         passthrough: list[Message] = []
         for msg in replies:
             if msg.has_error():
@@ -193,7 +223,7 @@ class HeteroEmulator(RoundHook):
                 cid = str(status.get("client"))
                 kind = "declined" if self.decisions[self.assignment[int(cid)]].declined else "offline"
                 cands.append(Candidate(cid, math.inf, kind))
-                info[cid] = (None, None, 0, str(status.get("reason", "")))
+                info[cid] = (None, (0, 0.0, 0.0), 0, str(status.get("reason", "")))
                 continue
             conf = msg.content.get("info")
             if not isinstance(conf, ConfigRecord) or not self._emulated(str(conf.get("client", ""))):
@@ -204,18 +234,19 @@ class HeteroEmulator(RoundHook):
             arrays = next(v for v in msg.content.values() if isinstance(v, ArrayRecord))
             up = int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
             profile = self.scenario.catalogue[self.assignment[int(cid)]]
-            timing = client_timing(profile, self.scenario.host, float(metrics.get("seconds", 0.0)),  # type: ignore[arg-type]
-                                   bytes_down_each, up)
+            work = self.compute_estimate(metrics)
+            timing = client_timing(profile, self.scenario.host, work[2], bytes_down_each, up)
             if draws.crash[int(cid)]:
                 cands.append(Candidate(cid, timing.total_s, "crashed", crash_s=draws.crash_point[int(cid)] * timing.total_s))
             else:
                 cands.append(Candidate(cid, timing.total_s))
-            info[cid] = (timing, msg, up, "")
+            info[cid] = (timing, work, up, "")
+            replies_of[cid] = msg
         outcomes, round_s = resolve_round(cands, self.k, self.scenario.deadline)
         kept: list[Message] = []
         entries = [self._entry(server_round, o, *info[o.client]) for o in outcomes]
         for o in outcomes:
-            reply = info[o.client][1]
+            reply = replies_of.get(o.client)
             if o.status == "accepted" and reply is not None:
                 key = next(k for k, v in reply.content.items() if isinstance(v, ArrayRecord))
                 record = reply.content[key]
@@ -226,23 +257,48 @@ class HeteroEmulator(RoundHook):
         self._pending[server_round] = (round_s, sorted(entries, key=lambda e: int(e.client)))
         return kept + passthrough
 
+    def compute_estimate(self, metrics: MetricRecord) -> tuple[int, float, float]:
+        """(steps, expected batch, estimated host compute seconds) of one reply.
+
+        Reads only what DP replies may carry: ``num-examples`` (public by design), ``steps``
+        and ``sample-rate`` (accounted); without ``steps`` the configured number for that many
+        examples (``train.local_steps``, else ``local_epochs`` x batches per epoch = 1 / q, as
+        the trainer's ``local_steps``). A client's ``seconds`` is never read (timing side
+        channel; module doc).
+        """
+        if self.step_cost is None:
+            raise RuntimeError("HeteroEmulator: no step cost; on_start measures it (or pass step_cost=)")
+        def number(key: str) -> float | None:
+            value = metrics.get(key)
+            return float(value) if isinstance(value, (int, float)) else None
+
+        n = number("num-examples") or 0.0
+        batch = expected_batch(n, self.cfg.train.batch_size, number("sample-rate"))
+        reported = number("steps")
+        if reported is not None:
+            steps = int(reported)
+        elif n >= 1:
+            t = self.cfg.train
+            steps = t.local_steps or max(1, math.ceil(t.local_epochs * round(n / batch)))  # n / batch = 1 / q
+        else:
+            steps = 0
+        return steps, batch, self.step_cost.host_seconds(steps, batch)
+
     def _emulated(self, cid: str) -> bool:
         return cid.isdigit() and int(cid) < len(self.assignment)
 
-    def _entry(self, server_round: int, o: Outcome, timing: ClientTiming | None, msg: Message | None, up: int,
-               reason: str) -> TimelineEntry:
+    def _entry(self, server_round: int, o: Outcome, timing: ClientTiming | None, work: tuple[int, float, float],
+               up: int, reason: str) -> TimelineEntry:
         name = self.assignment[int(o.client)]
         d = self.decisions[name]
         t = timing or ClientTiming(0.0, 0.0, 0.0)
-        measured = 0.0
-        if msg is not None:
-            metrics = next(v for v in msg.content.values() if isinstance(v, MetricRecord))
-            measured = float(metrics.get("seconds", 0.0))  # type: ignore[arg-type]
+        steps, batch, host_s = work
         if not reason and o.status != "accepted":
             reason = {"late": "finished after the deadline", "surplus": "over-selected; k clients already in",
                       "crashed": "crashed during the round (emulated)"}.get(o.status, "")
         return TimelineEntry(server_round, o.client, name, o.status, t.download_s, t.compute_s, t.upload_s, o.end_s,
-                             measured, d.rank, d.physical_batch, up, reason)
+                             estimated_compute_s=host_s, rank=d.rank, physical_batch=d.physical_batch, bytes_up=up,
+                             reason=reason, steps=steps, expected_batch=batch)
 
 
 class HeteroStrategy:

@@ -1,6 +1,7 @@
 """Plots of a heterogeneous run (matplotlib, Agg backend, PNG).
 
-* ``sim_time_per_round.png`` -- simulated vs real seconds per round;
+* ``sim_time_per_round.png`` -- simulated vs real seconds per round (real = the server's
+  own wall time per round, the ``seconds`` of ``metrics.jsonl``);
 * ``client_timeline.png`` -- per client: download / compute / upload, idle, and the
   dropped ones (late, surplus, crashed, offline, declined), rounds laid end to end on the
   simulated clock;
@@ -22,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["write_plots"]
 
-PHASES = (("download_s", "downloading", "#9ecae1"), ("compute_s", "computing", "#3182bd"),
+# compute is the server's cost-model estimate scaled to the device (timing.py), not a client measurement
+PHASES = (("download_s", "downloading", "#9ecae1"), ("compute_s", "computing (estimated)", "#3182bd"),
           ("upload_s", "uploading", "#31a354"))
 DROPPED = {"late": "#fd8d3c", "surplus": "#bdbdbd", "crashed": "#de2d26", "offline": "#636363",
            "declined": "#756bb1"}
@@ -40,7 +42,7 @@ def _sim_time(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     rounds = [r["round"] for r in rows]
     ax.bar([x - 0.2 for x in rounds], [r["sim_seconds"] for r in rows], width=0.4, label="simulated")
-    ax.bar([x + 0.2 for x in rounds], [r["seconds"] for r in rows], width=0.4, label="real (this host)")
+    ax.bar([x + 0.2 for x in rounds], [r["seconds"] for r in rows], width=0.4, label="real (server wall time)")
     ax.set(xlabel="round", ylabel="seconds", title="Round time: simulated devices vs this host")
     ax.legend()
     return _save(fig, out / "sim_time_per_round.png")

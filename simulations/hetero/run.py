@@ -18,7 +18,8 @@ def run_scenario(scenario: Scenario, cfg: RunConfig, run_dir: Path | None = None
 
     Ray resources are :func:`simulations.simulate.backend_config`'s: a GPU fraction per
     client actor when CUDA is present, CPU otherwise (the emulation is the same either
-    way; only the measured compute that gets scaled differs, so set ``host_profile``).
+    way; only the server's measured step cost that gets scaled differs, so set
+    ``host_profile`` to the machine the run is on).
     """
     from simulations.simulate import simulate
 

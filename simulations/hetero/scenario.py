@@ -4,7 +4,7 @@ A scenario is a TOML file (shipped ones live in ``scenarios/``; ``--scenario NAM
 
     name = "hetero-mixed"
     description = "..."
-    host_profile = "Host-2core-CPU"   # the machine whose measured compute is scaled
+    host_profile = "Host-2core-CPU"   # the machine the server prices a step on (its cost is scaled)
     profiles_file = ""                # extra/overriding profiles (path, relative to the file)
     rank_tiers = [8, 4, 2]            # lower ranks a client may fall back to (memory)
 

@@ -1,0 +1,104 @@
+"""What a node keeps on its own disk beside its ledger: its secret and its releases.
+
+* ``client-<id>.secret`` -- the node secret (:class:`privacy.randomness.NodeSecret`, mode
+  0600): the key of every DP random choice the node makes. Never sent, never logged. A
+  deployed node keeps it in its own ``ledger-dir``. A simulated client's "disk" is this
+  machine, but its ledger directory lies inside the run directory, which the server writes
+  and others may read; so simulated clients keep their secrets outside it, under
+  ``$FEDPEFT_SECRET_HOME`` (default ``~/.local/share/fedpeft/node-secrets``), in a folder
+  named after a hash of the ledger directory -- which is how a resumed run finds them again.
+* ``client-<id>.releases/round-<r>.npz`` -- the last update the node released in round
+  ``r``, with the replay key it was computed from and its local (never sent) state.
+
+Why keep releases. A round can be asked for again: a retry after too few replies, a
+resume after the server crashed, a late duplicate message. Re-sending what was already
+released is post-processing of a DP output and costs nothing; recomputing it would be a
+new release (and, with fresh randomness in ``privacy.secure_mode``, a different one that
+the ledger would have to charge again). So a node answers a replayed round from this store.
+Loaded with ``allow_pickle=False``: a store file cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from privacy.ledger import atomic_write
+from privacy.randomness import NodeSecret
+
+__all__ = ["StoredRelease", "load_release", "node_secret", "save_release", "secret_home", "secret_path"]
+
+_SECRETS: dict[Path, NodeSecret] = {}
+_STATE, _LOCAL, _META = "state/", "local/", "__meta__"
+
+
+def secret_home() -> Path:
+    """Where simulated clients keep their secrets (module doc)."""
+    raw = os.environ.get("FEDPEFT_SECRET_HOME", "")
+    return Path(raw).expanduser() if raw else Path.home() / ".local" / "share" / "fedpeft" / "node-secrets"
+
+
+def secret_path(ledger_dir: Path, client_id: str, deployed: bool) -> Path:
+    """The file of this client's secret: beside a deployed node's ledger, else under :func:`secret_home`."""
+    if deployed:
+        return (ledger_dir / f"client-{client_id}.secret").resolve()
+    run = hashlib.sha256(str(ledger_dir.resolve()).encode()).hexdigest()[:20]
+    return (secret_home() / run / f"client-{client_id}.secret").resolve()
+
+
+def node_secret(ledger_dir: Path, client_id: str, deployed: bool) -> NodeSecret:
+    """This client's secret (created on first use), cached per process."""
+    path = secret_path(ledger_dir, client_id, deployed)
+    if path not in _SECRETS:
+        _SECRETS[path] = NodeSecret.load_or_create(path)
+    return _SECRETS[path]
+
+
+@dataclass
+class StoredRelease:
+    """One released update and what it was computed from."""
+
+    server_round: int
+    replay_key: str
+    output_hash: str
+    state: dict[str, np.ndarray]
+    local: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _path(ledger_dir: Path, client_id: str, server_round: int) -> Path:
+    return ledger_dir / f"client-{client_id}.releases" / f"round-{server_round}.npz"
+
+
+def save_release(ledger_dir: Path, client_id: str, rel: StoredRelease) -> None:
+    """Store ``rel`` atomically (the previous release of that round is replaced)."""
+    meta = {"round": rel.server_round, "replay_key": rel.replay_key, "output_hash": rel.output_hash,
+            "metrics": rel.metrics}
+    arrays = {_STATE + k: v for k, v in rel.state.items()} | {_LOCAL + k: v for k, v in rel.local.items()}
+    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    data = buf.getvalue()
+    atomic_write(_path(ledger_dir, client_id, rel.server_round), lambda fh: fh.write(data))
+
+
+def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> StoredRelease | None:
+    """The stored release of ``server_round`` computed from ``replay_key``, if there is one."""
+    path = _path(ledger_dir, client_id, server_round)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z[_META]).decode())
+        if meta.get("replay_key") != replay_key:
+            return None
+        state = {k[len(_STATE):]: z[k] for k in z.files if k.startswith(_STATE)}
+        local = {k[len(_LOCAL):]: z[k] for k in z.files if k.startswith(_LOCAL)}
+    return StoredRelease(int(meta["round"]), replay_key, str(meta["output_hash"]), state, local,
+                         dict(meta.get("metrics", {})))

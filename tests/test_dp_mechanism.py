@@ -1,0 +1,164 @@
+"""fedpeft's own DP-SGD path, seen from the outside (issue 16, "tests that see the mechanism").
+
+Each test runs ``fl_client.trainer.train_local`` -- the function the ClientApp trains with --
+with SGD, one step, and checks what the released update is made of: clipped per-example
+gradients (against per-example autograd), Gaussian noise of standard deviation sigma*C/B,
+Poisson batches at the rate the ledger records. A DP path that stops clipping, adds no
+noise or samples at another rate than it accounts for fails here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_model import make_tiny_model
+
+from adapters import get as get_plugin
+from fl_client.trainer import build_loader, tensorize, train_local
+from privacy.dpsgd import make_private
+from privacy.plan import sample_rate_for
+from privacy.randomness import NodeSecret, RoundRandomness
+from task.model import load_base_model, load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def still_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: per-example gradients are then exactly reproducible."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+def _cfg(tiny_cfg, model_dir: Path, batch: int, clip: float):  # type: ignore[no-untyped-def]
+    return dataclasses.replace(
+        tiny_cfg,
+        model=dataclasses.replace(tiny_cfg.model, path=str(model_dir)),
+        train=dataclasses.replace(tiny_cfg.train, optimizer="sgd", lr=1.0, local_steps=1, batch_size=batch,
+                                  physical_batch_size=16),
+        privacy=dataclasses.replace(tiny_cfg.privacy, clip=clip),
+    )
+
+
+def _examples(cfg, n: int):  # type: ignore[no-untyped-def]
+    from task.data import train_test_split_for
+
+    pool, _ = train_test_split_for(cfg.data, cfg.seed)
+    return pool.subset(list(range(n)))
+
+
+def _fresh_model(cfg, plugin):  # type: ignore[no-untyped-def]
+    """The adapted model with a non-zero B, so every trainable tensor has a gradient."""
+    model = plugin.attach(load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed), cfg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def _flat(model) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
+
+
+def _rng() -> RoundRandomness:
+    return RoundRandomness.derived(NodeSecret.generate(), "test")
+
+
+def test_one_step_without_noise_is_minus_the_mean_clipped_per_example_gradient(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """q = 1 (the batch is the whole data), sigma = 0, a tiny clip: the update must equal
+    -lr * mean_i clip_C(g_i) with g_i from per-example autograd (a DP path that stops
+    clipping, or clips the batch instead of each example, fails)."""
+    n, clip = 12, 1e-3
+    cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
+    plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
+    model = _fresh_model(cfg, plugin)
+    before = _flat(model)
+    reference = _fresh_model(cfg, plugin)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    ds = tensorize(tok, data, cfg.model.max_length)
+    clipped = []
+    for i in range(n):
+        ids, mask, label = ds[i]
+        width = int(mask.sum())
+        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width]},
+                           label[None])
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+        assert float(g.norm()) > 10 * clip  # every example is really clipped
+        clipped.append(g * min(1.0, clip / float(g.norm())))
+    expected = -cfg.train.lr * torch.stack(clipped).mean(0)
+    result = train_local(model, plugin, tok, data, cfg, 1, CPU, 0.0, _rng())
+    assert result.sample_rate == 1.0
+    update = _flat(model) - before
+    # float32 sums in another order: equal to ~1e-6 relative; unclipped or batch-clipped: O(1) off
+    assert float((update - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_noise_has_standard_deviation_sigma_clip_over_batch(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """sigma > 0 and a clip so small that the signal is ~0: the update's coordinates are
+    N(0, (lr sigma C / B)^2). A path that adds no noise, or the wrong amount, fails."""
+    n, clip, sigma = 12, 1e-6, 1.5
+    cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
+    plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
+    model = _fresh_model(cfg, plugin)
+    before = _flat(model)
+    train_local(model, plugin, tok, data, cfg, 1, CPU, sigma, _rng())
+    update = (_flat(model) - before).numpy().astype(np.float64)
+    expected_std = cfg.train.lr * sigma * clip / n
+    d = update.size
+    assert d > 500
+    # the sample std of d normals is within 4 standard errors (sqrt(1/(2d))) of the truth
+    assert abs(update.std() / expected_std - 1) < 4 / math.sqrt(2 * d)
+    assert abs(update.mean()) < 4 * expected_std / math.sqrt(d)
+
+
+def test_poisson_batches_are_sampled_at_the_rate_the_ledger_records(tiny_cfg, still_model_dir, tmp_path: Path,
+                                                                    flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """The loader fedpeft's DP path builds samples each example with probability q, and q
+    is the rate the ClientApp writes into the ledger (a DP path that accounts at another
+    rate than it samples at fails)."""
+    from flwr.app import Context, Message, RecordDict
+
+    from fl_client.app import handle_train
+    from fl_server.loop import ServerSetup
+    from privacy.ledger import Ledger
+    from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+    from task.config import config_hash, config_to_toml
+
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, batch_size=16, rounds=1,
+                                                                  local_steps=1))
+    setup = ServerSetup(cfg)
+    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+                          extra_config={"ledger-dir": str(tmp_path / "ledger")})
+    msg = Message(content=RecordDict({"arrays": state_to_arrayrecord(setup.state),
+                                      "config": strategy.round_config(1)}), dst_node_id=7, message_type="train")
+    reply = handle_train(msg, Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3},
+                                      state=RecordDict(), run_config={}))
+    entry = Ledger.from_json((tmp_path / "ledger" / "client-0.json").read_text()).entries[-1]
+    n = int(reply.content["metrics"]["num-examples"])
+    assert entry.sample_rate == float(reply.content["metrics"]["sample-rate"]) == sample_rate_for(n, 16)
+    # the loader the DP path really uses, on data of that size: its empirical rate
+    tok, plugin = load_tokenizer(cfg.model), get_plugin(cfg.adapter.method)
+    ds = tensorize(tok, _examples(cfg, n), cfg.model.max_length)
+    model = _fresh_model(cfg, plugin)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    parts = make_private(model, opt, build_loader(ds, 16, 0), 1.0, 1.0, _rng())
+    assert parts.sample_rate == entry.sample_rate
+    sizes = []
+    for _ in range(60):
+        sizes.extend(len(batch[0]) for batch in parts.loader)
+    rate = float(np.mean(sizes)) / n
+    stderr = math.sqrt(entry.sample_rate * (1 - entry.sample_rate) / (n * len(sizes)))
+    assert abs(rate - entry.sample_rate) < 4 * stderr, (rate, entry.sample_rate)
+
+
+def test_dp_training_refuses_a_plain_seed(tiny_cfg) -> None:  # type: ignore[no-untyped-def]
+    plugin, tok = get_plugin(tiny_cfg.adapter.method), load_tokenizer(tiny_cfg.model)
+    model = _fresh_model(tiny_cfg, plugin)
+    with pytest.raises(TypeError, match="RoundRandomness"):
+        train_local(model, plugin, tok, _examples(tiny_cfg, 8), tiny_cfg, 1, CPU, 1.0, 1234)
