@@ -44,6 +44,7 @@ def bare_federation(cfg: Any) -> list[float]:
     from fl_client.trainer import local_steps, train_local
     from privacy.accounting import calibrate_noise
     from privacy.plan import sample_rate_for
+    from privacy.randomness import NodeSecret, RoundRandomness
     from task import model as task_model
     from task.data import train_test_split_for
     from task.evaluate import evaluate
@@ -62,6 +63,7 @@ def bare_federation(cfg: Any) -> list[float]:
     state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
     data = [client_partition(pool, cfg.data, cfg.train.clients, i, cfg.seed) for i in range(cfg.train.clients)]
     sigmas: dict[int, float | None] = {}
+    secrets_of: dict[int, NodeSecret] = {}
     seconds: list[float] = []
     for server_round in range(1, cfg.train.rounds + 1):
         states, weights = [], []
@@ -72,7 +74,9 @@ def bare_federation(cfg: Any) -> list[float]:
                 sigmas[i] = calibrate_noise(cfg.privacy.epsilon, cfg.privacy.delta, q, steps * cfg.train.rounds,
                                             cfg.privacy.accountant).noise_multiplier if cfg.privacy.enabled else None
             plugin.load_state(model, state)
-            seed = cfg.seed * 1_000_003 + server_round * 7919 + i
+            # each bare client draws its DP randomness from a secret of its own, as a node does
+            seed: int | RoundRandomness = RoundRandomness.derived(secrets_of.setdefault(i, NodeSecret.generate()),
+                                                                  str(server_round)) if sigmas[i] else server_round
             res = train_local(model, plugin, tok, part, cfg, steps, device, sigmas[i], seed)
             states.append({k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()})
             weights.append(float(res.examples))

@@ -31,6 +31,7 @@ from adapters import AdapterPlugin, plugins
 from adapters import get as get_plugin
 from fl_client.trainer import build_loader, make_optimizer
 from privacy.dpsgd import make_private
+from privacy.randomness import NodeSecret, RoundRandomness
 from strategies.adapter_avg import state_nbytes
 from task.config import RunConfig, parse_config
 from task.data import train_test_split_for
@@ -119,14 +120,16 @@ class StepBench:
             opt.step()
         return step
 
-    def dp_step(self, method: str, mode: str = "hooks") -> Step:
-        """One DP-SGD step in Opacus ``mode`` (per-sample clip, noise, Adam)."""
+    def dp_step(self, method: str, mode: str = "hooks", secure: bool = False) -> Step:
+        """One DP-SGD step in Opacus ``mode`` (per-sample clip, noise from the node-secret
+        CSPRNG, Adam); ``secure``: ``privacy.secure_mode`` (fresh keys, four-draw noise)."""
         plugin, model, cfg = self.model(method, dp=True)
         opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
         if mode == "ghost":
             return self._ghost_step(model, opt, cfg)
-        parts = make_private(model, opt, self._loader(cfg), SIGMA, cfg.privacy.clip, seed=cfg.seed,
-                             grad_sample_mode=mode)
+        rng = RoundRandomness.fresh_keys() if secure else RoundRandomness.derived(NodeSecret.generate(), "bench")
+        parts = make_private(model, opt, self._loader(cfg), SIGMA, cfg.privacy.clip, rng,
+                             grad_sample_mode=mode, secure_mode=secure)
         net, dp_opt = parts.module, parts.optimizer
 
         def step() -> None:
@@ -187,6 +190,8 @@ def dp_overhead(bench: StepBench, reps: int, warmup: int, modes: tuple[str, ...]
             steps[mode] = step
         if progress:
             progress(f"built {mode}")
+    if "hooks" in steps:  # privacy.secure_mode: fresh OS-entropy keys and Opacus's four-draw noise
+        steps["hooks-secure"] = bench.dp_step("ffa_lora", "hooks", secure=True)
     med = interleaved_medians(steps, reps, warmup, progress)
     shape = f"batch {len(bench.labels)} x seq {bench.batch['input_ids'].shape[1]}"
     out = [Measurement("dp_overhead", f"DP / non-DP step time, FFA-LoRA, Opacus {mode}",
@@ -195,6 +200,11 @@ def dp_overhead(bench: StepBench, reps: int, warmup: int, modes: tuple[str, ...]
            for mode in modes if mode in med]
     out += [Measurement("dp_overhead", f"DP / non-DP step time, FFA-LoRA, Opacus {mode}", error=reason,
                         detail={"shape": shape}) for mode, reason in failed.items()]
+    if "hooks-secure" in med:
+        out.append(Measurement("dp_overhead", "secure_mode / default DP step time, FFA-LoRA, Opacus hooks",
+                               med["hooks-secure"] / med["hooks"], "x", None,
+                               detail={"secure_step_s": med["hooks-secure"], "dp_step_s": med["hooks"],
+                                       "shape": shape, "reps": reps}))
     out.append(Measurement("dp_overhead", "non-DP FFA-LoRA step (median)", med["non-DP"], "s",
                            detail={"shape": shape, "reps": reps}))
     return out

@@ -161,8 +161,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     with rt.lock:
         reply = _train_round(msg, context, rt, cfg, ident, data, hetero, server_round)
     if fault == "timeout" and "arrays" in reply.content:  # emulated: trained and spent; the reply is lost
-        metrics = reply.content["metrics"]
-        return _refusal(msg, **{"timed-out": True}, client=ident.client_id, epsilon=float(metrics["epsilon"]),
+        spent = reply.content["metrics"]["epsilon"]
+        return _refusal(msg, **{"timed-out": True}, client=ident.client_id,
+                        epsilon=float(spent) if isinstance(spent, (int, float)) else float("inf"),
                         reason=f"injected timeout in round {server_round} attempt {attempt} "
                                f"(faults.fail_rate={cfg.faults.fail_rate:g}); reply discarded")
     return reply
@@ -205,11 +206,11 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
             return _reply(msg, stored.state, stored.metrics, {**info, "accountant": ledger.accountant})
         remaining = steps * (cfg.train.rounds - server_round + 1)
         try:
-            note = ledger.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                                      sample_rate=sample_rate_for(len(data), cfg.train.batch_size),
-                                      planned_steps=remaining, accountant=cfg.privacy.accountant)
-            if note:
-                log.info("client %s: %s", ident.client_id, note)
+            if remaining > 0:  # a round past the run's last has no plan: only the budget check below
+                note = ledger.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+                                          sample_rate=sample_rate_for(len(data), cfg.train.batch_size),
+                                          planned_steps=remaining, accountant=cfg.privacy.accountant)
+                log.debug("%s", note)
             ledger.check_budget(steps)
             capped = node_budget_refusal(context.node_config, cfg, ledger, steps, server_round)
             if capped:

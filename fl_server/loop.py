@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 from adapters import get as get_plugin
 from fl_server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
 from fl_server.run_dir import RunDir
+from privacy.accounting import DEFAULT_RELATION
 from strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
 from strategies.validation import StateSpec
 from task.config import RunConfig, config_hash, config_to_toml
@@ -122,6 +123,7 @@ def _round_row(
         "epsilon": max(finite) if (cfg.privacy.enabled and finite) else (0.0 if cfg.privacy.enabled else math.inf),
         "epsilon_per_client": dict(sorted(eps.items())),
         "epsilon_unit": "example-level, per client" if cfg.privacy.enabled else "no DP",
+        "epsilon_relation": DEFAULT_RELATION if cfg.privacy.enabled else "none",
         "accountant": ",".join(sorted(accountants)) or "none",
         "delta": cfg.privacy.delta,
         "bytes_up": report.bytes_up,
@@ -285,7 +287,8 @@ def run_federation(
         for hook in hooks:
             hook.on_start(setup, strategy, rd)
         dp = (f"DP-SGD epsilon={cfg.privacy.epsilon:g} delta={cfg.privacy.delta:g} clip={cfg.privacy.clip:g} "
-              f"(example-level, per client, {cfg.privacy.accountant})") if cfg.privacy.enabled else "no DP"
+              f"(example-level, per client, {DEFAULT_RELATION} neighbours, {cfg.privacy.accountant}; noise and "
+              f"sampling from each node's own secret)") if cfg.privacy.enabled else "no DP"
         log.info("run %s: %s r=%d on %s, %d clients, %d rounds, %s; upload %d bytes/client",
                  rd.path, cfg.adapter.method, cfg.adapter.rank, ",".join(cfg.adapter.target_modules),
                  cfg.train.clients, cfg.train.rounds, dp, setup.spec.nbytes)
@@ -310,7 +313,8 @@ def run_federation(
             save_checkpoint(rd.checkpoint_path, round_checkpoint(  # released state only (central DP: noised)
                 server_round, config_hash(cfg), setup.state, inner_strategy(strategy), rows, eps, sorted(accountants)))
             eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
-                       f"delta={cfg.privacy.delta:g}, {row['accountant']})") if cfg.privacy.enabled else "no DP"
+                       f"{row['epsilon_relation']}, delta={cfg.privacy.delta:g}, {row['accountant']})") \
+                if cfg.privacy.enabled else "no DP"
             skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""
             log.info("round %d/%d: accuracy=%.4f loss=%.4f train_loss=%.4f %s clients=%d/%d up=%dB down=%dB %.1fs%s",
                      server_round, cfg.train.rounds, row["accuracy"], row["loss"],

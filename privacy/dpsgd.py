@@ -33,7 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from privacy.randomness import ChaChaStream, PoissonBatchSampler, RoundRandomness
 
-__all__ = ["PrivateParts", "SecretNoise", "loader_sample_rate", "make_private", "poisson_loader"]
+__all__ = ["PrivateParts", "SecretNoise", "PoissonLoader", "loader_sample_rate", "make_private"]
 
 
 @dataclass
@@ -77,14 +77,18 @@ def _secret_class(base: type) -> type:
     return _CLASSES[base]
 
 
-def poisson_loader(dataset: Any, sample_rate: float, stream: ChaChaStream) -> DataLoader:
-    """Opacus's ``DPDataLoader`` (Poisson batches, empty batches allowed) with the CSPRNG sampler."""
-    first = dataset[0]
-    collate = wrap_collate_with_empty(collate_fn=default_collate, batch_first=True, rand_on_empty=False,
-                                      sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
-                                      dtypes=[dtype_safe(x) for x in first])
-    return DataLoader(dataset, batch_sampler=PoissonBatchSampler(len(dataset), sample_rate, stream),
-                      collate_fn=collate)
+class PoissonLoader(DataLoader):
+    """Opacus's ``DPDataLoader`` (Poisson batches, empty batches allowed, ``sample_rate``
+    attribute) with the CSPRNG sampler :class:`~privacy.randomness.PoissonBatchSampler`."""
+
+    def __init__(self, dataset: Any, sample_rate: float, stream: ChaChaStream) -> None:
+        first = dataset[0]
+        collate = wrap_collate_with_empty(collate_fn=default_collate, batch_first=True, rand_on_empty=False,
+                                          sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                                          dtypes=[dtype_safe(x) for x in first])
+        super().__init__(dataset, batch_sampler=PoissonBatchSampler(len(dataset), sample_rate, stream),
+                         collate_fn=collate)
+        self.sample_rate = sample_rate
 
 
 def make_private(
@@ -118,4 +122,4 @@ def make_private(
                      max_grad_norm=max_grad_norm, expected_batch_size=dp_opt.expected_batch_size,
                      loss_reduction=dp_opt.loss_reduction)
     secret_opt.noise_stream, secret_opt.secure_noise = rng.noise(), secure_mode
-    return PrivateParts(module, secret_opt, poisson_loader(loader.dataset, sample_rate, rng.sampling()), sample_rate)
+    return PrivateParts(module, secret_opt, PoissonLoader(loader.dataset, sample_rate, rng.sampling()), sample_rate)

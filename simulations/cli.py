@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from fl_server.run_dir import RunDirReused
 from task.config import ConfigError, RunConfig, load_config_file, parse_config
 
 __all__ = ["main", "build_parser", "config_from_args"]
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return COMMANDS[args.command][2](args)
-    except ConfigError as exc:
+    except (ConfigError, RunDirReused) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

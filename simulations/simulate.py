@@ -111,7 +111,7 @@ def simulate(
     path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if not resume and (path / "metrics.jsonl").exists():
         raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
-    RunDir(path)
+    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
+from tiny_model import dp_rng
 from torch import nn
 
 from adapters import get
@@ -169,7 +170,7 @@ def test_train_local_with_and_without_dp(tiny_cfg, method: str, dp: bool) -> Non
     frozen = _frozen(model)
     before = _numpy(plugin.trainable_state(model))
     result = train_local(model, plugin, load_tokenizer(cfg.model), data, cfg, steps=2, device=torch.device("cpu"),
-                         noise_multiplier=1.0 if dp else None, seed=1)
+                         noise_multiplier=1.0 if dp else None, seed=dp_rng(1) if dp else 1)
     assert np.isfinite(result.loss_first) and np.isfinite(result.loss_last) and result.steps == 2
     for name, tensor in _frozen(model).items():  # bit-identical frozen parts after (DP) steps
         assert torch.equal(tensor, frozen[name]), name

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from tiny_model import dp_rng
 from torch import nn
 
 from adapters import get
@@ -157,7 +158,7 @@ def test_abmll_local_posterior_persists_per_client_and_never_leaves(tiny_cfg, tm
     from fl_client.runtime import runtime_for
 
     cfg = _cfg(tiny_cfg, "abmll", kl_weight=0.1)
-    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon, accountant="rdp"))
+    cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon, accountant="pld"))
     plugin, model = _model(cfg)
     state = _numpy(plugin.trainable_state(model))
     rt = runtime_for(config_to_toml(cfg), config_hash(cfg))
@@ -234,7 +235,7 @@ def test_train_local_with_and_without_dp(tiny_cfg, method: str, sigma) -> None: 
     pool, _ = train_test_split_for(cfg.data, cfg.seed)
     data = client_partition(pool, cfg.data, cfg.train.clients, 0, cfg.seed)
     before = _numpy(plugin.trainable_state(model))
-    result = train_local(model, plugin, load_tokenizer(cfg.model), data, cfg, 2, torch.device("cpu"), sigma, seed=1)
+    result = train_local(model, plugin, load_tokenizer(cfg.model), data, cfg, 2, torch.device("cpu"), sigma, seed=dp_rng(1) if sigma is not None else 1)
     after = _numpy(plugin.trainable_state(model))
     assert result.steps == 2 and np.isfinite(result.loss_first) and np.isfinite(result.loss_last)
     assert set(after) == set(before)

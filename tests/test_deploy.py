@@ -144,7 +144,8 @@ def test_printed_commands_parse_with_flowers_parsers(certs: Path, tmp_path: Path
         assert a.auth_supernode_private_key.endswith(f"node-{i}.key") and a.root_certificates.endswith("ca.crt")
         conf = parse_config_args([a.node_config])
         assert conf == {"data-path": f"/data/node {i}.csv", "text-column": "review", "label-column": "sentiment",
-                        "ledger-dir": "/var/lib/fedpeft/ledger", "client-id": f"node-{i}", "max-epsilon": 3.5}
+                        "ledger-dir": "/var/lib/fedpeft/ledger", "client-id": f"node-{i}", "max-epsilon": 3.5,
+                        "max-delta": 1e-5}
     assert sum(ln.startswith("flwr supernode register") for ln in lines) == 2
     toml_text = out.out.split("<<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
     conn = tomllib.loads(toml_text)["superlink"]
@@ -202,8 +203,8 @@ def test_node_epsilon_cap_refuses_a_plan_above_it() -> None:
     from privacy.ledger import Ledger
     from task.config import parse_config
 
-    cfg = parse_config({"train.rounds": 2, "privacy.accountant": "rdp"})
-    ledger = Ledger("n1", cfg.privacy.epsilon, 1e-5, "rdp", noise_multiplier=1.0, sample_rate=0.25)
+    cfg = parse_config({"train.rounds": 2, "privacy.accountant": "pld"})
+    ledger = Ledger("n1", cfg.privacy.epsilon, 1e-5, "pld", noise_multiplier=1.0, sample_rate=0.25)
     plan, _ = ledger.epsilon_if(2 * 2)  # rounds 1..2, 2 steps each: the accountant's figure
     assert node_budget_refusal({}, cfg, ledger, 2, 1) == ""  # no cap: the run's budget rules
     assert node_budget_refusal({"max-epsilon": plan * 1.01}, cfg, ledger, 2, 1) == ""

@@ -172,7 +172,7 @@ def test_three_rounds_with_dp_and_a_supernode_killed_and_restarted(cluster: Clus
     assert not got[0]["failed"] and not got[2]["failed"]
     assert cluster.node_id("node-3") == node3_id  # rejoined under its registered identity
     for r in got:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["accountant"] == "prv" and r["epsilon_unit"].startswith("example")
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["accountant"] == "pld" and r["epsilon_unit"].startswith("example")
         assert 0.0 < r["epsilon"] <= 6.0 + 1e-6
     assert set(got[-1]["epsilon_per_client"]) == {"node-1", "node-2", "node-3"}
     for i in (1, 2, 3):

@@ -149,7 +149,7 @@ def test_poisson_batches_are_sampled_at_the_rate_the_ledger_records(tiny_cfg, st
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     parts = make_private(model, opt, build_loader(ds, 16, 0), 1.0, 1.0, _rng())
     assert parts.sample_rate == entry.sample_rate
-    sizes = []
+    sizes: list[int] = []
     for _ in range(60):
         sizes.extend(len(batch[0]) for batch in parts.loader)
     rate = float(np.mean(sizes)) / n

@@ -117,14 +117,15 @@ def test_cli_empirical_audit_of_a_run_dir(tiny_cfg, tmp_path: Path, capsys: pyte
 
     run = tmp_path / "run"
     (run / "ledger").mkdir(parents=True)
-    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, optimizer="sgd"))
+    # 96 examples in batches of 12: q = 1/8, 2 rounds x 8 steps at sigma 2 (the accountant's figure is cached)
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, optimizer="sgd", batch_size=12))
     (run / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
-    ledger = Ledger(client="0", target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant="pld",
-                    noise_multiplier=1.0, sample_rate=1 / 3, planned_steps=4,
-                    entries=[LedgerEntry(1, 1.0, 1 / 3, 2, 0.0), LedgerEntry(2, 1.0, 1 / 3, 2, 0.0)])
+    ledger = Ledger(client="0", target_epsilon=cfg.privacy.epsilon, delta=1e-5, accountant="pld",
+                    noise_multiplier=2.0, sample_rate=1 / 8, planned_steps=16,
+                    entries=[LedgerEntry(1, 2.0, 1 / 8, 8, 0.0), LedgerEntry(2, 2.0, 1 / 8, 8, 0.0)])
     (run / "ledger" / "client-0.json").write_text(ledger.to_json(), encoding="utf-8")
     assert cli_main(["-q", "privacy", "audit", "--empirical", str(run), "--canaries", "200", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "epsilon_emp >= " in out and "accounted epsilon = " in out and "example-level, replace-one" in out
-    assert "m=200" in out and "correct=" in out and "seconds=" in out
+    assert "m=200" in out and "correct=" in out and "seconds=" in out and "q=0.125 steps=16" in out
     assert cli_main(["-q", "privacy", "audit", "--empirical", str(tmp_path / "missing")]) == 2

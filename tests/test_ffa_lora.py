@@ -7,12 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tiny_model import dp_rng
 
 from adapters import get
 from adapters.ffa_lora import lora_a_tensors
 from adapters.lora import lora_layers
 from fl_client.trainer import build_loader, tensorize, train_local
 from privacy.dpsgd import loader_sample_rate, make_private
+from privacy.randomness import NodeSecret, RoundRandomness
 from task.data import train_test_split_for
 from task.model import load_base_model, load_tokenizer
 
@@ -87,7 +89,7 @@ def test_a_stays_bit_identical_and_b_trains_under_dp(tiny_cfg) -> None:  # type:
     before_b = {n: t.clone() for n, t in plugin.trainable_state(model).items()}
     tok = load_tokenizer(tiny_cfg.model)
     result = train_local(model, plugin, tok, _client_data(tiny_cfg), tiny_cfg, steps=3,
-                         device=torch.device("cpu"), noise_multiplier=0.8, seed=1)
+                         device=torch.device("cpu"), noise_multiplier=0.8, seed=dp_rng(1))
     assert result.steps == 3 and np.isfinite(result.loss_mean)
     for n, t in lora_a_tensors(model).items():
         assert torch.equal(t, before_a[n]), f"{n} changed"
@@ -166,7 +168,7 @@ def test_sample_rate_used_by_opacus_is_the_calibrated_one(tiny_cfg) -> None:  # 
     loader = build_loader(tensorize(tok, data, 24), tiny_cfg.train.batch_size, seed=0)
     q = 1.0 / math.ceil(len(data) / min(tiny_cfg.train.batch_size, len(data)))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    parts = make_private(model, opt, loader, 1.0, 1.0, seed=0)
+    parts = make_private(model, opt, loader, 1.0, 1.0, RoundRandomness.derived(NodeSecret.generate(), "t"))
     assert loader_sample_rate(loader) == pytest.approx(q)
     assert parts.loader.sample_rate == pytest.approx(q)
     parts.module._close()

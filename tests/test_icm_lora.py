@@ -81,8 +81,8 @@ def test_clipped_noisy_mean_clips_and_adds_the_stated_noise() -> None:
 
 def test_release_epsilon_matches_the_analytic_gaussian_mechanism() -> None:
     """One release (sigma, q=1, 1 step) through the run's accountant vs the exact privacy
-    curve of the Gaussian mechanism (Balle & Wang 2018): the accountant may only be a
-    little looser, never tighter."""
+    curve of the Gaussian mechanism (Balle & Wang 2018) with the replace-one sensitivity 2
+    of a clipped sum (C = 1): the accountant may only be a little looser, never tighter."""
     from scipy.optimize import brentq
     from scipy.stats import norm
 
@@ -90,32 +90,32 @@ def test_release_epsilon_matches_the_analytic_gaussian_mechanism() -> None:
 
     for sigma in (2.0, 5.0):
         def excess(eps: float, s: float = sigma) -> float:
-            return float(norm.cdf(-eps * s + 0.5 / s) - math.exp(eps) * norm.cdf(-eps * s - 0.5 / s) - 1e-5)
+            return float(norm.cdf(-eps * s / 2 + 1 / s) - math.exp(eps) * norm.cdf(-eps * s / 2 - 1 / s) - 1e-5)
 
         exact = brentq(excess, 1e-4, 20.0)
-        got, accountant = release_epsilon(sigma, 1e-5, "prv")
-        assert accountant == "prv" and exact <= got <= 1.03 * exact, (sigma, got, exact)
+        got, accountant = release_epsilon(sigma, 1e-5)
+        assert accountant == "pld" and exact <= got <= 1.03 * exact, (sigma, got, exact)
 
 
 def test_calibration_after_a_release_fits_the_budget() -> None:
     q, steps, delta = 0.25, 12, 1e-5
-    plain = calibrate_noise(6.0, delta, q, steps, "prv")
-    over, _ = epsilon_for([release_entry(3.0), (plain.noise_multiplier, q, steps)], delta, "prv")
+    plain = calibrate_noise(6.0, delta, q, steps, "pld")
+    over, _ = epsilon_for([release_entry(3.0), (plain.noise_multiplier, q, steps)], delta, "pld")
     assert over > 6.0  # the release on top of the plain plan would break the budget
-    plan = calibrate_after([release_entry(3.0)], 6.0, delta, q, steps, "prv")
-    total, _ = epsilon_for([release_entry(3.0), (plan.noise_multiplier, q, steps)], delta, "prv")
+    plan = calibrate_after([release_entry(3.0)], 6.0, delta, q, steps, "pld")
+    total, _ = epsilon_for([release_entry(3.0), (plan.noise_multiplier, q, steps)], delta, "pld")
     assert plan.noise_multiplier > plain.noise_multiplier and 5.8 < total <= 6.0
     with pytest.raises(ValueError, match="releases alone"):
-        calibrate_after([release_entry(0.2)], 1.0, delta, q, steps, "prv")
+        calibrate_after([release_entry(0.2)], 1.0, delta, q, steps, "pld")
 
 
 def test_release_reaches_the_ledger(tmp_path: Path) -> None:
     path = tmp_path / "client-7.json"
-    ledger = record_release(path, "7", target_epsilon=6.0, delta=1e-5, accountant="prv", sigma=4.0, sample_rate=0.25,
+    ledger = record_release(path, "7", target_epsilon=6.0, delta=1e-5, accountant="pld", sigma=4.0, sample_rate=0.25,
                             planned_steps=12, tag="task-vector", payload=np.ones(3, np.float32))
-    loaded = Ledger.load_or_new(path, None, client="7", target_epsilon=6.0, delta=1e-5, accountant="prv")
+    loaded = Ledger.load_or_new(path, None, client="7", target_epsilon=6.0, delta=1e-5, accountant="pld")
     assert loaded.history == [(4.0, 1.0, 1)] and loaded.noise_multiplier == ledger.noise_multiplier > 0
-    alone, _ = epsilon_for([(4.0, 1.0, 1)], 1e-5, "prv")
+    alone, _ = epsilon_for([(4.0, 1.0, 1)], 1e-5, "pld")
     assert loaded.epsilon()[0] == pytest.approx(alone) and alone > 0.5
     # the whole planned run (release + every DP-SGD step) fits the target: the last round is not refused
     assert loaded.check_budget(12) <= 6.0

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_model import dp_rng
 
 from adapters import get
 from fl_client.trainer import train_local
@@ -61,7 +62,7 @@ def test_mean_pooled_model_trains_under_dp(st_model_dir: Path, tmp_path: Path) -
     model = plugin.attach(load_base_model(cfg.model, pool.num_classes), cfg)
     before = {k: v.clone() for k, v in plugin.trainable_state(model).items()}
     result = train_local(model, plugin, load_tokenizer(cfg.model), pool.subset(np.arange(64)),
-                         dataclasses.replace(cfg), steps=2, device=torch.device("cpu"), noise_multiplier=1.0, seed=0)
+                         dataclasses.replace(cfg), steps=2, device=torch.device("cpu"), noise_multiplier=1.0, seed=dp_rng(0))
     after = plugin.trainable_state(model)
     assert result.steps == 2 and np.isfinite(result.loss_last)
     assert any(not torch.equal(after[k], before[k]) for k in before if "lora_B" in k)

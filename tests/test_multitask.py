@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tiny_model import adapter_alone_lowers_loss
+from tiny_model import adapter_alone_lowers_loss, dp_rng
 from torch import nn
 
 from adapters.mtlora import delta_weights
@@ -252,7 +252,7 @@ def test_client_trains_only_shared_and_own_task_with_dp(tiny_model_dir: Path) ->
     rt.activate(model, ident)
     rt.plugin.load_state(model, server.state)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    train_local(model, rt.plugin, rt.tokenizer, data, cfg, 2, rt.device, 1.0, seed=0)
+    train_local(model, rt.plugin, rt.tokenizer, data, cfg, 2, rt.device, 1.0, seed=dp_rng(0))
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert moved and {owned_task(n) for n in moved} <= {None, "tweets"}
     assert set(rt.plugin.trainable_state(model)) == set(server.spec.task_specs["tweets"].tensors)
@@ -283,7 +283,7 @@ def _check_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
         assert row["clients_per_task"] == {"rt": 1, "bbc": 1, "tweets": 1}
         assert row["bytes_up"] == expected_up
         assert row["bytes_down"] == 3 * server.spec.nbytes
-        assert 0 < row["epsilon"] <= cfg.privacy.epsilon and row["accountant"] == "prv"
+        assert 0 < row["epsilon"] <= cfg.privacy.epsilon and row["accountant"] == "pld"
     assert rows[1]["epsilon"] > rows[0]["epsilon"]
 
 

@@ -127,14 +127,15 @@ def test_fault_draws_are_seeded_and_at_the_requested_rate() -> None:
 
 
 def test_ledger_counts_a_replay_once_and_anything_else_again() -> None:
-    led = Ledger("0", 6.0, 1e-5, "rdp", noise_multiplier=1.0, sample_rate=0.1, planned_steps=30)
-    e1 = led.record(1, 10, "key1", "out1")
-    assert led.record(1, 10, "key1", "out1") == e1 and len(led.entries) == 1  # identical re-release
-    e2 = led.record(1, 10, "key1", "out-different")  # same inputs, other bits: new spending
+    led = Ledger("0", 6.0, 1e-5, "pld", noise_multiplier=1.0, sample_rate=0.1, planned_steps=30)
+    ran = {"noise_multiplier": 1.0, "sample_rate": 0.1}  # what the round's optimizer and loader used
+    e1 = led.record(1, 10, "key1", "out1", **ran)
+    assert led.record(1, 10, "key1", "out1", **ran) == e1 and len(led.entries) == 1  # identical re-release
+    e2 = led.record(1, 10, "key1", "out-different", **ran)  # same inputs, other bits: new spending
     assert e2 > e1 and len(led.entries) == 2
-    assert led.record(1, 10, "key2", "out1") > e2  # other inputs: new spending
+    assert led.record(1, 10, "key2", "out1", **ran) > e2  # other inputs: new spending
     with pytest.raises(ValueError, match="already"):
-        led.record(1, 10)  # no key: a round is never recorded twice
+        led.record(1, 10, **ran)  # no key: a round is never recorded twice
 
 
 def _client_setup(cfg, tmp_path: Path):  # type: ignore[no-untyped-def]

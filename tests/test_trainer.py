@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import torch
+from tiny_model import dp_rng
 from torch import nn
 
 from adapters import get
@@ -46,7 +47,7 @@ def test_dp_step_is_identical_whatever_the_physical_chunk_size(tiny_cfg) -> None
     for physical in (5, 64):
         cfg, plugin, model, data, tok = _setup(tiny_cfg, physical)
         before = {k: v.clone() for k, v in plugin.trainable_state(model).items()}
-        train_local(model, plugin, tok, data, cfg, steps=1, device=torch.device("cpu"), noise_multiplier=0.0, seed=3)
+        train_local(model, plugin, tok, data, cfg, steps=1, device=torch.device("cpu"), noise_multiplier=0.0, seed=dp_rng(3))
         after = plugin.trainable_state(model)
         updates.append({k: after[k] - before[k] for k in before})
     assert any(float(u.abs().max()) > 0 for u in updates[0].values())
@@ -60,7 +61,7 @@ def test_empty_poisson_batches_still_take_noisy_steps(tiny_cfg) -> None:  # type
     data = data.subset(np.arange(2))  # sample rate 1/2: about a quarter of the batches are empty
     before = {k: v.clone() for k, v in plugin.trainable_state(model).items()}
     result = train_local(model, plugin, tok, data, cfg, steps=12, device=torch.device("cpu"),
-                         noise_multiplier=1.0, seed=0)
+                         noise_multiplier=1.0, seed=dp_rng(0))
     assert result.steps == 12 and result.samples_seen < 12 * 2
     after = plugin.trainable_state(model)
     assert all(torch.isfinite(v).all() for v in after.values())

@@ -46,3 +46,15 @@ def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tupl
     before = evaluate(model, tok, data, 24, cpu)["loss"]
     train_local(model, plugin, tok, data, cfg, steps=steps, device=cpu, noise_multiplier=None, seed=0)
     return before, evaluate(model, tok, data, 24, cpu)["loss"]
+
+
+def dp_rng(seed: int = 0):  # type: ignore[no-untyped-def]
+    """Reproducible DP randomness for tests: a fixed test-only node secret per ``seed``.
+
+    DP training refuses a plain integer seed (the server may know it); tests that want
+    repeatable DP steps use this instead. Never a pattern for real nodes."""
+    import hashlib
+
+    from privacy.randomness import NodeSecret, RoundRandomness
+
+    return RoundRandomness.derived(NodeSecret(hashlib.sha256(f"fedpeft-test-{seed}".encode()).digest()), "test")

@@ -21,12 +21,14 @@ neighbours; the verdict holds ``epsilon_emp`` to the add/remove figure of the sa
 reports (also printed, with its unit, relation, delta and accountant). ``epsilon_emp`` above
 it contradicts the accounting (or is the beta-probability false alarm).
 
-Cost (2 busy CPU cores, tiny BERT, 1000 canaries, 16 steps): about 1-2 s of training plus
-model loading; see docs/privacy-audit.md for measured figures.
+Cost: the canaries add next to nothing to training (a (m, d) direction matrix, one
+matrix-vector product per step); the audit costs one training run of the mechanism's steps
+plus two PLD figures. Measured on 2 busy CPU cores: tiny BERT, 1000 canaries, 16 steps,
+4-20 s; MiniLM + FFA-LoRA, 8 steps of 32, 81 s (docs/privacy-audit.md).
 
 Limits. It is a lower bound, not an estimate: a pass proves nothing, a failure is a bug
-(with probability >= 1 - beta). One run gives weak bounds: with m canaries the bound is
-at most about ln(m / ln(1/beta)) and small epsilons (< ~1) are hardly resolved at all.
+(with probability >= 1 - beta). One run gives weak bounds: r guesses, all correct, give at
+most about ln(r / ln(G / beta)) (G grid points), and small epsilons (< ~1) are hardly resolved.
 White-box canaries audit the *mechanism* (clipping, noise, Poisson sampling, the scaling and
 the accountant's sigma), not what a model memorises of input text. The audit trains its own
 copy (the configured model on client 0's partition, or the ledger's client) with the run's

@@ -48,6 +48,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
                     help="each node's privacy-ledger directory on its host ({i} = node number)")
     pc.add_argument("--max-epsilon", type=float, default=None,
                     help="each node's own epsilon cap (node config max-epsilon); unset = the run's budget")
+    pc.add_argument("--max-delta", type=float, default=1e-5,
+                    help="the delta at which each node's cap holds (node config max-delta; a run asking for a "
+                         "larger delta is refused)")
     pc.add_argument("--connection", default="fedpeft", help="name of the Flower CLI connection")
     pc.add_argument("--run-config", default="", help="passed to `flwr run --run-config` (existing keys only)")
     for parser in (pc,):
@@ -86,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
                 _check_dir(args.keys, [f"node-{i}.pub" for i in range(1, max(args.nodes, 0) + 1)], "--keys")
             plan = make_plan(args.superlink, args.nodes, str(args.certs or ""), str(args.keys or ""),
                              args.remote_dir, args.data_path, args.text_column, args.label_column, args.ledger_dir,
-                             args.max_epsilon, args.connection, args.run_config, args.insecure)
+                             args.max_epsilon, args.connection, args.run_config, args.insecure, args.max_delta)
             sys.stdout.write(render(plan))
             return 0
         print("fedpeft: error: deploy needs a step: certs, keys or print-commands", file=sys.stderr)

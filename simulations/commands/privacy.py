@@ -30,7 +30,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     plan.add_argument("--examples", type=int, default=None, help="examples of one client (derives q)")
     plan.add_argument("--batch-size", type=int, default=None, help="expected logical batch size (derives q)")
     plan.add_argument("--steps-per-round", type=int, required=True, help="DP-SGD steps per client and round")
-    plan.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="default: prv")
+    plan.add_argument("--accountant", choices=("pld",), default="pld",
+                      help="default: pld (dp-accounting PLD, replace-one neighbours: client example counts are public)")
     audit = sub.add_parser("audit", help="recompute every client's epsilon of a run independently")
     audit.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (with ledger/ and metrics.jsonl)")
     audit.add_argument("--tolerance", type=float, default=0.02, help="allowed relative difference (default: 0.02)")

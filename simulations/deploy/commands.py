@@ -78,6 +78,7 @@ class NodeSpec:
     label_column: str = "label"
     ledger_dir: str = "~/.fedpeft/ledger"
     max_epsilon: float | None = None
+    max_delta: float = 1e-5  # the delta at which max_epsilon holds (the node's own, not the server's)
     private_key: str = ""  # path on the node host
     public_key: str = ""  # path on the SuperLink host (for registration)
     runtime_port: int | None = None  # SuperNode's local Runtime API port; only when several share a host
@@ -97,6 +98,7 @@ def node_config_arg(node: NodeSpec) -> str:
              _literal("client-id", node.client_id)]
     if node.max_epsilon is not None:
         pairs.append(f"max-epsilon={float(node.max_epsilon)!r}")
+        pairs.append(f"max-delta={float(node.max_delta)!r}")
     pairs.extend(_literal(k, v) for k, v in node.extra)
     return " ".join(pairs)
 
@@ -181,16 +183,20 @@ class DeployPlan:
 def make_plan(superlink: str, nodes: int, certs_dir: str = "", keys_dir: str = "", remote_dir: str = "/etc/fedpeft",
               data_path: str = "/data/fedpeft/train.csv", text_column: str = "text", label_column: str = "label",
               ledger_dir: str = "/var/lib/fedpeft/ledger", max_epsilon: float | None = None,
-              connection: str = "fedpeft", run_config: str = "", insecure: bool = False) -> DeployPlan:
+              connection: str = "fedpeft", run_config: str = "", insecure: bool = False,
+              max_delta: float = 1e-5) -> DeployPlan:
     """A plan with ``nodes`` identical-looking node hosts; ``{i}`` in a path is the node number."""
     if not 1 <= nodes <= MAX_NODES:
         raise DeployError(f"invalid --nodes {nodes}: must be between 1 and {MAX_NODES}")
     if max_epsilon is not None and not max_epsilon > 0:
         raise DeployError(f"invalid --max-epsilon {max_epsilon}: must be > 0")
+    if not 0 < max_delta < 1:
+        raise DeployError(f"invalid --max-delta {max_delta}: must be in (0, 1)")
     remote = remote_dir.rstrip("/") or "/"
     specs = tuple(NodeSpec(
         index=i, client_id=f"node-{i}", data_path=data_path.replace("{i}", str(i)), text_column=text_column,
         label_column=label_column, ledger_dir=ledger_dir.replace("{i}", str(i)), max_epsilon=max_epsilon,
+        max_delta=max_delta,
         private_key=f"{remote}/node-{i}.key", public_key=f"{remote}/node-{i}.pub",
     ) for i in range(1, nodes + 1))
     return DeployPlan(superlink, specs, remote, certs_dir, keys_dir, connection, run_config, insecure)
