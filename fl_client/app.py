@@ -39,7 +39,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.limits import node_budget_refusal
+from fl_client.limits import node_budget_refusal, node_delta_refusal
 from fl_client.node_store import StoredRelease, load_release, node_secret, save_release
 from fl_client.runtime import ClientIdentity, runtime_for
 from fl_client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
@@ -206,6 +206,8 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
             return _reply(msg, stored.state, stored.metrics, {**info, "accountant": ledger.accountant})
         remaining = steps * (cfg.train.rounds - server_round + 1)
         try:
+            if reason := node_delta_refusal(context.node_config, cfg):
+                raise BudgetExceeded(reason)  # before calibrating: a tiny-delta plan is costly and moot
             if remaining > 0:  # a round past the run's last has no plan: only the budget check below
                 note = ledger.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
                                           sample_rate=sample_rate_for(len(data), cfg.train.batch_size),

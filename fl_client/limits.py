@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from privacy.ledger import Ledger
     from task.config import RunConfig
 
-__all__ = ["DEFAULT_NODE_DELTA", "node_budget_refusal"]
+__all__ = ["DEFAULT_NODE_DELTA", "node_budget_refusal", "node_delta_refusal"]
 
 DEFAULT_NODE_DELTA = 1e-5
 
@@ -44,6 +44,18 @@ def _number(node_config: Mapping[str, Any], key: str) -> float | None | str:
     if not math.isfinite(value) or value <= 0:
         return f"node config {key}={raw!r} must be a positive number; refusing to train"
     return value
+
+
+def node_delta_refusal(node_config: Mapping[str, Any], cfg: RunConfig) -> str:
+    """Why this capped node refuses the run's delta outright (before any calibration), or ""."""
+    if _number(node_config, "max-epsilon") is None or not cfg.privacy.enabled:
+        return ""
+    delta = _number(node_config, "max-delta")
+    node_delta = delta if isinstance(delta, float) else DEFAULT_NODE_DELTA
+    if cfg.privacy.delta > node_delta:
+        return (f"the run's delta={cfg.privacy.delta:g} is above this node's max-delta={node_delta:g}; "
+                f"refusing to train")
+    return ""
 
 
 def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: Ledger | None, steps: int,
