@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from adapters.base import AdapterPlugin
 from privacy.dpsgd import loader_sample_rate, make_private
 from privacy.randomness import RoundRandomness
+from task.batching import length_buckets
 from task.config import RunConfig
 from task.data import TextDataset
 
@@ -82,21 +83,6 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
     if cfg.train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)
     return torch.optim.Adam(params, lr=cfg.train.lr)
-
-
-def length_buckets(
-    input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Split one logical batch into chunks of at most ``chunk`` examples of similar length,
-    each trimmed to its own longest sequence (right padding). An empty batch gives no chunks."""
-    lengths = mask.sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = []
-    for lo in range(0, len(order), chunk):
-        idx = order[lo : lo + chunk]
-        width = max(int(lengths[idx].max()), 1)
-        out.append((input_ids[idx, :width], mask[idx, :width], labels[idx]))
-    return out
 
 
 def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:

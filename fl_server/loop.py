@@ -316,9 +316,10 @@ def run_federation(
                        f"{row['epsilon_relation']}, delta={cfg.privacy.delta:g}, {row['accountant']})") \
                 if cfg.privacy.enabled else "no DP"
             skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""
-            log.info("round %d/%d: accuracy=%.4f loss=%.4f train_loss=%.4f %s clients=%d/%d up=%dB down=%dB %.1fs%s",
-                     server_round, cfg.train.rounds, row["accuracy"], row["loss"],
-                     math.nan if row["train_loss"] is None else row["train_loss"], eps_txt,
+            # DP replies carry no training loss (it stays on the nodes): only the server's own loss then
+            train_txt = "" if row["train_loss"] is None else f" train_loss={row['train_loss']:.4f}"
+            log.info("round %d/%d: accuracy=%.4f loss=%.4f%s %s clients=%d/%d up=%dB down=%dB %.1fs%s",
+                     server_round, cfg.train.rounds, row["accuracy"], row["loss"], train_txt, eps_txt,
                      row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"],
                      row["seconds"], skipped)
         setup.plugin.export(setup.model, rd.adapter_dir)

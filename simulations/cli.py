@@ -196,7 +196,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         path, rows = simulate(cfg)
     last = rows[-1]
-    eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, delta={last['delta']:g}, {last['accountant']})"
+    eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, {last.get('epsilon_relation', '?')} neighbours, "
+           f"delta={last['delta']:g}, {last['accountant']}; check: fedpeft privacy audit {path})"
            if cfg.privacy.enabled else "no DP")
     print(f"fedpeft: {len(rows)} rounds done: accuracy={last['accuracy']:.4f} {eps}; run directory: {path}")
     return 0

@@ -1,4 +1,4 @@
-"""One-run empirical audit (privacy/empirical): the bound, a correct run, and its power.
+"""One-run empirical audit (simulations/audit): the bound, a correct run, and its power.
 
 The bound is checked against hand-computable cases and against a literal transcription of
 the paper's Appendix D algorithm; the canary audit must stay below the accounted epsilon on
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.empirical import Mechanism, epsilon_lower_bound, guess_from_scores, p_value, run_empirical_audit
 from privacy.randomness import NodeSecret, RoundRandomness
+from simulations.audit import Mechanism, epsilon_lower_bound, guess_from_scores, p_value, run_empirical_audit
 
 
 def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:

@@ -316,23 +316,6 @@ def test_server_prices_a_step_on_its_own_copy(tiny_cfg, epsilon: float) -> None:
     assert all(p.grad is None for p in setup.model.parameters())
 
 
-def test_server_cost_chunks_as_the_trainer_does() -> None:
-    """cost.py restates the trainer's length bucketing (it may not import fl_client)."""
-    import torch
-
-    from fl_client.trainer import length_buckets
-    from simulations.hetero.cost import length_chunks
-
-    gen = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 24, (37,), generator=gen)
-    mask = (torch.arange(24)[None, :] < lengths[:, None]).long()
-    ids, labels = torch.randint(0, 100, (37, 24), generator=gen) * mask, torch.randint(0, 2, (37,), generator=gen)
-    for chunk in (1, 8, 37, 64):
-        mine, theirs = length_chunks(ids, mask, labels, chunk), length_buckets(ids, mask, labels, chunk)
-        assert len(mine) == len(theirs)
-        assert all(torch.equal(x, y) for a, b in zip(mine, theirs, strict=True) for x, y in zip(a, b, strict=True))
-
-
 def test_hetero_emulation_imports_no_client_code() -> None:
     """The emulation runs in the server: like fl_server and strategies it imports nothing of
     the client package (whose trainer holds the node-secret randomness)."""

@@ -6,7 +6,7 @@ epsilon from its ledger with Opacus (PRV, RDP) and Google's dp-accounting (PLD, 
 prints them side by side, and exits 1 when a reported epsilon is off by more than the
 tolerance (:mod:`privacy.audit`). ``audit --empirical`` instead trains a canary-audited copy
 of the run's mechanism and reports an empirical lower bound on epsilon beside the accounted
-one, exiting 1 when the bound exceeds it (:mod:`privacy.empirical`).
+one, exiting 1 when the bound exceeds it (:mod:`simulations.audit`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     audit.add_argument("--tolerance", type=float, default=0.02, help="allowed relative difference (default: 0.02)")
     audit.add_argument("--json", action="store_true", help="print the audit as JSON")
     audit.add_argument("--empirical", action="store_true",
-                       help="one-run canary audit (privacy/empirical): an empirical lower bound on epsilon; "
+                       help="one-run canary audit (simulations/audit): an empirical lower bound on epsilon; "
                             "RUN_DIR may then also be a CONFIG file")
     audit.add_argument("--canaries", type=int, default=1000, help="--empirical: canaries m (default: 1000)")
     audit.add_argument("--beta", type=float, default=0.05, help="--empirical: 1 - confidence (default: 0.05)")
@@ -91,7 +91,7 @@ def _audit(args: argparse.Namespace) -> int:
 def _empirical(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from privacy.empirical import audit_target
+    from simulations.audit import audit_target
 
     if not Path(args.run_dir).exists():
         raise ConfigError("RUN_DIR", args.run_dir, "not found; pass a run directory or a config file")

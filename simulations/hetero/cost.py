@@ -9,7 +9,7 @@ covered by nothing the clients release.
 What is timed: ``steps`` logical steps (after one untimed warm-up step) of the run's
 training recipe on the first ``min(train.batch_size, len(test))`` held-out examples --
 the same length-bucketed chunks of at most ``train.physical_batch_size`` as the trainer
-(:func:`length_chunks` = ``fl_client.trainer.length_buckets``), the run's optimizer, and,
+(:func:`task.batching.length_buckets`), the run's optimizer, and,
 when DP is on, Opacus's per-sample gradients, per-sample clipping, accumulation across
 chunks and one noise draw per step (``GradSampleModule`` + ``DPOptimizer``, as the
 clients' DP-SGD; the noise here is the server's throw-away torch noise, not a client's
@@ -18,9 +18,8 @@ CSPRNG). The result is seconds per example of a step,
 
 The model is a deep copy, and the torch RNG state is restored afterwards, so the global
 model, its evaluation and the run's other random draws are untouched. Nothing here imports
-the client package (``fl_client``, whose trainer uses the node secret's randomness): this is
-server-side code, so the few lines of the trainer it mirrors are restated here, and a test
-checks they chunk as the trainer does.
+the client package (``fl_client``, whose trainer holds the node secret's randomness): the
+chunking is :func:`task.batching.length_buckets`, the trainer's own, from the floor below both.
 """
 
 from __future__ import annotations
@@ -33,26 +32,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from simulations.hetero.timing import StepCost
+from task.batching import length_buckets
 
 if TYPE_CHECKING:
     from fl_server.loop import ServerSetup
 
-__all__ = ["length_chunks", "measure_step_cost"]
-
-
-def length_chunks(
-    input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, chunk: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The trainer's chunking of a logical batch: sorted by length, at most ``chunk``
-    examples each, each trimmed to its own longest sequence (``fl_client.trainer.length_buckets``)."""
-    lengths = mask.sum(dim=1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    out = []
-    for lo in range(0, len(order), chunk):
-        idx = order[lo : lo + chunk]
-        width = max(int(lengths[idx].max()), 1)
-        out.append((input_ids[idx, :width], mask[idx, :width], labels[idx]))
-    return out
+__all__ = ["measure_step_cost"]
 
 
 def _sync(device: torch.device) -> None:
@@ -72,7 +57,7 @@ def measure_step_cost(setup: ServerSetup, steps: int = 2) -> StepCost:
     enc = setup.tokenizer(list(data.texts), truncation=True, max_length=cfg.model.max_length, padding="max_length",
                           return_tensors="pt")
     labels = torch.as_tensor(data.labels, dtype=torch.long)
-    chunks = length_chunks(enc["input_ids"], enc["attention_mask"], labels, cfg.train.physical_batch_size)
+    chunks = length_buckets(enc["input_ids"], enc["attention_mask"], labels, cfg.train.physical_batch_size)
     dp = cfg.privacy.enabled
     model = copy.deepcopy(setup.model)
     tasks = getattr(setup, "tasks", None)

@@ -7,9 +7,9 @@ through fedpeft's own DP path (:func:`privacy.dpsgd.make_private`: CSPRNG Poisso
 Opacus clipping, :class:`~privacy.dpsgd.SecretNoise`), every canary is scored, the top
 scores are guessed "in" and the bottom ones "out", and the number of correct guesses is
 turned into the largest epsilon an (epsilon, delta)-DP mechanism could not explain at
-confidence 1 - beta, delta term included (:mod:`privacy.empirical.bound`, their Thm 5.2).
+confidence 1 - beta, delta term included (:mod:`simulations.audit.bound`, their Thm 5.2).
 
-Canaries: white-box gradient ("Dirac") canaries (:mod:`privacy.empirical.canaries`): fixed
+Canaries: white-box gradient ("Dirac") canaries (:mod:`simulations.audit.canaries`): fixed
 orthonormal directions of norm C in the trainable-parameter space, injected as extra
 per-sample gradient rows whenever their own Poisson coin (rate q) comes up, so Opacus clips,
 sums and noises them like real examples. The score reads the released noisy gradient of
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from privacy.accounting import epsilon_for
-from privacy.empirical.bound import DEFAULT_GRID, Guesses, epsilon_lower_bound, guess_from_scores, p_value
-from privacy.empirical.canaries import CanaryRun, canary_scores, train_with_canaries
 from privacy.randomness import RoundRandomness
+from simulations.audit.bound import DEFAULT_GRID, Guesses, epsilon_lower_bound, guess_from_scores, p_value
+from simulations.audit.canaries import CanaryRun, canary_scores, train_with_canaries
 
 __all__ = ["DEFAULT_GRID", "CanaryRun", "EmpiricalAudit", "Guesses", "Mechanism", "audit_target",
            "canary_scores", "epsilon_lower_bound", "guess_from_scores", "p_value", "run_empirical_audit",
