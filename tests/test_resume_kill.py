@@ -36,8 +36,8 @@ def _cmd(model: Path, out: Path, *extra: str) -> list[str]:
             "--output-dir", str(out), *extra]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, FEDPEFT_PROGRESS="0", HF_HUB_OFFLINE="1")
+def _env(secrets: Path) -> dict[str, str]:
+    env = dict(os.environ, FEDPEFT_PROGRESS="0", HF_HUB_OFFLINE="1", FEDPEFT_SECRET_HOME=str(secrets))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -65,12 +65,31 @@ def _ledgers(run: Path) -> dict[str, list[tuple[int, int]]]:
             for p in sorted((run / "ledger").glob("client-*.json"))}
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path) -> None:
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    subprocess.run(_cmd(tiny_model_dir, reference), env=_env(), check=True, timeout=600,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _same_nodes(secrets: Path, reference: Path, crashed: Path, clients: int = 3) -> None:
+    """Give the crashed run's simulated clients the reference run's node secrets: the same
+    nodes doing the same run twice. (Each simulated client's secret is keyed by its ledger
+    directory, so two run directories are two sets of nodes, with different DP noise.)"""
+    import shutil
 
-    proc = subprocess.Popen(_cmd(tiny_model_dir, crashed), env=_env(), start_new_session=True,
+    from fl_client.node_store import secret_path
+
+    for cid in map(str, range(clients)):
+        src, dst = secret_path(reference / "ledger", cid, False), secret_path(crashed / "ledger", cid, False)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+
+
+def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's nodes keep their secrets (outside the run directory) across the SIGKILL, so the
+    resumed run ends exactly where an uninterrupted run of the same nodes ends."""
+    reference, crashed, secrets = tmp_path / "reference", tmp_path / "crashed", tmp_path / "node-secrets"
+    monkeypatch.setenv("FEDPEFT_SECRET_HOME", str(secrets))
+    subprocess.run(_cmd(tiny_model_dir, reference), env=_env(secrets), check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _same_nodes(secrets, reference, crashed)
+
+    proc = subprocess.Popen(_cmd(tiny_model_dir, crashed), env=_env(secrets), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ps, seen = psutil.Process(proc.pid), set()
     killed_after = None
@@ -92,7 +111,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Pa
     assert not (crashed / "adapter").exists()
 
     resumed = subprocess.run(_fedpeft("--resume", str(crashed)),
-                             env=_env(), timeout=600, capture_output=True, text=True)
+                             env=_env(secrets), timeout=600, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
     a, b = _adapter(reference), _adapter(crashed)
@@ -111,10 +130,10 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Pa
 
 def test_resume_with_another_configuration_exits_2(tiny_model_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = subprocess.run(_cmd(tiny_model_dir, run, "--rounds", "1"), env=_env(), timeout=600,
+    proc = subprocess.run(_cmd(tiny_model_dir, run, "--rounds", "1"), env=_env(tmp_path / "node-secrets"), timeout=600,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    again = subprocess.run(_fedpeft("--resume", str(run), "--lr", "0.5"), env=_env(), timeout=120,
+    again = subprocess.run(_fedpeft("--resume", str(run), "--lr", "0.5"), env=_env(tmp_path / "node-secrets"), timeout=120,
                            capture_output=True, text=True)
     assert again.returncode == 2 and "differs" in again.stderr and "train.lr" in again.stderr
     assert "Traceback" not in again.stderr
