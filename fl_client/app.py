@@ -43,13 +43,14 @@ from fl_client.limits import node_budget_refusal, node_delta_refusal
 from fl_client.node_store import StoredRelease, load_release, node_secret, save_release
 from fl_client.runtime import ClientIdentity, runtime_for
 from fl_client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
+from privacy.accounting import DEFAULT_RELATION
 from privacy.dpsgd import loader_sample_rate
 from privacy.ledger import BudgetExceeded, Ledger
 from privacy.plan import sample_rate_for
 from privacy.randomness import RoundRandomness
 from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
-from task.config import RunConfig
+from task.config import RunConfig, config_hash
 
 __all__ = ["app", "handle_train"]
 
@@ -82,16 +83,32 @@ def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> Non
 
 
 def _digest(*parts: str | Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over strings and named arrays (names, dtypes, shapes and bytes, in name order)."""
+    """SHA-256 over strings and named arrays (names, dtypes, shapes and bytes, in name order),
+    every field length-prefixed so that no two different inputs frame to the same bytes."""
     h = hashlib.sha256()
+
+    def field(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "big") + data)
+
     for part in parts:
         if isinstance(part, str):
-            h.update(part.encode() + b"\0")
+            field(b"s" + part.encode())
             continue
+        field(b"m" + str(len(part)).encode())
         for name in sorted(part):
             arr = np.ascontiguousarray(part[name])
-            h.update(f"{name}|{arr.dtype}|{arr.shape}".encode())
-            h.update(arr.tobytes())
+            field(f"{name}|{arr.dtype}|{arr.shape}".encode())
+            field(arr.tobytes())
+    return h.hexdigest()
+
+
+def _data_digest(data: Any) -> str:
+    """SHA-256 of the node's examples (texts and labels): a changed file is a new computation."""
+    h = hashlib.sha256()
+    for text in data.texts:
+        raw = str(text).encode()
+        h.update(len(raw).to_bytes(8, "big") + raw)
+    h.update(np.ascontiguousarray(np.asarray(data.labels)).tobytes())
     return h.hexdigest()
 
 
@@ -138,8 +155,15 @@ def handle_train(msg: Message, context: Context) -> Message:
     conf: ConfigRecord = msg.content.config_records["config"]
     rt = runtime_for(str(conf["fedpeft-config"]), str(conf["config-hash"]))
     cfg = rt.cfg
+    if config_hash(cfg) != str(conf["config-hash"]):  # the hash keys caches, replays and randomness
+        raise NodeRefusal(f"the configuration does not match its hash {str(conf['config-hash'])[:16]!r}")
     server_round = int(conf["server-round"])  # type: ignore[arg-type]
     ident = _identity(conf, context)
+    if not 1 <= server_round <= cfg.train.rounds:  # the plan covers rounds 1..rounds, nothing else
+        return _refusal(msg, refused=True, client=ident.client_id,
+                        reason=f"client {ident.client_id}: round {server_round} is outside the run's rounds "
+                               f"1..{cfg.train.rounds}: no privacy budget was planned for it "
+                               f"(example-level, {DEFAULT_RELATION}, delta={cfg.privacy.delta:g})")
     try:
         data = rt.data_for(ident, dict(context.node_config))
     except Exception:  # the text may name labels, columns or values of the node's data
@@ -188,11 +212,13 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
     local = context.state.get(LOCAL_STATE_KEY)
     local_in = {k: v.numpy() for k, v in local.items()} if isinstance(local, ArrayRecord) else {}
     steps = local_steps(cfg, len(data))
-    # Everything this round's update is a function of (besides the node's secret): same key,
-    # same release. The key also keys the round's randomness, so two different inputs never
-    # share noise or batches.
-    replay_key = _digest(str(conf["config-hash"]), f"{server_round}|{ident.client_id}|{steps}",
-                         json.dumps(hetero, sort_keys=True, default=str), incoming, local_in)
+    # Everything this round's update is a function of (besides the node's secret and the plan's
+    # sigma and q, added below): the verified configuration, round, client, steps, the device
+    # directive, the global and local state, and the node's data. Same key, same release; the
+    # key also keys the round's randomness, so two different computations never share noise
+    # or batches (the server could otherwise subtract one release from the other).
+    replay_key = _digest(config_hash(cfg), f"{server_round}|{ident.client_id}|{steps}",
+                         json.dumps(hetero, sort_keys=True, default=str), incoming, local_in, _data_digest(data))
     info = {"client": ident.client_id, "frozen-hash": local_hash, **({"profile": hetero["profile"]} if hetero else {})}
     ledger = None
     if cfg.privacy.enabled:
@@ -204,27 +230,29 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
             if stored.local:
                 context.state[LOCAL_STATE_KEY] = state_to_arrayrecord(stored.local)
             return _reply(msg, stored.state, stored.metrics, {**info, "accountant": ledger.accountant})
-        remaining = steps * (cfg.train.rounds - server_round + 1)
+        # The plan is made and checked on a copy: a refused request leaves the ledger as it was
+        # (a server cannot store a plan, a delta or a target in it by asking).
+        trial = Ledger.from_json(ledger.to_json())
         try:
             if reason := node_delta_refusal(context.node_config, cfg):
                 raise BudgetExceeded(reason)  # before calibrating: a tiny-delta plan is costly and moot
-            if remaining > 0:  # a round past the run's last has no plan: only the budget check below
-                note = ledger.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-                                          sample_rate=sample_rate_for(len(data), cfg.train.batch_size),
-                                          planned_steps=remaining, accountant=cfg.privacy.accountant)
-                log.debug("%s", note)
-            ledger.check_budget(steps)
-            capped = node_budget_refusal(context.node_config, cfg, ledger, steps, server_round)
+            note = trial.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+                                     sample_rate=sample_rate_for(len(data), cfg.train.batch_size),
+                                     planned_steps=steps * (cfg.train.rounds - server_round + 1),
+                                     accountant=cfg.privacy.accountant)
+            log.debug("%s", note)
+            trial.check_budget(steps)
+            capped = node_budget_refusal(context.node_config, cfg, trial, steps, server_round)
             if capped:
                 raise BudgetExceeded(capped)
         except BudgetExceeded as exc:
-            _save_ledger(ledger, ident, context)
             log.warning("%s", exc)
             return _refusal(msg, refused=True, reason=str(exc), client=ident.client_id,
                             epsilon=ledger.epsilon()[0])
+        ledger = trial
         secret = node_secret(ident.ledger_dir, ident.client_id, deployed=bool(ident.data_path))
         rng: RoundRandomness | int = RoundRandomness.fresh_keys() if cfg.privacy.secure_mode \
-            else RoundRandomness.derived(secret, replay_key)
+            else RoundRandomness.derived(secret, replay_key, repr(ledger.noise_multiplier), repr(ledger.sample_rate))
     elif reason := node_budget_refusal(context.node_config, cfg, None, steps, server_round):
         log.warning("client %s: %s", ident.client_id, reason)
         return _refusal(msg, refused=True, reason=reason, client=ident.client_id)
@@ -272,10 +300,9 @@ def train(msg: Message, context: Context) -> Message:
         return handle_train(msg, context)
     except (NodeRefusal, InjectedCrash):
         raise
-    except Exception as exc:
+    except Exception:
         log.exception("training failed on this node")
-        raise NodeRefusal(f"training failed on the node ({type(exc).__name__}); details are in the node's log") \
-            from None
+        raise NodeRefusal("training failed on the node; details are in the node's log") from None
 
 
 __all__ += ["NodeRefusal", "build_loader", "loader_sample_rate", "node_budget_refusal", "tensorize"]

@@ -7,8 +7,8 @@
   and others may read; so simulated clients keep their secrets outside it, under
   ``$FEDPEFT_SECRET_HOME`` (default ``~/.local/share/fedpeft/node-secrets``), in a folder
   named after a hash of the ledger directory -- which is how a resumed run finds them again.
-* ``client-<id>.releases/round-<r>.npz`` -- the last update the node released in round
-  ``r``, with the replay key it was computed from and its local (never sent) state.
+* ``client-<id>.releases/round-<r>-<key>.npz`` -- every update the node released, one file
+  per round and replay key (never overwritten), with its local (never sent) state.
 
 Why keep releases. A round can be asked for again: a retry after too few replies, a
 resume after the server crashed, a late duplicate message. Re-sending what was already
@@ -73,8 +73,11 @@ class StoredRelease:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _path(ledger_dir: Path, client_id: str, server_round: int) -> Path:
-    return ledger_dir / f"client-{client_id}.releases" / f"round-{server_round}.npz"
+def _path(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> Path:
+    """One file per (round, replay key): a release is never overwritten by another computation."""
+    if not replay_key.isalnum():
+        raise ValueError("a replay key is a hex digest")
+    return ledger_dir / f"client-{client_id}.releases" / f"round-{server_round}-{replay_key[:32]}.npz"
 
 
 def save_release(ledger_dir: Path, client_id: str, rel: StoredRelease) -> None:
@@ -86,12 +89,12 @@ def save_release(ledger_dir: Path, client_id: str, rel: StoredRelease) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     data = buf.getvalue()
-    atomic_write(_path(ledger_dir, client_id, rel.server_round), lambda fh: fh.write(data))
+    atomic_write(_path(ledger_dir, client_id, rel.server_round, rel.replay_key), lambda fh: fh.write(data))
 
 
 def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> StoredRelease | None:
     """The stored release of ``server_round`` computed from ``replay_key``, if there is one."""
-    path = _path(ledger_dir, client_id, server_round)
+    path = _path(ledger_dir, client_id, server_round, replay_key)
     if not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as z:

@@ -84,6 +84,10 @@ class NodeSecret:
                     fh.write(key.hex().encode())
                     fh.flush()
                     os.fsync(fh.fileno())
+        mode = path.stat().st_mode & 0o077
+        if mode:
+            raise ValueError(f"{path} is readable or writable by others (mode {oct(path.stat().st_mode & 0o777)}); "
+                             f"a node secret must be mode 0600 (chmod 600 it, and ask who else read it)")
         raw = path.read_bytes().strip()
         try:
             key = bytes.fromhex(raw.decode())
@@ -100,7 +104,7 @@ class NodeSecret:
 class ChaChaStream:
     """Uniform and Gaussian variates from a ChaCha20 keystream (a CSPRNG).
 
-    Doubles are built from 53 random bits; Gaussians by Box-Muller in float64. The stream
+    Doubles are built from 52 random bits; Gaussians by Box-Muller in float64. The stream
     is deterministic given its key, so a node can reproduce it and nobody else can.
     """
 
@@ -115,7 +119,8 @@ class ChaChaStream:
     def uniform(self, n: int) -> np.ndarray:
         """``n`` doubles uniform on (0, 1) (never exactly 0: safe under log)."""
         words = np.frombuffer(self.random_bytes(8 * n), dtype=np.uint64)
-        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+        # 52 random bits k: (k + 1/2) / 2^52 is exact in a double, so 0 < u < 1 strictly
+        return ((words >> np.uint64(12)).astype(np.float64) + 0.5) * (1.0 / (1 << 52))
 
     def normal(self, n: int) -> np.ndarray:
         """``n`` independent standard normal doubles (Box-Muller)."""
@@ -141,7 +146,8 @@ class ChaChaStream:
 class PoissonBatchSampler(Sampler[list[int]]):
     """Poisson sampling (each example independently with probability ``sample_rate``) from
     a :class:`ChaChaStream`: Opacus's ``UniformWithReplacementSampler`` with a CSPRNG.
-    One pass is ``round(1 / sample_rate)`` batches, as in Opacus; batches may be empty."""
+    One pass is ``int(1 / sample_rate)`` batches, as in Opacus (the trainer cycles passes, so
+    every step is an independent draw at ``sample_rate``); batches may be empty."""
 
     def __init__(self, num_samples: int, sample_rate: float, stream: ChaChaStream) -> None:
         if num_samples < 1:

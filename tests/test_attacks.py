@@ -125,8 +125,7 @@ def test_a_node_capped_at_its_own_delta_refuses_a_large_delta_server(tiny_cfg, t
     status = reply.content["status"]
     assert status["refused"] and "max-delta" in str(status["reason"])
     assert "arrays" not in reply.content
-    ledger = Ledger.from_json((tmp_path / "ledger" / "client-0.json").read_text())
-    assert ledger.entries == []  # nothing trained, nothing spent
+    assert not (tmp_path / "ledger" / "client-0.json").exists()  # nothing trained, nothing stored, nothing spent
     # and the server counts it as a refusal, not as a bad reply
     strategy.configure_train(1, state_to_arrayrecord(setup.state), ConfigRecord(), _Grid())
     strategy.aggregate_train(1, [reply])
@@ -139,7 +138,7 @@ def test_node_cap_at_the_nodes_delta_refuses_through_handle_train(tiny_cfg, tmp_
     reply = handle_train(_message(setup, strategy, 1), _node(**{"max-epsilon": 0.5}))
     assert reply.content["status"]["refused"] and "max-epsilon=0.5" in str(reply.content["status"]["reason"])
     assert "arrays" not in reply.content
-    assert Ledger.from_json((tmp_path / "ledger" / "client-0.json").read_text()).entries == []
+    assert not (tmp_path / "ledger" / "client-0.json").exists()  # a refused plan is not stored
     floor = handle_train(_message(setup, strategy, 1), _node(**{"min-noise-multiplier": 50.0}))
     assert "min-noise-multiplier" in str(floor.content["status"]["reason"])
 
@@ -184,7 +183,7 @@ def test_unexpected_failures_reach_the_server_without_their_text(monkeypatch: py
     monkeypatch.setattr(client_app, "handle_train", leaky)
     with pytest.raises(client_app.NodeRefusal) as err:
         client_app.train(None, None)  # type: ignore[arg-type]
-    assert "patient" not in str(err.value) and "ValueError" in str(err.value)
+    assert "patient" not in str(err.value) and "node's log" in str(err.value)
 
 
 def test_server_side_code_never_touches_node_secrets() -> None:
@@ -215,3 +214,68 @@ def test_reported_epsilon_is_read_from_every_kind_of_reply(flwr_identity) -> Non
     bad = RecordDict({"metrics": MetricRecord({"epsilon": float("nan")}), "info": ConfigRecord({"client": "d"})})
     got = [reported_epsilon(Message(content=c, reply_to=sent)) for c in (ok, lost, refused, bad)]
     assert got == [("a", 2.5), ("b", 3.0), ("c", 1.0), None]
+
+
+def test_rounds_outside_the_plan_and_refused_plans_leave_nothing_behind(tiny_cfg, tmp_path: Path,
+                                                                        flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """An active server tries to slip past a node's cap: first it asks for a huge epsilon (the
+    node refuses, and must not keep the plan it was asked for), then for a round past the
+    run's last (which no plan covers). Both are refused, nothing is trained or stored."""
+    greedy = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=50.0))
+    setup, strategy = _server(greedy, tmp_path / "ledger")
+    node = {"max-epsilon": 8.0}
+    first = handle_train(_message(setup, strategy, 1), _node(**node))
+    assert first.content["status"]["refused"] and "max-epsilon=8" in str(first.content["status"]["reason"])
+    assert not (tmp_path / "ledger" / "client-0.json").exists()
+    late = dataclasses.replace(greedy, train=dataclasses.replace(greedy.train, rounds=1))
+    setup, strategy = _server(late, tmp_path / "ledger")
+    second = handle_train(_message(setup, strategy, 2), _node(**node))
+    assert second.content["status"]["refused"] and "outside the run's rounds" in str(second.content["status"]["reason"])
+    assert "arrays" not in second.content and not (tmp_path / "ledger" / "client-0.json").exists()
+
+
+def test_a_replanned_round_never_reuses_the_noise_of_its_first_release(sgd_cfg, tmp_path: Path, flwr_identity,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Round 1 from state S, then round 1 from S' (the plan is recalibrated: a new sigma), then
+    S again with the stored releases deleted (the simulation's server can delete files in its
+    run directory). The third computation has the first's inputs but another sigma; had it the
+    same noise and batches, sigma3*R1 - sigma1*R3 would be the noise-free clipped gradient sum."""
+    import shutil
+
+    from privacy.randomness import RoundRandomness
+
+    cfg = dataclasses.replace(sgd_cfg, train=dataclasses.replace(sgd_cfg.train, rounds=2))
+    keys: list[bytes] = []
+    real = RoundRandomness.derived.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, secret, *inputs):  # type: ignore[no-untyped-def]
+        rng = real(cls, secret, *inputs)
+        keys.append(rng.noise_key)
+        return rng
+
+    monkeypatch.setattr(RoundRandomness, "derived", classmethod(spy))
+    setup, strategy = _server(cfg, tmp_path / "ledger")
+    handle_train(_message(setup, strategy, 1), _node())
+    sigma1 = Ledger.from_json((tmp_path / "ledger" / "client-0.json").read_text()).noise_multiplier
+    other = {k: v + 0.01 for k, v in setup.state.items()}
+    content = RecordDict({"arrays": state_to_arrayrecord(other), "config": strategy.round_config(1)})
+    handle_train(Message(content=content, dst_node_id=7, message_type="train"), _node())
+    shutil.rmtree(tmp_path / "ledger" / "client-0.releases")
+    handle_train(_message(setup, strategy, 1), _node())
+    led = Ledger.from_json((tmp_path / "ledger" / "client-0.json").read_text())
+    assert led.entries[-1].noise_multiplier != sigma1  # the plan was recalibrated in between
+    assert len(keys) == 3 and len(set(keys)) == 3, "a recomputation reused an earlier release's noise"
+
+
+def test_a_configuration_that_does_not_match_its_hash_is_refused(tiny_cfg, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    from fl_client import runtime
+    from fl_client.app import NodeRefusal
+
+    setup, strategy = _server(tiny_cfg, tmp_path / "ledger")
+    msg = _message(setup, strategy, 1)
+    conf = msg.content["config"]
+    conf["fedpeft-config"] = str(conf["fedpeft-config"]).replace("clip = 1.0", "clip = 100.0")
+    assert "clip = 100.0" in str(conf["fedpeft-config"])
+    runtime._RUNTIMES.clear()  # a fresh node process: nothing cached under that hash
+    with pytest.raises(NodeRefusal, match="does not match its hash"):
+        handle_train(msg, _node())
