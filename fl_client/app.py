@@ -41,7 +41,7 @@ from flwr.clientapp import ClientApp
 
 from fl_client.limits import node_budget_refusal, node_delta_refusal
 from fl_client.node_store import StoredRelease, load_release, node_secret, save_release
-from fl_client.runtime import ClientIdentity, runtime_for
+from fl_client.runtime import ClientIdentity, NodeRefusal, runtime_for
 from fl_client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
 from privacy.accounting import DEFAULT_RELATION
 from privacy.dpsgd import loader_sample_rate
@@ -50,7 +50,7 @@ from privacy.plan import sample_rate_for
 from privacy.randomness import RoundRandomness
 from simulations.faults import InjectedCrash, draw_fault
 from strategies.adapter_avg import state_nbytes, state_to_arrayrecord
-from task.config import RunConfig, config_hash
+from task.config import RunConfig
 
 __all__ = ["app", "handle_train"]
 
@@ -59,12 +59,6 @@ app = ClientApp()
 
 LEDGER_STATE_KEY = "fedpeft-ledger"
 LOCAL_STATE_KEY = "fedpeft-local"
-
-
-class NodeRefusal(RuntimeError):
-    """A failure whose text is safe to send to the server (it names no data: no labels,
-    columns, file contents or paths). Every other exception is logged on the node and
-    answered with a generic text (:func:`train`)."""
 
 
 def _ledger(cfg: RunConfig, ident: ClientIdentity, context: Context) -> Ledger:
@@ -153,10 +147,8 @@ def _identity(conf: ConfigRecord, context: Context) -> ClientIdentity:
 def handle_train(msg: Message, context: Context) -> Message:
     """Pure function of (message, context) so tests can call it without Flower's runtime."""
     conf: ConfigRecord = msg.content.config_records["config"]
-    rt = runtime_for(str(conf["fedpeft-config"]), str(conf["config-hash"]))
+    rt = runtime_for(str(conf["fedpeft-config"]), str(conf["config-hash"]))  # verifies the hash
     cfg = rt.cfg
-    if config_hash(cfg) != str(conf["config-hash"]):  # the hash keys caches, replays and randomness
-        raise NodeRefusal(f"the configuration does not match its hash {str(conf['config-hash'])[:16]!r}")
     server_round = int(conf["server-round"])  # type: ignore[arg-type]
     ident = _identity(conf, context)
     if not 1 <= server_round <= cfg.train.rounds:  # the plan covers rounds 1..rounds, nothing else
@@ -217,7 +209,7 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
     # directive, the global and local state, and the node's data. Same key, same release; the
     # key also keys the round's randomness, so two different computations never share noise
     # or batches (the server could otherwise subtract one release from the other).
-    replay_key = _digest(config_hash(cfg), f"{server_round}|{ident.client_id}|{steps}",
+    replay_key = _digest(str(conf["config-hash"]), f"{server_round}|{ident.client_id}|{steps}",
                          json.dumps(hetero, sort_keys=True, default=str), incoming, local_in, _data_digest(data))
     info = {"client": ident.client_id, "frozen-hash": local_hash, **({"profile": hetero["profile"]} if hetero else {})}
     ledger = None

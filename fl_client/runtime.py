@@ -20,11 +20,12 @@ from torch import nn
 from adapters import AdapterPlugin
 from adapters import get as get_plugin
 from task.config import RunConfig, config_from_toml
+from task.config import config_hash as hash_of
 from task.data import TextDataset, load_dataset, train_test_split_for, with_label_names
 from task.model import load_base_model, load_tokenizer, pick_device
 from task.partition import client_partition
 
-__all__ = ["ClientIdentity", "Runtime", "runtime_for"]
+__all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
 
 
 @dataclass(frozen=True)
@@ -126,13 +127,26 @@ _RUNTIMES: dict[str, Runtime] = {}
 _GUARD = threading.Lock()
 
 
+class NodeRefusal(RuntimeError):
+    """A failure whose text is safe to send to the server (it names no data: no labels,
+    columns, file contents or paths). Every other exception is logged on the node and
+    answered with a generic text (``fl_client.app.train``)."""
+
+
 def runtime_for(config_toml: str, config_hash: str) -> Runtime:
-    """The process-wide runtime for a configuration (one at a time; memory stays flat)."""
+    """The process-wide runtime for a configuration (one at a time; memory stays flat).
+
+    The configuration must hash to ``config_hash`` (checked before anything is cached): the
+    hash keys this cache, the node's replays and the randomness of its DP rounds, so a
+    configuration sent under another configuration's hash is refused.
+    """
     with _GUARD:
         rt = _RUNTIMES.get(config_hash)
         if rt is None:
-            _RUNTIMES.clear()
             cfg = config_from_toml(config_toml)
+            if hash_of(cfg) != config_hash:
+                raise NodeRefusal(f"the configuration does not match its hash {config_hash[:16]!r}")
+            _RUNTIMES.clear()
             if cfg.tasks.enabled:  # multi-task federation: fl_client/multitask.py
                 from fl_client.multitask import MultiTaskRuntime
 
