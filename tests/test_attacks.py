@@ -273,7 +273,7 @@ def test_a_configuration_that_does_not_match_its_hash_is_refused(tiny_cfg, tmp_p
 
     setup, strategy = _server(tiny_cfg, tmp_path / "ledger")
     msg = _message(setup, strategy, 1)
-    conf = msg.content["config"]
+    conf = msg.content.config_records["config"]
     conf["fedpeft-config"] = str(conf["fedpeft-config"]).replace("clip = 1.0", "clip = 100.0")
     assert "clip = 100.0" in str(conf["fedpeft-config"])
     runtime._RUNTIMES.clear()  # a fresh node process: nothing cached under that hash
