@@ -150,8 +150,9 @@ def write_report(cells: Sequence[Cell], out: Path, title: str = "fedpeft compare
     plots = write_plots(results, curves, out / "plots")
     summary = _summary(results)
     reading = _reading(summary, baseline)
-    unit = ("epsilon is example-level (one training example of one client), the max over clients, at the delta "
-            "in results.csv; accountant as named")
+    unit = ("epsilon is example-level (one training example of one client), replace-one neighbours (each "
+            "client's example count is public), the max over clients, at the delta in results.csv; accountant as "
+            "named")
     md = [f"# {title}", "", f"{len(results)} of {len(cells)} runs finished. {unit}.", *[f"{n}" for n in notes], "",
           "## Reading", "", *[f"- {x}" for x in reading], "", "## Summary (over seeds)", "",
           *_md_table(summary, SUMMARY_COLS), "", "## Plots", ""]
