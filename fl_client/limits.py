@@ -46,16 +46,24 @@ def _number(node_config: Mapping[str, Any], key: str) -> float | None | str:
     return value
 
 
-def node_delta_refusal(node_config: Mapping[str, Any], cfg: RunConfig) -> str:
-    """Why this capped node refuses the run's delta outright (before any calibration), or ""."""
-    if _number(node_config, "max-epsilon") is None or not cfg.privacy.enabled:
-        return ""
+def _node_delta(node_config: Mapping[str, Any]) -> float:
+    """The delta at which this node's limits hold (``max-delta``, default 1e-5)."""
     delta = _number(node_config, "max-delta")
-    node_delta = delta if isinstance(delta, float) else DEFAULT_NODE_DELTA
+    return delta if isinstance(delta, float) else DEFAULT_NODE_DELTA
+
+
+def _delta_refusal(cfg: RunConfig, node_delta: float) -> str:
     if cfg.privacy.delta > node_delta:
         return (f"the run's delta={cfg.privacy.delta:g} is above this node's max-delta={node_delta:g}; "
                 f"refusing to train")
     return ""
+
+
+def node_delta_refusal(node_config: Mapping[str, Any], cfg: RunConfig) -> str:
+    """Why this capped node refuses the run's delta outright (before any calibration), or ""."""
+    if _number(node_config, "max-epsilon") is None or not cfg.privacy.enabled:
+        return ""
+    return _delta_refusal(cfg, _node_delta(node_config))
 
 
 def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: Ledger | None, steps: int,
@@ -67,14 +75,13 @@ def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: 
             return value
     if cap is None and floor is None:
         return ""
-    node_delta = float(delta) if isinstance(delta, float) else DEFAULT_NODE_DELTA
+    node_delta = _node_delta(node_config)
     if ledger is None:
         return f"this node allows at most epsilon={cap:g} and the run has no DP (privacy.epsilon=inf)"
     if not node_delta < 1:
         return f"node config max-delta={node_delta:g} must be below 1; refusing to train"
-    if cfg.privacy.delta > node_delta:
-        return (f"the run's delta={cfg.privacy.delta:g} is above this node's max-delta={node_delta:g}; "
-                f"refusing to train")
+    if refusal := _delta_refusal(cfg, node_delta):
+        return refusal
     if isinstance(floor, float) and ledger.noise_multiplier < floor:
         return (f"the run's sigma={ledger.noise_multiplier:.4f} is below this node's "
                 f"min-noise-multiplier={floor:g}; refusing to train")

@@ -21,8 +21,6 @@ Loaded with ``allow_pickle=False``: a store file cannot execute code.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from privacy.ledger import atomic_write
+from privacy.ledger import load_array_groups, save_array_groups
 from privacy.randomness import NodeSecret
 
 __all__ = ["StoredRelease", "load_release", "node_secret", "save_release", "secret_home", "secret_path"]
 
 _SECRETS: dict[Path, NodeSecret] = {}
-_STATE, _LOCAL, _META = "state/", "local/", "__meta__"
+_STATE, _LOCAL = "state", "local"
 
 
 def secret_home() -> Path:
@@ -81,15 +79,11 @@ def _path(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) 
 
 
 def save_release(ledger_dir: Path, client_id: str, rel: StoredRelease) -> None:
-    """Store ``rel`` atomically (the previous release of that round is replaced)."""
+    """Store ``rel`` atomically, in a file of its own (round and replay key)."""
     meta = {"round": rel.server_round, "replay_key": rel.replay_key, "output_hash": rel.output_hash,
             "metrics": rel.metrics}
-    arrays = {_STATE + k: v for k, v in rel.state.items()} | {_LOCAL + k: v for k, v in rel.local.items()}
-    arrays[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    data = buf.getvalue()
-    atomic_write(_path(ledger_dir, client_id, rel.server_round, rel.replay_key), lambda fh: fh.write(data))
+    save_array_groups(_path(ledger_dir, client_id, rel.server_round, rel.replay_key), meta,
+                      {_STATE: rel.state, _LOCAL: rel.local})
 
 
 def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> StoredRelease | None:
@@ -97,11 +91,8 @@ def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key
     path = _path(ledger_dir, client_id, server_round, replay_key)
     if not path.is_file():
         return None
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(bytes(z[_META]).decode())
-        if meta.get("replay_key") != replay_key:
-            return None
-        state = {k[len(_STATE):]: z[k] for k in z.files if k.startswith(_STATE)}
-        local = {k[len(_LOCAL):]: z[k] for k in z.files if k.startswith(_LOCAL)}
-    return StoredRelease(int(meta["round"]), replay_key, str(meta["output_hash"]), state, local,
+    meta, groups = load_array_groups(path, (_STATE, _LOCAL))
+    if meta.get("replay_key") != replay_key:
+        return None
+    return StoredRelease(int(meta["round"]), replay_key, str(meta["output_hash"]), groups[_STATE], groups[_LOCAL],
                          dict(meta.get("metrics", {})))

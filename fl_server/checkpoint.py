@@ -22,7 +22,6 @@ SuperNode), are only ever appended to, and a resume never rewrites them.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from privacy.ledger import atomic_write
+from privacy.ledger import load_array_groups, save_array_groups
 
 __all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "round_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT_VERSION = 1
-_STATE, _PREV, _META = "state/", "previous/", "__meta__"
+_STATE, _PREV = "state", "previous"  # array groups: state/<name>, previous/<name>
 
 
 @dataclass
@@ -96,10 +95,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
         "epsilon": jsonable(ckpt.epsilon),
         "accountants": sorted(ckpt.accountants),
     }
-    arrays: dict[str, np.ndarray] = {_META: np.array(json.dumps(meta))}
-    arrays.update({_STATE + k: np.ascontiguousarray(v) for k, v in ckpt.state.items()})
-    arrays.update({_PREV + k: np.ascontiguousarray(v) for k, v in ckpt.previous.items()})
-    atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+    save_array_groups(path, meta, {_STATE: ckpt.state, _PREV: ckpt.previous})
 
 
 def _unjson(value: Any) -> Any:
@@ -115,10 +111,8 @@ def _unjson(value: Any) -> Any:
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` (ValueError if unreadable)."""
     try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data[_META]))
-            state = {k[len(_STATE):]: data[k].copy() for k in data.files if k.startswith(_STATE)}
-            previous = {k[len(_PREV):]: data[k].copy() for k in data.files if k.startswith(_PREV)}
+        meta, groups = load_array_groups(path, (_STATE, _PREV))
+        state, previous = groups[_STATE], groups[_PREV]
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable fedpeft checkpoint ({exc})") from None
     if meta.get("format") != FORMAT_VERSION:

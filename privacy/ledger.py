@@ -28,10 +28,12 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 from privacy.accounting import (
     ACCOUNTANTS,
@@ -45,7 +47,7 @@ from privacy.accounting import (
 )
 
 __all__ = ["BudgetExceeded", "Ledger", "LedgerConflict", "LedgerEntry", "PlanMismatch", "atomic_write",
-           "atomic_write_text"]
+           "atomic_write_text", "load_array_groups", "save_array_groups"]
 
 log = logging.getLogger("fedpeft.ledger")
 
@@ -87,6 +89,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     data = text.encode("utf-8")
     atomic_write(path, lambda fh: fh.write(data))
+
+
+_META = "__meta__"
+
+
+def save_array_groups(path: Path, meta: dict[str, Any], groups: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """An ``.npz`` of named array groups (``group/name``) plus one JSON object, written atomically."""
+    arrays: dict[str, np.ndarray] = {_META: np.array(json.dumps(meta))}
+    for group, named in groups.items():
+        arrays.update({f"{group}/{k}": np.ascontiguousarray(v) for k, v in named.items()})
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
+
+
+def load_array_groups(path: Path, groups: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """``(meta, {group: arrays})`` of a file written by :func:`save_array_groups` (no pickles)."""
+    with np.load(path, allow_pickle=False) as data:
+        meta = json.loads(str(data[_META]))
+        out = {g: {k[len(g) + 1:]: data[k].copy() for k in data.files if k.startswith(g + "/")} for g in groups}
+    return meta, out
 
 
 def _valid_mechanism(sigma: Any, q: Any, steps: Any, where: str) -> None:
