@@ -1,9 +1,9 @@
 """Per-round overhead of a real deployment against the simulation, for the same work.
 
 Deployment: ``flower-superlink`` + 3 ``flower-supernode`` processes with TLS and SuperNode
-authentication (:mod:`simulations.deploy.local`), each node with its own CSV file, in its
+authentication (:mod:`fedpeft.deploy.local`), each node with its own CSV file, in its
 own network namespace when this runs as root (else on loopback; the result says which),
-started with ``flwr run``. Simulation: :func:`simulations.simulate.simulate` (Flower's
+started with ``flwr run``. Simulation: :func:`fedpeft.sim.simulate.simulate` (Flower's
 simulation engine, in-process Ray) on the union of the same files with the same examples
 per client, batch, local steps, rounds, model (the tests' tiny random BERT) and DP
 settings. Everything runs in this one invocation, one after the other, so the machine load
@@ -16,8 +16,8 @@ Two deployment variants measure the polling settings:
 * ``flower-defaults``: the server pulls replies every 3 s (Flower's ``Grid.send_and_receive``;
   ``FEDPEFT_PULL_INTERVAL=3``) and the SuperNode's SuperExec asks for a task every 1 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1.0``, Flower's default);
-* ``tuned``: fedpeft's defaults, ``fl_server.loop.PULL_INTERVAL_S`` (0.5 s) and
-  :data:`simulations.deploy.commands.TUNED_ENV`.
+* ``tuned``: fedpeft's defaults, ``fedpeft.server.loop.PULL_INTERVAL_S`` (0.5 s) and
+  :data:`fedpeft.deploy.commands.TUNED_ENV`.
 
 What no setting changes (Flower 1.42 constants): a SuperNode polls for messages every 3 s
 when idle and heartbeats every 30 s, and with the default ``--isolation subprocess`` each
@@ -49,7 +49,7 @@ RESULT = REPO / "benchmarks" / "results" / "deploy_overhead.json"
 
 
 def _data(root: Path, nodes: int, per_node: int) -> tuple[list[Path], Path, Path]:
-    from task.data import rotten_tomatoes_path
+    from fedpeft.data.sources import rotten_tomatoes_path
 
     frame = pd.read_csv(rotten_tomatoes_path()).sample(frac=1.0, random_state=0)
     frame = frame[frame["category"].isin(["fresh", "rotten"])][["text", "category"]]
@@ -83,9 +83,9 @@ VARIANTS: dict[str, dict[str, str]] = {
 
 def run_deployment(root: Path, model: Path, rounds: int, nodes: int, per_node: int, env: dict[str, str],
                    network: str, keep_logs: Path | None = None) -> dict[str, Any]:
-    from simulations.deploy.commands import NodeSpec, flwr_run_argv
-    from simulations.deploy.local import BIN, node_host, start_cluster
-    from simulations.deploy.netns import LINK, make_network
+    from fedpeft.deploy.commands import NodeSpec, flwr_run_argv
+    from fedpeft.deploy.local import BIN, node_host, start_cluster
+    from fedpeft.deploy.netns import LINK, make_network
 
     files, server, _ = _data(root, nodes, per_node)
     specs = [NodeSpec(index=i + 1, client_id=f"node-{i + 1}", data_path=str(f), text_column="text",
@@ -164,8 +164,8 @@ def node_timeline(logs: dict[str, str]) -> dict[str, Any]:
 
 
 def run_simulation(root: Path, model: Path, rounds: int, nodes: int, per_node: int) -> dict[str, Any]:
-    from simulations.simulate import simulate
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.simulate import simulate
 
     _, _, union = _data(root, nodes, per_node)
     cfg = parse_config({**_settings(model, rounds), "data.path": str(union), "train.clients": nodes,
@@ -229,7 +229,7 @@ def _fmt(x: float | None, spec: str = ".1f") -> str:
 
 def tuning_text(pooled: dict[str, dict[str, float | None]], repeat: int) -> str:
     """One paragraph comparing the polling variants (the numbers it quotes are in ``pooled``)."""
-    from simulations.deploy.commands import TUNED_ENV
+    from fedpeft.deploy.commands import TUNED_ENV
 
     text = "Only one variant was run; no tuning comparison."
     if "flower-defaults" in pooled and "tuned" in pooled:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     from tiny_model import make_tiny_model
 
     from benchmarks.results import hardware, load_average
-    from simulations.deploy.commands import TUNED_ENV
+    from fedpeft.deploy.commands import TUNED_ENV
 
     VARIANTS["tuned"] = dict(TUNED_ENV)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _pull_default() -> float:
-    from fl_server.loop import PULL_INTERVAL_S
+    from fedpeft.server.loop import PULL_INTERVAL_S
 
     return PULL_INTERVAL_S
 

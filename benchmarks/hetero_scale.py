@@ -63,9 +63,9 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("FEDPEFT_PROGRESS", "0")
     sys.path.insert(0, str(ROOT / "tests"))
-    from simulations.hetero.run import run_scenario
-    from simulations.hetero.scenario import load_scenario
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.hetero.run import run_scenario
+    from fedpeft.sim.hetero.scenario import load_scenario
 
     tmp = Path(tempfile.mkdtemp(prefix="hetero-scale-"))
     model = args.model

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from fl_server.loop import RoundHook
+from fedpeft.server.loop import RoundHook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,8 +99,8 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("FEDPEFT_PROGRESS", "0")
     sys.path.insert(0, str(ROOT / "tests"))
-    from simulations.simulate import simulate
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.simulate import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="memory-rounds-"))
     model = args.model

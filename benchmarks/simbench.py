@@ -1,9 +1,9 @@
 """Simulation benchmarks: Flower's overhead over a bare loop, and scale in virtual clients.
 
-*Overhead* compares :func:`simulations.simulate.simulate` (real ``run_simulation``: Ray,
+*Overhead* compares :func:`fedpeft.sim.simulate.simulate` (real ``run_simulation``: Ray,
 ServerApp, ClientApp, ledgers, validation, checkpoints) with :func:`bare_federation`, one
 process doing the same work with no Flower: per round, every client's
-:func:`fl_client.trainer.train_local` call with the same data, steps, seed and calibrated
+:func:`fedpeft.client.trainer.train_local` call with the same data, steps, seed and calibrated
 sigma, the plugin's aggregation and the server's evaluation. The two are run interleaved
 (bare, simulated, bare, ...) and compared by median wall time; the ratio of the steady
 rounds (all but the first, whose time includes each Ray actor loading the model) is reported
@@ -40,16 +40,16 @@ def bare_federation(cfg: Any) -> list[float]:
     and calibrating sigma (the in-process caches are cleared first, as a fresh Flower worker
     starts cold).
     """
-    from adapters import get as get_plugin
-    from fl_client.trainer import local_steps, train_local
-    from privacy.accounting import calibrate_noise
-    from privacy.plan import sample_rate_for
-    from privacy.randomness import NodeSecret, RoundRandomness
-    from task import model as task_model
-    from task.data import train_test_split_for
-    from task.evaluate import evaluate
-    from task.model import load_base_model, load_tokenizer, pick_device
-    from task.partition import client_partition
+    from fedpeft.adapters import get as get_plugin
+    from fedpeft.client.trainer import local_steps, train_local
+    from fedpeft.data.partition import client_partition
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.privacy.accounting import calibrate_noise
+    from fedpeft.privacy.plan import sample_rate_for
+    from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+    from fedpeft.tasks import model as task_model
+    from fedpeft.tasks.evaluate import evaluate
+    from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
 
     task_model._load_base.cache_clear()
     task_model._load_tokenizer.cache_clear()
@@ -89,7 +89,7 @@ def bare_federation(cfg: Any) -> list[float]:
 
 
 def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float]]:
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     t0 = time.perf_counter()
     _, rows = simulate(cfg, run_dir)
@@ -99,7 +99,7 @@ def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float]]:
 def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_steps: int, examples: int,
                  test_size: int, progress: Progress | None = None) -> list[Measurement]:
     """Simulated run / bare loop, total and steady-state (rounds after the first)."""
-    from task.config import parse_config
+    from fedpeft.config import parse_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     cfg = parse_config({"model.path": model_path, "train.rounds": rounds, "train.clients": clients,
@@ -141,8 +141,8 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
 def scale(model_path: str, sizes: tuple[int, ...], rounds: int, per_round: int = 10,
           progress: Progress | None = None) -> list[Measurement]:
     """Peak memory and median time per round for each population size; ratios largest / smallest."""
-    from simulations.simulate import simulate
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.simulate import simulate
 
     from .hetero_scale import PeakRss
 

@@ -6,8 +6,8 @@ variant, in a rotated order, after ``warmup`` untimed steps of each. The figure 
 over repetitions, and ratios are taken inside the run, so load from other jobs on a shared
 machine hits all variants alike.
 
-One step is what :func:`fl_client.trainer.train_local` does per logical batch: the plugin's
-loss, backward, optimizer step. DP steps use :func:`privacy.dpsgd.make_private` (Poisson
+One step is what :func:`fedpeft.client.trainer.train_local` does per logical batch: the plugin's
+loss, backward, optimizer step. DP steps use :func:`fedpeft.privacy.dpsgd.make_private` (Poisson
 sampling, Adam wrapped in Opacus's ``DPOptimizer``) and then feed the one fixed batch to the
 private module, so every variant sees identical tensors. Ghost clipping needs a loss wrapper
 that our ``make_private`` does not return, so that mode calls Opacus's ``PrivacyEngine``
@@ -27,15 +27,15 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from adapters import AdapterPlugin, plugins
-from adapters import get as get_plugin
-from fl_client.trainer import build_loader, make_optimizer
-from privacy.dpsgd import make_private
-from privacy.randomness import NodeSecret, RoundRandomness
-from strategies.adapter_avg import state_nbytes
-from task.config import RunConfig, parse_config
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
+from fedpeft.adapters import AdapterPlugin, plugins
+from fedpeft.adapters import get as get_plugin
+from fedpeft.client.trainer import build_loader, make_optimizer
+from fedpeft.config import RunConfig, parse_config
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.privacy.dpsgd import make_private
+from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+from fedpeft.strategies.adapter_avg import state_nbytes
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 from .results import Measurement, Target
 

@@ -11,12 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FEDPEFT_PROGRESS", "0")
-# Simulated clients' node secrets (fl_client/node_store.py): never in the user's home from tests.
+# Simulated clients' node secrets (src/fedpeft/client/node_store.py): never in the user's home from tests.
 os.environ.setdefault("FEDPEFT_SECRET_HOME", tempfile.mkdtemp(prefix="fedpeft-test-secrets-"))
 sys.path.insert(0, str(Path(__file__).parent))
-# The repository root before site-packages: Opacus installs a top-level `benchmarks` package
-# that would shadow ours when pytest is run as `pytest` rather than `python -m pytest`.
-sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from tiny_model import make_tiny_model  # noqa: E402
 
@@ -29,7 +26,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def tiny_cfg(tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A small, fast configuration on Rotten Tomatoes with the tiny model."""
-    from task.config import parse_config
+    from fedpeft.config import parse_config
 
     return parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24,

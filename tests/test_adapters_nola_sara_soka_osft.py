@@ -14,18 +14,18 @@ from opacus import GradSampleModule
 from tiny_model import dp_rng
 from torch import nn
 
-from adapters import get
-from adapters.delta_linear import DeltaLinear, delta_layers
-from adapters.nola import NolaLinear
-from adapters.osft import OsftLinear
-from adapters.sara import SaraLinear
-from adapters.soka import SokaLinear, kpsvd, select_rank
-from fl_client.trainer import train_local
-from strategies.adapter_avg import state_nbytes
-from task.config import ConfigError
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
-from task.partition import client_partition
+from fedpeft.adapters import get
+from fedpeft.adapters.delta_linear import DeltaLinear, delta_layers
+from fedpeft.adapters.nola import NolaLinear
+from fedpeft.adapters.osft import OsftLinear
+from fedpeft.adapters.sara import SaraLinear
+from fedpeft.adapters.soka import SokaLinear, kpsvd, select_rank
+from fedpeft.client.trainer import train_local
+from fedpeft.config import ConfigError
+from fedpeft.data.partition import client_partition
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.strategies.adapter_avg import state_nbytes
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 METHODS = ("nola", "sara", "soka", "osft")
 # Direct trainable parameter names of each method's layers (besides the head).
@@ -213,7 +213,7 @@ def test_export_writes_safetensors_and_config(tiny_cfg, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_flower_simulation_two_rounds(tiny_cfg, tmp_path: Path, method: str) -> None:  # type: ignore[no-untyped-def]
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     cfg = _cfg(tiny_cfg, method)
     path, _ = simulate(cfg, tmp_path / f"run-{method}")

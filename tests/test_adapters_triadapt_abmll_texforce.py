@@ -14,15 +14,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from tiny_model import dp_rng
 from torch import nn
 
-from adapters import get
-from adapters.abmll import LOCAL_NAMES, BayesLoraLinear
-from adapters.triadapt_lora import CORE, MASK, TriAdaptLinear
-from strategies.adapter_avg import state_to_arrayrecord
-from strategies.validation import Rejected, StateSpec, validate_reply
-from task.config import ConfigError, config_hash, config_to_toml, parse_config
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
-from task.partition import client_partition
+from fedpeft.adapters import get
+from fedpeft.adapters.abmll import LOCAL_NAMES, BayesLoraLinear
+from fedpeft.adapters.triadapt_lora import CORE, MASK, TriAdaptLinear
+from fedpeft.config import ConfigError, config_hash, config_to_toml, parse_config
+from fedpeft.data.partition import client_partition
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.strategies.adapter_avg import state_to_arrayrecord
+from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 METHODS = ("triadapt_lora", "abmll", "texforce")
 
@@ -154,8 +154,8 @@ def _train_msg(cfg, state, frozen: str, server_round: int, ledger_dir: Path) -> 
 
 @pytest.mark.parametrize("epsilon", [float("inf"), 50.0])
 def test_abmll_local_posterior_persists_per_client_and_never_leaves(tiny_cfg, tmp_path, monkeypatch, epsilon) -> None:
-    from fl_client import app as client_app
-    from fl_client.runtime import runtime_for
+    from fedpeft.client import app as client_app
+    from fedpeft.client.runtime import runtime_for
 
     cfg = _cfg(tiny_cfg, "abmll", kl_weight=0.1)
     cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon, accountant="pld"))
@@ -228,7 +228,7 @@ def test_abmll_opacus_per_sample_gradients_match_plain_gradient(tiny_cfg) -> Non
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("sigma", [None, 0.8])
 def test_train_local_with_and_without_dp(tiny_cfg, method: str, sigma) -> None:  # type: ignore[no-untyped-def]
-    from fl_client.trainer import train_local
+    from fedpeft.client.trainer import train_local
 
     cfg = _cfg(tiny_cfg, method)
     plugin, model = _model(cfg)
@@ -256,7 +256,7 @@ def test_bad_options_are_one_line_config_errors(tiny_cfg) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_real_flower_simulation(tiny_cfg, tmp_path, method: str) -> None:
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     cfg = _cfg(tiny_cfg, method)
     cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / method))

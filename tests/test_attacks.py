@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fl_client.app import handle_train
-from fl_server.loop import ServerSetup
-from privacy.ledger import Ledger
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from task.config import config_hash, config_to_toml
+from fedpeft.client.app import handle_train
+from fedpeft.config import config_hash, config_to_toml
+from fedpeft.privacy.ledger import Ledger
+from fedpeft.server.loop import ServerSetup
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 
-# What a DP reply may carry (fl_client/app.py): the trained state and public values only.
+# What a DP reply may carry (src/fedpeft/client/app.py): the trained state and public values only.
 PUBLIC_METRICS = {"num-examples", "steps", "bytes-up", "epsilon", "delta", "noise-multiplier", "sample-rate"}
 
 
@@ -97,7 +97,7 @@ def test_replayed_round_resends_the_stored_release_and_is_charged_once(sgd_cfg, 
     def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise AssertionError("a replayed round must not be recomputed")
 
-    monkeypatch.setattr("fl_client.app.train_local", no_training)
+    monkeypatch.setattr("fedpeft.client.app.train_local", no_training)
     again = handle_train(_message(setup, strategy, 1), _node())  # a fresh process: empty Context.state
     np.testing.assert_array_equal(_update(first, setup), _update(again, setup))
     assert dict(again.content["metrics"]) == dict(first.content["metrics"])
@@ -165,7 +165,7 @@ def test_data_errors_stay_on_the_node(tiny_cfg, tmp_path: Path, flwr_identity) -
 
 
 def test_deployed_node_needs_its_own_ledger_dir(tiny_cfg, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
-    from fl_client.app import NodeRefusal
+    from fedpeft.client.app import NodeRefusal
 
     setup, strategy = _server(tiny_cfg, tmp_path / "ledger")
     node = {"data-path": str(tmp_path / "x.csv"), "client-id": "n1"}
@@ -175,7 +175,7 @@ def test_deployed_node_needs_its_own_ledger_dir(tiny_cfg, tmp_path: Path, flwr_i
 
 
 def test_unexpected_failures_reach_the_server_without_their_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fl_client import app as client_app
+    from fedpeft.client import app as client_app
 
     def leaky(msg, context):  # type: ignore[no-untyped-def]
         raise ValueError("label 'patient-4711-hiv-positive' not in the federation's labels")
@@ -191,7 +191,7 @@ def test_server_side_code_never_touches_node_secrets() -> None:
     import ast
 
     root = Path(__file__).resolve().parents[1]
-    forbidden = {"privacy.randomness", "fl_client.node_store", "fl_client"}
+    forbidden = {"fedpeft.privacy.randomness", "fedpeft.client.node_store", "fl_client"}
     for folder in ("fl_server", "strategies"):
         for path in (root / folder).rglob("*.py"):
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -205,7 +205,7 @@ def test_server_side_code_never_touches_node_secrets() -> None:
 def test_reported_epsilon_is_read_from_every_kind_of_reply(flwr_identity) -> None:  # type: ignore[no-untyped-def]
     from flwr.app import MetricRecord
 
-    from fl_server.loop import reported_epsilon
+    from fedpeft.server.loop import reported_epsilon
 
     sent = Message(content=RecordDict(), dst_node_id=1, message_type="train")
     ok = RecordDict({"metrics": MetricRecord({"epsilon": 2.5}), "info": ConfigRecord({"client": "a"})})
@@ -242,7 +242,7 @@ def test_a_replanned_round_never_reuses_the_noise_of_its_first_release(sgd_cfg, 
     same noise and batches, sigma3*R1 - sigma1*R3 would be the noise-free clipped gradient sum."""
     import shutil
 
-    from privacy.randomness import RoundRandomness
+    from fedpeft.privacy.randomness import RoundRandomness
 
     cfg = dataclasses.replace(sgd_cfg, train=dataclasses.replace(sgd_cfg.train, rounds=2))
     keys: list[bytes] = []
@@ -268,8 +268,8 @@ def test_a_replanned_round_never_reuses_the_noise_of_its_first_release(sgd_cfg, 
 
 
 def test_a_configuration_that_does_not_match_its_hash_is_refused(tiny_cfg, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
-    from fl_client import runtime
-    from fl_client.app import NodeRefusal
+    from fedpeft.client import runtime
+    from fedpeft.client.app import NodeRefusal
 
     setup, strategy = _server(tiny_cfg, tmp_path / "ledger")
     msg = _message(setup, strategy, 1)

@@ -69,7 +69,7 @@ def test_interleaved_medians_rotates_and_counts() -> None:
 
 
 def test_unknown_benchmark_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.cli import main
+    from fedpeft.cli.main import main
 
     assert main(["bench", "--only", "nope"]) == 2
     err = capsys.readouterr().err.strip()
@@ -78,7 +78,7 @@ def test_unknown_benchmark_is_a_one_line_error(capsys: pytest.CaptureFixture[str
 
 def test_quick_smoke_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     """``fedpeft bench --quick`` of the cheap benchmarks writes a well-formed results file."""
-    from simulations.cli import main
+    from fedpeft.cli.main import main
 
     out = tmp_path / "bench" / "results.json"
     rc = main(["bench", "--quick", "--only", "communication,ffa_vs_lora,dp_overhead", "--model", str(tiny_model_dir),

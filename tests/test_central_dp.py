@@ -15,13 +15,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
-from adapters import AdapterPlugin, get, plugins
-from fl_server.checkpoint import CHECKPOINT_NAME, load_checkpoint, round_checkpoint, save_checkpoint
-from fl_server.loop import inner_strategy
-from privacy.central import ClientLevelAccountant, with_central_dp
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from strategies.validation import StateSpec
-from task.config import ConfigError, parse_config
+from fedpeft.adapters import AdapterPlugin, get, plugins
+from fedpeft.config import ConfigError, parse_config
+from fedpeft.privacy.central import ClientLevelAccountant, with_central_dp
+from fedpeft.server.checkpoint import CHECKPOINT_NAME, load_checkpoint, round_checkpoint, save_checkpoint
+from fedpeft.server.loop import inner_strategy
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.validation import StateSpec
 
 SPEC = StateSpec({"w": ((100, 100), "float32")}, frozen_hash="h")
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fl_client.app import handle_train
-from fl_server.loop import ServerSetup
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from strategies.validation import validate_reply
-from task.config import config_hash, config_to_toml
+from fedpeft.client.app import handle_train
+from fedpeft.config import config_hash, config_to_toml
+from fedpeft.server.loop import ServerSetup
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.validation import validate_reply
 
 
 def _setup(cfg, tmp_path: Path):  # type: ignore[no-untyped-def]

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.run_dir import RunDir
-from simulations.cli import main as cli_main
-from simulations.compare import SweepSpec, cell_is_finished, plan_cells, run_sweep, write_report
-from simulations.compare.report import CSV_FIELDS
-from task.config import ConfigError, RunConfig
+from fedpeft.cli.main import main as cli_main
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.server.run_dir import RunDir
+from fedpeft.sim.compare import SweepSpec, cell_is_finished, plan_cells, run_sweep, write_report
+from fedpeft.sim.compare.report import CSV_FIELDS
 
 
 def _base(tiny_model_dir: Path, rounds: int = 2) -> dict[str, object]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from simulations.cli import main
-from task.config import ConfigError, RunConfig, config_from_toml, config_hash, config_to_toml, parse_config
+from fedpeft.cli.main import main
+from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_hash, config_to_toml, parse_config
 
 
 def test_defaults_match_the_design() -> None:
@@ -111,7 +111,7 @@ def test_bad_data_columns_and_single_class(tmp_path: Path, capsys: pytest.Captur
 def test_config_file_layer(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text('[adapter]\nrank = 4\n[privacy]\nepsilon = "inf"\n')
-    from simulations.cli import build_parser, config_from_args
+    from fedpeft.cli.main import build_parser, config_from_args
 
     args = build_parser().parse_args(["simulate", "--config", str(f), "--rank", "16"])
     cfg = config_from_args(args)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from task.config import ConfigError, DataConfig
-from task.data import load_dataset, split_train_test, train_test_split_for
-from task.partition import client_partition, partition_sizes
+from fedpeft.config import ConfigError, DataConfig
+from fedpeft.data.partition import client_partition, partition_sizes
+from fedpeft.data.sources import load_dataset, split_train_test, train_test_split_for
 
 
 def test_rotten_tomatoes_drops_plot_summaries() -> None:
@@ -22,7 +22,7 @@ def test_rotten_tomatoes_drops_plot_summaries() -> None:
     # The file's third category (plot summaries) must not be there.
     import pandas as pd
 
-    from task.data import rotten_tomatoes_path
+    from fedpeft.data.sources import rotten_tomatoes_path
 
     frame = pd.read_csv(rotten_tomatoes_path())
     assert (frame["category"] == "plot").sum() > 0

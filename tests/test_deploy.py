@@ -17,10 +17,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from simulations.cli import main
-from simulations.deploy.certs import DeployError, make_certs
-from simulations.deploy.commands import TUNED_ENV, make_plan, node_config_arg, render, superlink_argv, supernode_argv
-from simulations.deploy.keys import make_keys
+from fedpeft.cli.main import main
+from fedpeft.deploy.certs import DeployError, make_certs
+from fedpeft.deploy.commands import TUNED_ENV, make_plan, node_config_arg, render, superlink_argv, supernode_argv
+from fedpeft.deploy.keys import make_keys
 
 
 def _mode(path: Path) -> int:
@@ -179,8 +179,8 @@ def test_argv_builders_default_to_tls_and_auth() -> None:
 # ---- the client-side pieces a deployed node relies on ----------------------------------
 
 def test_node_labels_map_by_name_into_the_federation_vocabulary() -> None:
-    from task.config import ConfigError
-    from task.data import TextDataset, with_label_names
+    from fedpeft.config import ConfigError
+    from fedpeft.data.sources import TextDataset, with_label_names
 
     fed = ("fresh", "plot", "rotten")
     node = TextDataset(("a", "b", "c"), np.array([1, 0, 1]), ("fresh", "rotten"))  # node file lacks "plot"
@@ -191,7 +191,7 @@ def test_node_labels_map_by_name_into_the_federation_vocabulary() -> None:
 
 
 def test_client_identity_reads_the_servers_label_list() -> None:
-    from fl_client.runtime import ClientIdentity
+    from fedpeft.client.runtime import ClientIdentity
 
     ident = ClientIdentity.from_node({"data-path": "/d.csv", "client-id": "n1", "ledger-dir": "/l"},
                                      {"label-names": '["neg", "pos"]', "ledger-dir": "/server"})
@@ -199,9 +199,9 @@ def test_client_identity_reads_the_servers_label_list() -> None:
 
 
 def test_node_epsilon_cap_refuses_a_plan_above_it() -> None:
-    from fl_client.app import node_budget_refusal
-    from privacy.ledger import Ledger
-    from task.config import parse_config
+    from fedpeft.client.app import node_budget_refusal
+    from fedpeft.config import parse_config
+    from fedpeft.privacy.ledger import Ledger
 
     cfg = parse_config({"train.rounds": 2, "privacy.accountant": "pld"})
     ledger = Ledger("n1", cfg.privacy.epsilon, 1e-5, "pld", noise_multiplier=1.0, sample_rate=0.25)

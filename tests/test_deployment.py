@@ -1,9 +1,9 @@
 """Real deployment: a ``flower-superlink`` and three ``flower-supernode`` processes with TLS
 and SuperNode authentication on, started from the same argument lists that
-``fedpeft deploy print-commands`` prints (:mod:`simulations.deploy.commands`).
+``fedpeft deploy print-commands`` prints (:mod:`fedpeft.deploy.commands`).
 
 Network: as root (and where ``ip netns`` works) every "host" is its own Linux network
-namespace (:mod:`simulations.deploy.netns`): the SuperLink and the ``flwr`` CLI in one,
+namespace (:mod:`fedpeft.deploy.netns`): the SuperLink and the ``flwr`` CLI in one,
 SuperNode *i* in ``n<i>`` joined to the SuperLink's namespace by a veth pair on its own
 /30 subnet, and an outsider namespace ``x`` for the refused clients; no namespace has a
 default route. Otherwise everything runs on loopback (127.0.0.1). Each test prints
@@ -38,10 +38,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from simulations.deploy.commands import TUNED_ENV, NodeSpec, flwr_run_argv
-from simulations.deploy.keys import make_keys
-from simulations.deploy.local import BIN, Cluster, free_port, node_host, start_cluster, wait_for
-from simulations.deploy.netns import LINK, NETNS_DIR, NetnsLab, make_network
+from fedpeft.deploy.commands import TUNED_ENV, NodeSpec, flwr_run_argv
+from fedpeft.deploy.keys import make_keys
+from fedpeft.deploy.local import BIN, Cluster, free_port, node_host, start_cluster, wait_for
+from fedpeft.deploy.netns import LINK, NETNS_DIR, NetnsLab, make_network
 
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 
@@ -53,7 +53,7 @@ OUTSIDER = "x"  # a host that is not part of the federation (rogue and plaintext
 def _write_data(root: Path) -> Path:
     """Each node its own CSV (string labels fresh/rotten, its own column names) and the
     server its held-out file; nodes map their labels with the list the server sends."""
-    from task.data import rotten_tomatoes_path
+    from fedpeft.data.sources import rotten_tomatoes_path
 
     frame = pd.read_csv(rotten_tomatoes_path()).sample(frac=1.0, random_state=0)
     frame = frame.rename(columns={"text": "review", "category": "sentiment"})[["review", "sentiment"]]

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl_server.multitask import MultiTaskHook
-from strategies.adapter_avg import RoundReport
-from strategies.validation import ValidatedReply
-from task.config import parse_config
+from fedpeft.config import parse_config
+from fedpeft.server.multitask import MultiTaskHook
+from fedpeft.strategies.adapter_avg import RoundReport
+from fedpeft.strategies.validation import ValidatedReply
 
 DP_METRICS = {"num-examples": 10.0, "steps": 2, "epsilon": 0.5, "delta": 1e-5, "noise-multiplier": 1.1,
               "sample-rate": 0.5, "bytes-up": 64}
@@ -62,8 +62,8 @@ def test_non_dp_rows_keep_per_task_train_loss_and_skip_missing() -> None:
 def test_compare_report_reads_no_client_statistics(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A DP cell's rows have ``train_loss`` / ``train_loss_first`` None; the report is the
     same as with numbers there (it reads accuracy, epsilon, bytes and the server's ``seconds``)."""
-    from fl_server.run_dir import RunDir
-    from simulations.compare import SweepSpec, plan_cells, run_sweep, write_report
+    from fedpeft.server.run_dir import RunDir
+    from fedpeft.sim.compare import SweepSpec, plan_cells, run_sweep, write_report
 
     base = {"model.path": str(tiny_model_dir), "train.rounds": 2, "train.batch_size": 32}
 

@@ -1,6 +1,6 @@
 """fedpeft's own DP-SGD path, seen from the outside (issue 16, "tests that see the mechanism").
 
-Each test runs ``fl_client.trainer.train_local`` -- the function the ClientApp trains with --
+Each test runs ``fedpeft.client.trainer.train_local`` -- the function the ClientApp trains with --
 with SGD, one step, and checks what the released update is made of: clipped per-example
 gradients (against per-example autograd), Gaussian noise of standard deviation sigma*C/B,
 Poisson batches at the rate the ledger records. A DP path that stops clipping, adds no
@@ -18,12 +18,12 @@ import pytest
 import torch
 from tiny_model import make_tiny_model
 
-from adapters import get as get_plugin
-from fl_client.trainer import build_loader, tensorize, train_local
-from privacy.dpsgd import make_private
-from privacy.plan import sample_rate_for
-from privacy.randomness import NodeSecret, RoundRandomness
-from task.model import load_base_model, load_tokenizer
+from fedpeft.adapters import get as get_plugin
+from fedpeft.client.trainer import build_loader, tensorize, train_local
+from fedpeft.privacy.dpsgd import make_private
+from fedpeft.privacy.plan import sample_rate_for
+from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -45,7 +45,7 @@ def _cfg(tiny_cfg, model_dir: Path, batch: int, clip: float):  # type: ignore[no
 
 
 def _examples(cfg, n: int):  # type: ignore[no-untyped-def]
-    from task.data import train_test_split_for
+    from fedpeft.data.sources import train_test_split_for
 
     pool, _ = train_test_split_for(cfg.data, cfg.seed)
     return pool.subset(list(range(n)))
@@ -124,11 +124,11 @@ def test_poisson_batches_are_sampled_at_the_rate_the_ledger_records(tiny_cfg, st
     rate than it samples at fails)."""
     from flwr.app import Context, Message, RecordDict
 
-    from fl_client.app import handle_train
-    from fl_server.loop import ServerSetup
-    from privacy.ledger import Ledger
-    from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-    from task.config import config_hash, config_to_toml
+    from fedpeft.client.app import handle_train
+    from fedpeft.config import config_hash, config_to_toml
+    from fedpeft.privacy.ledger import Ledger
+    from fedpeft.server.loop import ServerSetup
+    from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, batch_size=16, rounds=1,
                                                                   local_steps=1))

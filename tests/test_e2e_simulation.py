@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulations.simulate import simulate
+from fedpeft.sim.simulate import simulate
 
 
 class MessageSpy:
@@ -44,7 +44,7 @@ class MessageSpy:
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from task.config import parse_config
+    from fedpeft.config import parse_config
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24,
@@ -95,9 +95,9 @@ def test_exported_adapter_loads_with_peft_and_reproduces_accuracy(tiny_run) -> N
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from task.data import train_test_split_for
-    from task.evaluate import evaluate
-    from task.model import load_tokenizer
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.evaluate import evaluate
+    from fedpeft.tasks.model import load_tokenizer
 
     cfg, path, rows, _ = tiny_run
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model.path, num_labels=2,

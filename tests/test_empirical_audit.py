@@ -1,4 +1,4 @@
-"""One-run empirical audit (simulations/audit): the bound, a correct run, and its power.
+"""One-run empirical audit (src/fedpeft/sim/audit): the bound, a correct run, and its power.
 
 The bound is checked against hand-computable cases and against a literal transcription of
 the paper's Appendix D algorithm; the canary audit must stay below the accounted epsilon on
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from privacy.randomness import NodeSecret, RoundRandomness
-from simulations.audit import Mechanism, epsilon_lower_bound, guess_from_scores, p_value, run_empirical_audit
+from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+from fedpeft.sim.audit import Mechanism, epsilon_lower_bound, guess_from_scores, p_value, run_empirical_audit
 
 
 def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
@@ -67,9 +67,9 @@ def test_guesses_from_scores() -> None:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from task.config import parse_config
-    from task.data import train_test_split_for
-    from task.model import load_tokenizer
+    from fedpeft.config import parse_config
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.model import load_tokenizer
 
     cfg = parse_config({"model.path": str(tiny_model_dir), "model.max_length": 24, "data.test_size": 64,
                         "train.batch_size": 8, "train.optimizer": "sgd", "train.lr": 0.1})
@@ -78,8 +78,8 @@ def setup(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def _audit(setup, claimed: float, trained: float | None = None, known: bool = False):  # type: ignore[no-untyped-def]
-    from adapters import get
-    from task.model import load_base_model
+    from fedpeft.adapters import get
+    from fedpeft.tasks.model import load_base_model
 
     cfg, pool, tok = setup
     plugin = get("ffa_lora")
@@ -111,9 +111,9 @@ def test_noise_the_server_can_regenerate_is_caught(setup) -> None:  # type: igno
 
 
 def test_cli_empirical_audit_of_a_run_dir(tiny_cfg, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    from privacy.ledger import Ledger, LedgerEntry
-    from simulations.cli import main as cli_main
-    from task.config import config_to_toml
+    from fedpeft.cli.main import main as cli_main
+    from fedpeft.config import config_to_toml
+    from fedpeft.privacy.ledger import Ledger, LedgerEntry
 
     run = tmp_path / "run"
     (run / "ledger").mkdir(parents=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_server.checkpoint import load_checkpoint
-from simulations.faults import draw_fault
-from simulations.simulate import simulate
+from fedpeft.server.checkpoint import load_checkpoint
+from fedpeft.sim.faults import draw_fault
+from fedpeft.sim.simulate import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from tiny_model import dp_rng
 
-from adapters import get
-from adapters.ffa_lora import lora_a_tensors
-from adapters.lora import lora_layers
-from fl_client.trainer import build_loader, tensorize, train_local
-from privacy.dpsgd import loader_sample_rate, make_private
-from privacy.randomness import NodeSecret, RoundRandomness
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
+from fedpeft.adapters import get
+from fedpeft.adapters.ffa_lora import lora_a_tensors
+from fedpeft.adapters.lora import lora_layers
+from fedpeft.client.trainer import build_loader, tensorize, train_local
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.privacy.dpsgd import loader_sample_rate, make_private
+from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 
 def _model(cfg, method: str = "ffa_lora"):  # type: ignore[no-untyped-def]

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fl_server.app import config_from_run_config
-from task.config import parse_config
+from fedpeft.config import parse_config
+from fedpeft.server.app import config_from_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ def test_pyproject_run_config_equals_the_cli_defaults() -> None:
 
 def test_every_config_key_is_overridable_with_flwr_run() -> None:
     """`flwr run --run-config` only accepts keys listed in pyproject; list them all."""
-    from task.config import config_to_dict
+    from fedpeft.config import config_to_dict
 
     listed = set(_app_config())
     for section, value in config_to_dict(parse_config()).items():

@@ -16,11 +16,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from adapters import get
-from simulations import cli
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from strategies.validation import Rejected, StateSpec, validate_reply
-from task.config import parse_config
+from fedpeft.adapters import get, names
+from fedpeft.cli import main as cli
+from fedpeft.config import parse_config
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 
 SPEC = StateSpec({"b.q": ((4, 3), "float32"), "b.v": ((4, 3), "float32"), "head": ((2,), "float32")},
                  frozen_hash="f" * 64)
@@ -148,7 +148,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "train.lr": _floats_outside(0.0, math.inf),
     "train.optimizer": _not_in(("adam", "sgd")),
     "adapter.rank": _ints_outside(1, 1024),
-    "adapter.method": _not_in(tuple(__import__("adapters").registry.names())),
+    "adapter.method": _not_in(tuple(names())),
     "privacy.epsilon": st.one_of(st.floats(max_value=0.0), _NOT_A_NUMBER),
     "privacy.delta": _floats_outside(0.0, 1.0),
     "privacy.clip": _floats_outside(0.0, math.inf),
@@ -184,7 +184,7 @@ def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 @pytest.fixture()
 def no_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
-    import simulations.simulate as sim
+    import fedpeft.sim.simulate as sim
 
     def refuse(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("an invalid configuration reached the simulation")

@@ -1,5 +1,5 @@
 """Device profiles, scenarios, the memory model (against measured CPU memory), the time
-model and the deadline policies of simulations/hetero."""
+model and the deadline policies of src/fedpeft/sim/hetero."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.hetero.deadlines import Candidate, DeadlinePolicy, draw_round, resolve_round
-from simulations.hetero.memory import ModelShape, TrainShape, decide, estimate
-from simulations.hetero.profiles import CATALOGUE_PATH, DeviceProfile, load_catalogue
-from simulations.hetero.scenario import load_scenario, scenario_names
-from simulations.hetero.timing import StepCost, client_timing, expected_batch
-from task.config import ConfigError
+from fedpeft.config import ConfigError
+from fedpeft.sim.hetero.memory import ModelShape, TrainShape, decide, estimate
+from fedpeft.sim.hetero.profiles import CATALOGUE_PATH, DeviceProfile, load_catalogue
+from fedpeft.sim.hetero.scenario import load_scenario, scenario_names
+from fedpeft.sim.hetero.timing import StepCost, client_timing, expected_batch
+from fedpeft.strategies.deadlines import Candidate, DeadlinePolicy, draw_round, resolve_round
 
 MINILM = ModelShape(layers=6, hidden=384, heads=12, intermediate=1536, vocab=30522)
 
@@ -78,9 +78,9 @@ _MEASURE = textwrap.dedent("""
     torch.set_num_threads(1)
     from opacus import GradSampleModule
     from transformers import BertConfig, BertForSequenceClassification
-    from adapters import get
-    from simulations.hetero.memory import ModelShape, TrainShape, estimate
-    from task.config import parse_config
+    from fedpeft.adapters import get
+    from fedpeft.sim.hetero.memory import ModelShape, TrainShape, estimate
+    from fedpeft.config import parse_config
     h, layers, heads, b, s, r = 64, 2, 4, 48, 128, 8
     conf = BertConfig(vocab_size=1000, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=4 * h, max_position_embeddings=512, num_labels=2, attn_implementation="eager")
@@ -231,7 +231,7 @@ uplink_mbps = 1000.0
 downlink_mbps = 1000.0
 """
 
-# exactly the keys a DP reply may carry (fl_client/app.py): no seconds, loss or samples-seen
+# exactly the keys a DP reply may carry (src/fedpeft/client/app.py): no seconds, loss or samples-seen
 DP_KEYS = {"num-examples", "steps", "epsilon", "delta", "noise-multiplier", "sample-rate", "bytes-up"}
 
 
@@ -249,8 +249,8 @@ def _dp_reply(cid: int, extra: dict[str, float] | None = None):  # type: ignore[
 
 
 def _settle(tmp_path: Path, extra: dict[str, float] | None = None):  # type: ignore[no-untyped-def]
-    from simulations.hetero.hook import HeteroEmulator
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.hetero.hook import HeteroEmulator
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "s.toml").write_text(HOOK_SCENARIO)
@@ -300,8 +300,8 @@ def test_server_prices_a_step_on_its_own_copy(tiny_cfg, epsilon: float) -> None:
 
     import torch
 
-    from fl_server.loop import ServerSetup
-    from simulations.hetero.cost import measure_step_cost
+    from fedpeft.server.loop import ServerSetup
+    from fedpeft.sim.hetero.cost import measure_step_cost
 
     cfg = dataclasses.replace(tiny_cfg, privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=epsilon))
     setup = ServerSetup(cfg)
@@ -321,7 +321,7 @@ def test_hetero_emulation_imports_no_client_code() -> None:
     the client package (whose trainer holds the node-secret randomness)."""
     import ast
 
-    forbidden = ("fl_client", "privacy.randomness")
+    forbidden = ("fl_client", "fedpeft.privacy.randomness")
     for path in (Path(__file__).resolve().parents[1] / "simulations" / "hetero").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -336,7 +336,7 @@ def test_hook_steps_fallback_is_the_trainers_count(tmp_path: Path) -> None:
 
     from flwr.app import MetricRecord
 
-    from fl_client.trainer import local_steps
+    from fedpeft.client.trainer import local_steps
 
     emulator, _, _, _ = _settle(tmp_path)
     base = emulator.cfg

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import get
-from adapters.base import weighted_mean
-from adapters.ffa_lora_hetero import pad_state
-from adapters.lora import lora_layers
+from fedpeft.adapters import get
+from fedpeft.adapters.base import weighted_mean
+from fedpeft.adapters.ffa_lora_hetero import pad_state
+from fedpeft.adapters.lora import lora_layers
 
 
 @pytest.fixture()
 def hetero_model(tiny_model_dir):  # type: ignore[no-untyped-def]
-    from task.config import parse_config
-    from task.model import load_base_model
+    from fedpeft.config import parse_config
+    from fedpeft.tasks.model import load_base_model
 
     cfg = parse_config({"model.path": str(tiny_model_dir), "adapter.method": "ffa_lora_hetero", "adapter.rank": 8,
                         "adapter.alpha": 16.0})

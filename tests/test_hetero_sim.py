@@ -58,9 +58,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hetero_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from simulations.hetero.run import run_scenario
-    from simulations.hetero.scenario import load_scenario
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.hetero.run import run_scenario
+    from fedpeft.sim.hetero.scenario import load_scenario
 
     tmp = tmp_path_factory.mktemp("hetero")
     (tmp / "s.toml").write_text(SCENARIO)

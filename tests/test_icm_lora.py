@@ -1,5 +1,5 @@
-"""ICM-LoRA (adapters/icm_lora.py, icm_server.py, cvae.py) and the task-vector release
-(privacy/releases.py, fl_client/task_release.py)."""
+"""ICM-LoRA (src/fedpeft/adapters/icm_lora.py, icm_server.py, cvae.py) and the task-vector release
+(src/fedpeft/privacy/releases.py, src/fedpeft/client/task_release.py)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,19 @@ import pytest
 import torch
 from tiny_model import adapter_alone_lowers_loss
 
-from adapters.cvae import ConditionalVAE, CVAEConfig
-from adapters.icm_lora import TV_MODULE, icm_layers
-from adapters.icm_server import IcmServer, prototype_accuracy
-from fl_client.multitask import MultiTaskRuntime
-from fl_client.runtime import ClientIdentity
-from fl_server.multitask import MultiTaskSetup
-from privacy.accounting import calibrate_noise, epsilon_for
-from privacy.ledger import Ledger
-from privacy.releases import calibrate_after, clipped_noisy_mean, record_release, release_entry
-from simulations.cli import main as cli_main
-from strategies.multitask_avg import grouped_aggregate
-from task.config import ConfigError, RunConfig, parse_config
-from task.multitask import activate_task, owned_task
+from fedpeft.adapters.cvae import ConditionalVAE, CVAEConfig
+from fedpeft.adapters.icm_lora import TV_MODULE, icm_layers
+from fedpeft.adapters.icm_server import IcmServer, prototype_accuracy
+from fedpeft.cli.main import main as cli_main
+from fedpeft.client.multitask import MultiTaskRuntime
+from fedpeft.client.runtime import ClientIdentity
+from fedpeft.config import ConfigError, RunConfig, parse_config
+from fedpeft.data.layout import activate_task, owned_task
+from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
+from fedpeft.privacy.ledger import Ledger
+from fedpeft.privacy.releases import calibrate_after, clipped_noisy_mean, record_release, release_entry
+from fedpeft.server.multitask import MultiTaskSetup
+from fedpeft.strategies.multitask_avg import grouped_aggregate
 
 TASKS = "rt,bbc"
 
@@ -86,7 +86,7 @@ def test_release_epsilon_matches_the_analytic_gaussian_mechanism() -> None:
     from scipy.optimize import brentq
     from scipy.stats import norm
 
-    from privacy.releases import release_epsilon
+    from fedpeft.privacy.releases import release_epsilon
 
     for sigma in (2.0, 5.0):
         def excess(eps: float, s: float = sigma) -> float:
@@ -122,7 +122,7 @@ def test_release_reaches_the_ledger(tmp_path: Path) -> None:
 
 
 def test_client_releases_once_and_its_ledger_composes_it(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from fl_client.trainer import local_steps
+    from fedpeft.client.trainer import local_steps
 
     cfg = _cfg(tiny_model_dir)
     rt = MultiTaskRuntime(cfg)
@@ -233,7 +233,7 @@ def test_cli_heldout_without_tasks_exits_2(capsys: pytest.CaptureFixture[str]) -
 
 # ---- one real Flower simulation -----------------------------------------------------------------
 def test_icm_lora_simulation_dp_with_heldout_task(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24, "data.examples_per_client": 64,
@@ -266,9 +266,9 @@ def test_single_task_run_is_ffa_lora_and_learns(tiny_cfg) -> None:  # type: igno
     lowers the training loss on a fixed batch."""
     import dataclasses
 
-    from adapters import get
-    from task.data import train_test_split_for
-    from task.model import load_base_model
+    from fedpeft.adapters import get
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.model import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method="icm_lora"))

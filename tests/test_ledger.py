@@ -12,10 +12,10 @@ from dp_accounting import dp_event
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 
-from privacy.accounting import calibrate_noise, epsilon_for
-from privacy.audit import audit_run, pld_bounds
-from privacy.ledger import BudgetExceeded, Ledger, LedgerConflict, LedgerEntry, PlanMismatch
-from privacy.plan import sample_rate_for
+from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
+from fedpeft.privacy.audit import audit_run, pld_bounds
+from fedpeft.privacy.ledger import BudgetExceeded, Ledger, LedgerConflict, LedgerEntry, PlanMismatch
+from fedpeft.privacy.plan import sample_rate_for
 
 DELTA = 1e-5
 
@@ -53,7 +53,7 @@ def test_q1_replace_one_is_a_gaussian_of_sensitivity_two() -> None:
 
 
 def test_accountant_name_is_the_one_that_produced_the_figure(monkeypatch: pytest.MonkeyPatch) -> None:
-    import privacy.accounting as accounting
+    import fedpeft.privacy.accounting as accounting
 
     def broken(*_a: object, **_k: object) -> float:
         raise ValueError("numerically broken")
@@ -229,8 +229,8 @@ def test_audit_of_an_old_add_remove_ledger_refuses_below_the_lower_bound(tmp_pat
 
 # ---- run directory reuse -------------------------------------------------------------------------
 def test_run_dir_with_ledgers_of_another_config_is_not_reused(tmp_path: Path) -> None:
-    from fl_server.run_dir import RunDir, RunDirReused
-    from task.config import config_hash, parse_config
+    from fedpeft.config import config_hash, parse_config
+    from fedpeft.server.run_dir import RunDir, RunDirReused
 
     a, b = parse_config({"train.rounds": 2}), parse_config({"train.rounds": 3})
     rd = RunDir(tmp_path / "run")
@@ -247,7 +247,7 @@ def test_run_dir_with_ledgers_of_another_config_is_not_reused(tmp_path: Path) ->
 
 
 def test_config_refuses_add_remove_accountants() -> None:
-    from task.config import ConfigError, PrivacyConfig, parse_config
+    from fedpeft.config import ConfigError, PrivacyConfig, parse_config
 
     assert PrivacyConfig().accountant == "pld" and parse_config({}).privacy.accountant == "pld"
     for name in ("prv", "rdp"):

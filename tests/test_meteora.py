@@ -1,4 +1,4 @@
-"""MeteoRA (adapters/meteora.py): top-k gate, per-sample gradients, phases, aggregation, a
+"""MeteoRA (src/fedpeft/adapters/meteora.py): top-k gate, per-sample gradients, phases, aggregation, a
 real Flower simulation."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import torch
 from tiny_model import adapter_alone_lowers_loss
 from torch import nn
 
-from adapters.meteora import SCHEDULE_KEY, MeteoRALinear, meteora_layers
-from fl_client.multitask import MultiTaskRuntime
-from fl_client.runtime import ClientIdentity
-from fl_server.multitask import MultiTaskSetup
-from simulations.cli import main as cli_main
-from task.config import ConfigError, RunConfig, parse_config
-from task.multitask import activate_task, owned_task
+from fedpeft.adapters.meteora import SCHEDULE_KEY, MeteoRALinear, meteora_layers
+from fedpeft.cli.main import main as cli_main
+from fedpeft.client.multitask import MultiTaskRuntime
+from fedpeft.client.runtime import ClientIdentity
+from fedpeft.config import ConfigError, RunConfig, parse_config
+from fedpeft.data.layout import activate_task, owned_task
+from fedpeft.server.multitask import MultiTaskSetup
 
 TASKS = "rt,bbc,tweets"
 
@@ -202,8 +202,8 @@ def test_gate_phase_averages_gates_over_all_clients(tiny_model_dir: Path) -> Non
 def test_gate_training_lowers_the_loss_with_experts_frozen(tiny_model_dir: Path) -> None:
     """Gate phase on one client's batch: 15 plain steps of the gates alone (experts set,
     head frozen) lower the loss -- the gate learns to pick experts."""
-    from fl_client.trainer import train_local
-    from task.evaluate import evaluate
+    from fedpeft.client.trainer import train_local
+    from fedpeft.tasks.evaluate import evaluate
 
     cfg = _cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 1}, "train.lr": 0.05})
     rt = MultiTaskRuntime(cfg)
@@ -257,9 +257,9 @@ def test_single_task_run_is_ffa_lora_with_one_expert(tiny_cfg) -> None:  # type:
     the training loss on a fixed batch."""
     import dataclasses
 
-    from adapters import get
-    from task.data import train_test_split_for
-    from task.model import load_base_model
+    from fedpeft.adapters import get
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.model import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method="meteora"))
@@ -276,7 +276,7 @@ def test_single_task_run_is_ffa_lora_with_one_expert(tiny_cfg) -> None:  # type:
 
 # ---- one real Flower simulation -----------------------------------------------------------------
 def test_meteora_simulation_two_phases_dp(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24, "data.examples_per_client": 64,

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from adapters import get
-from fl_client.trainer import train_local
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
+from fedpeft.adapters import get
+from fedpeft.client.trainer import train_local
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 SINGLE_TASK = ["ffa_lora", "lora", "nola", "sara", "soka", "osft", "triadapt_lora", "abmll", "texforce"]
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from tiny_model import dp_rng
 
-from adapters import get
-from fl_client.trainer import train_local
-from task.config import ConfigError, parse_config
-from task.data import train_test_split_for
-from task.model import MaskedMeanPooler, load_base_model, load_tokenizer, pooling_for
+from fedpeft.adapters import get
+from fedpeft.client.trainer import train_local
+from fedpeft.config import ConfigError, parse_config
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.tasks.model import MaskedMeanPooler, load_base_model, load_tokenizer, pooling_for
 
 
 @pytest.fixture()

@@ -1,4 +1,4 @@
-"""Multi-task federations (task/multitask.py, strategies/multitask_avg.py, fl_server and
+"""Multi-task federations (src/fedpeft/data/layout.py, src/fedpeft/strategies/multitask_avg.py, fl_server and
 fl_client multitask modules) and the MTLoRA / SMoRA adapters."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import torch
 from tiny_model import adapter_alone_lowers_loss, dp_rng
 from torch import nn
 
-from adapters.mtlora import delta_weights
-from adapters.smora import SMoRALinear, smora_layers
-from fl_client.multitask import MultiTaskRuntime
-from fl_client.runtime import ClientIdentity
-from fl_server.multitask import MultiTaskSetup
-from simulations.cli import main as cli_main
-from strategies.multitask_avg import grouped_aggregate
-from strategies.validation import Rejected
-from task.config import ConfigError, RunConfig, config_from_toml, config_to_toml, parse_config
-from task.multitask import activate_task, load_task, owned_task, task_layout
-from task.multitask_config import TaskSpec
+from fedpeft.adapters.mtlora import delta_weights
+from fedpeft.adapters.smora import SMoRALinear, smora_layers
+from fedpeft.cli.main import main as cli_main
+from fedpeft.client.multitask import MultiTaskRuntime
+from fedpeft.client.runtime import ClientIdentity
+from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_to_toml, parse_config
+from fedpeft.config.tasks import TaskSpec
+from fedpeft.data.layout import activate_task, load_task, owned_task, task_layout
+from fedpeft.server.multitask import MultiTaskSetup
+from fedpeft.strategies.multitask_avg import grouped_aggregate
+from fedpeft.strategies.validation import Rejected
 
 TASKS = "rt,bbc,tweets"
 
@@ -241,7 +241,7 @@ def test_smora_grad_sampler_matches_per_example_autograd() -> None:
 
 
 def test_client_trains_only_shared_and_own_task_with_dp(tiny_model_dir: Path) -> None:
-    from fl_client.trainer import train_local
+    from fedpeft.client.trainer import train_local
 
     cfg = _cfg(tiny_model_dir, "smora")
     server = MultiTaskSetup(cfg)
@@ -261,7 +261,7 @@ def test_client_trains_only_shared_and_own_task_with_dp(tiny_model_dir: Path) ->
 
 # ---- one real Flower simulation -----------------------------------------------------------
 def _simulate(tiny_model_dir: Path, out: Path, method: str) -> tuple[RunConfig, list[dict[str, Any]]]:
-    from simulations.simulate import simulate
+    from fedpeft.sim.simulate import simulate
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24, "data.examples_per_client": 64,
@@ -305,9 +305,9 @@ def test_adapter_alone_lowers_the_loss_single_task(tiny_cfg, method: str) -> Non
     10 plain steps of the adapter alone lower the training loss on one fixed batch."""
     import dataclasses
 
-    from adapters import get
-    from task.data import train_test_split_for
-    from task.model import load_base_model
+    from fedpeft.adapters import get
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.model import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method=method))

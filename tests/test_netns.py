@@ -1,4 +1,4 @@
-"""Network-namespace plumbing for local deployment rehearsals (simulations/deploy/netns.py).
+"""Network-namespace plumbing for local deployment rehearsals (src/fedpeft/deploy/netns.py).
 
 Fast (a second or two): namespaces, veth pairs and plain Python sockets, no Flower. The
 namespace tests need root and a working ``ip netns``; elsewhere they are skipped with the
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from simulations.deploy.netns import LINK, NETNS_DIR, Loopback, NetnsError, NetnsLab, make_network, netns_unavailable
+from fedpeft.deploy.netns import LINK, NETNS_DIR, Loopback, NetnsError, NetnsLab, make_network, netns_unavailable
 
 WHY_NOT = netns_unavailable()
 needs_netns = pytest.mark.skipif(bool(WHY_NOT), reason=f"network namespaces unavailable: {WHY_NOT}")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accounting import calibrate_noise, epsilon_for
-from privacy.ledger import BudgetExceeded, Ledger
+from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
+from fedpeft.privacy.ledger import BudgetExceeded, Ledger
 
 
 def test_calibration_spends_at_most_the_target_and_close_to_it() -> None:
@@ -104,7 +104,7 @@ def test_budget_refusal_before_exceeding(tmp_path: Path) -> None:
 def test_merged_history_gives_the_same_epsilon() -> None:
     """Per-round ledger entries with the same (sigma, q) are merged before accounting (the PRV
     accountant's cost grows per entry); the epsilon must be that of the unmerged history."""
-    from privacy.accounting import merge_history
+    from fedpeft.privacy.accounting import merge_history
 
     assert merge_history([(1.1, 0.25, 4), (0.9, 0.5, 2), (1.1, 0.25, 3), (0.9, 0.5, 0)]) == [(1.1, 0.25, 7),
                                                                                           (0.9, 0.5, 2)]
@@ -122,7 +122,7 @@ def test_grid_prv_accountant_matches_opacus_and_reuses_few_fft_lengths() -> None
     gives Opacus's epsilon, on a grid at least as fine and as wide as Opacus's own."""
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
-    from privacy.accounting import GridPRVAccountant
+    from fedpeft.privacy.accounting import GridPRVAccountant
 
     for hist in ([(3.26, 1 / 3, 30)], [(1.0, 0.1, 40)], [(0.86, 256 / 3000, 48), (1.2, 0.05, 10)]):
         stock, grid = PRVAccountant(), GridPRVAccountant()

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from privacy.audit import audit_run, dp_accounting_epsilon
-from privacy.ledger import Ledger
-from privacy.plan import make_plan, sample_rate_for
-from simulations.cli import main as cli_main
+from fedpeft.cli.main import main as cli_main
+from fedpeft.privacy.audit import audit_run, dp_accounting_epsilon
+from fedpeft.privacy.ledger import Ledger
+from fedpeft.privacy.plan import make_plan, sample_rate_for
 
 
 @pytest.fixture(scope="module")
 def dp_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simulations.simulate import simulate
-    from task.config import parse_config
+    from fedpeft.config import parse_config
+    from fedpeft.sim.simulate import simulate
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24,

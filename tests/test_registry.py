@@ -6,8 +6,8 @@ import importlib
 
 import pytest
 
-from adapters import AdapterPlugin, get, names, plugins, register
-from adapters import registry as reg
+from fedpeft.adapters import AdapterPlugin, get, names, plugins, register
+from fedpeft.adapters import registry as reg
 
 
 def test_duplicate_names_are_refused() -> None:
@@ -63,7 +63,7 @@ def test_every_plugin_has_its_descriptive_attributes(plugin: AdapterPlugin) -> N
 
 
 def test_methods_command_lists_every_method(capsys: pytest.CaptureFixture[str]) -> None:
-    from simulations.cli import main
+    from fedpeft.cli.main import main
 
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from adapters import get
-from fl_client.app import handle_train
-from fl_server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fl_server.loop import ServerSetup
-from fl_server.run_dir import RunDir
-from privacy.ledger import Ledger
-from simulations.cli import build_parser, resume_config
-from simulations.faults import InjectedCrash, draw_fault
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from task.config import ConfigError, config_hash, config_to_toml, parse_config
+from fedpeft.adapters import get
+from fedpeft.cli.main import build_parser, resume_config
+from fedpeft.client.app import handle_train
+from fedpeft.config import ConfigError, config_hash, config_to_toml, parse_config
+from fedpeft.privacy.ledger import Ledger
+from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpeft.server.loop import ServerSetup
+from fedpeft.server.run_dir import RunDir
+from fedpeft.sim.faults import InjectedCrash, draw_fault
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 
 
 def _ckpt(server_round: int = 2, value: float = 1.0) -> Checkpoint:
@@ -183,7 +183,7 @@ def test_injected_faults_crash_or_lose_the_reply(tiny_cfg, tmp_path: Path, flwr_
 
 
 def test_too_few_valid_replies_average_nothing(caplog: pytest.LogCaptureFixture, flwr_identity) -> None:  # type: ignore[no-untyped-def]
-    from strategies.validation import StateSpec
+    from fedpeft.strategies.validation import StateSpec
     from tests.test_validation import _content, _state
 
     spec = StateSpec({"w": ((2, 3), "float32"), "b": ((3,), "float32")}, frozen_hash="abc123")

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from safetensors.numpy import load_file
 
-from fl_server.checkpoint import load_checkpoint
+from fedpeft.server.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def _same_nodes(secrets: Path, reference: Path, crashed: Path, clients: int = 3)
     directory, so two run directories are two sets of nodes, with different DP noise.)"""
     import shutil
 
-    from fl_client.node_store import secret_path
+    from fedpeft.client.node_store import secret_path
 
     for cid in map(str, range(clients)):
         src, dst = secret_path(reference / "ledger", cid, False), secret_path(crashed / "ledger", cid, False)

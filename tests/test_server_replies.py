@@ -1,4 +1,4 @@
-"""The server's send/receive step (fl_server.loop.send_and_receive) on a fake grid.
+"""The server's send/receive step (fedpeft.server.loop.send_and_receive) on a fake grid.
 
 Regression: when a deployed node went offline mid-round, the SuperLink answered its
 instruction with an error reply whose sender is the SuperLink itself (node ID 1), and the
@@ -18,10 +18,10 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fl_server.loop import attribute_reply, send_and_receive
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from strategies.validation import StateSpec
-from task.config import parse_config
+from fedpeft.config import parse_config
+from fedpeft.server.loop import attribute_reply, send_and_receive
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.validation import StateSpec
 
 SPEC = StateSpec({"w": ((4, 4), "float32")}, frozen_hash="h")
 SUPERLINK_NODE_ID = 1

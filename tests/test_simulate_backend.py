@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from simulations import simulate as sim
+from fedpeft.sim import simulate as sim
 
 
 @pytest.mark.parametrize(("clients", "per_round", "cores", "actors"),

@@ -9,10 +9,10 @@ import torch
 from tiny_model import dp_rng
 from torch import nn
 
-from adapters import get
-from fl_client.trainer import length_buckets, train_local
-from task.data import train_test_split_for
-from task.model import load_base_model, load_tokenizer
+from fedpeft.adapters import get
+from fedpeft.client.trainer import length_buckets, train_local
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.tasks.model import load_base_model, load_tokenizer
 
 
 def test_length_buckets_cover_every_example_once_trimmed_to_their_own_width() -> None:

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from adapters import get
-from strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from strategies.validation import Rejected, StateSpec, validate_reply
-from task.config import parse_config
+from fedpeft.adapters import get
+from fedpeft.config import parse_config
+from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 
 SPEC = StateSpec({"w": ((2, 3), "float32"), "b": ((3,), "float32")}, frozen_hash="abc123")
 

@@ -12,7 +12,7 @@ def make_tiny_model(directory: Path, layers: int = 2, hidden: int = 32, dropout:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from task.model import default_model_path
+    from fedpeft.tasks.model import default_model_path
 
     src = default_model_path()
     directory.mkdir(parents=True, exist_ok=True)
@@ -35,9 +35,9 @@ def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tupl
     the adapter by itself learns."""
     import torch
 
-    from fl_client.trainer import train_local
-    from task.evaluate import evaluate
-    from task.model import load_tokenizer
+    from fedpeft.client.trainer import train_local
+    from fedpeft.tasks.evaluate import evaluate
+    from fedpeft.tasks.model import load_tokenizer
 
     for name, param in model.named_parameters():
         if name.startswith("classifier"):
@@ -55,6 +55,6 @@ def dp_rng(seed: int = 0):  # type: ignore[no-untyped-def]
     repeatable DP steps use this instead. Never a pattern for real nodes."""
     import hashlib
 
-    from privacy.randomness import NodeSecret, RoundRandomness
+    from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 
     return RoundRandomness.derived(NodeSecret(hashlib.sha256(f"fedpeft-test-{seed}".encode()).digest()), "test")

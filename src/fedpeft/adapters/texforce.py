@@ -1,0 +1,122 @@
+"""TexForce, federated: reinforcement learning of the text encoder's LoRA (policy-gradient analog).
+
+Paper: Chaofeng Chen, Annan Wang, Haoning Wu, Liang Liao, Wenxiu Sun, Qiong Yan, Weisi Lin,
+"Enhancing Diffusion Models with Text-Encoder Reinforcement Learning", ECCV 2024
+(arXiv:2311.15657). TexForce fine-tunes the *text encoder* of a diffusion model with LoRA by
+reinforcement learning (PPO/DDPO) on reward signals instead of supervised targets.
+
+Our tasks are text classification, so we use the policy-gradient ANALOG, not the paper's
+setting: the policy is the classifier's softmax over labels, pi(a | x); the action is a
+label sampled from the policy at the start of the round, a ~ pi_old(. | x); the reward is
+correctness, r = 1[a == y]; the advantage is r - pi_old(y | x) (the expected reward of the old
+policy -- a per-example baseline, so each example's loss depends on that example only, as DP-SGD
+requires; a batch-mean baseline would couple examples); the objective is PPO's clipped surrogate
+``-min(rho * A, clip(rho, 1 - c, 1 + c) * A)`` with ``rho = pi(a|x) / pi_old(a|x)``, averaged over
+the batch. pi_old is the global model received at the start of the round (its trainable
+tensors are snapshotted in ``load_state``; its log-probabilities come from a no-grad forward pass
+with those tensors, in eval mode). The adapter on the encoder is FFA-LoRA's: A frozen from the
+shared seed, B and the classification head train.
+What travels: every ``lora_B`` + head (A regenerated from the seed, hash-checked).
+Averaging: exact (dW = s * B @ A is linear in B, A shared), as in FFA-LoRA.
+DP: yes. The loss is per example (mean over the batch), so Opacus clips each example's
+gradient; the old-policy pass runs without gradients and adds no hooks' activations.
+
+Option: ``clip_ratio`` (PPO's c, default 0.2). The value :meth:`TexForcePlugin.loss` returns
+is the cross-entropy of the current policy on the batch (so the logged "train loss" is
+comparable with the other methods); its gradient is the PPO surrogate's alone.
+
+Deviations from the paper:
+* Text classification instead of text-to-image diffusion: no image generation, no diffusion
+  denoising chain; one action (a label) per example; the reward is correctness, not a learnt
+  image/aesthetic reward model (a reward model could replace ``reward``; none is shipped).
+* One PPO "epoch" per round: each local step samples fresh actions from pi_old for its batch
+  (no stored rollouts), no value network (the baseline is pi_old's exact expected reward), no
+  KL/entropy bonus.
+* LoRA A is frozen (FFA-LoRA) for exact federated averaging; the paper trains full LoRA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors
+from fedpeft.adapters.ffa_lora import lora_a_tensors
+from fedpeft.adapters.lora import inject_lora
+from fedpeft.adapters.registry import register
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedpeft.config import RunConfig
+
+__all__ = ["TexForcePlugin", "ppo_clipped_loss"]
+
+_OLD = "_texforce_old_policy"
+
+
+def ppo_clipped_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor, clip: float) -> torch.Tensor:
+    """Mean over examples of PPO's clipped surrogate with a sampled label as the action."""
+    old_logp = F.log_softmax(old_logits.detach(), dim=-1)
+    actions = torch.multinomial(old_logp.exp(), 1).squeeze(1)
+    reward = (actions == labels).to(logits.dtype)
+    advantage = reward - old_logp.exp().gather(1, labels[:, None]).squeeze(1)
+    logp = F.log_softmax(logits, dim=-1).gather(1, actions[:, None]).squeeze(1)
+    ratio = torch.exp(logp - old_logp.gather(1, actions[:, None]).squeeze(1))
+    surrogate = torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - clip, 1 + clip) * advantage)
+    return -surrogate.mean()
+
+
+class TexForcePlugin(AdapterPlugin):
+    """PPO-clipped policy gradient on FFA-LoRA; B + head travel, averaging exact."""
+
+    name = "texforce"
+    paper = "TexForce (Chen et al., ECCV 2024), policy-gradient analog for classification"
+    travels = "lora_B + head (A regenerated from seed, hash-checked)"
+    exact_average = True
+    central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
+    options = ("clip_ratio",)
+
+    def clip_ratio(self, cfg: RunConfig) -> float:
+        return float_option(cfg, "clip_ratio", 0.2, 1e-6, 10.0)
+
+    def validate_config(self, cfg: RunConfig) -> None:
+        super().validate_config(cfg)
+        self.clip_ratio(cfg)
+
+    def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
+        peft_model = inject_lora(model, cfg, freeze_a=True)
+        peft_model._texforce_clip = self.clip_ratio(cfg)  # type: ignore[assignment]
+        self._snapshot(peft_model)
+        return peft_model
+
+    def _snapshot(self, model: nn.Module) -> None:
+        """Remember the current trainable tensors as pi_old (the round's starting policy)."""
+        object.__setattr__(model, _OLD, {k: v.detach().clone() for k, v in self.trainable_state(model).items()})
+
+    def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        super().load_state(model, state)
+        self._snapshot(model)
+
+    def frozen_fingerprint(self, model: nn.Module) -> str:
+        return hash_tensors(lora_a_tensors(model))
+
+    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        inner = getattr(model, "_module", model)  # under Opacus: the wrapped PEFT model
+        logits = model(**batch).logits
+        was_training = inner.training
+        with torch.no_grad():
+            inner.eval()
+            old_logits = functional_call(inner, getattr(inner, _OLD), args=(), kwargs=dict(batch), strict=False).logits
+            inner.train(was_training)
+        surrogate = ppo_clipped_loss(logits, old_logits, labels, float(getattr(inner, "_texforce_clip", 0.2)))
+        # Value = cross-entropy of the current policy (what the trainer logs as "train loss");
+        # gradient = the PPO surrogate's only (the detached terms have none).
+        return surrogate - surrogate.detach() + F.cross_entropy(logits.detach(), labels)
+
+
+register(TexForcePlugin())

@@ -1,0 +1,37 @@
+"""``fedpeft simulate`` and ``fedpeft methods``."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedpeft.cli.common import add_simulate_options, config_from_args, register_command, resume_config
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.sim.simulate import simulate
+
+    if getattr(args, "resume", None):
+        cfg = resume_config(args)
+        path, rows = simulate(cfg, resume=True)
+    else:
+        cfg = config_from_args(args)
+        path, rows = simulate(cfg)
+    last = rows[-1]
+    eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, {last.get('epsilon_relation', '?')} neighbours, "
+           f"delta={last['delta']:g}, {last['accountant']}; check: fedpeft privacy audit {path})"
+           if cfg.privacy.enabled else "no DP")
+    print(f"fedpeft: {len(rows)} rounds done: accuracy={last['accuracy']:.4f} {eps}; run directory: {path}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from fedpeft.adapters import plugins
+
+    for plugin in plugins():
+        print(plugin.describe())
+    return 0
+
+
+SIMULATE_HELP = "run a federation on this machine (Flower simulation engine)"
+register_command("simulate", SIMULATE_HELP, add_simulate_options, cmd_simulate)
+register_command("methods", "list the adapter methods", lambda p: None, _cmd_methods)

@@ -1,0 +1,98 @@
+"""What a node keeps on its own disk beside its ledger: its secret and its releases.
+
+* ``client-<id>.secret`` -- the node secret (:class:`fedpeft.privacy.randomness.NodeSecret`, mode
+  0600): the key of every DP random choice the node makes. Never sent, never logged. A
+  deployed node keeps it in its own ``ledger-dir``. A simulated client's "disk" is this
+  machine, but its ledger directory lies inside the run directory, which the server writes
+  and others may read; so simulated clients keep their secrets outside it, under
+  ``$FEDPEFT_SECRET_HOME`` (default ``~/.local/share/fedpeft/node-secrets``), in a folder
+  named after a hash of the ledger directory -- which is how a resumed run finds them again.
+* ``client-<id>.releases/round-<r>-<key>.npz`` -- every update the node released, one file
+  per round and replay key (never overwritten), with its local (never sent) state.
+
+Why keep releases. A round can be asked for again: a retry after too few replies, a
+resume after the server crashed, a late duplicate message. Re-sending what was already
+released is post-processing of a DP output and costs nothing; recomputing it would be a
+new release (and, with fresh randomness in ``privacy.secure_mode``, a different one that
+the ledger would have to charge again). So a node answers a replayed round from this store.
+Loaded with ``allow_pickle=False``: a store file cannot execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.privacy.ledger import load_array_groups, save_array_groups
+from fedpeft.privacy.randomness import NodeSecret
+
+__all__ = ["StoredRelease", "load_release", "node_secret", "save_release", "secret_home", "secret_path"]
+
+_SECRETS: dict[Path, NodeSecret] = {}
+_STATE, _LOCAL = "state", "local"
+
+
+def secret_home() -> Path:
+    """Where simulated clients keep their secrets (module doc)."""
+    raw = os.environ.get("FEDPEFT_SECRET_HOME", "")
+    return Path(raw).expanduser() if raw else Path.home() / ".local" / "share" / "fedpeft" / "node-secrets"
+
+
+def secret_path(ledger_dir: Path, client_id: str, deployed: bool) -> Path:
+    """The file of this client's secret: beside a deployed node's ledger, else under :func:`secret_home`."""
+    if deployed:
+        return (ledger_dir / f"client-{client_id}.secret").resolve()
+    run = hashlib.sha256(str(ledger_dir.resolve()).encode()).hexdigest()[:20]
+    return (secret_home() / run / f"client-{client_id}.secret").resolve()
+
+
+def node_secret(ledger_dir: Path, client_id: str, deployed: bool) -> NodeSecret:
+    """This client's secret (created on first use), cached per process."""
+    path = secret_path(ledger_dir, client_id, deployed)
+    if path not in _SECRETS:
+        _SECRETS[path] = NodeSecret.load_or_create(path)
+    return _SECRETS[path]
+
+
+@dataclass
+class StoredRelease:
+    """One released update and what it was computed from."""
+
+    server_round: int
+    replay_key: str
+    output_hash: str
+    state: dict[str, np.ndarray]
+    local: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _path(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> Path:
+    """One file per (round, replay key): a release is never overwritten by another computation."""
+    if not replay_key.isalnum():
+        raise ValueError("a replay key is a hex digest")
+    return ledger_dir / f"client-{client_id}.releases" / f"round-{server_round}-{replay_key[:32]}.npz"
+
+
+def save_release(ledger_dir: Path, client_id: str, rel: StoredRelease) -> None:
+    """Store ``rel`` atomically, in a file of its own (round and replay key)."""
+    meta = {"round": rel.server_round, "replay_key": rel.replay_key, "output_hash": rel.output_hash,
+            "metrics": rel.metrics}
+    save_array_groups(_path(ledger_dir, client_id, rel.server_round, rel.replay_key), meta,
+                      {_STATE: rel.state, _LOCAL: rel.local})
+
+
+def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key: str) -> StoredRelease | None:
+    """The stored release of ``server_round`` computed from ``replay_key``, if there is one."""
+    path = _path(ledger_dir, client_id, server_round, replay_key)
+    if not path.is_file():
+        return None
+    meta, groups = load_array_groups(path, (_STATE, _LOCAL))
+    if meta.get("replay_key") != replay_key:
+        return None
+    return StoredRelease(int(meta["round"]), replay_key, str(meta["output_hash"]), groups[_STATE], groups[_LOCAL],
+                         dict(meta.get("metrics", {})))

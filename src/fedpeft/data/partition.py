@@ -1,0 +1,141 @@
+"""Split the training pool between clients with flwr-datasets partitioners.
+
+``iid`` and ``dirichlet`` use flwr-datasets' own :class:`IidPartitioner` and
+:class:`DirichletPartitioner`. ``label-proportions`` (the FFA-LoRA paper's split: client
+k draws fraction p[k][c] of its examples from class c) has no flwr-datasets equivalent, so
+:class:`LabelProportionsPartitioner` implements it on flwr-datasets' ``Partitioner`` base
+class, i.e. through the library's extension point, and works anywhere a partitioner does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedpeft.config import ConfigError, DataConfig
+from fedpeft.data.sources import TextDataset
+
+__all__ = ["LabelProportionsPartitioner", "client_partition", "make_partitioner", "partition_sizes"]
+
+
+class LabelProportionsPartitioner(Partitioner):
+    """Equal-size partitions with a prescribed label mix per partition.
+
+    Every partition gets ``size`` examples (the largest size the class counts allow, or
+    ``max_size`` if smaller), of which ``round(size * proportions[k][c])`` come from class
+    c. Examples are drawn without replacement, so partitions are disjoint.
+    """
+
+    def __init__(
+        self,
+        proportions: np.ndarray | Sequence[Sequence[float]],
+        partition_by: str = "label",
+        max_size: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self._props = np.asarray(proportions, dtype=np.float64)
+        if self._props.ndim != 2 or np.any(self._props < 0):
+            raise ValueError("proportions must be a 2-D array of non-negative fractions")
+        self._partition_by = partition_by
+        self._max_size = max_size
+        self._seed = seed
+        self._indices: list[np.ndarray] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return int(self._props.shape[0])
+
+    def _build(self) -> list[np.ndarray]:
+        labels = np.asarray(self.dataset[self._partition_by], dtype=np.int64)
+        n_classes = self._props.shape[1]
+        if labels.max(initial=0) >= n_classes:
+            raise ConfigError(
+                "data.label_proportions", n_classes, f"needs one fraction per class ({int(labels.max()) + 1} classes)"
+            )
+        rng = np.random.default_rng(self._seed)
+        pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(n_classes)]
+        demand = self._props.sum(axis=0)
+        with np.errstate(divide="ignore"):
+            caps = np.where(demand > 0, np.array([len(p) for p in pools]) / np.maximum(demand, 1e-12), np.inf)
+        size = int(np.floor(caps.min()))
+        if self._max_size:
+            size = min(size, self._max_size)
+        if size < 1:
+            raise ConfigError("data.label_proportions", self._props.tolist(), "leaves a client with no data")
+        cursor = [0] * n_classes
+        out: list[np.ndarray] = []
+        for row in self._props:
+            counts = np.floor(row * size).astype(int)
+            counts[int(np.argmax(row))] += size - counts.sum()  # rounding remainder
+            parts = []
+            for c, k in enumerate(counts):
+                parts.append(pools[c][cursor[c] : cursor[c] + k])
+                cursor[c] += k
+            out.append(rng.permutation(np.concatenate(parts)))
+        return out
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        if self._indices is None:
+            self._indices = self._build()
+        return self.dataset.select(self._indices[partition_id].tolist())
+
+
+def make_partitioner(cfg: DataConfig, num_clients: int, seed: int) -> Partitioner:
+    """The flwr-datasets partitioner named by ``cfg.partition``."""
+    if cfg.partition == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if cfg.partition == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_clients,
+            partition_by="label",
+            alpha=cfg.dirichlet_alpha,
+            min_partition_size=2,
+            self_balancing=True,
+            seed=seed,
+        )
+    return LabelProportionsPartitioner(
+        cfg.label_proportions, partition_by="label", max_size=cfg.examples_per_client, seed=seed
+    )
+
+
+_CACHE: dict[tuple[DataConfig, int, int, int], tuple[np.ndarray, ...]] = {}
+
+
+def _partition_indices(cfg: DataConfig, num_clients: int, seed: int, pool: TextDataset) -> tuple[np.ndarray, ...]:
+    """Indices of every partition (computed once per process and configuration)."""
+    key = (cfg, num_clients, seed, id(pool))
+    if key in _CACHE:
+        return _CACHE[key]
+    ds = datasets.Dataset.from_dict({"label": pool.labels.tolist(), "idx": list(range(len(pool)))})
+    partitioner = make_partitioner(cfg, num_clients, seed)
+    partitioner.dataset = ds
+    out = []
+    rng = np.random.default_rng(seed + 1)
+    for pid in range(num_clients):
+        idx = np.asarray(partitioner.load_partition(pid)["idx"], dtype=np.int64)
+        if cfg.examples_per_client and len(idx) > cfg.examples_per_client:
+            idx = rng.choice(idx, size=cfg.examples_per_client, replace=False)
+        out.append(idx)
+    _CACHE.clear()  # one configuration at a time is enough; keeps memory flat
+    _CACHE[key] = tuple(out)
+    return _CACHE[key]
+
+
+def client_partition(pool: TextDataset, cfg: DataConfig, num_clients: int, partition_id: int, seed: int) -> TextDataset:
+    """The training examples of one client (deterministic for a given seed)."""
+    if not 0 <= partition_id < num_clients:
+        raise ConfigError("partition-id", partition_id, f"must be in [0, {num_clients})")
+    indices = _partition_indices(cfg, num_clients, seed, pool)
+    part = pool.subset(indices[partition_id])
+    if len(part) < 2:
+        raise ConfigError("data.partition", cfg.partition, f"client {partition_id} received {len(part)} examples; need >= 2")
+    return part
+
+
+def partition_sizes(pool: TextDataset, cfg: DataConfig, num_clients: int, seed: int) -> list[int]:
+    """Number of examples each client holds."""
+    return [len(ix) for ix in _partition_indices(cfg, num_clients, seed, pool)]

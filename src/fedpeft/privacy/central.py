@@ -1,0 +1,186 @@
+"""Client-level central DP: server-side fixed clipping of client updates plus its accountant.
+
+Client-side DP-SGD (Opacus, :mod:`fedpeft.privacy.dpsgd`) protects *one training example of one
+client*. Central DP protects *one client's whole contribution*: the server clips each
+client's update (reply minus the global state it was sent) to L2 norm ``C = clip`` and adds
+Gaussian noise of standard deviation ``sigma * C / m`` to the weighted mean of the accepted
+clients' states, ``m`` being the configured number of sampled clients per round
+(``train.clients_per_round``, or all). fedpeft runs this with
+:class:`fedpeft.strategies.central_dp.CentralDPFixedClipping`, Flower's
+``DifferentialPrivacyServerSideFixedClipping`` around the
+:class:`~fedpeft.strategies.adapter_avg.AdapterAvg` (``run_federation(wrap_strategy=...)``), so the
+two mechanisms compose: both can be on, and both epsilons are reported in every
+``metrics.jsonl`` row with their units (``epsilon`` = example-level; ``epsilon_client_level``
+= client-level, with ``_unit``, ``_relation``, ``_delta`` and ``_accountant`` beside it).
+
+Neighbouring relation: **client-level replace-one**. Two federations are neighbours if one
+client's data, hence possibly its whole update, is replaced by anything; ``m``, which sampled
+clients reply and are accepted, and their aggregation weights ``w_i`` (example counts,
+normalised over the accepted ones) are public. The round's release is
+``global + sum_i w_i * clip(u_i) + N(0, (sigma*C/m)^2 I)``; replacing client ``j`` moves the
+mean by ``w_j * |clip(u_j) - clip(u_j')| <= 2 * w_max * C``. The *effective* noise multiplier
+(noise std over that sensitivity) is therefore ``sigma / (2 * m * w_max)``: ``sigma / 2`` with
+equal client sizes (``data.examples_per_client`` > 0) and all ``m`` accepted; larger ``w_max``
+(unequal sizes, or clients that failed: the std stays ``sigma*C/m``) lowers it.
+
+Accounting. Flower's wrapper can account only around an unmodified ``FedAvg``, which
+AdapterAvg is not; so :class:`ClientLevelAccountant` (a round hook) composes one Gaussian
+event per released aggregate into Flower's ``RdpAccountant`` (Google's dp-accounting
+underneath) with ``no-amplification`` sampling -- a valid upper bound whether or not clients
+are subsampled. That accountant offers replace-one only with sampling without replacement,
+so the event is composed under add/remove with the effective multiplier above: for the
+un-subsampled Gaussian mechanism the privacy curve depends only on std / sensitivity, so
+replace-one with sensitivity ``2 * w_max * C`` *is* add/remove at ``sigma / (2 * m * w_max)``.
+
+What it requires of the method: the released state must be the noised weighted mean itself,
+so the adapter's ``aggregate`` must be a weighted mean of the client states and its
+``server_step`` the identity (post-processing of the release is free; a re-SVD or a rank
+step *before* the noise is not). Plugins declare it with ``central_dp_compatible``; any other
+method is refused at config validation. Not covered: the replies' metrics (example counts,
+training loss) travel un-noised, as in Flower. Client-side clipping (Flower's
+``DifferentialPrivacyClientSideFixedClipping``) needs ``fixedclipping_mod`` in the ClientApp,
+which fedpeft's ClientApp does not install; that mode is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - fedpeft.config imports this module
+    from flwr.serverapp.strategy import Strategy
+
+    from fedpeft.config import RunConfig
+
+__all__ = ["CENTRAL_MODES", "RELATION", "CentralDPConfig", "ClientLevelAccountant", "sampled_clients",
+           "validate_central", "with_central_dp"]
+
+log = logging.getLogger("fedpeft.server")
+
+CENTRAL_MODES = ("off", "server")
+UNIT = "client-level (one client's whole update per round)"
+RELATION = ("replace-one (one client's whole update replaced; m, participation and weights public; "
+            "sensitivity 2*w_max*clip)")
+ACCOUNTANT = "rdp (flwr RdpAccountant, no amplification; replace-one as add/remove at sigma/(2*m*w_max))"
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Client-level central DP (``[central]``). ``mode = "server"``: Flower's server-side
+    fixed-clipping wrapper; ``off``: none (the default)."""
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    clip: float = 1.0  # L2 norm bound of one client's update (reply - global state)
+    delta: float = 1e-3  # client-level delta (population = clients, so far larger than DP-SGD's)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+def sampled_clients(cfg: RunConfig) -> int:
+    """``m``: the clients sampled per round, which the noise std ``sigma * clip / m`` divides by."""
+    return cfg.train.clients_per_round or cfg.train.clients
+
+
+def validate_central(cfg: RunConfig) -> None:
+    """One-line :class:`~fedpeft.config.ConfigError` for an invalid ``[central]`` table, or for
+    central DP with a method whose release is not a noised weighted mean (module doc)."""
+    from fedpeft.adapters import registry
+    from fedpeft.config import ConfigError
+
+    c = cfg.central
+    if c.mode == "client":
+        raise ConfigError("central.mode", c.mode, "client-side clipping needs Flower's fixedclipping_mod in the "
+                                                  "ClientApp, which fedpeft does not install; use server")
+    if c.mode not in CENTRAL_MODES:
+        raise ConfigError("central.mode", c.mode, f"allowed: {', '.join(CENTRAL_MODES)}")
+    if not (math.isfinite(c.noise_multiplier) and c.noise_multiplier > 0):
+        raise ConfigError("central.noise_multiplier", c.noise_multiplier, "must be a positive number")
+    if not (math.isfinite(c.clip) and c.clip > 0):
+        raise ConfigError("central.clip", c.clip, "must be a positive number")
+    if not 0 < c.delta < 1:
+        raise ConfigError("central.delta", c.delta, "must be in (0, 1)")
+    method = cfg.adapter.method
+    if c.enabled and not registry.get(method).central_dp_compatible:
+        raise ConfigError("central.mode", c.mode, f"{method} cannot run with client-level central DP: its "
+                          "aggregation is not a weighted mean of client states with an identity server_step, so "
+                          "clip + noise on the mean would not bound one client's influence; use off")
+
+
+class ClientLevelAccountant:
+    """Round hook (duck-typed :class:`fedpeft.server.loop.RoundHook`): composes one Gaussian event
+    per released aggregate into Flower's ``RdpAccountant`` -- replace-one, as add/remove at the
+    effective multiplier ``sigma / (2 * m * w_max)`` (module doc) -- and writes the client-level
+    epsilon with its unit, relation, delta and accountant into the round's metrics row."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+        from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+        self.cfg = cfg
+        self.sampled = sampled_clients(cfg)
+        self.accountant = RdpAccountant(PrivacyConfig(
+            target_delta=cfg.central.delta, population_size=cfg.train.clients,
+            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+            sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        ))
+        self.epsilon = 0.0
+
+    def effective_noise_multiplier(self, weights: list[float]) -> float:
+        """sigma / (2 * m * w_max): the noise std ``sigma*clip/m`` over the replace-one
+        sensitivity ``2 * w_max * clip`` of the weighted mean of the accepted clients."""
+        w_max = max(weights) / float(sum(weights))
+        return self.cfg.central.noise_multiplier / (2 * self.sampled * w_max)
+
+    def on_start(self, setup: Any, strategy: Any, run_dir: Any) -> None:
+        log.info("central DP: server-side clipping of client updates to %g, noise multiplier %g over %d "
+                 "sampled clients; %s epsilon, relation %s, at delta=%g, accountant %s",
+                 self.cfg.central.clip, self.cfg.central.noise_multiplier, self.sampled, UNIT, RELATION,
+                 self.cfg.central.delta, ACCOUNTANT)
+
+    def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
+        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
+
+        sigma_eff = math.nan
+        if report.released:  # the wrapper released a noised aggregate this round
+            sigma_eff = self.effective_noise_multiplier([r.weight for r in report.accepted])
+            self.accountant.compose(GaussianPrivacyEvent(
+                noise_multiplier=sigma_eff, sample_size=self.sampled, population_size=self.cfg.train.clients))
+            self.epsilon = float(self.accountant.get_privacy_spent().epsilon)
+        row.update({
+            "epsilon_client_level": self.epsilon,
+            "epsilon_client_level_unit": UNIT,
+            "epsilon_client_level_relation": RELATION,
+            "epsilon_client_level_delta": self.cfg.central.delta,
+            "epsilon_client_level_accountant": ACCOUNTANT,
+            "central_noise_multiplier_effective": sigma_eff,
+            "central_releases": self.accountant.num_releases,
+        })
+
+    def on_end(self, rows: list[dict[str, Any]]) -> None:
+        """Nothing to flush: every row already carries the epsilon so far."""
+
+
+def with_central_dp(
+    cfg: RunConfig, wrap_strategy: Callable[[Any], Strategy] | None = None,
+) -> tuple[Callable[[Any], Strategy] | None, list[Any]]:
+    """``(wrap_strategy, hooks)`` for ``run_federation``: unchanged when central DP is off;
+    else the given wrapper (if any) wrapped once more in
+    :class:`~fedpeft.strategies.central_dp.CentralDPFixedClipping` (Flower's server-side fixed
+    clipping, keeping only the noised release), plus the :class:`ClientLevelAccountant` hook."""
+    if not cfg.central.enabled:
+        return wrap_strategy, []
+
+    def wrap(base: Any) -> Strategy:
+        from fedpeft.strategies.central_dp import CentralDPFixedClipping
+
+        inner = wrap_strategy(base) if wrap_strategy else base
+        return CentralDPFixedClipping(inner, noise_multiplier=cfg.central.noise_multiplier,
+                                      clipping_norm=cfg.central.clip, num_sampled_clients=sampled_clients(cfg))
+
+    return wrap, [ClientLevelAccountant(cfg)]

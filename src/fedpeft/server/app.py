@@ -1,0 +1,78 @@
+"""The fedpeft ServerApp.
+
+``flwr run .`` loads :data:`app`; its configuration is Flower's ``run_config`` (the
+``[tool.flwr.app.config]`` table of ``pyproject.toml`` plus ``--run-config`` overrides),
+optionally layered on a TOML file named by the ``config`` key. ``fedpeft simulate`` builds
+the same ServerApp with :func:`make_server_app` around an already-parsed configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.config import RunConfig, load_config_file, parse_config
+from fedpeft.privacy.central import with_central_dp
+from fedpeft.server.loop import RoundHook, run_federation
+from fedpeft.server.run_dir import default_run_dir
+from fedpeft.strategies.adapter_avg import AdapterAvg
+
+__all__ = ["app", "config_from_run_config", "make_server_app"]
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
+    """Parse Flower's flat run_config; a non-empty ``config`` key names a TOML base file."""
+    raw = dict(run_config)
+    file_layer: dict[str, Any] = {}
+    path = str(raw.pop("config", "") or "")
+    if path:
+        file_layer = load_config_file(path)
+    return parse_config(file_layer, raw)
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("fedpeft")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s fedpeft: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def make_server_app(
+    cfg: RunConfig,
+    run_dir: str | None = None,
+    timeout: float = 3600.0,
+    hooks: Sequence[RoundHook] = (),
+    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    resume: bool = False,
+) -> ServerApp:
+    """A ServerApp bound to a parsed configuration (used by ``fedpeft simulate``)."""
+    server = ServerApp()
+
+    @server.main()
+    def _main(grid: Grid, context: Context) -> None:
+        _configure_logging()
+        wrap, central_hooks = with_central_dp(cfg, wrap_strategy)  # client-level central DP, if configured
+        run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir),
+                       timeout=timeout, hooks=[*hooks, *central_hooks], wrap_strategy=wrap, resume=resume)
+
+    return server
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    _configure_logging()
+    cfg = config_from_run_config(dict(context.run_config))
+    wrap, central_hooks = with_central_dp(cfg)  # client-level central DP, if configured
+    run_federation(grid, cfg, default_run_dir(cfg), hooks=central_hooks, wrap_strategy=wrap)

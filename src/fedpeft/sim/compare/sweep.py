@@ -1,0 +1,193 @@
+"""The compare sweep: methods x epsilons x seeds, one run directory per cell, resumable.
+
+Each cell is an ordinary run (:func:`fedpeft.sim.simulate.simulate`) whose directory is
+``OUTPUT/<method>_eps-<epsilon>_seed-<seed>``. A cell counts as *finished* when its
+``metrics.jsonl`` has the configured number of rounds, its ``config.toml`` has the same
+:func:`~fedpeft.config.config_hash` as the cell's configuration now, and no ``cell.json``
+records it as failed, and no round lost every client to a failure (unless the cell injects
+faults on purpose); a finished cell is never
+rerun, so an interrupted sweep continues where it stopped and a changed setting reruns only
+the cells it changes. An unfinished cell's directory (partial metrics, and a ledger that
+would otherwise carry its spent budget into the rerun) is deleted before the cell runs again.
+After each cell, ``cell.json`` records the wall time and status; a failed cell is recorded
+and the sweep goes on (it is retried on the next invocation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_hash, parse_config
+
+__all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "eps_label", "plan_cells", "run_sweep"]
+
+log = logging.getLogger("fedpeft.compare")
+
+CellRunner = Callable[[RunConfig, Path], None]
+
+
+def eps_label(epsilon: float) -> str:
+    """Directory-safe label of an epsilon: ``inf``, ``6``, ``0.5``."""
+    return "inf" if math.isinf(epsilon) else f"{epsilon:g}"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to sweep, and the configuration layer every cell shares."""
+
+    methods: tuple[str, ...] = ("ffa_lora", "lora")
+    epsilons: tuple[float, ...] = (math.inf, 6.0, 3.0, 1.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    base: dict[str, Any] = field(default_factory=dict)  # flat dotted keys shared by all cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, epsilon, seed) run of the sweep."""
+
+    method: str
+    epsilon: float
+    seed: int
+    cfg: RunConfig
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass
+class CellResult:
+    """How one cell ended in this invocation: ``ran``, ``skipped`` (finished before) or ``failed``."""
+
+    cell: Cell
+    status: str
+    wall_s: float = 0.0
+    error: str = ""
+
+
+def plan_cells(spec: SweepSpec, output_dir: Path) -> list[Cell]:
+    """Resolve and validate every cell's configuration (a bad value fails before anything runs)."""
+    from fedpeft.adapters import registry
+
+    known = registry.names()
+    for m in spec.methods:
+        if m not in known:
+            raise ConfigError("--methods", m, f"unknown method; registered: {', '.join(known)}")
+    cells = []
+    for method in spec.methods:
+        for eps in spec.epsilons:
+            for seed in spec.seeds:
+                path = Path(output_dir) / f"{method}_eps-{eps_label(eps)}_seed-{seed}"
+                cfg = parse_config(spec.base, {
+                    "adapter.method": method, "privacy.epsilon": eps, "seed": seed, "adapter.seed": seed,
+                    "name": path.name, "output_dir": str(path),
+                })
+                cells.append(Cell(method, eps, seed, cfg, path))
+    return cells
+
+
+def cell_problem(cell: Cell) -> str | None:
+    """Why ``cell`` does not count as finished, or None when it does.
+
+    Finished means: metrics for every configured round, written under the same
+    configuration, no ``cell.json`` saying failed, and -- unless the cell injects faults on
+    purpose (``faults.fail_rate`` > 0) -- no round in which every client failed. Such a
+    round (e.g. Ray killing the workers when the machine ran out of memory) leaves the
+    global state unchanged and would enter the comparison as an untrained model.
+    """
+    metrics, conf = cell.path / "metrics.jsonl", cell.path / "config.toml"
+    if not (metrics.is_file() and conf.is_file()):
+        return "no metrics.jsonl/config.toml"
+    try:
+        rows = [json.loads(x) for x in metrics.read_text(encoding="utf-8").splitlines() if x.strip()]
+        done_cfg = config_from_toml(conf.read_text(encoding="utf-8"))
+        info = cell.path / "cell.json"
+        if info.is_file() and json.loads(info.read_text(encoding="utf-8")).get("status") == "failed":
+            return "cell.json records a failure"  # e.g. complete metrics, but the run failed afterwards (export)
+    except (ValueError, ConfigError) as exc:
+        return f"unreadable run files ({exc})"
+    if len(rows) != cell.cfg.train.rounds or [r.get("round") for r in rows] != list(range(1, len(rows) + 1)):
+        return f"{len(rows)} of {cell.cfg.train.rounds} rounds in metrics.jsonl"
+    if config_hash(done_cfg) != config_hash(cell.cfg):
+        return "written under another configuration"
+    if cell.cfg.faults.fail_rate <= 0:
+        for r in rows:
+            if not r.get("clients_accepted") and r.get("failed"):
+                reason = str(next(iter(r["failed"].values())))[:160]
+                return f"round {r['round']}: every client failed ({len(r['failed'])}; e.g. {reason})"
+    return None
+
+
+def cell_is_finished(cell: Cell) -> bool:
+    """True when :func:`cell_problem` finds nothing wrong."""
+    return cell_problem(cell) is None
+
+
+def _simulate_cell(cfg: RunConfig, path: Path) -> None:
+    """The real runner: one Flower simulation (Ray) for the cell."""
+    from fedpeft.sim.simulate import simulate
+
+    simulate(cfg, path)
+
+
+def _write_cell_json(cell: Cell, status: str, wall_s: float, error: str = "") -> None:
+    from fedpeft.privacy.ledger import atomic_write_text
+
+    atomic_write_text(cell.path / "cell.json", json.dumps({
+        "method": cell.method, "epsilon": eps_label(cell.epsilon), "seed": cell.seed, "status": status,
+        "wall_s": wall_s, "error": error, "config_hash": config_hash(cell.cfg),
+    }, indent=1))
+
+
+def _progress(total: int) -> Any:
+    from tqdm import tqdm
+
+    disable = os.environ.get("FEDPEFT_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc="compare", unit="cell", file=sys.stderr, disable=disable, dynamic_ncols=True)
+
+
+def run_sweep(cells: Sequence[Cell], runner: CellRunner | None = None) -> list[CellResult]:
+    """Run every unfinished cell in order; return what happened to each."""
+    run = runner or _simulate_cell
+    results: list[CellResult] = []
+    with _progress(len(cells)) as bar:
+        for cell in cells:
+            bar.set_postfix_str(cell.name)
+            if cell_is_finished(cell):
+                results.append(CellResult(cell, "skipped"))
+                bar.update(1)
+                continue
+            if cell.path.exists():
+                log.info("compare: %s is unfinished; removing it (partial metrics and ledgers) to rerun", cell.name)
+                shutil.rmtree(cell.path)
+            t0 = time.perf_counter()
+            try:
+                run(cell.cfg, cell.path)
+                problem = cell_problem(cell)
+                if problem is not None:
+                    raise RuntimeError(f"run ended unusable: {problem}")
+            except (RuntimeError, ValueError, OSError) as exc:
+                wall = time.perf_counter() - t0
+                msg = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+                log.error("compare: cell %s failed after %.0f s: %s", cell.name, wall, msg)
+                cell.path.mkdir(parents=True, exist_ok=True)
+                _write_cell_json(cell, "failed", wall, msg)
+                results.append(CellResult(cell, "failed", wall, msg))
+            else:
+                wall = time.perf_counter() - t0
+                _write_cell_json(cell, "finished", wall)
+                results.append(CellResult(cell, "ran", wall))
+                log.info("compare: cell %s finished in %.0f s", cell.name, wall)
+            bar.update(1)
+    return results

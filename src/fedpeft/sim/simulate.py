@@ -1,0 +1,127 @@
+"""Run a federation on one machine through Flower's simulation engine.
+
+:func:`preflight` loads and checks everything that can fail on bad input (data file,
+columns, classes, partitions, model directory) *before* Ray starts, so a mistake ends
+with a one-line message and exit status 2 instead of a traceback from a worker.
+:func:`simulate` then runs the real ``ServerApp`` + ``ClientApp`` with
+``flwr.simulation.run_simulation`` (one Ray actor per concurrent client; each actor
+caches the base model and reuses it for every round and client it serves).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.data.partition import partition_sizes
+from fedpeft.data.sources import train_test_split_for
+from fedpeft.server.loop import RoundHook
+from fedpeft.server.run_dir import RunDir, default_run_dir
+from fedpeft.strategies.adapter_avg import AdapterAvg
+from fedpeft.tasks.model import load_tokenizer, pick_device, resolve_model_path
+
+__all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
+
+log = logging.getLogger("fedpeft")
+
+
+def preflight(cfg: RunConfig) -> list[int]:
+    """Validate data, partitions and model; return examples per client."""
+    resolve_model_path(cfg.model)
+    pick_device(cfg.device)
+    if cfg.tasks.enabled:  # multi-task federation: every task's data (src/fedpeft/data/layout.py)
+        from fedpeft.data.layout import preflight_tasks
+
+        load_tokenizer(cfg.model)
+        return preflight_tasks(cfg)
+    pool, test = train_test_split_for(cfg.data, cfg.seed)
+    sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
+    empty = [i for i, n in enumerate(sizes) if n < 2]
+    if empty:
+        raise ConfigError("train.clients", cfg.train.clients,
+                          f"clients {empty[:5]} get fewer than 2 examples; use fewer clients or more data")
+    load_tokenizer(cfg.model)
+    log.info("data: %d training examples in %d classes %s, test %d; per client: %s",
+             len(pool), pool.num_classes, list(pool.label_names), len(test), sizes[:10])
+    return sizes
+
+
+def concurrent_clients(cfg: RunConfig, cores: int) -> int:
+    """How many client actors run at once on ``cores`` CPUs.
+
+    A round's clients all run concurrently when there are at most twice as many as cores
+    (3 clients on 2 cores: three single-threaded actors share the cores, instead of two
+    actors followed by one that leaves a core idle for a whole client's training -- about
+    a quarter of the round's time); otherwise one actor per core, in waves.
+    """
+    per_round = cfg.train.clients_per_round or cfg.train.clients
+    return per_round if per_round <= 2 * cores else cores
+
+
+def backend_config(cfg: RunConfig) -> dict[str, Any]:
+    """Ray resources: a CPU share per client actor (see :func:`concurrent_clients`; Ray
+    gives each actor one torch thread); a GPU fraction per client when CUDA is present so
+    several clients share one device."""
+    import math
+
+    import torch
+
+    cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if cfg.device != "cpu" else 0
+    actors = concurrent_clients(cfg, cores)
+    # Flower sizes its actor pool as int(cores / num_cpus): round the share down so that
+    # float error can never cost an actor (2 / 0.666 = 3.003 -> 3 actors).
+    share = math.floor(cores / actors * 1000) / 1000
+    resources: dict[str, Any] = {"num_cpus": share, "num_gpus": 0.0}
+    if gpus:
+        resources["num_gpus"] = round(min(1.0, gpus / max(1, min(cfg.train.clients, 4))), 3)
+    return {
+        "client_resources": resources,
+        "init_args": {"num_cpus": cores, "num_gpus": gpus, "include_dashboard": False},
+    }
+
+
+def simulate(
+    cfg: RunConfig,
+    run_dir: Path | None = None,
+    hooks: Sequence[RoundHook] = (),
+    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    backend: dict[str, Any] | None = None,
+    resume: bool = False,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run the federation; return the run directory and its metrics rows.
+
+    ``hooks`` / ``wrap_strategy`` are passed to the server loop; ``backend`` overrides
+    :func:`backend_config` (e.g. GPU fractions per client); ``resume`` continues the run in
+    ``run_dir`` from its checkpoint (see :mod:`fedpeft.server.checkpoint`).
+    """
+    from flwr.simulation import run_simulation
+
+    from fedpeft.client.app import app as client_app
+    from fedpeft.server.app import make_server_app
+
+    preflight(cfg)
+    path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if not resume and (path / "metrics.jsonl").exists():
+        raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
+    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy, resume=resume),
+            client_app=client_app,
+            num_supernodes=cfg.train.clients,
+            backend_config=backend if backend is not None else backend_config(cfg),
+        )
+    rows = RunDir(path).read_metrics()
+    if len(rows) != cfg.train.rounds:
+        raise RuntimeError(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
+    return path, rows

@@ -1,0 +1,211 @@
+"""AdapterAvg: Flower FedAvg whose aggregation rule belongs to the adapter plugin.
+
+Sampling and message construction are Flower's :class:`~flwr.serverapp.strategy.FedAvg`.
+What changes:
+
+* every round's ``ConfigRecord`` carries the resolved run configuration, its hash and
+  the hash of the shared frozen tensors (FFA-LoRA's A), so clients can check both;
+* each reply is validated on its own (:mod:`fedpeft.strategies.validation`): errors, budget
+  refusals and invalid replies are logged with their reason and left out, and the round
+  goes on with the rest (Flower's FedAvg would raise on one inconsistent reply);
+* a round needs ``faults.min_clients`` valid replies; with fewer nothing is averaged in
+  (the loop in :mod:`fedpeft.server.loop` retries or skips the round);
+* aggregation calls ``plugin.aggregate`` (FFA-LoRA: weighted mean of B, exact) over the
+  replies sorted by client id (so the floating-point sum, and a resumed run, do not depend
+  on the order replies arrive in), then ``plugin.server_step``;
+* a :class:`RoundReport` records bytes, per-client metrics and rejections for the
+  server's ``metrics.jsonl``. DP replies carry no training loss (it would be an unaccounted
+  release of the client's data); the aggregate's ``train-loss`` exists only without DP.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpeft.adapters.base import AdapterPlugin, NDArrays
+from fedpeft.strategies.validation import Rejected, StateSpec, ValidatedReply, validate_reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fedpeft.config import RunConfig
+
+__all__ = ["AdapterAvg", "RoundReport", "state_to_arrayrecord", "state_nbytes"]
+
+log = logging.getLogger("fedpeft.server")
+
+
+def state_to_arrayrecord(state: NDArrays) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def state_nbytes(state: NDArrays) -> int:
+    """Raw payload bytes (element count x item size), excluding serialisation headers."""
+    return int(sum(v.nbytes for v in state.values()))
+
+
+@dataclass
+class RoundReport:
+    """What happened in one round, for metrics and logs."""
+
+    server_round: int
+    sent_to: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    accepted: list[ValidatedReply] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # client/node -> reason
+    refused: dict[str, str] = field(default_factory=dict)  # budget refusals
+    failed: dict[str, str] = field(default_factory=dict)  # client errors and timeouts
+    attempt: int = 0  # 0 = first try of this round; >0 = retry (faults.on_too_few = retry)
+    released: bool = False  # a new global state was aggregated from the accepted replies
+
+
+def _who(msg: Message) -> str:
+    """Name a reply's sender for logs: its client id when it says one, else its node id."""
+    node = f"node-{msg.metadata.src_node_id}"
+    if msg.has_error():
+        return node
+    for value in msg.content.values():
+        if isinstance(value, ConfigRecord) and "client" in value:
+            return f"client-{value['client']!s}"
+    return node
+
+
+def _client_order(client: str) -> tuple[int, int | str]:
+    """Numeric client ids in numeric order, then any others by name."""
+    return (0, int(client)) if client.isdigit() else (1, client)
+
+
+class AdapterAvg(FedAvg):
+    """FedAvg sampling + per-reply validation + the adapter plugin's aggregation rule."""
+
+    def __init__(
+        self,
+        plugin: AdapterPlugin,
+        cfg: RunConfig,
+        spec: StateSpec,
+        config_toml: str,
+        config_hash: str,
+        extra_config: dict[str, str] | None = None,
+    ) -> None:
+        n = cfg.train.clients_per_round or cfg.train.clients
+        super().__init__(
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
+            min_available_nodes=n, weighted_by_key="num-examples",
+        )
+        self.plugin, self.cfg, self.spec = plugin, cfg, spec
+        self.config_toml, self.config_hash = config_toml, config_hash
+        self.extra_config = dict(extra_config or {})
+        self.per_round = n
+        self.rng = random.Random(cfg.seed)
+        self.report = RoundReport(0)
+        self.previous: NDArrays = {}
+        # True under client-level central DP (fedpeft.strategies.central_dp): the wrapper noises the
+        # aggregate and sets ``previous`` to that release; the un-noised aggregate is never kept.
+        self.release_sets_previous = False
+        self.node_wait_s = 300.0
+        self.attempt = 0  # set by the round loop before each (re)try of a round
+
+    def summary(self) -> None:
+        log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",
+                 self.plugin.name, self.per_round, self.plugin.exact_average)
+
+    def round_config(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord({
+            "server-round": server_round,
+            "fedpeft-config": self.config_toml,
+            "config-hash": self.config_hash,
+            "frozen-hash": self.spec.frozen_hash,
+            "attempt": self.attempt,
+            **self.extra_config,
+        })
+
+    def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """Wait (bounded by ``node_wait_s``) until enough nodes are connected."""
+        deadline = time.monotonic() + self.node_wait_s
+        node_ids = sorted(grid.get_node_ids())
+        while len(node_ids) < self.per_round and time.monotonic() < deadline:
+            log.info("round %d: waiting for nodes (%d/%d connected)", server_round, len(node_ids), self.per_round)
+            time.sleep(1.0)
+            node_ids = sorted(grid.get_node_ids())
+        return node_ids
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        node_ids = self._wait_for_nodes(grid, server_round)
+        if len(node_ids) < self.per_round:
+            log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
+        chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
+        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
+        self.report = RoundReport(server_round, sent_to=len(chosen), attempt=self.attempt)
+        payload = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
+        self.report.bytes_down = payload * len(chosen)
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
+
+    def reply_spec(self, content: RecordDict) -> StateSpec:
+        """The spec a reply must match (one for all here; per task in MultiTaskAvg)."""
+        return self.spec
+
+    def aggregate_states(self, states: list[NDArrays], weights: list[float]) -> NDArrays:
+        """The adapter's aggregation rule over the accepted states (grouped in MultiTaskAvg)."""
+        return self.plugin.aggregate(states, weights, self.previous)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = self.report
+        for msg in replies:
+            node = _who(msg)
+            if msg.has_error():
+                report.failed[node] = str(msg.error.reason).strip().splitlines()[-1][:300]
+                log.warning("round %d: %s failed: %s", server_round, node, report.failed[node])
+                continue
+            content = msg.content
+            status = content.get("status")
+            if isinstance(status, ConfigRecord) and status.get("timed-out"):
+                who = str(status.get("client", node))
+                report.failed[who] = str(status.get("reason", "timed out"))
+                log.warning("round %d: client %s timed out: %s", server_round, who, report.failed[who])
+                continue
+            if isinstance(status, ConfigRecord) and status.get("refused"):
+                who = str(status.get("client", node))
+                report.refused[who] = str(status.get("reason", "budget"))
+                log.warning("round %d: client %s refused: %s", server_round, who, report.refused[who])
+                continue
+            for value in content.values():
+                if isinstance(value, ArrayRecord):
+                    report.bytes_up += sum(
+                        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in value.values()
+                    )
+            try:
+                report.accepted.append(validate_reply(content, self.reply_spec(content)))
+            except Rejected as exc:
+                report.rejected[node] = str(exc)
+                log.warning("round %d: rejected reply from %s: %s", server_round, node, exc)
+        need = self.cfg.faults.minimum()
+        if len(report.accepted) < need:
+            log.warning("round %d: %d valid replies, %d needed (faults.min_clients); nothing averaged in",
+                        server_round, len(report.accepted), need)
+            return None, None
+        report.accepted.sort(key=lambda r: _client_order(r.client))
+        report.released = True
+        states = [r.state for r in report.accepted]
+        weights = [r.weight for r in report.accepted]
+        new_state = self.aggregate_states(states, weights)
+        new_state = self.plugin.server_step(server_round, new_state, self.cfg)
+        if not self.release_sets_previous:
+            self.previous = new_state
+        total = float(sum(weights))
+        metrics = MetricRecord({"num-examples": total, "clients": len(report.accepted)})
+        if all("train-loss" in r.metrics for r in report.accepted):  # runs without DP only (module doc)
+            metrics["train-loss"] = sum(float(r.metrics["train-loss"]) * r.weight for r in report.accepted) / total
+        return state_to_arrayrecord(new_state), metrics
