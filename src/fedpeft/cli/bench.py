@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-import fedpeft
 from fedpeft.cli.common import register_command
 
-CHECKOUT = Path(fedpeft.__file__).resolve().parents[2]
+CHECKOUT = Path(__file__).resolve().parents[3]  # src/fedpeft/cli/bench.py -> the checkout
 
 
 def _suite() -> ModuleType | None:
