@@ -164,7 +164,7 @@ def node_timeline(logs: dict[str, str]) -> dict[str, Any]:
 
 
 def run_simulation(root: Path, model: Path, rounds: int, nodes: int, per_node: int) -> dict[str, Any]:
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.simulate import simulate
 
     _, _, union = _data(root, nodes, per_node)

@@ -63,7 +63,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("FEDPEFT_PROGRESS", "0")
     sys.path.insert(0, str(ROOT / "tests"))
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.hetero.run import run_scenario
     from fedpeft.sim.hetero.scenario import load_scenario
 

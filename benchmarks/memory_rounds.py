@@ -99,7 +99,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("FEDPEFT_PROGRESS", "0")
     sys.path.insert(0, str(ROOT / "tests"))
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.simulate import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="memory-rounds-"))

@@ -99,7 +99,7 @@ def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float]]:
 def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_steps: int, examples: int,
                  test_size: int, progress: Progress | None = None) -> list[Measurement]:
     """Simulated run / bare loop, total and steady-state (rounds after the first)."""
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
     cfg = parse_config({"model.path": model_path, "train.rounds": rounds, "train.clients": clients,
@@ -141,7 +141,7 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
 def scale(model_path: str, sizes: tuple[int, ...], rounds: int, per_round: int = 10,
           progress: Progress | None = None) -> list[Measurement]:
     """Peak memory and median time per round for each population size; ratios largest / smallest."""
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.simulate import simulate
 
     from .hetero_scale import PeakRss

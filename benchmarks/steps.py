@@ -30,8 +30,9 @@ from torch.utils.data import TensorDataset
 from fedpeft.adapters import AdapterPlugin, plugins
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.trainer import build_loader, make_optimizer
-from fedpeft.config import RunConfig, parse_config
+from fedpeft.config import RunConfig
 from fedpeft.data.sources import train_test_split_for
+from fedpeft.load import parse_config
 from fedpeft.privacy.dpsgd import make_private
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 from fedpeft.strategies.adapter_avg import state_nbytes

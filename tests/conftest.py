@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def tiny_cfg(tiny_model_dir: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A small, fast configuration on Rotten Tomatoes with the tiny model."""
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
 
     return parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24,

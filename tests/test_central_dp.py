@@ -16,7 +16,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedpeft.adapters import AdapterPlugin, get, plugins
-from fedpeft.config import ConfigError, parse_config
+from fedpeft.config import ConfigError
+from fedpeft.load import parse_config
 from fedpeft.privacy.central import ClientLevelAccountant, with_central_dp
 from fedpeft.server.checkpoint import CHECKPOINT_NAME, load_checkpoint, round_checkpoint, save_checkpoint
 from fedpeft.server.loop import inner_strategy

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from fedpeft.cli.main import main
-from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_hash, config_to_toml, parse_config
+from fedpeft.config import ConfigError, RunConfig, config_hash, config_to_toml
+from fedpeft.load import config_from_toml, parse_config
 
 
 def test_defaults_match_the_design() -> None:

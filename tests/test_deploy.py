@@ -200,7 +200,7 @@ def test_client_identity_reads_the_servers_label_list() -> None:
 
 def test_node_epsilon_cap_refuses_a_plan_above_it() -> None:
     from fedpeft.client.app import node_budget_refusal
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.privacy.ledger import Ledger
 
     cfg = parse_config({"train.rounds": 2, "privacy.accountant": "pld"})

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedpeft.config import parse_config
+from fedpeft.load import parse_config
 from fedpeft.server.multitask import MultiTaskHook
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.validation import ValidatedReply

@@ -44,7 +44,7 @@ class MessageSpy:
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
 
     cfg = parse_config({
         "model.path": str(tiny_model_dir), "model.max_length": 24,

@@ -67,8 +67,8 @@ def test_guesses_from_scores() -> None:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from fedpeft.config import parse_config
     from fedpeft.data.sources import train_test_split_for
+    from fedpeft.load import parse_config
     from fedpeft.tasks.model import load_tokenizer
 
     cfg = parse_config({"model.path": str(tiny_model_dir), "model.max_length": 24, "data.test_size": 64,

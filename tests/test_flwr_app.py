@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedpeft.config import parse_config
+from fedpeft.load import parse_config
 from fedpeft.server.app import config_from_run_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fedpeft.adapters import get, names
 from fedpeft.cli import main as cli
-from fedpeft.config import parse_config
+from fedpeft.load import parse_config
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 

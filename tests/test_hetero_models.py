@@ -80,7 +80,7 @@ _MEASURE = textwrap.dedent("""
     from transformers import BertConfig, BertForSequenceClassification
     from fedpeft.adapters import get
     from fedpeft.sim.hetero.memory import ModelShape, TrainShape, estimate
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     h, layers, heads, b, s, r = 64, 2, 4, 48, 128, 8
     conf = BertConfig(vocab_size=1000, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=4 * h, max_position_embeddings=512, num_labels=2, attn_implementation="eager")
@@ -249,7 +249,7 @@ def _dp_reply(cid: int, extra: dict[str, float] | None = None):  # type: ignore[
 
 
 def _settle(tmp_path: Path, extra: dict[str, float] | None = None):  # type: ignore[no-untyped-def]
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.hetero.hook import HeteroEmulator
 
     tmp_path.mkdir(parents=True, exist_ok=True)

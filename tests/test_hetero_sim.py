@@ -58,7 +58,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def hetero_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.hetero.run import run_scenario
     from fedpeft.sim.hetero.scenario import load_scenario
 

@@ -20,8 +20,9 @@ from fedpeft.adapters.icm_server import IcmServer, prototype_accuracy
 from fedpeft.cli.main import main as cli_main
 from fedpeft.client.multitask import MultiTaskRuntime
 from fedpeft.client.runtime import ClientIdentity
-from fedpeft.config import ConfigError, RunConfig, parse_config
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import activate_task, owned_task
+from fedpeft.load import parse_config
 from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
 from fedpeft.privacy.ledger import Ledger
 from fedpeft.privacy.releases import calibrate_after, clipped_noisy_mean, record_release, release_entry

@@ -229,7 +229,8 @@ def test_audit_of_an_old_add_remove_ledger_refuses_below_the_lower_bound(tmp_pat
 
 # ---- run directory reuse -------------------------------------------------------------------------
 def test_run_dir_with_ledgers_of_another_config_is_not_reused(tmp_path: Path) -> None:
-    from fedpeft.config import config_hash, parse_config
+    from fedpeft.config import config_hash
+    from fedpeft.load import parse_config
     from fedpeft.server.run_dir import RunDir, RunDirReused
 
     a, b = parse_config({"train.rounds": 2}), parse_config({"train.rounds": 3})
@@ -247,7 +248,8 @@ def test_run_dir_with_ledgers_of_another_config_is_not_reused(tmp_path: Path) ->
 
 
 def test_config_refuses_add_remove_accountants() -> None:
-    from fedpeft.config import ConfigError, PrivacyConfig, parse_config
+    from fedpeft.config import ConfigError, PrivacyConfig
+    from fedpeft.load import parse_config
 
     assert PrivacyConfig().accountant == "pld" and parse_config({}).privacy.accountant == "pld"
     for name in ("prv", "rdp"):

@@ -17,8 +17,9 @@ from fedpeft.adapters.meteora import SCHEDULE_KEY, MeteoRALinear, meteora_layers
 from fedpeft.cli.main import main as cli_main
 from fedpeft.client.multitask import MultiTaskRuntime
 from fedpeft.client.runtime import ClientIdentity
-from fedpeft.config import ConfigError, RunConfig, parse_config
+from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import activate_task, owned_task
+from fedpeft.load import parse_config
 from fedpeft.server.multitask import MultiTaskSetup
 
 TASKS = "rt,bbc,tweets"

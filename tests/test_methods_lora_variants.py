@@ -17,9 +17,10 @@ from torch import nn
 from fedpeft.adapters import get
 from fedpeft.adapters.abmll import LOCAL_NAMES, BayesLoraLinear
 from fedpeft.adapters.triadapt_lora import CORE, MASK, TriAdaptLinear
-from fedpeft.config import ConfigError, config_hash, config_to_toml, parse_config
+from fedpeft.config import ConfigError, config_hash, config_to_toml
 from fedpeft.data.partition import client_partition
 from fedpeft.data.sources import train_test_split_for
+from fedpeft.load import parse_config
 from fedpeft.strategies.adapter_avg import state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 from fedpeft.tasks.model import load_base_model, load_tokenizer

@@ -15,8 +15,9 @@ from tiny_model import dp_rng
 
 from fedpeft.adapters import get
 from fedpeft.client.trainer import train_local
-from fedpeft.config import ConfigError, parse_config
+from fedpeft.config import ConfigError
 from fedpeft.data.sources import train_test_split_for
+from fedpeft.load import parse_config
 from fedpeft.tasks.model import MaskedMeanPooler, load_base_model, load_tokenizer, pooling_for
 
 

@@ -18,9 +18,10 @@ from fedpeft.adapters.smora import SMoRALinear, smora_layers
 from fedpeft.cli.main import main as cli_main
 from fedpeft.client.multitask import MultiTaskRuntime
 from fedpeft.client.runtime import ClientIdentity
-from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_to_toml, parse_config
+from fedpeft.config import ConfigError, RunConfig, config_to_toml
 from fedpeft.config.tasks import TaskSpec
 from fedpeft.data.layout import activate_task, load_task, owned_task, task_layout
+from fedpeft.load import config_from_toml, parse_config
 from fedpeft.server.multitask import MultiTaskSetup
 from fedpeft.strategies.multitask_avg import grouped_aggregate
 from fedpeft.strategies.validation import Rejected

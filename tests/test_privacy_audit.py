@@ -21,7 +21,7 @@ from fedpeft.privacy.plan import make_plan, sample_rate_for
 
 @pytest.fixture(scope="module")
 def dp_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from fedpeft.config import parse_config
+    from fedpeft.load import parse_config
     from fedpeft.sim.simulate import simulate
 
     cfg = parse_config({

@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedpeft.adapters import get
 from fedpeft.cli.main import build_parser, resume_config
 from fedpeft.client.app import handle_train
-from fedpeft.config import ConfigError, config_hash, config_to_toml, parse_config
+from fedpeft.config import ConfigError, config_hash, config_to_toml
+from fedpeft.load import parse_config
 from fedpeft.privacy.ledger import Ledger
 from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedpeft.server.loop import ServerSetup

@@ -18,7 +18,7 @@ import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
-from fedpeft.config import parse_config
+from fedpeft.load import parse_config
 from fedpeft.server.loop import attribute_reply, send_and_receive
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 from fedpeft.strategies.validation import StateSpec

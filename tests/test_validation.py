@@ -7,7 +7,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedpeft.adapters import get
-from fedpeft.config import parse_config
+from fedpeft.load import parse_config
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 

@@ -11,7 +11,8 @@ import argparse
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from fedpeft.config import ConfigError, RunConfig, load_config_file, parse_config
+from fedpeft.config import ConfigError, RunConfig, load_config_file
+from fedpeft.load import parse_config
 
 __all__ = ["COMMANDS", "add_run_options", "add_simulate_options", "build_parser", "config_from_args", "register_command",
            "resume_config"]

@@ -19,10 +19,11 @@ from torch import nn
 
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
-from fedpeft.config import RunConfig, config_from_toml
+from fedpeft.config import RunConfig
 from fedpeft.config import config_hash as hash_of
 from fedpeft.data.partition import client_partition
 from fedpeft.data.sources import TextDataset, load_dataset, train_test_split_for, with_label_names
+from fedpeft.load import config_from_toml
 from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
 
 __all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
@@ -138,12 +139,15 @@ def runtime_for(config_toml: str, config_hash: str) -> Runtime:
 
     The configuration must hash to ``config_hash`` (checked before anything is cached): the
     hash keys this cache, the node's replays and the randomness of its DP rounds, so a
-    configuration sent under another configuration's hash is refused.
+    configuration sent under another configuration's hash is refused. It is validated as a
+    node's (``role="node"``): the server's files (``data.path``, task files) are not checked,
+    as a deployed node reads its own file and does not have them (a simulated client, which
+    reads the shared pool, runs on the server's disk).
     """
     with _GUARD:
         rt = _RUNTIMES.get(config_hash)
         if rt is None:
-            cfg = config_from_toml(config_toml)
+            cfg = config_from_toml(config_toml, role="node")
             if hash_of(cfg) != config_hash:
                 raise NodeRefusal(f"the configuration does not match its hash {config_hash[:16]!r}")
             _RUNTIMES.clear()

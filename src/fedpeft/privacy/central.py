@@ -36,8 +36,10 @@ What it requires of the method: the released state must be the noised weighted m
 so the adapter's ``aggregate`` must be a weighted mean of the client states and its
 ``server_step`` the identity (post-processing of the release is free; a re-SVD or a rank
 step *before* the noise is not). Plugins declare it with ``central_dp_compatible``; any other
-method is refused at config validation. Not covered: the replies' metrics (example counts,
-training loss) travel un-noised, as in Flower. Client-side clipping (Flower's
+method is refused at config validation (:func:`fedpeft.load.validate`, which has the adapter
+registry; the ``[central]`` table itself is :class:`fedpeft.config.CentralDPConfig`, range-checked
+in :mod:`fedpeft.config.checks`). Not covered: the replies' metrics (example counts, training
+loss) travel un-noised, as in Flower. Client-side clipping (Flower's
 ``DifferentialPrivacyClientSideFixedClipping``) needs ``fixedclipping_mod`` in the ClientApp,
 which fedpeft's ClientApp does not install; that mode is refused with a clear error.
 """
@@ -47,69 +49,26 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # pragma: no cover - fedpeft.config imports this module
+from fedpeft.config import RunConfig
+
+if TYPE_CHECKING:  # pragma: no cover - Flower's server strategies load only when a run wraps one
     from flwr.serverapp.strategy import Strategy
 
-    from fedpeft.config import RunConfig
-
-__all__ = ["CENTRAL_MODES", "RELATION", "CentralDPConfig", "ClientLevelAccountant", "sampled_clients",
-           "validate_central", "with_central_dp"]
+__all__ = ["RELATION", "ClientLevelAccountant", "sampled_clients", "with_central_dp"]
 
 log = logging.getLogger("fedpeft.server")
 
-CENTRAL_MODES = ("off", "server")
 UNIT = "client-level (one client's whole update per round)"
 RELATION = ("replace-one (one client's whole update replaced; m, participation and weights public; "
             "sensitivity 2*w_max*clip)")
 ACCOUNTANT = "rdp (flwr RdpAccountant, no amplification; replace-one as add/remove at sigma/(2*m*w_max))"
 
 
-@dataclass(frozen=True)
-class CentralDPConfig:
-    """Client-level central DP (``[central]``). ``mode = "server"``: Flower's server-side
-    fixed-clipping wrapper; ``off``: none (the default)."""
-
-    mode: str = "off"
-    noise_multiplier: float = 1.0
-    clip: float = 1.0  # L2 norm bound of one client's update (reply - global state)
-    delta: float = 1e-3  # client-level delta (population = clients, so far larger than DP-SGD's)
-
-    @property
-    def enabled(self) -> bool:
-        return self.mode != "off"
-
-
 def sampled_clients(cfg: RunConfig) -> int:
     """``m``: the clients sampled per round, which the noise std ``sigma * clip / m`` divides by."""
     return cfg.train.clients_per_round or cfg.train.clients
-
-
-def validate_central(cfg: RunConfig) -> None:
-    """One-line :class:`~fedpeft.config.ConfigError` for an invalid ``[central]`` table, or for
-    central DP with a method whose release is not a noised weighted mean (module doc)."""
-    from fedpeft.adapters import registry
-    from fedpeft.config import ConfigError
-
-    c = cfg.central
-    if c.mode == "client":
-        raise ConfigError("central.mode", c.mode, "client-side clipping needs Flower's fixedclipping_mod in the "
-                                                  "ClientApp, which fedpeft does not install; use server")
-    if c.mode not in CENTRAL_MODES:
-        raise ConfigError("central.mode", c.mode, f"allowed: {', '.join(CENTRAL_MODES)}")
-    if not (math.isfinite(c.noise_multiplier) and c.noise_multiplier > 0):
-        raise ConfigError("central.noise_multiplier", c.noise_multiplier, "must be a positive number")
-    if not (math.isfinite(c.clip) and c.clip > 0):
-        raise ConfigError("central.clip", c.clip, "must be a positive number")
-    if not 0 < c.delta < 1:
-        raise ConfigError("central.delta", c.delta, "must be in (0, 1)")
-    method = cfg.adapter.method
-    if c.enabled and not registry.get(method).central_dp_compatible:
-        raise ConfigError("central.mode", c.mode, f"{method} cannot run with client-level central DP: its "
-                          "aggregation is not a weighted mean of client states with an identity server_step, so "
-                          "clip + noise on the mean would not bound one client's influence; use off")
 
 
 class ClientLevelAccountant:

@@ -17,7 +17,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.config import RunConfig, load_config_file, parse_config
+from fedpeft.config import RunConfig, load_config_file
+from fedpeft.load import parse_config
 from fedpeft.privacy.central import with_central_dp
 from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.run_dir import default_run_dir

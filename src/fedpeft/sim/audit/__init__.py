@@ -193,9 +193,10 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     """
     from fedpeft.adapters import get
     from fedpeft.client.trainer import local_steps
-    from fedpeft.config import load_config_file, parse_config
+    from fedpeft.config import load_config_file
     from fedpeft.data.partition import client_partition
     from fedpeft.data.sources import train_test_split_for
+    from fedpeft.load import parse_config
     from fedpeft.privacy.accounting import calibrate_noise
     from fedpeft.privacy.plan import sample_rate_for
     from fedpeft.tasks.model import load_base_model, load_tokenizer

