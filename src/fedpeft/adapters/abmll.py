@@ -162,6 +162,7 @@ class AbmllPlugin(AdapterPlugin):
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
 
     def settings(self, cfg: RunConfig) -> AbmllOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, AbmllOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:

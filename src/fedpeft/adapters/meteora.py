@@ -259,6 +259,7 @@ class MeteoraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregat
     options_type = MeteoraOptions
 
     def settings(self, cfg: RunConfig) -> MeteoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, MeteoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:

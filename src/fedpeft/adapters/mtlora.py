@@ -143,6 +143,7 @@ class MTLoraPlugin(AdapterPlugin):
     options_type = MTLoraOptions
 
     def settings(self, cfg: RunConfig) -> MTLoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, MTLoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:

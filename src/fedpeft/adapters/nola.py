@@ -99,6 +99,7 @@ class NolaPlugin(DeltaPlugin):
     options_type = NolaOptions
 
     def settings(self, cfg: RunConfig) -> NolaOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, NolaOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:

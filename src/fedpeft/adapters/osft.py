@@ -107,6 +107,7 @@ class OsftPlugin(DeltaPlugin):
         self.high: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (U_h, V_h), from attach
 
     def settings(self, cfg: RunConfig) -> OsftOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, OsftOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:

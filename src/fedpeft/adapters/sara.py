@@ -87,6 +87,7 @@ class SaraPlugin(DeltaPlugin):
     options_type = SaraOptions
 
     def settings(self, cfg: RunConfig) -> SaraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, SaraOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:

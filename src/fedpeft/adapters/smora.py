@@ -164,6 +164,7 @@ class SmoraPlugin(AdapterPlugin, ServerState, PublicStep):
     options_type = SmoraOptions
 
     def settings(self, cfg: RunConfig) -> SmoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, SmoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:

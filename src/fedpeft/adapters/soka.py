@@ -118,6 +118,7 @@ class SokaPlugin(DeltaPlugin):
     options_type = SokaOptions
 
     def settings(self, cfg: RunConfig) -> SokaOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, SokaOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:

@@ -87,6 +87,7 @@ class TexForcePlugin(AdapterPlugin):
     options_type = TexForceOptions
 
     def settings(self, cfg: RunConfig) -> TexForceOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, TexForceOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:

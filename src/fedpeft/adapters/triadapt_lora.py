@@ -132,6 +132,7 @@ class TriAdaptLoraPlugin(AdapterPlugin):
     options_type = TriAdaptOptions
 
     def settings(self, cfg: RunConfig) -> TriAdaptOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, TriAdaptOptions, cfg)
 
     # ---- client half -------------------------------------------------------------------

@@ -109,6 +109,7 @@ class IcmLoraPlugin(AdapterPlugin, DataRelease, ServerRoundWork):
     options_type = IcmOptions
 
     def settings(self, cfg: RunConfig) -> IcmOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
         return parse_options(self.name, IcmOptions, cfg)
 
     # ---- client half -----------------------------------------------------------------------
