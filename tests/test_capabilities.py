@@ -219,3 +219,35 @@ def test_method_modules_import_only_their_true_base_and_never_the_registry() -> 
         assert "registry" not in imported, f"{rel} imports the registry"
         methods = imported & (METHOD_MODULES | {"delta_linear"})
         assert methods <= BASES.get(own, set()), f"{rel} imports method modules {sorted(methods)}"
+
+
+def test_a_third_party_method_with_options_and_a_capability_registers() -> None:
+    """The path a newcomer takes (fedpeft/adapters/__init__.py): options dataclass, one
+    capability Protocol among the bases, ``register``; the registry checks the rest."""
+    from fedpeft.adapters.capabilities import ServerState
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ScaleOptions:
+        scale: float = option(0.5, low=0.0, high=1.0)
+
+    class ScalePlugin(AdapterPlugin, ServerState):
+        name, paper, travels = "scale_demo", "none", "nothing"
+        options_type = ScaleOptions
+
+        def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
+            return model
+
+        def server_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+            return {}
+
+    plugin = register(ScalePlugin())
+    try:
+        assert get("scale_demo") is plugin and capabilities_of(plugin) == ["server_state"]
+        assert parse_options("scale_demo", ScaleOptions, _with_options("scale_demo", scale="0.25")).scale == 0.25
+        assert "options: scale | capabilities: server_state" in plugin.describe()
+        with pytest.raises(ConfigError, match="unknown option for scale_demo; allowed: scale"):
+            plugin.validate_config(_with_options("scale_demo", size=1))
+        with pytest.raises(ValueError, match="already registered"):
+            register(ScalePlugin())
+    finally:
+        del reg._REGISTRY["scale_demo"]
