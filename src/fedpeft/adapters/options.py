@@ -26,7 +26,6 @@ import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any, TypeVar
 
 from fedpeft.config import ConfigError, RunConfig
@@ -37,6 +36,7 @@ OptionsT = TypeVar("OptionsT")
 Value = int | float | bool | str
 Bound = float | Callable[[RunConfig], float] | None
 _META = "fedpeft-option"
+_SPECS: dict[type, dict[str, tuple[type, OptionSpec]]] = {}  # option_specs per options class
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def option(
     return dataclasses.field(default=default, metadata={_META: spec})
 
 
-@cache
 def option_specs(cls: type) -> dict[str, tuple[type, OptionSpec]]:
     """Field name -> (type, spec) of an options dataclass, in declaration order."""
+    if cls in _SPECS:
+        return _SPECS[cls]
     hints = typing.get_type_hints(cls)
     out: dict[str, tuple[type, OptionSpec]] = {}
     for f in dataclasses.fields(cls):
@@ -81,6 +82,7 @@ def option_specs(cls: type) -> dict[str, tuple[type, OptionSpec]]:
         if not isinstance(spec, OptionSpec) or kind not in (int, float, bool, str):
             raise TypeError(f"{cls.__name__}.{f.name}: method options are int/float/bool/str fields made with option()")
         out[f.name] = (kind, spec)
+    _SPECS[cls] = out
     return out
 
 
