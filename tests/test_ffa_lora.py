@@ -10,8 +10,7 @@ import torch
 from tiny_model import dp_rng
 
 from fedpeft.adapters import get
-from fedpeft.adapters.ffa_lora import lora_a_tensors
-from fedpeft.adapters.lora import lora_layers
+from fedpeft.adapters.lora import lora_a_tensors, lora_layers
 from fedpeft.client.trainer import build_loader, tensorize, train_local
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.privacy.dpsgd import loader_sample_rate, make_private

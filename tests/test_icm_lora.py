@@ -1,4 +1,4 @@
-"""ICM-LoRA (src/fedpeft/adapters/icm_lora.py, icm_server.py, cvae.py) and the task-vector release
+"""ICM-LoRA (src/fedpeft/adapters/icm_lora/: plugin, layers, server, cvae) and the task-vector release
 (src/fedpeft/privacy/releases.py, src/fedpeft/client/task_release.py)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 import torch
 from tiny_model import adapter_alone_lowers_loss
 
-from fedpeft.adapters.cvae import ConditionalVAE, CVAEConfig
-from fedpeft.adapters.icm_lora import TV_MODULE, icm_layers
-from fedpeft.adapters.icm_server import IcmServer, prototype_accuracy
+from fedpeft.adapters.icm_lora.cvae import ConditionalVAE, CVAEConfig
+from fedpeft.adapters.icm_lora.layers import TV_MODULE, icm_layers
+from fedpeft.adapters.icm_lora.server import IcmServer, prototype_accuracy
 from fedpeft.cli.main import main as cli_main
 from fedpeft.client.multitask import MultiTaskRuntime
 from fedpeft.client.runtime import ClientIdentity
@@ -189,7 +189,7 @@ def test_server_learns_pairs_and_evaluates_the_heldout_task(tiny_model_dir: Path
                                                       "snapshot_window": 2}})
     setup = MultiTaskSetup(cfg)
     rng = np.random.default_rng(3)
-    server = IcmServer(setup, setup.plugin)
+    server = IcmServer(setup, setup.plugin.settings(cfg))
     assert server.test is not None and server.test.num_classes == 3 and server.heldout_tv is not None
 
     def report(r: int) -> SimpleNamespace:

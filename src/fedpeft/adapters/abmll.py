@@ -40,8 +40,8 @@ Deviations from the paper:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -49,16 +49,23 @@ from opacus.grad_sample.utils import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from fedpeft.adapters.base import AdapterPlugin, NDArrays, float_option, hash_tensors
-from fedpeft.adapters.registry import register
-from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, replace_targets
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import NDArrays, export_npz, freeze_all_but_head, hash_tensors, replace_targets
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["AbmllPlugin", "BayesB", "BayesLoraLinear", "LOCAL_NAMES"]
+__all__ = ["AbmllOptions", "AbmllPlugin", "BayesB", "BayesLoraLinear", "LOCAL_NAMES"]
 
 LOCAL_NAMES = ("post_offset", "post_rho")  # the local posterior; never in trainable_state
+
+
+@dataclass(frozen=True, kw_only=True)
+class AbmllOptions:
+    """The ELBO's KL weight beta, the prior's and the initial posterior's standard deviation."""
+
+    kl_weight: float = option(0.1, low=0.0, high=1e6)
+    prior_std: float = option(0.05, low=1e-6, high=1e3)
+    init_std: float = option(1e-3, low=1e-8, high=1e3)
 
 
 def _inv_softplus(x: float) -> float:
@@ -151,20 +158,16 @@ class AbmllPlugin(AdapterPlugin):
     paper = "ABMLL (Zhang, Snell, Griffiths, arXiv:2508.14285, 2025)"
     travels = "prior mean theta per layer + head; posterior mean/variance stay on the client"
     exact_average = True
-    options = ("kl_weight", "prior_std", "init_std")
+    options_type = AbmllOptions
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
 
-    def _opts(self, cfg: RunConfig) -> tuple[float, float, float]:
-        return (float_option(cfg, "kl_weight", 0.1, 0.0, 1e6), float_option(cfg, "prior_std", 0.05, 1e-6, 1e3),
-                float_option(cfg, "init_std", 1e-3, 1e-8, 1e3))
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self._opts(cfg)
+    def settings(self, cfg: RunConfig) -> AbmllOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, AbmllOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        a = cfg.adapter
-        beta, prior_std, init_std = self._opts(cfg)
+        a, opts = cfg.adapter, self.settings(cfg)
+        beta, prior_std, init_std = opts.kl_weight, opts.prior_std, opts.init_std
         freeze_all_but_head(model)
         replace_targets(model, a.target_modules,
                         lambda i, lin: BayesLoraLinear(lin, a.rank, a.alpha / a.rank, a.seed, i, init_std, prior_std))
@@ -209,6 +212,3 @@ class AbmllPlugin(AdapterPlugin):
 
     def export(self, model: nn.Module, directory: Path) -> None:
         export_npz(self.trainable_state(model), directory)
-
-
-register(AbmllPlugin())

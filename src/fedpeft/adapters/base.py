@@ -1,4 +1,4 @@
-"""The adapter plugin interface and its registry.
+"""The adapter plugin interface.
 
 A plugin owns both halves of a parameter-efficient method:
 
@@ -12,79 +12,31 @@ A plugin owns both halves of a parameter-efficient method:
 Shared-seed methods also expose :meth:`frozen_fingerprint`: a hash of the seeded frozen
 tensors (FFA-LoRA's A) that the server sends each round and every client checks.
 
-Plugins register under a unique name (``register`` refuses duplicates) and are looked up
-with :func:`get`; ``fedpeft methods`` prints :func:`describe`.
+Everything else is optional and declared: hooks as Protocols in
+:mod:`fedpeft.adapters.capabilities` (checked with ``isinstance``), options as a frozen
+dataclass named by :attr:`AdapterPlugin.options_type` (:mod:`fedpeft.adapters.options`,
+checked by :meth:`validate_config`). :mod:`fedpeft.adapters.registry` registers the shipped
+plugins under unique names; ``fedpeft methods`` prints :meth:`AdapterPlugin.describe`.
 """
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+from fedpeft.adapters.capabilities import capabilities_of
+from fedpeft.adapters.common import NDArrays, hash_tensors, weighted_mean
+from fedpeft.adapters.options import option_specs, parse_options
+from fedpeft.config import ConfigError, RunConfig
 
-__all__ = ["AdapterPlugin", "NDArrays", "float_option", "hash_tensors", "replace_submodule", "weighted_mean"]
-
-NDArrays = dict[str, np.ndarray]
-
-
-def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> NDArrays:
-    """Key-wise weighted mean in float64, returned in each key's original dtype."""
-    if not states:
-        raise ValueError("weighted_mean needs at least one state")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or w.sum() <= 0:
-        raise ValueError("weights must be non-negative with a positive sum")
-    w = w / w.sum()
-    out: NDArrays = {}
-    for key in states[0]:
-        acc = np.zeros(states[0][key].shape, dtype=np.float64)
-        for wi, state in zip(w, states, strict=True):
-            acc += wi * state[key].astype(np.float64)
-        out[key] = acc.astype(states[0][key].dtype)
-    return out
-
-
-def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the submodule called ``name`` (dotted path) sits in ``model``:
-    how the custom adapter layers wrap a target linear layer."""
-    parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    setattr(parent, name.split(".")[-1], new)
-
-
-def hash_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, shapes and float32 bytes, in sorted name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def float_option(cfg: RunConfig, name: str, default: float, low: float, high: float) -> float:
-    """``adapter.options[name]`` as a float in [low, high] (CLI values arrive as strings);
-    ConfigError naming the key otherwise."""
-    from fedpeft.config import ConfigError
-
-    raw = cfg.adapter.option(name, default)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"adapter.options.{name}", raw, "expected a number") from None
-    if not (low <= value <= high):
-        raise ConfigError(f"adapter.options.{name}", raw, f"must be in [{low:g}, {high:g}]")
-    return value
+__all__ = ["AdapterPlugin", "NDArrays", "hash_tensors", "weighted_mean"]
 
 
 class AdapterPlugin(ABC):
@@ -100,21 +52,18 @@ class AdapterPlugin(ABC):
     # so it is sound only if ``aggregate`` IS that mean and ``server_step`` the identity, and the
     # replies have the global state's shapes. True only on plugins checked to be so.
     central_dp_compatible: bool = False
-    options: tuple[str, ...] | None = None  # allowed adapter.options keys (None: not checked)
+    # The method's options (a frozen dataclass of fedpeft.adapters.options fields); None: the
+    # method reads no options and adapter.options is not checked.
+    options_type: ClassVar[type | None] = None
 
     # ---- configuration ---------------------------------------------------------------
     def validate_config(self, cfg: RunConfig) -> None:
-        """Raise ``ConfigError`` for settings this method cannot honour."""
-        from fedpeft.config import ConfigError
-
+        """Raise ``ConfigError`` for settings this method cannot honour: DP-SGD where it is
+        refused, and any ``adapter.options`` entry its ``options_type`` does not accept."""
         if cfg.privacy.enabled and not self.supports_dp:
             raise ConfigError("privacy.epsilon", cfg.privacy.epsilon, f"{self.name} cannot run with DP-SGD: {self.dp_refusal}; use inf")
-        if self.options is not None:
-            unknown = sorted(k for k, _ in cfg.adapter.options if k not in self.options)
-            if unknown:
-                allowed = ", ".join(self.options) or "none"
-                raise ConfigError(f"adapter.options.{unknown[0]}", dict(cfg.adapter.options)[unknown[0]],
-                                  f"unknown option for {self.name}; allowed: {allowed}")
+        if self.options_type is not None:
+            parse_options(self.name, self.options_type, cfg)
 
     # ---- client half -------------------------------------------------------------------
     @abstractmethod
@@ -146,10 +95,6 @@ class AdapterPlugin(ABC):
         """Local training objective; mean over the batch (Opacus scales per-sample)."""
         logits = model(**batch).logits
         return F.cross_entropy(logits, labels)
-
-    def client_extras(self) -> dict[str, Any]:
-        """Per-client state that persists across rounds and never leaves the client."""
-        return {}
 
     def local_state(self, model: nn.Module) -> NDArrays:
         """Tensors that stay on this client and persist across its rounds (default: none).
@@ -186,6 +131,11 @@ class AdapterPlugin(ABC):
         save(str(directory))
 
     def describe(self) -> str:
+        """One line for ``fedpeft methods``: paper, what travels, averaging, DP, the options
+        the method takes and its optional capabilities (:mod:`fedpeft.adapters.capabilities`)."""
         exact = "exact" if self.exact_average else "approximate"
         dp = "DP ok" if self.supports_dp else "no DP"
-        return f"{self.name:<14} {self.paper} | travels: {self.travels} | averaging {exact} | {dp}"
+        options = ", ".join(option_specs(self.options_type)) if self.options_type is not None else "-"
+        hooks = ", ".join(capabilities_of(self)) or "-"
+        return (f"{self.name:<14} {self.paper} | travels: {self.travels} | averaging {exact} | {dp} | "
+                f"options: {options} | capabilities: {hooks}")

@@ -24,69 +24,21 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import HEAD_PREFIXES, hash_tensors
+from fedpeft.config import ConfigError, RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["DeltaLinear", "DeltaPlugin", "delta_layers"]
 
-__all__ = ["DeltaLinear", "DeltaPlugin", "bool_option", "delta_layers", "int_option", "HEAD_PREFIXES",
-           "single_threaded"]
-
-HEAD_PREFIXES = ("classifier", "score")
-
-
-def int_option(cfg: RunConfig, name: str, default: int, low: int, high: int) -> int:
-    """``adapter.options[name]`` as an integer in [low, high]; one-line ConfigError otherwise."""
-    from fedpeft.config import ConfigError
-
-    raw = cfg.adapter.option(name, default)
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"adapter.options.{name}", raw, "expected an integer") from None
-    if value != int(value) or not (low <= value <= high):
-        raise ConfigError(f"adapter.options.{name}", raw, f"must be an integer in [{low}, {high}]")
-    return int(value)
-
-
-def bool_option(cfg: RunConfig, name: str, default: bool) -> bool:
-    """``adapter.options[name]`` as a boolean (true/false/1/0)."""
-    from fedpeft.config import ConfigError
-
-    raw = cfg.adapter.option(name, default)
-    if isinstance(raw, bool):
-        return raw
-    if str(raw).lower() in ("true", "1", "false", "0"):
-        return str(raw).lower() in ("true", "1")
-    raise ConfigError(f"adapter.options.{name}", raw, "expected true or false")
-
-
-
-@contextmanager
-def single_threaded() -> Iterator[None]:
-    """Run a decomposition of W0 with one torch thread, so every process gets the same bits.
-
-    Multi-threaded LAPACK/BLAS splits the work by thread count and sums in another order:
-    an SVD of a 384 x 384 MiniLM weight differs in the last bits between the server (2
-    threads) and a Ray actor (1 thread), and the frozen-tensor hash check then (rightly)
-    rejects every client. Frozen parts derived from W0 (SoKA, OSFT) are computed here.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 class DeltaLinear(nn.Module):
     """Frozen ``base_layer`` plus ``delta_weight(params)`` from this module's own parameters.
@@ -153,25 +105,11 @@ def delta_layers(model: nn.Module) -> list[tuple[str, DeltaLinear]]:
 class DeltaPlugin(AdapterPlugin):
     """Common client/server half of the DeltaLinear methods; subclasses build one layer."""
 
-    float_options: ClassVar[dict[str, tuple[float, float, float]]] = {}  # name -> (default, low, high)
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        for name in self.float_options:
-            self.opt(cfg, name)
-
-    def opt(self, cfg: RunConfig, name: str) -> float:
-        """A float option declared in ``float_options`` (range-checked, ConfigError otherwise)."""
-        default, low, high = self.float_options[name]
-        return float_option(cfg, name, default, low, high)
-
     @abstractmethod
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:
         """The adapted replacement of target layer ``name`` (``index``: its position)."""
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        from fedpeft.config import ConfigError
-
         a = cfg.adapter
         self.attached = {"rank": a.rank, "alpha": a.alpha, "target_modules": list(a.target_modules), "seed": a.seed,
                          "options": {k: str(v) for k, v in a.options}, "base_model": cfg.model.path or "default"}

@@ -21,24 +21,15 @@ trains the head for its classification tasks too).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-from fedpeft.adapters.base import AdapterPlugin, hash_tensors
-from fedpeft.adapters.lora import inject_lora, lora_layers
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import hash_tensors
+from fedpeft.adapters.lora import inject_lora, lora_a_tensors
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["FfaLoraPlugin", "lora_a_tensors"]
-
-
-def lora_a_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen A matrices by layer name."""
-    return {name: layer.lora_A["default"].weight for name, layer in lora_layers(model)}  # type: ignore[index,misc]
+__all__ = ["FfaLoraPlugin"]
 
 
 class FfaLoraPlugin(AdapterPlugin):
@@ -64,6 +55,3 @@ class FfaLoraPlugin(AdapterPlugin):
 
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(lora_a_tensors(model))
-
-
-register(FfaLoraPlugin())

@@ -24,19 +24,16 @@ prunes ranks adaptively and self-regularises; here tiers are fixed by the scenar
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.adapters.base import NDArrays, hash_tensors
-from fedpeft.adapters.ffa_lora import FfaLoraPlugin, lora_a_tensors
-from fedpeft.adapters.lora import lora_layers
-from fedpeft.adapters.registry import register
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+from fedpeft.adapters.capabilities import RankTiers
+from fedpeft.adapters.common import NDArrays, hash_tensors
+from fedpeft.adapters.ffa_lora import FfaLoraPlugin
+from fedpeft.adapters.lora import lora_a_tensors, lora_layers
+from fedpeft.config import RunConfig
 
 __all__ = ["FfaLoraHeteroPlugin", "pad_state"]
 
@@ -63,7 +60,7 @@ def pad_state(state: Mapping[str, np.ndarray], full: Mapping[str, tuple[int, ...
     return out
 
 
-class FfaLoraHeteroPlugin(FfaLoraPlugin):
+class FfaLoraHeteroPlugin(FfaLoraPlugin, RankTiers):
     """FFA-LoRA whose clients may train the first r_i <= R rank components only."""
 
     name = "ffa_lora_hetero"
@@ -116,6 +113,3 @@ class FfaLoraHeteroPlugin(FfaLoraPlugin):
 
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(getattr(model, _FULL_A))
-
-
-register(FfaLoraHeteroPlugin())

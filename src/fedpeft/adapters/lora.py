@@ -21,7 +21,6 @@ starts from the same A, as FedAvg of LoRA requires.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
@@ -29,17 +28,19 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedpeft.adapters.base import AdapterPlugin
-from fedpeft.adapters.registry import register
+from fedpeft.config import ConfigError, RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["LoraPlugin", "inject_lora", "lora_layers", "seeded_lora_a"]
+__all__ = ["LoraPlugin", "inject_lora", "lora_a_tensors", "lora_layers", "seeded_lora_a"]
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """Every PEFT LoRA layer, in deterministic (name) order."""
     return sorted(((n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)), key=lambda x: x[0])
+
+
+def lora_a_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The A matrices by layer name (frozen and hash-checked in FFA-LoRA and its variants)."""
+    return {name: layer.lora_A["default"].weight for name, layer in lora_layers(model)}  # type: ignore[index,misc]
 
 
 def seeded_lora_a(model: nn.Module, seed: int, adapter: str = "default") -> None:
@@ -68,8 +69,6 @@ def inject_lora(model: nn.Module, cfg: RunConfig, freeze_a: bool) -> nn.Module:
     try:
         peft_model = get_peft_model(model, lora_cfg)
     except ValueError as exc:
-        from fedpeft.config import ConfigError
-
         raise ConfigError("adapter.target_modules", ",".join(a.target_modules), str(exc).splitlines()[0]) from None
     seeded_lora_a(peft_model, a.seed)
     if freeze_a:
@@ -91,6 +90,3 @@ class LoraPlugin(AdapterPlugin):
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         return inject_lora(model, cfg, freeze_a=False)
-
-
-register(LoraPlugin())

@@ -57,8 +57,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,18 +67,48 @@ from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from fedpeft.adapters.base import AdapterPlugin, NDArrays, hash_tensors, replace_submodule
-from fedpeft.adapters.mtlora import target_linears
-from fedpeft.adapters.registry import register
-from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.capabilities import (
+    MetricsRow,
+    MultiTaskAggregation,
+    ReplyVariants,
+    RoundOutcome,
+    ServerRoundContext,
+    ServerRoundWork,
+    ServerState,
+)
+from fedpeft.adapters.common import (
+    HEAD_PREFIXES,
+    NDArrays,
+    export_npz,
+    freeze_all_but_head,
+    grouped_aggregate,
+    hash_tensors,
+    replace_submodule,
+    seeded_normal,
+    target_linears,
+)
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
+from fedpeft.data.layout import TASK_PREFIX
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["MeteoRALinear", "MeteoraOptions", "MeteoraPlugin", "MeteoraRoundEnd", "meteora_layers"]
 
-__all__ = ["MeteoRALinear", "MeteoraPlugin", "meteora_layers"]
-
-TASK_PREFIX = "task_"
 SCHEDULE_KEY = "meteora.schedule"  # [rounds done, expert rounds]
+
+
+def _n_tasks(cfg: RunConfig) -> int:
+    return max(1, len(cfg.tasks.resolved()))
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeteoraOptions:
+    """``expert_rounds`` (default ``ceil(rounds / 2)``) and the gate's ``top_k`` (>= 2 with
+    several tasks: softmax over a single selected logit is 1, the gate would get no gradient)."""
+
+    expert_rounds: int = option(lambda cfg: max(1, math.ceil(cfg.train.rounds / 2)), low=1,
+                                high=lambda cfg: cfg.train.rounds)
+    top_k: int = option(lambda cfg: min(2, _n_tasks(cfg)), low=lambda cfg: min(2, _n_tasks(cfg)), high=_n_tasks)
 
 
 def expert_name(task: str) -> str:
@@ -215,36 +246,25 @@ def _is_gate(name: str) -> bool:
 
 def _is_expert(name: str) -> bool:
     last = name.rsplit(".", 1)[-1]
-    return (last.startswith(TASK_PREFIX) or last == "lora_B") and "classifier" not in name and "score" not in name
+    return (last.startswith(TASK_PREFIX) or last == "lora_B") and not any(h in name for h in HEAD_PREFIXES)
 
 
-class MeteoraPlugin(AdapterPlugin):
+class MeteoraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregation, ServerRoundWork):
     """Per-task FFA-LoRA experts (phase 1), then a federated per-token top-k gate (phase 2)."""
 
     name = "meteora"
     paper = "MeteoRA (Xu, Lai, Huang, ICLR 2025)"
     travels = "own task's expert B + head (expert rounds), gates + head (gate rounds); A from seed; schedule down"
     exact_average = False
-    options = ("expert_rounds", "top_k")
+    options_type = MeteoraOptions
 
-    def settings(self, cfg: RunConfig) -> tuple[int, int]:
-        """(expert_rounds, top_k), validated."""
-        from fedpeft.adapters.delta_linear import int_option
-
-        rounds = cfg.train.rounds
-        experts = int_option(cfg, "expert_rounds", max(1, math.ceil(rounds / 2)), 1, rounds)
-        n = max(1, len(cfg.tasks.resolved()))
-        low = min(2, n)  # softmax over a single selected logit is 1: the gate would get no gradient
-        top_k = int_option(cfg, "top_k", low, low, n)
-        return experts, top_k
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self.settings(cfg)
+    def settings(self, cfg: RunConfig) -> MeteoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, MeteoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        a = cfg.adapter
-        expert_rounds, top_k = self.settings(cfg)
+        a, opts = cfg.adapter, self.settings(cfg)
+        expert_rounds, top_k = opts.expert_rounds, opts.top_k
         tasks = tuple(s.name for s in cfg.tasks.resolved())
         freeze_all_but_head(model)
         for index, (name, linear) in enumerate(target_linears(model, a.target_modules)):
@@ -303,45 +323,13 @@ class MeteoraPlugin(AdapterPlugin):
     ) -> NDArrays:
         """The grouped rule (experts and heads per task, gates over all), after dropping any
         tensor of the other phase (the phase follows the round counter sent out)."""
-        from fedpeft.strategies.multitask_avg import grouped_aggregate
-
         done, expert_rounds = read_schedule(current) or (0, 1)
         wrong = _is_gate if self.phase(done, expert_rounds) == "expert" else _is_expert
         kept = [{k: v for k, v in s.items() if not wrong(k)} for s in states]
         return grouped_aggregate(self, kept, weights, previous, current)
 
-    # ---- server diagnostics --------------------------------------------------------------
-    def server_round_end(self, setup: Any, server_round: int, report: Any) -> dict[str, Any]:
-        """Phase of the round just trained and, with a gate, the share of each task's public
-        tokens whose top-1 expert is the task's own (server-held text: no client cost)."""
-        expert_rounds, _ = self.settings(setup.cfg)
-        row: dict[str, Any] = {"meteora_phase": "experts" if server_round <= expert_rounds else "gate",
-                               "meteora_expert_rounds": expert_rounds}
-        layers = meteora_layers(setup.model)
-        if not layers or layers[0][1].gate is None or not any(len(t.public) for t in setup.tasks):
-            return row
-        share: dict[str, float] = {}
-        was_training = setup.model.training
-        setup.model.eval()
-        try:
-            for task in setup.tasks:
-                for _, layer in layers:
-                    layer.counts = torch.zeros(layer.n_experts, dtype=torch.float64)
-                with torch.no_grad():
-                    for name, batch in setup.public_batches():
-                        if name == task.name:
-                            for _, layer in layers:
-                                layer.token_mask = batch.get("attention_mask")
-                            setup.model(**batch)
-                own = [float(layer.counts[layer.names.index(task.name)] / layer.counts.sum().clamp(min=1))
-                       for _, layer in layers if layer.counts is not None]
-                share[task.name] = float(np.mean(own))
-        finally:
-            for _, layer in layers:
-                layer.counts, layer.token_mask = None, None
-            setup.model.train(was_training)
-        row["meteora_routing_own_expert"] = share
-        return row
+    def server_round_hook(self, ctx: ServerRoundContext) -> MeteoraRoundEnd:
+        return MeteoraRoundEnd(ctx, self.settings(ctx.cfg).expert_rounds)
 
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors({f"{n}.lora_A": layer.lora_A for n, layer in meteora_layers(model)})
@@ -352,4 +340,40 @@ class MeteoraPlugin(AdapterPlugin):
         export_npz({**state, **self.server_state(model)}, Path(directory))
 
 
-register(MeteoraPlugin())
+class MeteoraRoundEnd:
+    """Server diagnostics after each round: the phase just trained and, with a gate, the
+    share of each task's public tokens whose top-1 expert is the task's own (server-held
+    text: no client cost)."""
+
+    def __init__(self, ctx: ServerRoundContext, expert_rounds: int) -> None:
+        self.ctx, self.expert_rounds = ctx, expert_rounds
+
+    def round_end(self, server_round: int, outcome: RoundOutcome) -> MetricsRow:
+        ctx, model = self.ctx, self.ctx.model
+        row: MetricsRow = {"meteora_phase": "experts" if server_round <= self.expert_rounds else "gate",
+                           "meteora_expert_rounds": self.expert_rounds}
+        layers = meteora_layers(model)
+        if not layers or layers[0][1].gate is None or not any(len(t.public) for t in ctx.tasks):
+            return row
+        share: dict[str, float] = {}
+        was_training = model.training
+        model.eval()
+        try:
+            for task in ctx.tasks:
+                for _, layer in layers:
+                    layer.counts = torch.zeros(layer.n_experts, dtype=torch.float64)
+                with torch.no_grad():
+                    for name, batch in ctx.public_batches():
+                        if name == task.name:
+                            for _, layer in layers:
+                                layer.token_mask = batch.get("attention_mask")
+                            model(**batch)
+                own = [float(layer.counts[layer.names.index(task.name)] / layer.counts.sum().clamp(min=1))
+                       for _, layer in layers if layer.counts is not None]
+                share[task.name] = float(np.mean(own))
+        finally:
+            for _, layer in layers:
+                layer.counts, layer.token_mask = None, None
+            model.train(was_training)
+        row["meteora_routing_own_expert"] = share
+        return row

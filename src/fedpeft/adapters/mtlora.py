@@ -43,40 +43,45 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.adapters.base import AdapterPlugin, NDArrays, hash_tensors, replace_submodule
-from fedpeft.adapters.registry import register
-from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import (
+    NDArrays,
+    export_npz,
+    freeze_all_but_head,
+    hash_tensors,
+    replace_submodule,
+    seeded_normal,
+    target_linears,
+)
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
+from fedpeft.data.layout import TASK_PREFIX  # task-owned module names (fedpeft.data.layout.owned_task)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["LowRank", "MTLoRALinear", "MTLoraOptions", "MTLoraPlugin", "block_index", "delta_weights"]
 
-__all__ = ["LowRank", "MTLoRALinear", "MTLoraPlugin", "block_index", "target_linears"]
-
-TASK_PREFIX = "task_"  # task-owned module names (fedpeft.data.layout.owned_task)
 _BLOCK = re.compile(r"\.(\d+)\.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MTLoraOptions:
+    """``task_layers``: how many last blocks get task-specific modules; ``task_modules``:
+    ``group`` (averaged per task) or ``local`` (kept on the client, never sent)."""
+
+    task_layers: int = option(1, low=0, high=1000)
+    task_modules: str = option("group", choices=("group", "local"))
 
 
 def block_index(name: str) -> int | None:
     """The encoder block of a module (first numeric path segment, e.g. ``layer.5.``)."""
     m = _BLOCK.search(name)
     return int(m.group(1)) if m else None
-
-
-def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
-    """Every ``nn.Linear`` whose last name component is a target, in name order."""
-    from fedpeft.config import ConfigError
-
-    found = sorted((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
-    if not found:
-        raise ConfigError("adapter.target_modules", ",".join(targets), "no linear layer of the model has that name")
-    return found
 
 
 class LowRank(nn.Module):
@@ -135,25 +140,16 @@ class MTLoraPlugin(AdapterPlugin):
     paper = "MTLoRA (Agiza, Neseem, Reda, CVPR 2024)"
     travels = "shared lora B + own task's lora B (last blocks) + own head; A from seed"
     exact_average = True
-    options = ("task_layers", "task_modules")
+    options_type = MTLoraOptions
 
-    def settings(self, cfg: RunConfig) -> tuple[int, str]:
-        from fedpeft.adapters.delta_linear import int_option
-        from fedpeft.config import ConfigError
-
-        layers = int_option(cfg, "task_layers", 1, 0, 1000)
-        mode = str(cfg.adapter.option("task_modules", "group"))
-        if mode not in ("group", "local"):
-            raise ConfigError("adapter.options.task_modules", mode, "allowed: group (averaged per task), local")
-        return layers, mode
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self.settings(cfg)
+    def settings(self, cfg: RunConfig) -> MTLoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, MTLoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         a = cfg.adapter
-        task_layers, mode = self.settings(cfg)
+        opts = self.settings(cfg)
+        task_layers, mode = opts.task_layers, opts.task_modules
         tasks = tuple(s.name for s in cfg.tasks.resolved())
         freeze_all_but_head(model)
         found = target_linears(model, a.target_modules)
@@ -209,8 +205,3 @@ def delta_weights(model: nn.Module, task: str | None = None) -> dict[str, torch.
             dw = dw + getattr(layer, TASK_PREFIX + task).delta_weight()
         out[name] = dw.detach()
     return out
-
-
-__all__ += ["delta_weights"]
-
-register(MTLoraPlugin())

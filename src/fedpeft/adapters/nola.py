@@ -39,18 +39,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin, bool_option, int_option
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["NolaLinear", "NolaOptions", "NolaPlugin"]
 
-__all__ = ["NolaLinear", "NolaPlugin"]
+
+@dataclass(frozen=True, kw_only=True)
+class NolaOptions:
+    """``num_basis`` (k, bases per factor) and ``train_a`` (the paper's variant: alpha trains too)."""
+
+    num_basis: int = option(256, low=1, high=65536)
+    train_a: bool = option(False)
 
 
 def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator) -> torch.Tensor:
@@ -90,17 +96,13 @@ class NolaPlugin(DeltaPlugin):
     travels = "beta coefficients + head (bases and alpha regenerated from seed, hash-checked)"
     exact_average = True
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
-    options = ("num_basis", "train_a")
+    options_type = NolaOptions
 
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        int_option(cfg, "num_basis", 256, 1, 65536)
-        bool_option(cfg, "train_a", False)
+    def settings(self, cfg: RunConfig) -> NolaOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, NolaOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:
-        a = cfg.adapter
-        return NolaLinear(base, a.rank, int_option(cfg, "num_basis", 256, 1, 65536), a.alpha / a.rank,
-                          seed=a.seed * 1_000_003 + index, train_a=bool_option(cfg, "train_a", False))
-
-
-register(NolaPlugin())
+        a, opts = cfg.adapter, self.settings(cfg)
+        return NolaLinear(base, a.rank, opts.num_basis, a.alpha / a.rank, seed=a.seed * 1_000_003 + index,
+                          train_a=opts.train_a)

@@ -39,23 +39,28 @@ Deviations from the paper:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from peft.tuners.osf.utils import decompose_weight_matrix
 from torch import nn
 
-from fedpeft.adapters.base import NDArrays, weighted_mean
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin, delta_layers, single_threaded
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.common import NDArrays, single_threaded, weighted_mean
+from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin, delta_layers
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["OsftLinear", "OsftPlugin", "FACTORS"]
+__all__ = ["OsftLinear", "OsftOptions", "OsftPlugin", "FACTORS"]
 
 FACTORS = ("u_low", "s_low", "v_low")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OsftOptions:
+    """``keep``: the fraction of min(out, in) singular directions kept frozen (the top subspace)."""
+
+    keep: float = option(0.5, low=0.0, high=0.99)
 
 
 class OsftLinear(DeltaLinear):
@@ -96,14 +101,17 @@ class OsftPlugin(DeltaPlugin):
     travels = "low-subspace factors U_l, S_l, V_l + head (top subspace from W0's SVD, hash-checked)"
     exact_average = True
     central_dp_compatible = False  # aggregate re-SVDs the mean before the noise
-    options = ("keep",)
-    float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"keep": (0.5, 0.0, 0.99)}
+    options_type = OsftOptions
 
     def __init__(self) -> None:
         self.high: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (U_h, V_h), from attach
 
+    def settings(self, cfg: RunConfig) -> OsftOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, OsftOptions, cfg)
+
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:
-        return OsftLinear(base, self.opt(cfg, "keep"))
+        return OsftLinear(base, self.settings(cfg).keep)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         model = super().attach(model, cfg)
@@ -149,5 +157,3 @@ class OsftPlugin(DeltaPlugin):
         if high is None or (high[0].shape[0], high[1].shape[1]) != tuple(shape):
             return None
         return high
-
-register(OsftPlugin())

@@ -1,10 +1,30 @@
-"""Registry of adapter plugins: one name, one plugin; duplicates are refused."""
+"""Registry of adapter plugins: one name, one plugin; duplicates are refused.
+
+This module imports every shipped method module and registers one plugin object of each
+(the plugin modules do not import the registry). A third-party method registers its own
+plugin with :func:`register`; a second plugin under a name already taken is an error and
+leaves the registered one in place.
+"""
 
 from __future__ import annotations
 
+from fedpeft.adapters.abmll import AbmllPlugin
 from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.ffa_lora import FfaLoraPlugin
+from fedpeft.adapters.ffa_lora_hetero import FfaLoraHeteroPlugin
+from fedpeft.adapters.icm_lora.plugin import IcmLoraPlugin
+from fedpeft.adapters.lora import LoraPlugin
+from fedpeft.adapters.meteora import MeteoraPlugin
+from fedpeft.adapters.mtlora import MTLoraPlugin
+from fedpeft.adapters.nola import NolaPlugin
+from fedpeft.adapters.osft import OsftPlugin
+from fedpeft.adapters.sara import SaraPlugin
+from fedpeft.adapters.smora import SmoraPlugin
+from fedpeft.adapters.soka import SokaPlugin
+from fedpeft.adapters.texforce import TexForcePlugin
+from fedpeft.adapters.triadapt_lora import TriAdaptLoraPlugin
 
-__all__ = ["get", "names", "register", "plugins"]
+__all__ = ["SHIPPED", "get", "names", "plugins", "register"]
 
 _REGISTRY: dict[str, AdapterPlugin] = {}
 
@@ -19,13 +39,8 @@ def register(plugin: AdapterPlugin) -> AdapterPlugin:
     return plugin
 
 
-def _ensure_builtins() -> None:
-    import fedpeft.adapters.builtin  # noqa: F401  (registers the shipped methods on import)
-
-
 def get(name: str) -> AdapterPlugin:
     """The plugin registered as ``name`` (KeyError naming the allowed ones otherwise)."""
-    _ensure_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -34,10 +49,18 @@ def get(name: str) -> AdapterPlugin:
 
 def names() -> list[str]:
     """Registered method names, sorted."""
-    _ensure_builtins()
     return sorted(_REGISTRY)
 
 
 def plugins() -> list[AdapterPlugin]:
-    _ensure_builtins()
+    """Registered plugins, in name order."""
     return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+SHIPPED: tuple[AdapterPlugin, ...] = (
+    LoraPlugin(), FfaLoraPlugin(), FfaLoraHeteroPlugin(), NolaPlugin(), SaraPlugin(), SokaPlugin(), OsftPlugin(),
+    TriAdaptLoraPlugin(), AbmllPlugin(), TexForcePlugin(), MTLoraPlugin(), SmoraPlugin(), MeteoraPlugin(),
+    IcmLoraPlugin(),
+)
+for _plugin in SHIPPED:
+    register(_plugin)

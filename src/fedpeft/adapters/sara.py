@@ -32,18 +32,23 @@ Deviations from the paper:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["SaraLinear", "SaraOptions", "SaraPlugin", "small_magnitude_mask"]
 
-__all__ = ["SaraLinear", "SaraPlugin", "small_magnitude_mask"]
+
+@dataclass(frozen=True, kw_only=True)
+class SaraOptions:
+    """``fraction``: the share of each target weight's entries (smallest |w|) that trains."""
+
+    fraction: float = option(0.02, low=1e-6, high=1.0)
 
 
 def small_magnitude_mask(weight: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -79,11 +84,11 @@ class SaraPlugin(DeltaPlugin):
     travels = "values at the small-|W0| mask + head (mask recomputed from W0, hash-checked)"
     exact_average = True
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
-    options = ("fraction",)
-    float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"fraction": (0.02, 1e-6, 1.0)}
+    options_type = SaraOptions
+
+    def settings(self, cfg: RunConfig) -> SaraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, SaraOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:
-        return SaraLinear(base, self.opt(cfg, "fraction"))
-
-
-register(SaraPlugin())
+        return SaraLinear(base, self.settings(cfg).fraction)

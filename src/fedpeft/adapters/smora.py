@@ -49,25 +49,38 @@ task in multi-task runs (:mod:`fedpeft.data.layout`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
 from torch.nn import functional as F
 
-from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors, replace_submodule
-from fedpeft.adapters.mtlora import target_linears
-from fedpeft.adapters.registry import register
-from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.capabilities import PublicStep, ServerState
+from fedpeft.adapters.common import (
+    export_npz,
+    freeze_all_but_head,
+    hash_tensors,
+    replace_submodule,
+    seeded_normal,
+    target_linears,
+)
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["SMoRALinear", "SmoraPlugin", "smora_layers"]
+__all__ = ["SMoRALinear", "SmoraOptions", "SmoraPlugin", "smora_layers"]
 
 EPS = 1e-9
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmoraOptions:
+    """``top_k`` ranks selected per token (default ``rank // 4``) and the bias update rate."""
+
+    top_k: int = option(lambda cfg: max(1, cfg.adapter.rank // 4), low=1, high=lambda cfg: cfg.adapter.rank)
+    bias_rate: float = option(0.01, low=0.0, high=1.0)
 
 
 class SMoRALinear(nn.Module):
@@ -141,30 +154,21 @@ def smora_layers(model: nn.Module) -> list[tuple[str, SMoRALinear]]:
     return sorted(((n, m) for n, m in model.named_modules() if isinstance(m, SMoRALinear)), key=lambda x: x[0])
 
 
-class SmoraPlugin(AdapterPlugin):
+class SmoraPlugin(AdapterPlugin, ServerState, PublicStep):
     """SMoRA with frozen seeded A; B, router and head(s) averaged; bias set by the server."""
 
     name = "smora"
     paper = "SMoRA (Zhao et al., arXiv:2501.15103, 2025)"
     travels = "lora B + router + head (A from seed); routing bias down only (server step)"
     exact_average = False
-    options = ("top_k", "bias_rate")
+    options_type = SmoraOptions
 
-    def top_k(self, cfg: RunConfig) -> int:
-        from fedpeft.adapters.delta_linear import int_option
-
-        return int_option(cfg, "top_k", max(1, cfg.adapter.rank // 4), 1, cfg.adapter.rank)
-
-    def bias_rate(self, cfg: RunConfig) -> float:
-        return float_option(cfg, "bias_rate", 0.01, 0.0, 1.0)
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self.top_k(cfg)
-        self.bias_rate(cfg)
+    def settings(self, cfg: RunConfig) -> SmoraOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, SmoraOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        a, k = cfg.adapter, self.top_k(cfg)
+        a, k = cfg.adapter, self.settings(cfg).top_k
         freeze_all_but_head(model)
         for index, (name, linear) in enumerate(target_linears(model, a.target_modules)):
             replace_submodule(model, name, SMoRALinear(linear, a.rank, k, a.alpha / a.rank, a.seed, index))
@@ -193,7 +197,7 @@ class SmoraPlugin(AdapterPlugin):
                     model(**batch)
         finally:
             model.train(was_training)
-        rate = self.bias_rate(cfg)
+        rate = self.settings(cfg).bias_rate
         loads = {}
         for name, layer in layers:
             counts, layer.counts, layer.token_mask = layer.counts, None, None
@@ -209,6 +213,3 @@ class SmoraPlugin(AdapterPlugin):
 
     def export(self, model: nn.Module, directory: Path) -> None:
         export_npz({**self.trainable_state(model), **self.server_state(model)}, Path(directory))
-
-
-register(SmoraPlugin())

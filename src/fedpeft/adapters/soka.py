@@ -34,19 +34,25 @@ Deviations from the paper:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.lokr.layer import factorization
 from torch import nn
 
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin, single_threaded
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.common import single_threaded
+from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+__all__ = ["SokaLinear", "SokaOptions", "SokaPlugin", "kpsvd", "select_rank"]
 
-__all__ = ["SokaLinear", "SokaPlugin", "kpsvd", "select_rank"]
+
+@dataclass(frozen=True, kw_only=True)
+class SokaOptions:
+    """``energy``: the share of W0's squared Kronecker spectrum the selected rank must reach."""
+
+    energy: float = option(0.9, low=1e-6, high=1.0)
 
 
 def kpsvd(weight: torch.Tensor, m: tuple[int, int], n: tuple[int, int]) -> tuple[torch.Tensor, ...]:
@@ -109,11 +115,11 @@ class SokaPlugin(DeltaPlugin):
     travels = "Kronecker B factors + head (A, B0 from W0's KPSVD, hash-checked)"
     exact_average = True
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
-    options = ("energy",)
-    float_options: ClassVar[dict[str, tuple[float, float, float]]] = {"energy": (0.9, 1e-6, 1.0)}
+    options_type = SokaOptions
+
+    def settings(self, cfg: RunConfig) -> SokaOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, SokaOptions, cfg)
 
     def make_layer(self, name: str, index: int, base: nn.Linear, cfg: RunConfig) -> DeltaLinear:
-        return SokaLinear(base, self.opt(cfg, "energy"), cfg.adapter.rank)
-
-
-register(SokaPlugin())
+        return SokaLinear(base, self.settings(cfg).energy, cfg.adapter.rank)

@@ -38,7 +38,7 @@ Deviations from the paper:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,17 +46,22 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors
-from fedpeft.adapters.ffa_lora import lora_a_tensors
-from fedpeft.adapters.lora import inject_lora
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import hash_tensors
+from fedpeft.adapters.lora import inject_lora, lora_a_tensors
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = ["TexForcePlugin", "ppo_clipped_loss"]
+__all__ = ["TexForceOptions", "TexForcePlugin", "ppo_clipped_loss"]
 
 _OLD = "_texforce_old_policy"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TexForceOptions:
+    """PPO's clip ratio c."""
+
+    clip_ratio: float = option(0.2, low=1e-6, high=10.0)
 
 
 def ppo_clipped_loss(logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor, clip: float) -> torch.Tensor:
@@ -79,18 +84,15 @@ class TexForcePlugin(AdapterPlugin):
     travels = "lora_B + head (A regenerated from seed, hash-checked)"
     exact_average = True
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
-    options = ("clip_ratio",)
+    options_type = TexForceOptions
 
-    def clip_ratio(self, cfg: RunConfig) -> float:
-        return float_option(cfg, "clip_ratio", 0.2, 1e-6, 10.0)
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self.clip_ratio(cfg)
+    def settings(self, cfg: RunConfig) -> TexForceOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, TexForceOptions, cfg)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         peft_model = inject_lora(model, cfg, freeze_a=True)
-        peft_model._texforce_clip = self.clip_ratio(cfg)  # type: ignore[assignment]
+        peft_model._texforce_clip = self.settings(cfg).clip_ratio  # type: ignore[assignment]
         self._snapshot(peft_model)
         return peft_model
 
@@ -117,6 +119,3 @@ class TexForcePlugin(AdapterPlugin):
         # Value = cross-entropy of the current policy (what the trainer logs as "train loss");
         # gradient = the PPO surrogate's only (the detached terms have none).
         return surrogate - surrogate.detach() + F.cross_entropy(logits.detach(), labels)
-
-
-register(TexForcePlugin())

@@ -44,60 +44,37 @@ Deviations from the paper (it fine-tunes centrally and its equations are paraphr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from fedpeft.adapters.base import AdapterPlugin, NDArrays, float_option, hash_tensors, replace_submodule, weighted_mean
-from fedpeft.adapters.registry import register
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.common import (
+    NDArrays,
+    export_npz,
+    freeze_all_but_head,
+    hash_tensors,
+    replace_targets,
+    seeded_normal,
+    weighted_mean,
+)
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
-
-__all__ = [
-    "TriAdaptLinear", "TriAdaptLoraPlugin", "export_npz", "freeze_all_but_head", "layer_importance",
-    "replace_targets", "seeded_normal",
-]
+__all__ = ["TriAdaptLinear", "TriAdaptLoraPlugin", "TriAdaptOptions", "layer_importance"]
 
 CORE, MASK = ".core.weight", ".rank_mask"
-HEAD_PREFIXES = ("classifier", "score")
 
 
-# ---- small helpers shared with fedpeft.adapters.abmll ------------------------------------------
-def seeded_normal(shape: tuple[int, ...], seed: int, index: int, std: float) -> torch.Tensor:
-    """N(0, std^2) from a private CPU generator: bit-identical on every machine."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    return torch.randn(shape, generator=gen, dtype=torch.float32) * std
+@dataclass(frozen=True, kw_only=True)
+class TriAdaptOptions:
+    """``init_rank``: every layer's rank after round 0 (default ``rank // 4``, at least 1)."""
 
-
-def replace_targets(model: nn.Module, targets: Sequence[str], factory: Callable[[int, nn.Linear], nn.Module]) -> int:
-    """Replace every ``nn.Linear`` whose last name component is in ``targets`` by
-    ``factory(index, linear)`` (index in name order); ConfigError if nothing matches."""
-    found = sorted((n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
-    if not found:
-        from fedpeft.config import ConfigError
-
-        raise ConfigError("adapter.target_modules", ",".join(targets), "no linear layer of the model has that name")
-    for index, (name, linear) in enumerate(found):
-        replace_submodule(model, name, factory(index, linear))
-    return len(found)
-
-
-def freeze_all_but_head(model: nn.Module) -> None:
-    """Freeze the base model; the classification head (``classifier``/``score``) trains."""
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[0] in HEAD_PREFIXES)
-
-
-def export_npz(state: Mapping[str, torch.Tensor | np.ndarray], directory: Path) -> None:
-    """Write a global adapter state as ``adapter_state.npz`` (re-load with ``load_state``)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in state.items()}
-    np.savez(directory / "adapter_state.npz", **arrays)  # type: ignore[arg-type]
+    init_rank: int = option(lambda cfg: max(1, cfg.adapter.rank // 4), low=1, high=lambda cfg: cfg.adapter.rank)
 
 
 # ---- the layer -------------------------------------------------------------------------
@@ -152,24 +129,15 @@ class TriAdaptLoraPlugin(AdapterPlugin):
     travels = "r x r core T per layer (masked) + head; rank masks broadcast only"
     exact_average = True
     central_dp_compatible = False  # masks carried from previous + rank-growth server_step
-    options = ("init_rank",)
+    options_type = TriAdaptOptions
 
-    def init_rank(self, cfg: RunConfig) -> int:
-        default = max(1, cfg.adapter.rank // 4)
-        value = float_option(cfg, "init_rank", default, 1, cfg.adapter.rank)
-        if value != int(value):
-            from fedpeft.config import ConfigError
-
-            raise ConfigError("adapter.options.init_rank", value, "expected an integer")
-        return int(value)
-
-    def validate_config(self, cfg: RunConfig) -> None:
-        super().validate_config(cfg)
-        self.init_rank(cfg)
+    def settings(self, cfg: RunConfig) -> TriAdaptOptions:
+        """This run's options, typed and checked (one-line ConfigError otherwise)."""
+        return parse_options(self.name, TriAdaptOptions, cfg)
 
     # ---- client half -------------------------------------------------------------------
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
-        a, k0 = cfg.adapter, self.init_rank(cfg)
+        a, k0 = cfg.adapter, self.settings(cfg).init_rank
         freeze_all_but_head(model)
         replace_targets(model, a.target_modules,
                         lambda i, lin: TriAdaptLinear(lin, a.rank, k0, a.alpha / a.rank, a.seed, i))
@@ -224,7 +192,7 @@ class TriAdaptLoraPlugin(AdapterPlugin):
         cores = sorted(k for k in state if k.endswith(CORE))
         if not cores:
             return out
-        r_max, k0 = cfg.adapter.rank, self.init_rank(cfg)
+        r_max, k0 = cfg.adapter.rank, self.settings(cfg).init_rank
         ranks = {}
         for key in cores:
             mask = out.get(key[: -len(CORE)] + MASK)
@@ -247,6 +215,3 @@ class TriAdaptLoraPlugin(AdapterPlugin):
 
     def export(self, model: nn.Module, directory: Path) -> None:
         export_npz({**self.trainable_state(model), **self.broadcast_masks(model)}, directory)
-
-
-register(TriAdaptLoraPlugin())

@@ -39,6 +39,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.client.limits import node_budget_refusal, node_delta_refusal
 from fedpeft.client.node_store import StoredRelease, load_release, node_secret, save_release
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, runtime_for
@@ -251,7 +252,7 @@ def _train_round(msg: Message, context: Context, rt: Any, cfg: RunConfig, ident:
     else:
         rng = int(hashlib.sha256(replay_key.encode()).hexdigest()[:15], 16)  # no DP: nothing to protect
     plugin.load_state(model, incoming)
-    if hetero and hasattr(plugin, "set_client_rank"):
+    if hetero and isinstance(plugin, RankTiers):
         plugin.set_client_rank(model, int(hetero["rank"]))
     plugin.load_local_state(model, local_in)
     sigma = ledger.noise_multiplier if ledger is not None else None

@@ -8,7 +8,7 @@ exactly that task's labels. Before each round :meth:`activate` routes the cached
 heads to the client's task and makes only the shared and that task's tensors trainable,
 so the reply carries nothing of other tasks (one cached model serves every virtual client
 of a worker process; the activation is redone every round). A plugin with a one-off data
-release (``release_vectors``, ICM-LoRA's task vector) gets it there too, recorded in the
+release (:class:`~fedpeft.adapters.capabilities.DataRelease`, ICM-LoRA's task vector) gets it there too, recorded in the
 client's ledger before its first DP-SGD step (:mod:`fedpeft.client.task_release`).
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from fedpeft.adapters import get as get_plugin
+from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import activate_task, build_model, client_task, task_layout
@@ -67,10 +68,10 @@ class MultiTaskRuntime(Runtime):
     def activate(self, model: nn.Module, ident: ClientIdentity) -> None:
         task = self.task_of(ident)
         activate_task(model, task)
-        if hasattr(self.plugin, "release_vectors"):  # a one-off DP release (ICM-LoRA's task vector)
+        if isinstance(self.plugin, DataRelease):  # a one-off DP release (ICM-LoRA's task vector)
             from fedpeft.client.task_release import ensure_release
 
-            ensure_release(self, model, ident, task)
+            ensure_release(self, self.plugin, model, ident, task)
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
         if ident.client_id not in self._data:

@@ -1,11 +1,11 @@
 """Client side of a method's one-off data release (ICM-LoRA's task vector).
 
-A plugin that defines ``release_vectors(model, tokenizer, data, cfg) -> (n, d) tensor`` and
-``install_release(model, task, vector)`` asks every client of a multi-task federation to
-release once the clipped, noised mean of those per-example vectors
-(:func:`fedpeft.privacy.releases.clipped_noisy_mean`; clip and noise from
-``plugin.release_params(cfg)``). :func:`ensure_release` runs before each round's training
-(from :meth:`fedpeft.client.multitask.MultiTaskRuntime.activate`):
+A plugin with the :class:`~fedpeft.adapters.capabilities.DataRelease` capability
+(``release_vectors(model, tokenizer, data, cfg) -> (n, d) tensor``, ``install_release(model,
+task, vector)``) asks every client of a multi-task federation to release once the clipped,
+noised mean of those per-example vectors (:func:`fedpeft.privacy.releases.clipped_noisy_mean`;
+tag, clip and noise from ``plugin.release_params(cfg)``). :func:`ensure_release` runs before
+each round's training (from :meth:`fedpeft.client.multitask.MultiTaskRuntime.activate`):
 
 * first round of a client: compute the vectors, clip, add noise from a secret seed, record
   the release in the client's ledger (``(sigma, 1, 1)``; a new ledger is calibrated with it
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.trainer import local_steps
 from fedpeft.privacy.ledger import atomic_write
 from fedpeft.privacy.plan import sample_rate_for
@@ -42,17 +43,17 @@ __all__ = ["ensure_release"]
 log = logging.getLogger("fedpeft.client")
 
 
-def ensure_release(rt: Runtime, model: nn.Module, ident: ClientIdentity, task: str) -> np.ndarray:
+def ensure_release(rt: Runtime, plugin: DataRelease, model: nn.Module, ident: ClientIdentity, task: str) -> np.ndarray:
     """This client's released vector (computed, accounted and stored on first use), installed
-    into ``model`` with ``plugin.install_release``."""
-    plugin, cfg = rt.plugin, rt.cfg
-    tag, clip, sigma = plugin.release_params(cfg)  # type: ignore[attr-defined]
+    into ``model`` with ``plugin.install_release`` (``plugin``: the runtime's, as a DataRelease)."""
+    cfg = rt.cfg
+    tag, clip, sigma = plugin.release_params(cfg)
     path = ident.ledger_dir / f"client-{ident.client_id}.release-{tag}.npy"
     if path.is_file():
         vector = np.load(path)
     else:
         data = rt.data_for(ident, {})
-        feats = plugin.release_vectors(model, rt.tokenizer, data, cfg)  # type: ignore[attr-defined]
+        feats = plugin.release_vectors(model, rt.tokenizer, data, cfg)
         noise = sigma if cfg.privacy.enabled else 0.0
         vector = clipped_noisy_mean(feats, clip, noise).numpy()
         if cfg.privacy.enabled:
@@ -69,5 +70,5 @@ def ensure_release(rt: Runtime, model: nn.Module, ident: ClientIdentity, task: s
                      "epsilon=%.3f; DP-SGD sigma=%.4f", ident.client_id, tag, clip, sigma, alone, acc,
                      ledger.entries[-1].epsilon_after, ledger.noise_multiplier)
         atomic_write(path, lambda fh: np.save(fh, vector))
-    plugin.install_release(model, task, torch.as_tensor(vector))  # type: ignore[attr-defined]
+    plugin.install_release(model, task, torch.as_tensor(vector))
     return vector

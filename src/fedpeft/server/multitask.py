@@ -19,14 +19,17 @@ picks it when ``cfg.tasks.enabled``):
   client) and nothing here reads client training statistics -- a reply is read only for
   its tensor names (which task it holds, known to any per-task aggregation) and its
   ``num-examples`` weight;
-* a plugin with a server-side *public-data step* (``public_step(model, batches, cfg)``,
-  SMoRA's routing-bias update) gets it after each round's evaluation, on the unlabelled
-  server-held sample of every task (``tasks.public_size``); tensors it changes are listed by
-  ``plugin.server_state(model)`` and travel down only;
-* a plugin whose clients send different tensors in different rounds lists every reply
-  shape with ``reply_variants(model) -> {suffix: state}`` (the active task's; specs are keyed
-  ``<task><suffix>``), and ``server_round_end(setup, round, report) -> dict`` adds the
-  method's own server-side work and metrics to each round's row (MeteoRA, ICM-LoRA).
+* the plugin's optional capabilities (:mod:`fedpeft.adapters.capabilities`, checked by type):
+  a :class:`~fedpeft.adapters.capabilities.PublicStep` (SMoRA's routing-bias update) runs after
+  each round's evaluation on the unlabelled server-held sample of every task
+  (``tasks.public_size``); tensors it changes are the plugin's
+  :class:`~fedpeft.adapters.capabilities.ServerState` and travel down only; with
+  :class:`~fedpeft.adapters.capabilities.ReplyVariants` clients send different tensors in
+  different rounds, and every reply shape gets a spec keyed ``<task><suffix>``; a
+  :class:`~fedpeft.adapters.capabilities.ServerRoundWork` plugin (MeteoRA, ICM-LoRA) makes one
+  round-end hook for the run, reading this setup as its
+  :class:`~fedpeft.adapters.capabilities.ServerRoundContext`, and each round's row gets its
+  metrics.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 import torch
 
 from fedpeft.adapters import get as get_plugin
+from fedpeft.adapters.capabilities import PublicStep, ReplyVariants, ServerRoundHook, ServerRoundWork, ServerState
 from fedpeft.config import RunConfig
 from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout
 from fedpeft.server.loop import RoundHook, ServerSetup
@@ -71,10 +75,11 @@ class MultiTaskSetup(ServerSetup):
         self.test = self.tasks[0].test
         self.model = build_model(cfg, self.plugin).to(self.device)
         per_task: dict[str, StateSpec] = {}
-        variants = getattr(self.plugin, "reply_variants", None)  # e.g. MeteoRA: one reply per phase
+        plugin = self.plugin
         for task in self.tasks:
             activate_task(self.model, task.name)
-            replies = variants(self.model) if variants is not None else {"": self.plugin.trainable_state(self.model)}
+            replies = (plugin.reply_variants(self.model) if isinstance(plugin, ReplyVariants)  # MeteoRA: per phase
+                       else {"": plugin.trainable_state(self.model)})
             for suffix, reply in replies.items():
                 per_task[task.name + suffix] = StateSpec.from_state(_numpy(reply))
         activate_task(self.model, None)
@@ -88,9 +93,8 @@ class MultiTaskSetup(ServerSetup):
 
     def _global_state(self) -> dict[str, np.ndarray]:
         state = _numpy(self.plugin.trainable_state(self.model))
-        server_state = getattr(self.plugin, "server_state", None)
-        if server_state is not None:
-            state.update(_numpy(server_state(self.model)))
+        if isinstance(self.plugin, ServerState):
+            state.update(_numpy(self.plugin.server_state(self.model)))
         return state
 
     def evaluate(self) -> dict[str, Any]:
@@ -114,8 +118,8 @@ class MultiTaskSetup(ServerSetup):
 
     def public_step(self) -> None:
         """The plugin's server-side step on public data, if it has one; updates the state."""
-        step = getattr(self.plugin, "public_step", None)
-        if step is None or not any(len(t.public) for t in self.tasks):
+        plugin = self.plugin
+        if not isinstance(plugin, PublicStep) or not any(len(t.public) for t in self.tasks):
             return
 
         def routed() -> Iterator[Batch]:
@@ -124,7 +128,7 @@ class MultiTaskSetup(ServerSetup):
                 yield batch
             activate_task(self.model, None)
 
-        step(self.model, routed(), self.cfg)
+        plugin.public_step(self.model, routed(), self.cfg)
         activate_task(self.model, None)
         self.state = self._global_state()
 
@@ -134,6 +138,7 @@ class MultiTaskHook(RoundHook):
 
     def __init__(self, setup: MultiTaskSetup) -> None:
         self.setup = setup
+        self.round_work: ServerRoundHook | None = None  # the plugin's, made on the first round's end
 
     def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
         row.update(self.setup.last_eval)
@@ -154,8 +159,10 @@ class MultiTaskHook(RoundHook):
         row["tasks"] = [t.name for t in self.setup.tasks]
         if report.released:
             self.setup.public_step()
-        round_end = getattr(self.setup.plugin, "server_round_end", None)  # method-specific server work
-        if round_end is not None:
-            row.update(round_end(self.setup, server_round, report))
+        plugin = self.setup.plugin
+        if self.round_work is None and isinstance(plugin, ServerRoundWork):  # method-specific server work
+            self.round_work = plugin.server_round_hook(self.setup)
+        if self.round_work is not None:
+            row.update(self.round_work.round_end(server_round, report))
         per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get("accuracy_per_task", {}).items())
         log.info("round %d: per-task accuracy %s (mean %.4f)", server_round, per_task, row["accuracy"])

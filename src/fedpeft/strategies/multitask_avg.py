@@ -16,8 +16,9 @@ tensors (e.g. the task-agnostic adapter, a router) plus the tensors *owned by it
   whose clients all failed, or a server-only tensor such as SMoRA's routing bias) keeps
   the value of the global state that was sent out.
 
-A plugin may replace the grouping with its own rule by defining
-``aggregate_multitask(states, weights, previous, current) -> state`` (e.g. a gate trained
+The grouped rule itself is :func:`fedpeft.adapters.common.grouped_aggregate`; a plugin with
+the :class:`~fedpeft.adapters.capabilities.MultiTaskAggregation` capability replaces it with
+its own ``aggregate_multitask(states, weights, previous, current)`` (e.g. a gate trained
 across groups). What the server learns: which task every client holds (from the tensor
 names), as any per-task aggregation must.
 """
@@ -31,7 +32,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedpeft.adapters.base import AdapterPlugin, NDArrays
+from fedpeft.adapters.capabilities import MultiTaskAggregation
+from fedpeft.adapters.common import NDArrays, grouped_aggregate
 from fedpeft.strategies.adapter_avg import AdapterAvg
 from fedpeft.strategies.validation import Rejected, StateSpec
 
@@ -52,24 +54,6 @@ class MultiTaskSpec(StateSpec):
                 return task
         raise Rejected(f"tensor names match no task's reply ({len(got)} tensors; tasks: "
                        f"{', '.join(self.task_specs)})")
-
-
-def grouped_aggregate(
-    plugin: AdapterPlugin, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float],
-    previous: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray],
-) -> NDArrays:
-    """``plugin.aggregate`` per group of tensors sent by the same clients; tensors of
-    ``current`` (the global state sent out) that nobody sent are carried over unchanged."""
-    groups: dict[tuple[int, ...], list[str]] = {}
-    for key in sorted({k for s in states for k in s}):
-        senders = tuple(i for i, s in enumerate(states) if key in s)
-        groups.setdefault(senders, []).append(key)
-    out: NDArrays = {k: np.array(v, copy=True) for k, v in current.items()}
-    for senders, keys in groups.items():
-        sub = [{k: states[i][k] for k in keys} for i in senders]
-        merged = plugin.aggregate(sub, [weights[i] for i in senders], previous)
-        out.update({k: merged[k] for k in keys})
-    return out
 
 
 class MultiTaskAvg(AdapterAvg):
@@ -103,7 +87,6 @@ class MultiTaskAvg(AdapterAvg):
         return self.spec.task_specs[self.spec.task_of(records[0].keys())]
 
     def aggregate_states(self, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> NDArrays:
-        custom = getattr(self.plugin, "aggregate_multitask", None)
-        if custom is not None:
-            return custom(states, weights, self.previous, self.current)  # type: ignore[no-any-return]
+        if isinstance(self.plugin, MultiTaskAggregation):
+            return self.plugin.aggregate_multitask(states, weights, self.previous, self.current)
         return grouped_aggregate(self.plugin, states, weights, self.previous, self.current)

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import get as get_plugin
+from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.adapters.ffa_lora_hetero import pad_state
 from fedpeft.config import RunConfig
 from fedpeft.server.loop import RoundHook, ServerSetup, inner_strategy
@@ -117,7 +118,7 @@ class HeteroEmulator(RoundHook):
     def plan_memory(self, shape: ModelShape) -> dict[str, MemoryDecision]:
         """One memory decision per profile in use (same model, batch, sequence, DP)."""
         t, a = self.cfg.train, self.cfg.adapter
-        tiers_supported = hasattr(get_plugin(a.method), "set_client_rank")  # else every client uses adapter.rank
+        tiers_supported = isinstance(get_plugin(a.method), RankTiers)  # else every client uses adapter.rank
         for name in self.names:
             rank = min(self.scenario.ranks.get(name, a.rank), a.rank) if tiers_supported else a.rank
             train = TrainShape(min(t.physical_batch_size, t.batch_size), self.cfg.model.max_length, rank,

@@ -1,9 +1,11 @@
 """ICM-LoRA's server side: the CVAE's training pairs, generation and held-out evaluation.
 
-Kept on the server's setup (:meth:`fedpeft.adapters.icm_lora.IcmLoraPlugin.server_round_end`). Each
+Made by :meth:`fedpeft.adapters.icm_lora.plugin.IcmLoraPlugin.server_round_hook` and kept by the
+server for the run; it reads the server only through a
+:class:`~fedpeft.adapters.capabilities.ServerRoundContext`. Each
 round every accepted reply gives one pair (its task vector, its B of every layer flattened in
 layer-name order); pairs of the last ``snapshot_window`` rounds train a fresh
-:class:`fedpeft.adapters.cvae.ConditionalVAE` (seeded: deterministic). Reported in ``metrics.jsonl``:
+:class:`fedpeft.adapters.icm_lora.cvae.ConditionalVAE` (seeded: deterministic). Reported in ``metrics.jsonl``:
 
 * ``icm_pairs`` (pairs used), ``icm_cvae_loss`` (final training loss, standardised units),
   ``icm_reconstruction_rel_error`` (relative error of B generated from each trained task's own
@@ -22,18 +24,19 @@ which its task vector (clean: server-owned data) and the prototype heads are com
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedpeft.adapters.cvae import ConditionalVAE, CVAEConfig
-from fedpeft.adapters.icm_lora import TASK_PREFIX, TV_MODULE, adapters_off, icm_layers, pooled_features
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.adapters.icm_lora import IcmLoraPlugin
-    from fedpeft.data.sources import TextDataset
+from fedpeft.adapters.capabilities import MetricsRow, RoundOutcome, ServerRoundContext
+from fedpeft.adapters.icm_lora.cvae import ConditionalVAE, CVAEConfig
+from fedpeft.adapters.icm_lora.layers import TV_MODULE, adapters_off, icm_layers, pooled_features
+from fedpeft.adapters.icm_lora.options import IcmOptions
+from fedpeft.config.tasks import TaskSpec
+from fedpeft.data.layout import TASK_PREFIX, load_task
+from fedpeft.data.sources import TextDataset, split_train_test
 
 __all__ = ["IcmServer", "prototype_accuracy"]
 
@@ -52,10 +55,10 @@ def prototype_accuracy(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch
 class IcmServer:
     """Pairs memory, CVAE training and held-out evaluation for one run (see module doc)."""
 
-    def __init__(self, setup: Any, plugin: IcmLoraPlugin) -> None:
-        self.setup, self.plugin, self.cfg = setup, plugin, setup.cfg
-        _, self.heldout, self.window, self.steps = plugin.settings(self.cfg)
-        self.layers = [n for n, _ in icm_layers(setup.model)]
+    def __init__(self, ctx: ServerRoundContext, opts: IcmOptions) -> None:
+        self.ctx, self.cfg = ctx, ctx.cfg
+        self.heldout, self.window, self.steps = opts.heldout_task, opts.snapshot_window, opts.cvae_steps
+        self.layers = [n for n, _ in icm_layers(ctx.model)]
         self.pairs: list[tuple[int, str, np.ndarray, np.ndarray]] = []  # (round, task, tv, flat B)
         self.test: TextDataset | None = None
         self.public: TextDataset | None = None
@@ -66,40 +69,37 @@ class IcmServer:
 
     # ---- data -------------------------------------------------------------------------------
     def _load_heldout(self) -> None:
-        from fedpeft.config.tasks import TaskSpec
-        from fedpeft.data.layout import load_task
-        from fedpeft.data.sources import split_train_test
-
         data = load_task(TaskSpec(self.heldout))
-        index = len(self.setup.tasks)
+        index = len(self.ctx.tasks)
         pool, self.test = split_train_test(data, self.cfg.data.test_size, self.cfg.seed * 7919 + index)
         self.public = pool.subset(np.arange(min(self.cfg.tasks.public_size, len(pool))))
-        model = self.setup.model
-        with adapters_off(model):
+        with adapters_off(self.ctx.model):
             feats = self._features(self.public)
         self.heldout_tv = F.normalize(feats, dim=1).mean(0)
         log.info("icm_lora: held-out task %s (%d classes): test %d, server-held labelled sample %d",
                  self.heldout, self.test.num_classes, len(self.test), len(self.public))
 
     def _features(self, data: TextDataset) -> torch.Tensor:
-        return pooled_features(self.setup.model, self.setup.tokenizer, data.texts, self.cfg.model.max_length)
+        return pooled_features(self.ctx.model, self.ctx.tokenizer, data.texts, self.cfg.model.max_length)
 
     # ---- pairs ------------------------------------------------------------------------------
-    def flat_b(self, state: dict[str, np.ndarray], task: str) -> np.ndarray:
+    def flat_b(self, state: Mapping[str, np.ndarray], task: str) -> np.ndarray:
         return np.concatenate([np.asarray(state[f"{n}.{TASK_PREFIX}{task}.weight"], dtype=np.float32).ravel()
                                for n in self.layers])
 
     def unflatten(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         out, pos = {}, 0
-        for name, layer in icm_layers(self.setup.model):
+        for name, layer in icm_layers(self.ctx.model):
             shape = layer.up(layer.active).weight.shape
             size = int(np.prod(shape))
             out[name] = torch.as_tensor(flat[pos:pos + size]).reshape(shape)
             pos += size
         return out
 
-    def add_pairs(self, server_round: int, report: Any) -> None:
-        for reply in (report.accepted if report.released else []):
+    def add_pairs(self, server_round: int, outcome: RoundOutcome) -> None:
+        """One (task vector, flat B) pair per accepted reply of a released round; keep the
+        pairs of the last ``snapshot_window`` rounds."""
+        for reply in (outcome.accepted if outcome.released else []):
             tvs = [k for k in reply.state if k.startswith(f"{TV_MODULE}.{TASK_PREFIX}")]
             if len(tvs) != 1:
                 continue
@@ -119,9 +119,9 @@ class IcmServer:
     def _accuracy(self, b: dict[str, torch.Tensor] | None) -> float:
         """Prototype-head accuracy on the held-out test split with B = ``b`` (None: B = 0)."""
         assert self.test is not None and self.public is not None
-        layers = dict(icm_layers(self.setup.model))
+        layers = dict(icm_layers(self.ctx.model))
         if b is None:
-            with adapters_off(self.setup.model):
+            with adapters_off(self.ctx.model):
                 train_x, test_x = self._features(self.public), self._features(self.test)
         else:
             try:
@@ -133,15 +133,16 @@ class IcmServer:
                     layer.override = None
         return prototype_accuracy(train_x, self.public.labels, test_x, self.test.labels)
 
-    def round_end(self, server_round: int, report: Any) -> dict[str, Any]:
-        self.add_pairs(server_round, report)
-        row: dict[str, Any] = {"icm_pairs": len(self.pairs), "icm_heldout_task": self.heldout or None}
+    def round_end(self, server_round: int, outcome: RoundOutcome) -> MetricsRow:
+        """Learn this round's pairs, fit the CVAE, report reconstruction and held-out results."""
+        self.add_pairs(server_round, outcome)
+        row: MetricsRow = {"icm_pairs": len(self.pairs), "icm_heldout_task": self.heldout or None}
         if not self.pairs:
             return row
         cvae = self.fit()
         row["icm_cvae_loss"] = cvae.last_loss
-        state = self.setup.state
-        tvs = {t.name: np.asarray(state[f"{TV_MODULE}.{TASK_PREFIX}{t.name}"], dtype=np.float32) for t in self.setup.tasks}
+        state = self.ctx.state
+        tvs = {t.name: np.asarray(state[f"{TV_MODULE}.{TASK_PREFIX}{t.name}"], dtype=np.float32) for t in self.ctx.tasks}
         trained = sorted({p[1] for p in self.pairs})
         errors = []
         for task in trained:
@@ -162,7 +163,9 @@ class IcmServer:
                 "icm_heldout_nearest_task": nearest,
                 "icm_heldout_tv_cosine": cos,
             })
-            self.setup.model._icm_generated = {f"{k}.B": v for k, v in self.unflatten(generated).items()}
+            # read by the plugin's export (adapter_state.npz: heldout.*)
+            self.ctx.model._icm_generated = {  # type: ignore[assignment]
+                f"{k}.B": v for k, v in self.unflatten(generated).items()}
             log.info("round %d: icm_lora held-out %s: generated adapter %.4f vs un-adapted %.4f (nearest trained "
                      "task %s: %.4f)", server_round, self.heldout, row["icm_heldout_accuracy_generated"],
                      self.unadapted, nearest, row["icm_heldout_accuracy_nearest_adapter"])
