@@ -3,6 +3,7 @@ built from ``[data]`` exactly as single-task runs always were; ``[tasks]`` gives
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.runtime import ClientIdentity, Runtime
-from fedpeft.config import RunConfig, parse_config
+from fedpeft.config import RunConfig
+from fedpeft.config.tasks import TasksConfig
 from fedpeft.data.layout import task_layout
 from fedpeft.data.partition import client_partition
 from fedpeft.data.sources import train_test_split_for
@@ -59,12 +61,12 @@ def test_single_task_layout_is_the_single_task_construction(tiny_cfg: RunConfig)
     assert set(setup.evaluate()) == {"accuracy", "loss", "examples"}  # no per-task keys in its rows
 
 
-def test_multi_task_config_builds_one_task_per_entry(tiny_model_dir: Path) -> None:
-    cfg = parse_config({
-        "model.path": str(tiny_model_dir), "model.max_length": 24, "data.examples_per_client": 48,
-        "data.test_size": 30, "tasks.names": "rt,bbc,tweets", "tasks.clients_per_task": 2, "train.clients": 6,
-        "tasks.public_size": 16, "adapter.method": "mtlora",
-    })
+def test_multi_task_config_builds_one_task_per_entry(tiny_cfg: RunConfig) -> None:
+    cfg = dataclasses.replace(
+        tiny_cfg, tasks=TasksConfig(names=("rt", "bbc", "tweets"), clients_per_task=2, public_size=16),
+        train=dataclasses.replace(tiny_cfg.train, clients=6), data=dataclasses.replace(tiny_cfg.data, test_size=30),
+        adapter=dataclasses.replace(tiny_cfg.adapter, method="mtlora"),
+    )
     layout = task_layout(cfg)
     assert layout.per_task and [t.name for t in layout] == ["rt", "bbc", "tweets"]
     assert [layout.client_task(pid).name for pid in range(6)] == ["rt", "rt", "bbc", "bbc", "tweets", "tweets"]
