@@ -98,14 +98,13 @@ def test_a_plugin_missing_a_protocol_method_does_not_have_the_capability() -> No
 def test_the_multitask_server_skips_a_half_release_plugin(tiny_model_dir: Path) -> None:
     """The call sites ask by type: the old ``getattr`` on ``release_vectors`` would have
     started a release for a plugin that cannot say its noise."""
-    from fedpeft.client.multitask import MultiTaskRuntime
-    from fedpeft.client.runtime import ClientIdentity
+    from fedpeft.client.runtime import ClientIdentity, Runtime
 
     base = RunConfig()
     cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, path=str(tiny_model_dir)),
                               data=dataclasses.replace(base.data, examples_per_client=16, test_size=20),
                               train=dataclasses.replace(base.train, clients=2), tasks=TasksConfig(names=("rt", "bbc")))
-    rt = MultiTaskRuntime(cfg)
+    rt = Runtime(cfg)
     rt.plugin = _Half()
     model = nn.Linear(2, 2)
     rt.activate(model, ClientIdentity("0", 0, "", Path("/nonexistent")))  # no release attempted: no ledger dir needed

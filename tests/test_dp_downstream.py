@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fedpeft.load import parse_config
-from fedpeft.server.multitask import MultiTaskHook
+from fedpeft.server.setup import MultiTaskHook
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.validation import ValidatedReply
 

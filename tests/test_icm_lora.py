@@ -18,15 +18,14 @@ from fedpeft.adapters.icm_lora.cvae import ConditionalVAE, CVAEConfig
 from fedpeft.adapters.icm_lora.layers import TV_MODULE, icm_layers
 from fedpeft.adapters.icm_lora.server import IcmServer, prototype_accuracy
 from fedpeft.cli.main import main as cli_main
-from fedpeft.client.multitask import MultiTaskRuntime
-from fedpeft.client.runtime import ClientIdentity
+from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import activate_task, owned_task
 from fedpeft.load import parse_config
 from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
 from fedpeft.privacy.ledger import Ledger
 from fedpeft.privacy.releases import calibrate_after, clipped_noisy_mean, record_release, release_entry
-from fedpeft.server.multitask import MultiTaskSetup
+from fedpeft.server.setup import ServerSetup
 from fedpeft.strategies.multitask_avg import grouped_aggregate
 
 TASKS = "rt,bbc"
@@ -126,7 +125,7 @@ def test_client_releases_once_and_its_ledger_composes_it(tiny_model_dir: Path, t
     from fedpeft.client.trainer import local_steps
 
     cfg = _cfg(tiny_model_dir)
-    rt = MultiTaskRuntime(cfg)
+    rt = Runtime(cfg)
     ident = ClientIdentity("1", 1, "", tmp_path)
     data = rt.data_for(ident, {})
     model = rt.model
@@ -140,7 +139,7 @@ def test_client_releases_once_and_its_ledger_composes_it(tiny_model_dir: Path, t
     assert ledger.planned_steps == steps and ledger.epsilon_if(steps)[0] <= cfg.privacy.epsilon
     # the client's own vector survives loading the global state, and it is sent with its head
     state = {k: np.zeros_like(v.numpy()) for k, v in rt.plugin.trainable_state(model).items()}
-    rt.plugin.load_state(model, {**MultiTaskSetup(cfg).state, **state})
+    rt.plugin.load_state(model, {**ServerSetup(cfg).state, **state})
     torch.testing.assert_close(holder.task_bbc.detach(), released)
     sent = rt.plugin.trainable_state(model)
     assert f"{TV_MODULE}.task_bbc" in sent and f"{TV_MODULE}.task_rt" not in sent
@@ -160,7 +159,7 @@ def test_client_releases_once_and_its_ledger_composes_it(tiny_model_dir: Path, t
 # ---- aggregation -------------------------------------------------------------------------------------
 def test_b_head_and_task_vector_average_within_the_task_exactly(tiny_model_dir: Path) -> None:
     cfg = _cfg(tiny_model_dir, **{"tasks.clients_per_task": 2, "train.clients": 4})
-    setup = MultiTaskSetup(cfg)
+    setup = ServerSetup(cfg)
     spec = setup.spec.task_specs
     assert set(spec) == {"rt", "bbc"} and not (set(spec["rt"].tensors) & set(spec["bbc"].tensors))
     rng = np.random.default_rng(0)
@@ -187,7 +186,7 @@ def test_b_head_and_task_vector_average_within_the_task_exactly(tiny_model_dir: 
 def test_server_learns_pairs_and_evaluates_the_heldout_task(tiny_model_dir: Path) -> None:
     cfg = _cfg(tiny_model_dir, **{"adapter.options": {"heldout_task": "tweets", "cvae_steps": 50,
                                                       "snapshot_window": 2}})
-    setup = MultiTaskSetup(cfg)
+    setup = ServerSetup(cfg)
     rng = np.random.default_rng(3)
     server = IcmServer(setup, setup.plugin.settings(cfg))
     assert server.test is not None and server.test.num_classes == 3 and server.heldout_tv is not None
@@ -244,7 +243,7 @@ def test_icm_lora_simulation_dp_with_heldout_task(tiny_model_dir: Path, tmp_path
     })
     path, _ = simulate(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    spec = MultiTaskSetup(cfg).spec
+    spec = ServerSetup(cfg).spec
     for row in rows:
         assert row["clients_per_task"] == {"rt": 1, "bbc": 1} and row["clients_accepted"] == 2
         assert row["bytes_up"] == sum(s.nbytes for s in spec.task_specs.values())

@@ -15,12 +15,11 @@ from torch import nn
 
 from fedpeft.adapters.meteora import SCHEDULE_KEY, MeteoRALinear, meteora_layers
 from fedpeft.cli.main import main as cli_main
-from fedpeft.client.multitask import MultiTaskRuntime
-from fedpeft.client.runtime import ClientIdentity
+from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import activate_task, owned_task
 from fedpeft.load import parse_config
-from fedpeft.server.multitask import MultiTaskSetup
+from fedpeft.server.setup import ServerSetup
 
 TASKS = "rt,bbc,tweets"
 
@@ -110,11 +109,11 @@ def test_grad_sampler_matches_per_example_autograd(mode: str) -> None:
 
 # ---- phases, replies and aggregation -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path) -> MultiTaskSetup:
-    return MultiTaskSetup(_cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 2}}))
+def server(tiny_model_dir: Path) -> ServerSetup:
+    return ServerSetup(_cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 2}}))
 
 
-def test_reply_specs_per_phase(server: MultiTaskSetup) -> None:
+def test_reply_specs_per_phase(server: ServerSetup) -> None:
     specs = server.spec.task_specs
     assert set(specs) == {"rt", "bbc", "tweets", "rt@gate", "bbc@gate", "tweets@gate"}
     for task in ("rt", "bbc", "tweets"):
@@ -127,8 +126,8 @@ def test_reply_specs_per_phase(server: MultiTaskSetup) -> None:
     np.testing.assert_array_equal(server.state[SCHEDULE_KEY], [0.0, 2.0])  # sent down only
 
 
-def test_client_phase_follows_the_schedule(tiny_model_dir: Path, server: MultiTaskSetup) -> None:
-    rt = MultiTaskRuntime(server.cfg)
+def test_client_phase_follows_the_schedule(tiny_model_dir: Path, server: ServerSetup) -> None:
+    rt = Runtime(server.cfg)
     model, ident = rt.model, ClientIdentity("1", 1, "", Path("ledger"))
     plugin = rt.plugin
     for done, phase in [(0, "expert"), (1, "expert"), (2, "mix"), (3, "mix")]:
@@ -152,7 +151,7 @@ def _delta(layer: MeteoRALinear, j: int) -> torch.Tensor:
 
 
 def test_expert_phase_averages_each_expert_within_its_task_exactly(tiny_model_dir: Path) -> None:
-    setup = MultiTaskSetup(_cfg(tiny_model_dir, **{"tasks.clients_per_task": 2, "train.clients": 6}))
+    setup = ServerSetup(_cfg(tiny_model_dir, **{"tasks.clients_per_task": 2, "train.clients": 6}))
     rng = np.random.default_rng(0)
     tasks, weights = ["rt", "rt", "bbc", "bbc", "tweets", "tweets"], [1.0, 3.0, 2.0, 2.0, 5.0, 1.0]
     states = [_random_state(setup.spec.task_specs[t].tensors, rng) for t in tasks]
@@ -177,7 +176,7 @@ def test_expert_phase_averages_each_expert_within_its_task_exactly(tiny_model_di
 
 
 def test_gate_phase_averages_gates_over_all_clients(tiny_model_dir: Path) -> None:
-    setup = MultiTaskSetup(_cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 1}}))
+    setup = ServerSetup(_cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 1}}))
     setup.set_state({**setup.state, SCHEDULE_KEY: np.asarray([1, 1], dtype=np.float32)})  # gate phase next
     rng = np.random.default_rng(1)
     tasks, weights = ["rt", "bbc", "tweets"], [1.0, 2.0, 5.0]
@@ -207,7 +206,7 @@ def test_gate_training_lowers_the_loss_with_experts_frozen(tiny_model_dir: Path)
     from fedpeft.tasks.evaluate import evaluate
 
     cfg = _cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 1}, "train.lr": 0.05})
-    rt = MultiTaskRuntime(cfg)
+    rt = Runtime(cfg)
     model, ident = rt.model, ClientIdentity("0", 0, "", Path("ledger"))
     rng = np.random.default_rng(2)
     rt.activate(model, ident)
@@ -287,7 +286,7 @@ def test_meteora_simulation_two_phases_dp(tiny_model_dir: Path, tmp_path: Path) 
     })
     path, _ = simulate(cfg, tmp_path / "run")
     rows = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    spec = MultiTaskSetup(cfg).spec.task_specs
+    spec = ServerSetup(cfg).spec.task_specs
     assert [r["meteora_phase"] for r in rows] == ["experts", "gate"]
     assert rows[0]["bytes_up"] == sum(spec[t].nbytes for t in ("rt", "bbc", "tweets"))
     assert rows[1]["bytes_up"] == sum(spec[t + "@gate"].nbytes for t in ("rt", "bbc", "tweets"))

@@ -1,5 +1,5 @@
-"""Multi-task federations (src/fedpeft/data/layout.py, src/fedpeft/strategies/multitask_avg.py, fl_server and
-fl_client multitask modules) and the MTLoRA / SMoRA adapters."""
+"""Multi-task federations (src/fedpeft/data/layout.py, src/fedpeft/strategies/multitask_avg.py,
+src/fedpeft/server/multitask.py and the per-task part of the client runtime) and the MTLoRA / SMoRA adapters."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from torch import nn
 from fedpeft.adapters.mtlora import delta_weights
 from fedpeft.adapters.smora import SMoRALinear, smora_layers
 from fedpeft.cli.main import main as cli_main
-from fedpeft.client.multitask import MultiTaskRuntime
-from fedpeft.client.runtime import ClientIdentity
+from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig, config_to_toml
 from fedpeft.config.tasks import TaskSpec
 from fedpeft.data.layout import activate_task, load_task, owned_task, task_layout
 from fedpeft.load import config_from_toml, parse_config
-from fedpeft.server.multitask import MultiTaskSetup
+from fedpeft.server.setup import ServerSetup
 from fedpeft.strategies.multitask_avg import grouped_aggregate
 from fedpeft.strategies.validation import Rejected
 
@@ -92,11 +91,11 @@ def test_cli_bad_tasks_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 # ---- per-task tensors and aggregation ---------------------------------------------------
 @pytest.fixture(scope="module")
-def mtlora_setup(tiny_model_dir: Path) -> MultiTaskSetup:
-    return MultiTaskSetup(_cfg(tiny_model_dir, "mtlora"))
+def mtlora_setup(tiny_model_dir: Path) -> ServerSetup:
+    return ServerSetup(_cfg(tiny_model_dir, "mtlora"))
 
 
-def test_client_sends_shared_plus_own_task_only(mtlora_setup: MultiTaskSetup) -> None:
+def test_client_sends_shared_plus_own_task_only(mtlora_setup: ServerSetup) -> None:
     spec = mtlora_setup.spec
     shared = set.intersection(*(set(s.tensors) for s in spec.task_specs.values()))
     assert shared and all(owned_task(k) is None for k in shared)
@@ -115,7 +114,7 @@ def _random_state(spec_tensors: dict[str, tuple[tuple[int, ...], str]], rng: np.
     return {k: rng.normal(size=shape).astype(dtype) for k, (shape, dtype) in spec_tensors.items()}
 
 
-def test_heads_aggregate_only_within_task_group(mtlora_setup: MultiTaskSetup) -> None:
+def test_heads_aggregate_only_within_task_group(mtlora_setup: ServerSetup) -> None:
     spec, plugin = mtlora_setup.spec, mtlora_setup.plugin
     rng = np.random.default_rng(0)
     tasks = ["rt", "rt", "bbc", "tweets"]
@@ -139,7 +138,7 @@ def test_heads_aggregate_only_within_task_group(mtlora_setup: MultiTaskSetup) ->
 
 def test_mtlora_aggregated_delta_w_is_weighted_mean(tiny_model_dir: Path) -> None:
     cfg = _cfg(tiny_model_dir, "mtlora")
-    server = MultiTaskSetup(cfg)
+    server = ServerSetup(cfg)
     rng = np.random.default_rng(1)
     tasks, weights = ["bbc", "bbc", "rt"], [2.0, 6.0, 4.0]
     states = [_random_state(dict(server.spec.task_specs[t].tensors), rng) for t in tasks]
@@ -164,9 +163,9 @@ def test_mtlora_aggregated_delta_w_is_weighted_mean(tiny_model_dir: Path) -> Non
 
 def test_mtlora_local_mode_keeps_task_modules_on_client(tiny_model_dir: Path) -> None:
     cfg = _cfg(tiny_model_dir, "mtlora", **{"adapter.options": {"task_modules": "local"}})
-    server = MultiTaskSetup(cfg)
+    server = ServerSetup(cfg)
     assert not any(".task_" in k and ".up.weight" in k for k in server.state)
-    rt = MultiTaskRuntime(cfg)
+    rt = Runtime(cfg)
     model, ident = rt.model, ClientIdentity("1", 1, "", Path("ledger"))
     rt.activate(model, ident)
     local = rt.plugin.local_state(model)
@@ -179,7 +178,7 @@ def test_mtlora_local_mode_keeps_task_modules_on_client(tiny_model_dir: Path) ->
 
 
 def test_smora_aggregation_is_weighted_mean_of_b_and_router(tiny_model_dir: Path) -> None:
-    server = MultiTaskSetup(_cfg(tiny_model_dir, "smora"))
+    server = ServerSetup(_cfg(tiny_model_dir, "smora"))
     assert any(k.endswith(".route_bias") for k in server.state)
     assert not any(k.endswith(".route_bias") or k.endswith("lora_A") for s in server.spec.task_specs.values()
                    for k in s.tensors)  # bias travels down only, A never
@@ -200,7 +199,7 @@ def test_smora_aggregation_is_weighted_mean_of_b_and_router(tiny_model_dir: Path
 
 
 def test_smora_public_step_moves_bias_toward_balance(tiny_model_dir: Path) -> None:
-    server = MultiTaskSetup(_cfg(tiny_model_dir, "smora", **{"adapter.options": {"bias_rate": 0.05}}))
+    server = ServerSetup(_cfg(tiny_model_dir, "smora", **{"adapter.options": {"bias_rate": 0.05}}))
     before = {k: v.copy() for k, v in server.state.items() if k.endswith(".route_bias")}
     loads = server.plugin.public_step(server.model, (b for _, b in server.public_batches()), server.cfg)
     server.state = server._global_state()
@@ -245,8 +244,8 @@ def test_client_trains_only_shared_and_own_task_with_dp(tiny_model_dir: Path) ->
     from fedpeft.client.trainer import train_local
 
     cfg = _cfg(tiny_model_dir, "smora")
-    server = MultiTaskSetup(cfg)
-    rt = MultiTaskRuntime(cfg)
+    server = ServerSetup(cfg)
+    rt = Runtime(cfg)
     ident = ClientIdentity("2", 2, "", Path("ledger"))
     data = rt.data_for(ident, {})
     model = rt.model
@@ -274,7 +273,7 @@ def _simulate(tiny_model_dir: Path, out: Path, method: str) -> tuple[RunConfig, 
 
 
 def _check_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
-    server = MultiTaskSetup(cfg)
+    server = ServerSetup(cfg)
     expected_up = sum(s.nbytes for s in server.spec.task_specs.values())  # one client per task
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:

@@ -1,17 +1,30 @@
-"""Per-process client state: parsed config, base model with adapter, tokenised data.
+"""Per-process client state: parsed config, task layout, base model with adapter, tokenised data.
 
 A Flower worker process (a Ray actor in simulation, a SuperNode's ClientApp process in
 deployment) serves many rounds and, in simulation, many virtual clients. Everything that
 does not change between rounds is built once here and reused: the parsed configuration
 (keyed by its hash), the adapted model (its trainable state is overwritten with the
 global state each round) and each client's data partition.
+
+One :class:`Runtime` serves every run: it holds the run's task layout
+(:func:`fedpeft.data.layout.task_layout`), a single-task run being a layout of one task on the
+model's own head. The per-task part applies only when the layout has per-task heads
+(``[tasks]``): a simulated client learns its task from its partition id (clients are numbered
+task by task); a deployed node names it in its node config (``task = "bbc"`` next to
+``data-path``), and its file must use exactly that task's labels. Before each round
+:meth:`Runtime.activate` routes the cached model's heads to the client's task and makes only
+the shared and that task's tensors trainable, so the reply carries nothing of other tasks
+(one cached model serves every virtual client of a worker process; the activation is redone
+every round). A plugin with a one-off data release (:class:`~fedpeft.adapters.capabilities.DataRelease`, ICM-LoRA's task
+vector) gets it there too, recorded in the client's ledger before its first DP-SGD step
+(:mod:`fedpeft.client.task_release`).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +32,15 @@ from torch import nn
 
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
-from fedpeft.config import RunConfig
+from fedpeft.adapters.capabilities import DataRelease
+from fedpeft.client.task_release import ensure_release
+from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
-from fedpeft.data.partition import client_partition
-from fedpeft.data.sources import TextDataset, load_dataset, train_test_split_for, with_label_names
+from fedpeft.data.layout import TaskData, activate_task, task_layout
+from fedpeft.data.sources import TextDataset, load_dataset, with_label_names
 from fedpeft.load import config_from_toml
-from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
+from fedpeft.tasks.heads import layout_base_model
+from fedpeft.tasks.model import load_tokenizer, pick_device
 
 __all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
 
@@ -55,73 +71,85 @@ class ClientIdentity:
 class Runtime:
     """Cached model + data for one configuration in this process."""
 
-    _pool: TextDataset | None = None  # loaded on first use: a deployed node may not have the server's file
-    _label_names: tuple[str, ...] = ()
-    _fixed_num_labels: int | None = None
-
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
+        self.layout = task_layout(cfg)  # a single task's data is loaded on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
+        self._task: dict[str, TaskData] = {}
+        # The federation's label vocabulary as a deployed single-task node was sent it (sizes the head).
+        self._label_names: tuple[str, ...] = ()
         self.lock = threading.Lock()
-
-    @property
-    def pool(self) -> TextDataset:
-        """The shared training pool of a simulation (``data.path`` on this machine)."""
-        if self._pool is None:
-            self._pool, _ = train_test_split_for(self.cfg.data, self.cfg.seed)
-        return self._pool
-
-    @pool.setter
-    def pool(self, value: TextDataset) -> None:
-        self._pool = value
-
-    @property
-    def num_labels(self) -> int:
-        """Classes of the model head: the server's label list when it sent one, else the pool's."""
-        if self._fixed_num_labels is not None:
-            return self._fixed_num_labels
-        return len(self._label_names) if self._label_names else self.pool.num_classes
-
-    @num_labels.setter
-    def num_labels(self, value: int) -> None:  # subclasses that size their heads themselves
-        self._fixed_num_labels = value
 
     @property
     def model(self) -> nn.Module:
         """The adapted model (built on first use; state is replaced every round)."""
         if self._model is None:
-            base = load_base_model(self.cfg.model, self.num_labels, head_seed=self.cfg.adapter.seed)
+            base = layout_base_model(self.cfg, self.layout, self._label_names)
             self._model = self.plugin.attach(base, self.cfg).to(self.device)
         return self._model
 
+    def task_of(self, ident: ClientIdentity, node_config: dict[str, Any] | None = None) -> TaskData:
+        """The task this client holds: its partition's, or the one its node config names
+        (a single-task layout's one task needs no name)."""
+        if ident.client_id not in self._task:
+            if not self.layout.per_task:
+                self._task[ident.client_id] = self.layout[0]
+            elif ident.partition_id is not None:
+                self._task[ident.client_id] = self.layout.client_task(ident.partition_id)
+            else:
+                name = str((node_config or {}).get("task", ""))
+                task = self.layout.named(name)
+                if task is None:
+                    raise ConfigError("node-config task", name, f"a multi-task node must name its task: "
+                                                                f"{', '.join(t.name for t in self.layout)}")
+                self._task[ident.client_id] = task
+        return self._task[ident.client_id]
+
     def activate(self, model: nn.Module, ident: ClientIdentity) -> None:
-        """Prepare the cached model for this client before its round (multi-task: its task)."""
+        """Prepare the cached model for this client before its round: with per-task heads,
+        route it to the client's task (and make that task's one-off release); else nothing."""
+        if not self.layout.per_task:
+            return
+        task = self.task_of(ident).name
+        activate_task(model, task)
+        if isinstance(self.plugin, DataRelease):  # a one-off DP release (ICM-LoRA's task vector)
+            ensure_release(self.plugin, self.cfg, self.tokenizer, model, lambda: self.data_for(ident, {}), task,
+                           ident.ledger_dir, ident.client_id)
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
+        """This client's examples: its partition of its task's pool, or a deployed node's own file."""
         if ident.client_id not in self._data:
+            task = self.task_of(ident, node_config)
             if ident.data_path:
-                from dataclasses import replace
-
                 data_cfg = replace(
                     self.cfg.data, path=ident.data_path,
-                    text_column=str(node_config.get("text-column", self.cfg.data.text_column)),
-                    label_column=str(node_config.get("label-column", self.cfg.data.label_column)),
+                    text_column=str(node_config.get("text-column", task.spec.text_column)),
+                    label_column=str(node_config.get("label-column", task.spec.label_column)),
                 )
-                # Map this node's string labels into the federation's vocabulary (sent by the
-                # server), so label i is the same class on every node and on the server.
-                self._label_names = ident.label_names or self.pool.label_names
-                self._data[ident.client_id] = with_label_names(
-                    load_dataset(data_cfg), self._label_names, f"client {ident.client_id}'s {ident.data_path}")
+                self._data[ident.client_id] = self._node_labels(data_cfg, task, ident)
             else:
                 assert ident.partition_id is not None
-                self._data[ident.client_id] = client_partition(
-                    self.pool, self.cfg.data, self.cfg.train.clients, ident.partition_id, self.cfg.seed
-                )
+                self._data[ident.client_id] = task.client_data(self.cfg, ident.partition_id)
         return self._data[ident.client_id]
+
+    def _node_labels(self, data_cfg: DataConfig, task: TaskData, ident: ClientIdentity) -> TextDataset:
+        """A deployed node's file with the federation's labels. A task of a multi-task layout
+        must use exactly its labels; a single-task node's string labels are mapped into the
+        federation's vocabulary (sent by the server), so label i is the same class on every
+        node and on the server."""
+        if self.layout.per_task:
+            local = load_dataset(data_cfg)
+            if local.label_names != task.label_names:
+                raise ValueError(f"client {ident.client_id}: labels {local.label_names} differ from task "
+                                 f"{task.name}'s {task.label_names}")
+            return local
+        self._label_names = ident.label_names or task.pool.label_names
+        return with_label_names(load_dataset(data_cfg), self._label_names,
+                                f"client {ident.client_id}'s {ident.data_path}")
 
 
 _RUNTIMES: dict[str, Runtime] = {}
@@ -139,23 +167,15 @@ def runtime_for(config_toml: str, config_hash: str) -> Runtime:
 
     The configuration must hash to ``config_hash`` (checked before anything is cached): the
     hash keys this cache, the node's replays and the randomness of its DP rounds, so a
-    configuration sent under another configuration's hash is refused. It is validated as a
-    node's (``role="node"``): the server's files (``data.path``, task files) are not checked,
-    as a deployed node reads its own file and does not have them (a simulated client, which
-    reads the shared pool, runs on the server's disk).
+    configuration sent under another configuration's hash is refused.
     """
     with _GUARD:
         rt = _RUNTIMES.get(config_hash)
         if rt is None:
-            cfg = config_from_toml(config_toml, role="node")
+            cfg = config_from_toml(config_toml)
             if hash_of(cfg) != config_hash:
                 raise NodeRefusal(f"the configuration does not match its hash {config_hash[:16]!r}")
             _RUNTIMES.clear()
-            if cfg.tasks.enabled:  # multi-task federation: src/fedpeft/client/multitask.py
-                from fedpeft.client.multitask import MultiTaskRuntime
-
-                rt = MultiTaskRuntime(cfg)
-            else:
-                rt = Runtime(cfg)
+            rt = Runtime(cfg)
             _RUNTIMES[config_hash] = rt
         return rt

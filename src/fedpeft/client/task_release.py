@@ -2,10 +2,12 @@
 
 A plugin with the :class:`~fedpeft.adapters.capabilities.DataRelease` capability
 (``release_vectors(model, tokenizer, data, cfg) -> (n, d) tensor``, ``install_release(model,
-task, vector)``) asks every client of a multi-task federation to release once the clipped,
-noised mean of those per-example vectors (:func:`fedpeft.privacy.releases.clipped_noisy_mean`;
-tag, clip and noise from ``plugin.release_params(cfg)``). :func:`ensure_release` runs before
-each round's training (from :meth:`fedpeft.client.multitask.MultiTaskRuntime.activate`):
+task, vector)``) asks every client of a multi-task federation to
+release once the clipped, noised mean of those per-example vectors
+(:func:`fedpeft.privacy.releases.clipped_noisy_mean`; tag, clip and noise from
+``plugin.release_params(cfg)``). :func:`ensure_release` runs before each round's training
+(from :meth:`fedpeft.client.runtime.Runtime.activate`, which passes what it needs: this
+module knows nothing of the runtime):
 
 * first round of a client: compute the vectors, clip, add noise from a secret seed, record
   the release in the client's ledger (``(sigma, 1, 1)``; a new ledger is calibrated with it
@@ -23,7 +25,9 @@ ClientApp (:func:`fedpeft.client.trainer.local_steps`, sample rate ``1 / batches
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,43 +35,45 @@ from torch import nn
 
 from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.trainer import local_steps
+from fedpeft.config import RunConfig
+from fedpeft.data.sources import TextDataset
 from fedpeft.privacy.ledger import atomic_write
 from fedpeft.privacy.plan import sample_rate_for
 from fedpeft.privacy.releases import clipped_noisy_mean, record_release, release_epsilon
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.client.runtime import ClientIdentity, Runtime
 
 __all__ = ["ensure_release"]
 
 log = logging.getLogger("fedpeft.client")
 
 
-def ensure_release(rt: Runtime, plugin: DataRelease, model: nn.Module, ident: ClientIdentity, task: str) -> np.ndarray:
-    """This client's released vector (computed, accounted and stored on first use), installed
-    into ``model`` with ``plugin.install_release`` (``plugin``: the runtime's, as a DataRelease)."""
-    cfg = rt.cfg
+def ensure_release(
+    plugin: DataRelease, cfg: RunConfig, tokenizer: Any, model: nn.Module,
+    client_data: Callable[[], TextDataset], task: str, ledger_dir: Path, client_id: str,
+) -> np.ndarray:
+    """Client ``client_id``'s released vector (computed from ``client_data()``, accounted in
+    its ledger in ``ledger_dir`` and stored there on first use), installed into ``model``
+    with ``plugin.install_release`` for ``task``."""
     tag, clip, sigma = plugin.release_params(cfg)
-    path = ident.ledger_dir / f"client-{ident.client_id}.release-{tag}.npy"
+    path = ledger_dir / f"client-{client_id}.release-{tag}.npy"
     if path.is_file():
         vector = np.load(path)
     else:
-        data = rt.data_for(ident, {})
-        feats = plugin.release_vectors(model, rt.tokenizer, data, cfg)
+        data = client_data()
+        feats = plugin.release_vectors(model, tokenizer, data, cfg)
         noise = sigma if cfg.privacy.enabled else 0.0
         vector = clipped_noisy_mean(feats, clip, noise).numpy()
         if cfg.privacy.enabled:
             n = len(data)
             q = sample_rate_for(n, cfg.train.batch_size)  # as the ClientApp's calibration
             ledger = record_release(
-                ident.ledger_dir / f"client-{ident.client_id}.json", ident.client_id,
+                ledger_dir / f"client-{client_id}.json", client_id,
                 target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, accountant=cfg.privacy.accountant,
                 sigma=sigma, sample_rate=q, planned_steps=local_steps(cfg, n) * cfg.train.rounds, tag=tag,
                 payload=vector,
             )
             alone, acc = release_epsilon(sigma, cfg.privacy.delta, ledger.accountant)
             log.info("client %s: released its %s (clip %g, sigma %g: epsilon %.3f alone, %s); ledger now at "
-                     "epsilon=%.3f; DP-SGD sigma=%.4f", ident.client_id, tag, clip, sigma, alone, acc,
+                     "epsilon=%.3f; DP-SGD sigma=%.4f", client_id, tag, clip, sigma, alone, acc,
                      ledger.entries[-1].epsilon_after, ledger.noise_multiplier)
         atomic_write(path, lambda fh: np.save(fh, vector))
     plugin.install_release(model, task, torch.as_tensor(vector))

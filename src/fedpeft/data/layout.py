@@ -1,4 +1,13 @@
-"""Multi-task federations: task data, per-task heads and the task a client holds.
+"""Task layouts: the tasks of a federation, their data and the task a client holds.
+
+A run's clients are laid out over one or more tasks (:func:`task_layout`). A single-task run
+(no ``[tasks]``) is a layout of ONE task built from ``[data]``: its pool and test split are
+:func:`fedpeft.data.sources.train_test_split_for` and its clients' data
+:func:`fedpeft.data.partition.client_partition` with ``data.partition``, exactly the splits a
+single-task run always had; that task keeps the model's own head and routes nothing
+(``TaskLayout.per_task`` is False), and its splits are loaded on first use, because a deployed
+node of a single-task run does not have the server's file. A multi-task layout
+(``[tasks]``, ``per_task`` True) is described below.
 
 Data. Every task (``[tasks]``, :mod:`fedpeft.config.tasks`) is loaded on its own: the
 shipped ones from installed wheels that are located with ``importlib.metadata`` and never
@@ -13,10 +22,10 @@ iid or Dirichlet). Clients are numbered task by task: with ``rt:2, bbc:1`` parti
 hold ``rt`` and partition 2 holds ``bbc``. Everything is a pure function of the configuration
 and seed, so the server and every client process derive the same layout independently.
 
-Heads. The model's final classification layer is replaced by :class:`MultiTaskHead`, one
-``nn.Linear`` per task (``classifier.task_<name>``) with that task's number of classes,
-initialised from the adapter seed. Only the active task's head is called; parameters of
-task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
+Heads. The model's final classification layer is replaced by one ``nn.Linear`` per task
+(``classifier.task_<name>``, :mod:`fedpeft.tasks.heads`, which builds a layout's model) with
+that task's number of classes, initialised from the adapter seed. Only the active task's
+head is called; parameters of task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
 :func:`activate_task` makes exactly the active task's owned parameters trainable (and all of
 them on the server, ``task=None``), so a client's ``trainable_state`` -- what it sends -- is
 the shared adapter plus its own task's modules, and the server learns the client's task from
@@ -26,29 +35,38 @@ the tensor names (task membership is not hidden from the server).
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
-from fedpeft.config import ConfigError, DataConfig
+from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config.tasks import TaskSpec
 from fedpeft.data.partition import client_partition, partition_sizes
-from fedpeft.data.sources import TextDataset, _from_frame, _read_frame, load_dataset, split_train_test
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
+from fedpeft.data.sources import (
+    TextDataset,
+    _from_frame,
+    _read_frame,
+    load_dataset,
+    split_train_test,
+    train_test_split_for,
+)
 
 __all__ = [
-    "MultiTaskHead", "TaskData", "activate_task", "bbc_news", "client_task", "install_heads", "load_task",
-    "owned_task", "task_layout", "tweets",
+    "SINGLE_TASK", "TASK_PREFIX", "TaskData", "TaskLayout", "activate_task", "bbc_news", "load_task", "owned_task",
+    "preflight_tasks", "task_layout", "tweets",
 ]
+
+log = logging.getLogger("fedpeft")
+
+SINGLE_TASK = "data"
+"""Name of the one task of a single-task layout (the task the ``[data]`` section describes)."""
 
 TASK_PREFIX = "task_"
 _OWNED = re.compile(r"(?:^|\.)task_([A-Za-z0-9_]+)(?:\.|$)")
@@ -107,15 +125,42 @@ def load_task(spec: TaskSpec) -> TextDataset:
     raise ConfigError("tasks.names", spec.name, "unknown shipped task")
 
 
-@dataclass(frozen=True)
-class TaskData:
-    """One task's splits and the partition ids of its clients."""
+Splits = tuple[TextDataset, TextDataset, TextDataset]  # pool, test, public
 
-    spec: TaskSpec
-    pool: TextDataset  # what the task's clients share
-    test: TextDataset  # fixed held-out split (server evaluation)
-    public: TextDataset  # unlabelled server-held sample (labels unused)
-    first_client: int
+
+class TaskData:
+    """One task of a layout: its splits (pool, test, public), labels and the partition ids
+    of its clients.
+
+    ``partition`` is the DataConfig that splits the pool between the task's clients. The
+    splits come from ``load`` on first use and are kept (a single-task layout's are read
+    lazily: a deployed node may not have the server's file).
+    """
+
+    def __init__(self, spec: TaskSpec, first_client: int, partition: DataConfig, load: Callable[[], Splits]) -> None:
+        self.spec = spec
+        self.first_client = first_client
+        self.partition = partition
+        self._load = load
+
+    @cached_property
+    def _splits(self) -> Splits:
+        return self._load()
+
+    @property
+    def pool(self) -> TextDataset:
+        """What the task's clients share."""
+        return self._splits[0]
+
+    @property
+    def test(self) -> TextDataset:
+        """Fixed held-out split (server evaluation)."""
+        return self._splits[1]
+
+    @property
+    def public(self) -> TextDataset:
+        """Unlabelled server-held sample (labels unused; empty in a single-task layout)."""
+        return self._splits[2]
 
     @property
     def name(self) -> str:
@@ -129,19 +174,48 @@ class TaskData:
     def clients(self) -> range:
         return range(self.first_client, self.first_client + self.spec.clients)
 
-    def data_config(self, cfg: RunConfig) -> DataConfig:
-        """The DataConfig that partitions this task's pool between its clients."""
-        return replace(cfg.data, partition=cfg.tasks.partition, path="", label_proportions=())
-
     def client_data(self, cfg: RunConfig, partition_id: int) -> TextDataset:
         local = partition_id - self.first_client
-        return client_partition(self.pool, self.data_config(cfg), self.spec.clients, local, cfg.seed)
+        return client_partition(self.pool, self.partition, self.spec.clients, local, cfg.seed)
 
     def client_sizes(self, cfg: RunConfig) -> list[int]:
-        return partition_sizes(self.pool, self.data_config(cfg), self.spec.clients, cfg.seed)
+        return partition_sizes(self.pool, self.partition, self.spec.clients, cfg.seed)
 
 
-def _split(cfg: RunConfig, spec: TaskSpec, index: int, first: int) -> TaskData:
+@dataclass(frozen=True)
+class TaskLayout:
+    """The tasks of a run, in client order. ``per_task``: the tasks have their own heads and
+    the model is routed to a client's task (``[tasks]``); otherwise the layout is the one
+    task of a single-task run, on the model's own head."""
+
+    tasks: tuple[TaskData, ...]
+    per_task: bool
+
+    def __iter__(self) -> Iterator[TaskData]:
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index: int) -> TaskData:
+        return self.tasks[index]
+
+    def named(self, name: str) -> TaskData | None:
+        """The task called ``name``, or None."""
+        return next((t for t in self.tasks if t.name == name), None)
+
+    def client_task(self, partition_id: int) -> TaskData:
+        """The task a simulated client (partition id) holds (a single task holds them all)."""
+        if not self.per_task:
+            return self.tasks[0]
+        for task in self.tasks:
+            if partition_id in task.clients:
+                return task
+        total = sum(t.spec.clients for t in self.tasks)
+        raise ConfigError("partition-id", partition_id, f"must be in [0, {total})")
+
+
+def _split(cfg: RunConfig, spec: TaskSpec, index: int) -> Splits:
     data = load_task(spec)
     seed = cfg.seed * 7919 + index
     if cfg.data.test_size + cfg.tasks.public_size + 2 * spec.clients > len(data):
@@ -151,74 +225,43 @@ def _split(cfg: RunConfig, spec: TaskSpec, index: int, first: int) -> TaskData:
     pool, test = split_train_test(data, cfg.data.test_size, seed)
     n_public = cfg.tasks.public_size
     public, pool = pool.subset(np.arange(n_public)), pool.subset(np.arange(n_public, len(pool)))
-    return TaskData(spec, pool, test, public, first)
+    return pool, test, public
+
+
+def _single_task(cfg: RunConfig) -> TaskData:
+    """The one task of a single-task run: ``[data]`` split and partitioned as it always was."""
+    def load() -> Splits:
+        pool, test = train_test_split_for(cfg.data, cfg.seed)
+        return pool, test, pool.subset(np.arange(0))
+
+    d = cfg.data
+    return TaskData(TaskSpec(SINGLE_TASK, d.path, d.text_column, d.label_column, cfg.train.clients), 0, d, load)
+
+
+def _loaded(splits: Splits) -> Callable[[], Splits]:
+    return lambda: splits
 
 
 @lru_cache(maxsize=4)
-def _layout(cfg: RunConfig) -> tuple[TaskData, ...]:
+def _layout(cfg: RunConfig) -> TaskLayout:
+    if not cfg.tasks.enabled:
+        return TaskLayout((_single_task(cfg),), per_task=False)
+    partition = replace(cfg.data, partition=cfg.tasks.partition, path="", label_proportions=())
     out, first = [], 0
     for index, spec in enumerate(cfg.tasks.resolved()):
-        out.append(_split(cfg, spec, index, first))
+        splits = _split(cfg, spec, index)  # loaded now: a bad task fails when the layout is built
+        out.append(TaskData(spec, first, partition, _loaded(splits)))
         first += spec.clients
-    return tuple(out)
+    return TaskLayout(tuple(out), per_task=True)
 
 
-def task_layout(cfg: RunConfig) -> tuple[TaskData, ...]:
-    """Every task's splits, in order (identical in every process for one configuration)."""
+def task_layout(cfg: RunConfig) -> TaskLayout:
+    """The run's task layout (identical in every process for one configuration): one task
+    from ``[data]`` without ``[tasks]``, else every ``[tasks]`` task in order."""
     return _layout(cfg)
 
 
-def client_task(cfg: RunConfig, partition_id: int) -> TaskData:
-    """The task a simulated client (partition id) holds."""
-    for task in task_layout(cfg):
-        if partition_id in task.clients:
-            return task
-    raise ConfigError("partition-id", partition_id, f"must be in [0, {cfg.tasks.total_clients()})")
-
-
 # ---- heads and task-owned parameters ---------------------------------------------------
-class MultiTaskHead(nn.Module):
-    """One linear classifier per task; ``active`` selects which one ``forward`` uses."""
-
-    routes_tasks = True  # activate_task sets ``active``
-
-    def __init__(self, in_features: int, classes: dict[str, int], seed: int, std: float = 0.02) -> None:
-        super().__init__()
-        self.tasks = tuple(classes)
-        self.active = self.tasks[0]
-        for index, (name, n) in enumerate(classes.items()):
-            layer = nn.Linear(in_features, n)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + 50_000 + index)
-            with torch.no_grad():
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * std)
-                layer.bias.zero_()
-            self.add_module(TASK_PREFIX + name, layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        head: nn.Module = getattr(self, TASK_PREFIX + self.active)
-        return head(x)
-
-
-def install_heads(model: nn.Module, classes: dict[str, int], seed: int) -> nn.Module:
-    """Replace the model's final classification ``nn.Linear`` (``classifier`` / ``score``, or
-    the last linear inside it) with a :class:`MultiTaskHead`."""
-    for prefix in ("classifier", "score"):
-        head = getattr(model, prefix, None)
-        if head is None:
-            continue
-        if isinstance(head, nn.Linear):
-            std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
-            setattr(model, prefix, MultiTaskHead(head.in_features, classes, seed, std))
-            return model
-        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
-        if linears:
-            name, last = linears[-1]
-            parent = head.get_submodule(name.rsplit(".", 1)[0]) if "." in name else head
-            setattr(parent, name.split(".")[-1], MultiTaskHead(last.in_features, classes, seed))
-            return model
-    raise ConfigError("tasks.names", ",".join(classes), "the model has no classifier/score head to split per task")
-
-
 def owned_task(param_name: str) -> str | None:
     """The task owning a parameter (a path segment ``task_<name>``), or None if shared."""
     m = _OWNED.search(param_name)
@@ -244,25 +287,10 @@ def activate_task(model: nn.Module, task: str | None) -> None:
         param.requires_grad_(name in trainable and (task is None or owner is None or owner == task))
 
 
-# ---- model and preflight ---------------------------------------------------------------
-def build_model(cfg: RunConfig, plugin) -> nn.Module:  # type: ignore[no-untyped-def]
-    """Base model + one head per task + the adapter (``plugin.attach``), on CPU.
-
-    Identical in every process: heads and seeded adapter tensors come from the seeds."""
-    from fedpeft.tasks.model import load_base_model
-
-    classes = {t.name: len(t.label_names) for t in task_layout(cfg)}
-    base = load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed)
-    install_heads(base, classes, cfg.adapter.seed)
-    return plugin.attach(base, cfg)
-
-
+# ---- preflight ---------------------------------------------------------------------------
 def preflight_tasks(cfg: RunConfig) -> list[int]:
     """Load and split every task before Ray starts; examples per client (ConfigError if a
     client would get fewer than 2)."""
-    import logging
-
-    log = logging.getLogger("fedpeft")
     sizes: list[int] = []
     for task in task_layout(cfg):
         per_client = task.client_sizes(cfg)

@@ -31,16 +31,12 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_hash, config_to_toml
-from fedpeft.data.sources import train_test_split_for
 from fedpeft.privacy.accounting import DEFAULT_RELATION
 from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
 from fedpeft.server.run_dir import RunDir
+from fedpeft.server.setup import RoundHook, ServerSetup
 from fedpeft.strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
-from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.evaluate import evaluate
-from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
 
 __all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "reported_epsilon",
            "run_federation", "send_and_receive"]
@@ -53,58 +49,12 @@ PULL_INTERVAL_S = 0.5
 a grid with its own ``pull_interval`` (the simulation's, 0.1 s) keeps that."""
 
 
-class RoundHook:
-    """Extension point for the round loop (heterogeneous-client emulation, reliability,
-    reporting). Every method is optional; ``on_round_end`` may add keys to ``row`` before it
-    is written to ``metrics.jsonl``."""
-
-    def on_start(self, setup: ServerSetup, strategy: Strategy, run_dir: RunDir) -> None:
-        """Called once before round 1."""
-
-    def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
-        """Called after aggregation and evaluation of each round."""
-
-    def on_end(self, rows: list[dict[str, Any]]) -> None:
-        """Called once after the last round (also after a failure, with the rows so far)."""
-
-
 def inner_strategy(strategy: Strategy) -> AdapterAvg:
     """Unwrap Flower-style wrapper strategies (which keep the wrapped one as ``.strategy``)."""
     inner = strategy
     while not isinstance(inner, AdapterAvg):
         inner = inner.strategy  # type: ignore[attr-defined]
     return inner
-
-
-class ServerSetup:
-    """Server-side model, test data and initial global state for one configuration."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-        self.plugin = get_plugin(cfg.adapter.method)
-        self.device = pick_device(cfg.device)
-        self.tokenizer = load_tokenizer(cfg.model)
-        pool, self.test = train_test_split_for(cfg.data, cfg.seed)
-        base = load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed)
-        self.model = self.plugin.attach(base, cfg).to(self.device)
-        self.state = {k: v.detach().cpu().numpy().copy() for k, v in self.plugin.trainable_state(self.model).items()}
-        self.spec = StateSpec.from_state(self.state, self.plugin.frozen_fingerprint(self.model))
-
-    def set_state(self, state: dict[str, np.ndarray]) -> None:
-        self.state = state
-        self.plugin.load_state(self.model, state)
-
-    def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device)
-
-
-def make_setup(cfg: RunConfig) -> ServerSetup:
-    """:class:`ServerSetup`, or :class:`fedpeft.server.multitask.MultiTaskSetup` when ``[tasks]`` is set."""
-    if cfg.tasks.enabled:
-        from fedpeft.server.multitask import MultiTaskSetup
-
-        return MultiTaskSetup(cfg)
-    return ServerSetup(cfg)
 
 
 def _round_row(
@@ -267,9 +217,9 @@ def run_federation(
     rows: list[dict[str, Any]] = []
     try:
         rd.write_config(cfg)
-        setup = make_setup(cfg)
-        hooks = [*hooks, *getattr(setup, "hooks", [])]  # the multi-task setup brings its own
-        base = getattr(setup, "strategy_class", AdapterAvg)(
+        setup = ServerSetup(cfg)
+        hooks = [*hooks, *setup.hooks]  # a multi-task layout brings its per-task rows
+        base = setup.strategy_class(
             setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
             extra_config={"ledger-dir": str(rd.ledger_dir.resolve()),
                           # deployed nodes map their files' string labels with the server's list

@@ -1,79 +1,78 @@
-"""Server side of a multi-task federation (``[tasks]`` set): model, specs, evaluation.
+"""The server's per-task part of a multi-task layout (``[tasks]`` set): specs, evaluation, public data.
 
-:class:`MultiTaskSetup` stands in for :class:`fedpeft.server.loop.ServerSetup` (the round loop
-picks it when ``cfg.tasks.enabled``):
+:class:`fedpeft.server.setup.ServerSetup` composes a :class:`PerTaskServer` when its task
+layout has per-task heads (:func:`fedpeft.data.layout.task_layout`); a single-task layout
+needs none of this, and its rows keep their keys:
 
-* the model carries one head per task (:func:`fedpeft.data.layout.build_model`) and the server
-  keeps *every* task's trainable tensors in the global state (it activates no task);
+* the model carries one head per task (:func:`fedpeft.tasks.heads.layout_base_model`) and the
+  server keeps *every* task's trainable tensors in the global state (it activates no task);
 * the reply spec is per task (:class:`fedpeft.strategies.multitask_avg.MultiTaskSpec`): shared
   adapter tensors plus the tensors owned by exactly one task -- a reply is checked against
   the task whose tensor names it carries, and aggregated by
   :class:`fedpeft.strategies.multitask_avg.MultiTaskAvg` (per-task tensors only within that task's
-  group);
+  group), the strategy a setup with per-task specs asks for;
 * evaluation runs every task on its own held-out split; ``accuracy`` / ``loss`` in
   ``metrics.jsonl`` are the unweighted means over tasks, ``accuracy_per_task`` /
   ``loss_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
-  what each task group contributed (:class:`MultiTaskHook`); in a DP run
+  what each task group contributed (:func:`per_task_row`, added by
+  :class:`fedpeft.server.setup.MultiTaskHook`); in a DP run
   ``train_loss_per_task`` is ``None``: the server is the adversary DP-SGD protects against,
   so DP replies carry no training loss (nothing the accountant does not cover leaves a
   client) and nothing here reads client training statistics -- a reply is read only for
   its tensor names (which task it holds, known to any per-task aggregation) and its
   ``num-examples`` weight;
-* the plugin's optional capabilities (:mod:`fedpeft.adapters.capabilities`, checked by type):
-  a :class:`~fedpeft.adapters.capabilities.PublicStep` (SMoRA's routing-bias update) runs after
-  each round's evaluation on the unlabelled server-held sample of every task
-  (``tasks.public_size``); tensors it changes are the plugin's
-  :class:`~fedpeft.adapters.capabilities.ServerState` and travel down only; with
-  :class:`~fedpeft.adapters.capabilities.ReplyVariants` clients send different tensors in
-  different rounds, and every reply shape gets a spec keyed ``<task><suffix>``; a
-  :class:`~fedpeft.adapters.capabilities.ServerRoundWork` plugin (MeteoRA, ICM-LoRA) makes one
-  round-end hook for the run, reading this setup as its
-  :class:`~fedpeft.adapters.capabilities.ServerRoundContext`, and each round's row gets its
-  metrics.
+* a plugin with a server-side *public-data step* (``public_step(model, batches, cfg)``,
+  SMoRA's routing-bias update) gets it after each round's evaluation, on the unlabelled
+  server-held sample of every task (``tasks.public_size``); tensors it changes are listed by
+  ``plugin.server_state(model)`` and travel down only;
+* a plugin whose clients send different tensors in different rounds lists every reply
+  shape with ``reply_variants(model) -> {suffix: state}`` (the active task's; specs are keyed
+  ``<task><suffix>``), and ``server_round_end(setup, round, report) -> dict`` adds the
+  method's own server-side work and metrics to each round's row (MeteoRA, ICM-LoRA).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from fedpeft.adapters import get as get_plugin
-from fedpeft.adapters.capabilities import PublicStep, ReplyVariants, ServerRoundHook, ServerRoundWork, ServerState
+from fedpeft.adapters import AdapterPlugin
+from fedpeft.adapters.capabilities import PublicStep, ReplyVariants, ServerState
 from fedpeft.config import RunConfig
-from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout
-from fedpeft.server.loop import RoundHook, ServerSetup
+from fedpeft.data.layout import TaskData, TaskLayout, activate_task, owned_task
+from fedpeft.data.sources import TextDataset
 from fedpeft.strategies.adapter_avg import RoundReport
-from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.multitask_avg import MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.evaluate import evaluate
-from fedpeft.tasks.model import Batch, batches, load_tokenizer, pick_device
+from fedpeft.tasks.model import Batch, batches
 
-__all__ = ["MultiTaskHook", "MultiTaskSetup"]
-
-log = logging.getLogger("fedpeft.server")
+__all__ = ["PerTaskServer", "numpy_state", "per_task_row"]
 
 
-def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Detached CPU copies of a model state's tensors."""
     return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
-class MultiTaskSetup(ServerSetup):
-    """Server-side model with every task's head, per-task specs and per-task evaluation."""
+_numpy = numpy_state
 
-    strategy_class = MultiTaskAvg
 
-    def __init__(self, cfg: RunConfig) -> None:  # noqa: D107 -- ServerSetup.__init__ is single-task
-        self.cfg = cfg
-        self.plugin = get_plugin(cfg.adapter.method)
-        self.device = pick_device(cfg.device)
-        self.tokenizer = load_tokenizer(cfg.model)
-        self.tasks = task_layout(cfg)
-        self.test = self.tasks[0].test
-        self.model = build_model(cfg, self.plugin).to(self.device)
+class PerTaskServer:
+    """Per-task specs, state, evaluation and public data of the server's multi-head model."""
+
+    def __init__(self, cfg: RunConfig, plugin: AdapterPlugin, model: nn.Module, layout: TaskLayout,
+                 tokenizer: Any, device: torch.device) -> None:
+        self.cfg, self.plugin, self.model = cfg, plugin, model
+        self.tasks: tuple[TaskData, ...] = layout.tasks
+        self.tokenizer, self.device = tokenizer, device
+
+    def reply_specs(self) -> dict[str, StateSpec]:
+        """The tensors a reply of each task's clients carries (per reply variant); leaves
+        every task's tensors trainable (the server activates no task)."""
         per_task: dict[str, StateSpec] = {}
         plugin = self.plugin
         for task in self.tasks:
@@ -83,31 +82,32 @@ class MultiTaskSetup(ServerSetup):
             for suffix, reply in replies.items():
                 per_task[task.name + suffix] = StateSpec.from_state(_numpy(reply))
         activate_task(self.model, None)
-        self.state = self._global_state()
-        fingerprint = self.plugin.frozen_fingerprint(self.model)
-        per_task = {k: StateSpec(v.tensors, fingerprint) for k, v in per_task.items()}
-        full = StateSpec.from_state(self.state, fingerprint)
-        self.spec = MultiTaskSpec(full.tensors, fingerprint, per_task)
-        self.last_eval: dict[str, Any] = {}
-        self.hooks = [MultiTaskHook(self)]
+        return per_task
 
-    def _global_state(self) -> dict[str, np.ndarray]:
+    def global_state(self) -> dict[str, np.ndarray]:
+        """Every task's trainable tensors plus the plugin's server-side ones (sent down only)."""
         state = _numpy(self.plugin.trainable_state(self.model))
         if isinstance(self.plugin, ServerState):
             state.update(_numpy(self.plugin.server_state(self.model)))
         return state
 
-    def evaluate(self) -> dict[str, Any]:
-        """Every task on its own held-out split; means over tasks plus per-task values."""
+    @staticmethod
+    def spec(state: dict[str, np.ndarray], fingerprint: str, replies: dict[str, StateSpec]) -> MultiTaskSpec:
+        """The full global state's spec plus each task's reply spec, all under ``fingerprint``."""
+        per_task = {k: StateSpec(v.tensors, fingerprint) for k, v in replies.items()}
+        full = StateSpec.from_state(state, fingerprint)
+        return MultiTaskSpec(full.tensors, fingerprint, per_task)
+
+    def evaluate(self, evaluate_on: Callable[[TextDataset], dict[str, float]]) -> tuple[dict[str, float], dict[str, Any]]:
+        """(means over tasks, per-task values): every task on its own held-out split."""
         acc, loss = {}, {}
         for task in self.tasks:
             activate_task(self.model, task.name)
-            ev = evaluate(self.model, self.tokenizer, task.test, self.cfg.model.max_length, self.device)
+            ev = evaluate_on(task.test)
             acc[task.name], loss[task.name] = ev["accuracy"], ev["loss"]
         activate_task(self.model, None)
-        self.last_eval = {"accuracy_per_task": acc, "loss_per_task": loss}
-        return {"accuracy": float(np.mean(list(acc.values()))), "loss": float(np.mean(list(loss.values()))),
-                **self.last_eval}
+        means = {"accuracy": float(np.mean(list(acc.values()))), "loss": float(np.mean(list(loss.values())))}
+        return means, {"accuracy_per_task": acc, "loss_per_task": loss}
 
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
         """(task, batch) over the server-held unlabelled sample of every task."""
@@ -116,11 +116,12 @@ class MultiTaskSetup(ServerSetup):
             for batch, _ in batches(self.tokenizer, task.public.texts, labels, 64, self.cfg.model.max_length):
                 yield task.name, {k: v.to(self.device) for k, v in batch.items()}
 
-    def public_step(self) -> None:
-        """The plugin's server-side step on public data, if it has one; updates the state."""
+    def public_step(self) -> bool:
+        """The plugin's server-side step on public data, if it has one; True if it ran (the
+        global state changed)."""
         plugin = self.plugin
         if not isinstance(plugin, PublicStep) or not any(len(t.public) for t in self.tasks):
-            return
+            return False
 
         def routed() -> Iterator[Batch]:
             for name, batch in self.public_batches():
@@ -130,39 +131,24 @@ class MultiTaskSetup(ServerSetup):
 
         plugin.public_step(self.model, routed(), self.cfg)
         activate_task(self.model, None)
-        self.state = self._global_state()
+        return True
 
 
-class MultiTaskHook(RoundHook):
-    """Adds per-task results to each ``metrics.jsonl`` row, then runs the public-data step."""
-
-    def __init__(self, setup: MultiTaskSetup) -> None:
-        self.setup = setup
-        self.round_work: ServerRoundHook | None = None  # the plugin's, made on the first round's end
-
-    def on_round_end(self, server_round: int, row: dict[str, Any], report: RoundReport) -> None:
-        row.update(self.setup.last_eval)
-        dp = self.setup.cfg.privacy.enabled
-        counts: dict[str, int] = {t.name: 0 for t in self.setup.tasks}
-        losses: dict[str, list[float]] = {t.name: [] for t in self.setup.tasks}
-        for reply in (report.accepted if report.released else []):
-            owners = {owned_task(k) for k in reply.state} - {None}
-            loss = None if dp else reply.metrics.get("train-loss")  # DP: never read a client's loss
-            for owner in owners:
-                counts[str(owner)] += 1
-                if isinstance(loss, (int, float)):  # absent: not averaged in as NaN
-                    losses[str(owner)].append(float(loss))
-        row["clients_per_task"] = counts
+def per_task_row(tasks: Sequence[Any], dp: bool, report: RoundReport) -> dict[str, Any]:
+    """``clients_per_task``, ``train_loss_per_task`` and ``tasks`` of a round's row: what each
+    task group contributed (in a DP run no client loss is read: see the module doc)."""
+    counts: dict[str, int] = {t.name: 0 for t in tasks}
+    losses: dict[str, list[float]] = {t.name: [] for t in tasks}
+    for reply in (report.accepted if report.released else []):
+        owners = {owned_task(k) for k in reply.state} - {None}
+        loss = None if dp else reply.metrics.get("train-loss")  # DP: never read a client's loss
+        for owner in owners:
+            counts[str(owner)] += 1
+            if isinstance(loss, (int, float)):  # absent: not averaged in as NaN
+                losses[str(owner)].append(float(loss))
+    return {
+        "clients_per_task": counts,
         # None in DP runs (no reply carries a loss); per task None when no reply of it had one
-        row["train_loss_per_task"] = None if dp else {k: (float(np.mean(v)) if v else None)
-                                                       for k, v in losses.items()}
-        row["tasks"] = [t.name for t in self.setup.tasks]
-        if report.released:
-            self.setup.public_step()
-        plugin = self.setup.plugin
-        if self.round_work is None and isinstance(plugin, ServerRoundWork):  # method-specific server work
-            self.round_work = plugin.server_round_hook(self.setup)
-        if self.round_work is not None:
-            row.update(self.round_work.round_end(server_round, report))
-        per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get("accuracy_per_task", {}).items())
-        log.info("round %d: per-task accuracy %s (mean %.4f)", server_round, per_task, row["accuracy"])
+        "train_loss_per_task": None if dp else {k: (float(np.mean(v)) if v else None) for k, v in losses.items()},
+        "tasks": [t.name for t in tasks],
+    }

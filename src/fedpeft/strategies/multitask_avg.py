@@ -1,6 +1,6 @@
 """MultiTaskAvg: AdapterAvg for multi-task federations (per-task groups of tensors).
 
-In a multi-task federation (:mod:`fedpeft.data.layout`) a client sends the *shared* trainable
+In a multi-task federation (:mod:`fedpeft.data.layout`, ``per_task`` layouts) a client sends the *shared* trainable
 tensors (e.g. the task-agnostic adapter, a router) plus the tensors *owned by its task*
 (its head, task-specific adapter modules) -- never another task's. Two things differ from
 :class:`~fedpeft.strategies.adapter_avg.AdapterAvg`:
@@ -64,7 +64,7 @@ class MultiTaskAvg(AdapterAvg):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         if not isinstance(self.spec, MultiTaskSpec):
-            raise TypeError("MultiTaskAvg needs a MultiTaskSpec (fedpeft.server.multitask.MultiTaskSetup)")
+            raise TypeError("MultiTaskAvg needs a MultiTaskSpec (a multi-task layout's fedpeft.server.setup.ServerSetup)")
         self.current: NDArrays = {}
 
     def summary(self) -> None:

@@ -27,15 +27,13 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import TYPE_CHECKING
 
 import torch
 
 from fedpeft.data.batching import length_buckets
+from fedpeft.data.layout import activate_task
+from fedpeft.server.setup import ServerSetup
 from fedpeft.sim.hetero.timing import StepCost
-
-if TYPE_CHECKING:
-    from fedpeft.server.loop import ServerSetup
 
 __all__ = ["measure_step_cost"]
 
@@ -60,11 +58,8 @@ def measure_step_cost(setup: ServerSetup, steps: int = 2) -> StepCost:
     chunks = length_buckets(enc["input_ids"], enc["attention_mask"], labels, cfg.train.physical_batch_size)
     dp = cfg.privacy.enabled
     model = copy.deepcopy(setup.model)
-    tasks = getattr(setup, "tasks", None)
-    if tasks:  # multi-task server model: train one task's head, as a client does
-        from fedpeft.data.layout import activate_task
-
-        activate_task(model, tasks[0].name)
+    if setup.layout.per_task:  # multi-task server model: train one task's head, as a client does
+        activate_task(model, setup.layout[0].name)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = (torch.optim.SGD(params, lr=cfg.train.lr, momentum=0.9)
