@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from fedpeft import wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig
@@ -57,7 +58,7 @@ class MultiTaskRuntime(Runtime):
             if ident.partition_id is not None:
                 self._task[ident.client_id] = client_task(self.cfg, ident.partition_id).name
             else:
-                name = str((node_config or {}).get("task", ""))
+                name = str((node_config or {}).get(wire.TASK, ""))
                 if name not in self.tasks:
                     raise ConfigError("node-config task", name, f"a multi-task node must name its task: "
                                                                 f"{', '.join(self.tasks)}")
@@ -78,8 +79,8 @@ class MultiTaskRuntime(Runtime):
             if ident.data_path:
                 data_cfg = replace(
                     self.cfg.data, path=ident.data_path,
-                    text_column=str(node_config.get("text-column", task.spec.text_column)),
-                    label_column=str(node_config.get("label-column", task.spec.label_column)),
+                    text_column=str(node_config.get(wire.TEXT_COLUMN, task.spec.text_column)),
+                    label_column=str(node_config.get(wire.LABEL_COLUMN, task.spec.label_column)),
                 )
                 local = load_dataset(data_cfg)
                 if local.label_names != task.label_names:

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from fedpeft import wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_from_toml
@@ -43,12 +44,12 @@ class ClientIdentity:
     @classmethod
     def from_node(cls, node_config: dict[str, Any], round_config: dict[str, Any]) -> ClientIdentity:
         """Deployment keys (``client-id``, ``data-path``, ``ledger-dir``) win over simulation's."""
-        pid = node_config.get("partition-id")
-        cid = str(node_config.get("client-id", pid if pid is not None else "0"))
-        ledger = node_config.get("ledger-dir") or round_config.get("ledger-dir") or "ledger"
-        labels = tuple(json.loads(str(round_config.get("label-names") or "[]")))
-        return cls(cid, None if node_config.get("data-path") else (int(pid) if pid is not None else 0),
-                   str(node_config.get("data-path", "")), Path(str(ledger)), labels)
+        pid = node_config.get(wire.PARTITION_ID)
+        cid = str(node_config.get(wire.CLIENT_ID, pid if pid is not None else "0"))
+        ledger = node_config.get(wire.LEDGER_DIR) or round_config.get(wire.LEDGER_DIR) or "ledger"
+        labels = tuple(json.loads(str(round_config.get(wire.LABEL_NAMES) or "[]")))
+        return cls(cid, None if node_config.get(wire.DATA_PATH) else (int(pid) if pid is not None else 0),
+                   str(node_config.get(wire.DATA_PATH, "")), Path(str(ledger)), labels)
 
 
 class Runtime:
@@ -107,8 +108,8 @@ class Runtime:
 
                 data_cfg = replace(
                     self.cfg.data, path=ident.data_path,
-                    text_column=str(node_config.get("text-column", self.cfg.data.text_column)),
-                    label_column=str(node_config.get("label-column", self.cfg.data.label_column)),
+                    text_column=str(node_config.get(wire.TEXT_COLUMN, self.cfg.data.text_column)),
+                    label_column=str(node_config.get(wire.LABEL_COLUMN, self.cfg.data.label_column)),
                 )
                 # Map this node's string labels into the federation's vocabulary (sent by the
                 # server), so label i is the same class on every node and on the server.

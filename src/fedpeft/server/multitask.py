@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft import wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig
 from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout
@@ -142,7 +143,7 @@ class MultiTaskHook(RoundHook):
         losses: dict[str, list[float]] = {t.name: [] for t in self.setup.tasks}
         for reply in (report.accepted if report.released else []):
             owners = {owned_task(k) for k in reply.state} - {None}
-            loss = None if dp else reply.metrics.get("train-loss")  # DP: never read a client's loss
+            loss = None if dp else reply.metrics.get(wire.TRAIN_LOSS)  # DP: never read a client's loss
             for owner in owners:
                 counts[str(owner)] += 1
                 if isinstance(loss, (int, float)):  # absent: not averaged in as NaN
