@@ -57,7 +57,7 @@ from flwr.clientapp.typing import Mod
 
 from fedpeft import wire
 from fedpeft.client.limits import node_budget_refusal, node_delta_refusal
-from fedpeft.client.node_store import StoredRelease, load_release, node_secret, save_release
+from fedpeft.client.node_store import StoredRelease, data_digest, digest, load_release, node_secret, save_release
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, Runtime, runtime_for
 from fedpeft.client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
 from fedpeft.config import RunConfig
@@ -114,36 +114,6 @@ def _ledger(cfg: RunConfig, ident: ClientIdentity, context: Context) -> Ledger:
 def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> None:
     ledger.save(ident.ledger_dir / f"client-{ident.client_id}.json")
     context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
-
-
-def _digest(*parts: str | Mapping[str, np.ndarray]) -> str:
-    """SHA-256 over strings and named arrays (names, dtypes, shapes and bytes, in name order),
-    every field length-prefixed so that no two different inputs frame to the same bytes."""
-    h = hashlib.sha256()
-
-    def field(data: bytes) -> None:
-        h.update(len(data).to_bytes(8, "big") + data)
-
-    for part in parts:
-        if isinstance(part, str):
-            field(b"s" + part.encode())
-            continue
-        field(b"m" + str(len(part)).encode())
-        for name in sorted(part):
-            arr = np.ascontiguousarray(part[name])
-            field(f"{name}|{arr.dtype}|{arr.shape}".encode())
-            field(arr.tobytes())
-    return h.hexdigest()
-
-
-def _data_digest(data: TextDataset) -> str:
-    """SHA-256 of the node's examples (texts and labels): a changed file is a new computation."""
-    h = hashlib.sha256()
-    for text in data.texts:
-        raw = str(text).encode()
-        h.update(len(raw).to_bytes(8, "big") + raw)
-    h.update(np.ascontiguousarray(np.asarray(data.labels)).tobytes())
-    return h.hexdigest()
 
 
 def _identity(conf: ConfigRecord, context: Context) -> ClientIdentity:
@@ -248,8 +218,8 @@ def _inputs(req: RoundRequest) -> RoundInputs:
     # device directive, the global and local state, and the node's data. Same key, same release;
     # the key also keys the round's randomness, so two different computations never share noise
     # or batches (the server could otherwise subtract one release from the other).
-    replay_key = _digest(req.round.config_hash, f"{req.round.server_round}|{ident.client_id}|{steps}",
-                         req.device.replay_part() if req.device else "{}", incoming, local_in, _data_digest(req.data))
+    replay_key = digest(req.round.config_hash, f"{req.round.server_round}|{ident.client_id}|{steps}",
+                         req.device.replay_part() if req.device else "{}", incoming, local_in, data_digest(req.data))
     info: dict[str, Any] = {wire.CLIENT: ident.client_id, wire.FROZEN_HASH: local_hash}
     if req.device is not None:
         info[wire.PROFILE] = req.device.profile
@@ -317,7 +287,7 @@ def _store_release(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None
     Record first, then store: a crash in between can only over-count, never under-count.
     """
     ident, context, server_round = req.ident, req.context, req.round.server_round
-    epsilon, output_hash = float("inf"), _digest(state)
+    epsilon, output_hash = float("inf"), digest(state)
     sigma = ledger.noise_multiplier if ledger is not None else None
     if ledger is not None:
         epsilon = ledger.record(server_round, result.steps, inputs.replay_key, output_hash,
