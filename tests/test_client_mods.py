@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.client.app import app as deployed_app
 from fedpeft.config import config_hash, config_to_toml
 from fedpeft.server.loop import ServerSetup

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from fedpeft import wire
+import fedpeft.wire as wire
 
 # What a DP reply may carry (README's threat model): the state and public values only.
 DP_KEYS = {"num-examples", "steps", "bytes-up", "epsilon", "delta", "noise-multiplier", "sample-rate"}

@@ -55,7 +55,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.client.limits import node_budget_refusal, node_delta_refusal
 from fedpeft.client.node_store import StoredRelease, data_digest, digest, load_release, node_secret, save_release
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, Runtime, runtime_for

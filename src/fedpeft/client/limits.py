@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.privacy.accounting import epsilon_for
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_from_toml

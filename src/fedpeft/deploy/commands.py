@@ -24,7 +24,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.deploy.certs import DeployError
 from fedpeft.deploy.keys import MAX_NODES
 

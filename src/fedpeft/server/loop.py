@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_hash, config_to_toml
 from fedpeft.data.sources import train_test_split_for

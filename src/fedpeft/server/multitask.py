@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig
 from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout

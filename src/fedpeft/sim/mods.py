@@ -26,7 +26,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.client.app import client_app
 from fedpeft.client.runtime import ClientIdentity, runtime_for
 from fedpeft.sim.faults import InjectedCrash, draw_fault

@@ -31,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters.base import AdapterPlugin, NDArrays
 from fedpeft.strategies.validation import Rejected, StateSpec, ValidatedReply, validate_reply
 from fedpeft.wire import state_nbytes, state_to_arrayrecord

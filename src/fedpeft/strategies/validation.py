@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpeft import wire
+import fedpeft.wire as wire
 
 __all__ = ["StateSpec", "ValidatedReply", "validate_reply"]
 

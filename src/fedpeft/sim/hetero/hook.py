@@ -46,7 +46,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import wire
+import fedpeft.wire as wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.ffa_lora_hetero import pad_state
 from fedpeft.config import RunConfig
