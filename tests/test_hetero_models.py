@@ -321,8 +321,10 @@ def test_hetero_emulation_imports_no_client_code() -> None:
     the client package (whose trainer holds the node-secret randomness)."""
     import ast
 
-    forbidden = ("fl_client", "fedpeft.privacy.randomness")
-    for path in (Path(__file__).resolve().parents[1] / "simulations" / "hetero").glob("*.py"):
+    forbidden = ("fedpeft.client", "fedpeft.privacy.randomness")
+    paths = sorted((Path(__file__).resolve().parents[1] / "src" / "fedpeft" / "sim" / "hetero").glob("*.py"))
+    assert paths
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []

@@ -21,6 +21,7 @@ from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, save_checkpoi
 from fedpeft.server.loop import ServerSetup
 from fedpeft.server.run_dir import RunDir
 from fedpeft.sim.faults import InjectedCrash, draw_fault
+from fedpeft.sim.mods import simulation_app
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 
 
@@ -175,10 +176,11 @@ def test_injected_faults_crash_or_lose_the_reply(tiny_cfg, tmp_path: Path, flwr_
     rnd, kinds = next((r, k) for r in range(1, 100)
                       if {"crash", "timeout"} <= set(k := [draw_fault(0.9, cfg.seed, r, 0, str(p)) for p in range(3)]))
     crash, timeout = kinds.index("crash"), kinds.index("timeout")
+    simulated_client = simulation_app()  # fault injection is a simulation-only ClientApp mod (fedpeft.sim.mods)
     with pytest.raises(InjectedCrash, match="injected crash"):
-        handle_train(_train_msg(setup, strategy, rnd), _ctx(crash))
+        simulated_client(_train_msg(setup, strategy, rnd), _ctx(crash))
     assert not (tmp_path / "ledger" / f"client-{crash}.json").exists()  # crashed before spending anything
-    reply = handle_train(_train_msg(setup, strategy, rnd), _ctx(timeout))
+    reply = simulated_client(_train_msg(setup, strategy, rnd), _ctx(timeout))
     assert reply.content["status"]["timed-out"] and not any(isinstance(v, ArrayRecord) for v in reply.content.values())
     assert (tmp_path / "ledger" / f"client-{timeout}.json").is_file()  # it trained: the spend is recorded
 

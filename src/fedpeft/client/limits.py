@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import fedpeft.wire as wire
 from fedpeft.privacy.accounting import epsilon_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +49,7 @@ def _number(node_config: Mapping[str, Any], key: str) -> float | None | str:
 
 def _node_delta(node_config: Mapping[str, Any]) -> float:
     """The delta at which this node's limits hold (``max-delta``, default 1e-5)."""
-    delta = _number(node_config, "max-delta")
+    delta = _number(node_config, wire.MAX_DELTA)
     return delta if isinstance(delta, float) else DEFAULT_NODE_DELTA
 
 
@@ -61,7 +62,7 @@ def _delta_refusal(cfg: RunConfig, node_delta: float) -> str:
 
 def node_delta_refusal(node_config: Mapping[str, Any], cfg: RunConfig) -> str:
     """Why this capped node refuses the run's delta outright (before any calibration), or ""."""
-    if _number(node_config, "max-epsilon") is None or not cfg.privacy.enabled:
+    if _number(node_config, wire.MAX_EPSILON) is None or not cfg.privacy.enabled:
         return ""
     return _delta_refusal(cfg, _node_delta(node_config))
 
@@ -69,7 +70,7 @@ def node_delta_refusal(node_config: Mapping[str, Any], cfg: RunConfig) -> str:
 def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: Ledger | None, steps: int,
                         server_round: int) -> str:
     """Why this node refuses the run under its own limits (module doc), or ""."""
-    cap, delta, floor = (_number(node_config, k) for k in ("max-epsilon", "max-delta", "min-noise-multiplier"))
+    cap, delta, floor = (_number(node_config, k) for k in (wire.MAX_EPSILON, wire.MAX_DELTA, wire.MIN_NOISE_MULTIPLIER))
     for value in (cap, delta, floor):
         if isinstance(value, str):
             return value

@@ -8,7 +8,9 @@
   ``$FEDPEFT_SECRET_HOME`` (default ``~/.local/share/fedpeft/node-secrets``), in a folder
   named after a hash of the ledger directory -- which is how a resumed run finds them again.
 * ``client-<id>.releases/round-<r>-<key>.npz`` -- every update the node released, one file
-  per round and replay key (never overwritten), with its local (never sent) state.
+  per round and replay key (never overwritten), with its local (never sent) state. The
+  replay key and a release's output hash are SHA-256 digests (:func:`digest`; the client's
+  data enters through :func:`data_digest`).
 
 Why keep releases. A round can be asked for again: a retry after too few replies, a
 resume after the server crashed, a late duplicate message. Re-sending what was already
@@ -22,16 +24,19 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedpeft.data.sources import TextDataset
 from fedpeft.privacy.ledger import load_array_groups, save_array_groups
 from fedpeft.privacy.randomness import NodeSecret
 
-__all__ = ["StoredRelease", "load_release", "node_secret", "save_release", "secret_home", "secret_path"]
+__all__ = ["StoredRelease", "data_digest", "digest", "load_release", "node_secret", "save_release", "secret_home",
+           "secret_path"]
 
 _SECRETS: dict[Path, NodeSecret] = {}
 _STATE, _LOCAL = "state", "local"
@@ -57,6 +62,36 @@ def node_secret(ledger_dir: Path, client_id: str, deployed: bool) -> NodeSecret:
     if path not in _SECRETS:
         _SECRETS[path] = NodeSecret.load_or_create(path)
     return _SECRETS[path]
+
+
+def digest(*parts: str | Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over strings and named arrays (names, dtypes, shapes and bytes, in name order),
+    every field length-prefixed so that no two different inputs frame to the same bytes."""
+    h = hashlib.sha256()
+
+    def field(data: bytes) -> None:
+        h.update(len(data).to_bytes(8, "big") + data)
+
+    for part in parts:
+        if isinstance(part, str):
+            field(b"s" + part.encode())
+            continue
+        field(b"m" + str(len(part)).encode())
+        for name in sorted(part):
+            arr = np.ascontiguousarray(part[name])
+            field(f"{name}|{arr.dtype}|{arr.shape}".encode())
+            field(arr.tobytes())
+    return h.hexdigest()
+
+
+def data_digest(data: TextDataset) -> str:
+    """SHA-256 of the node's examples (texts and labels): a changed file is a new computation."""
+    h = hashlib.sha256()
+    for text in data.texts:
+        raw = str(text).encode()
+        h.update(len(raw).to_bytes(8, "big") + raw)
+    h.update(np.ascontiguousarray(np.asarray(data.labels)).tobytes())
+    return h.hexdigest()
 
 
 @dataclass

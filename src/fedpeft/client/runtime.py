@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import nn
 
+import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import DataRelease
@@ -60,12 +61,12 @@ class ClientIdentity:
     @classmethod
     def from_node(cls, node_config: dict[str, Any], round_config: dict[str, Any]) -> ClientIdentity:
         """Deployment keys (``client-id``, ``data-path``, ``ledger-dir``) win over simulation's."""
-        pid = node_config.get("partition-id")
-        cid = str(node_config.get("client-id", pid if pid is not None else "0"))
-        ledger = node_config.get("ledger-dir") or round_config.get("ledger-dir") or "ledger"
-        labels = tuple(json.loads(str(round_config.get("label-names") or "[]")))
-        return cls(cid, None if node_config.get("data-path") else (int(pid) if pid is not None else 0),
-                   str(node_config.get("data-path", "")), Path(str(ledger)), labels)
+        pid = node_config.get(wire.PARTITION_ID)
+        cid = str(node_config.get(wire.CLIENT_ID, pid if pid is not None else "0"))
+        ledger = node_config.get(wire.LEDGER_DIR) or round_config.get(wire.LEDGER_DIR) or "ledger"
+        labels = tuple(json.loads(str(round_config.get(wire.LABEL_NAMES) or "[]")))
+        return cls(cid, None if node_config.get(wire.DATA_PATH) else (int(pid) if pid is not None else 0),
+                   str(node_config.get(wire.DATA_PATH, "")), Path(str(ledger)), labels)
 
 
 class Runtime:
@@ -101,7 +102,7 @@ class Runtime:
             elif ident.partition_id is not None:
                 self._task[ident.client_id] = self.layout.client_task(ident.partition_id)
             else:
-                name = str((node_config or {}).get("task", ""))
+                name = str((node_config or {}).get(wire.TASK, ""))
                 task = self.layout.named(name)
                 if task is None:
                     raise ConfigError("node-config task", name, f"a multi-task node must name its task: "
@@ -127,8 +128,8 @@ class Runtime:
             if ident.data_path:
                 data_cfg = replace(
                     self.cfg.data, path=ident.data_path,
-                    text_column=str(node_config.get("text-column", task.spec.text_column)),
-                    label_column=str(node_config.get("label-column", task.spec.label_column)),
+                    text_column=str(node_config.get(wire.TEXT_COLUMN, task.spec.text_column)),
+                    label_column=str(node_config.get(wire.LABEL_COLUMN, task.spec.label_column)),
                 )
                 self._data[ident.client_id] = self._node_labels(data_cfg, task, ident)
             else:

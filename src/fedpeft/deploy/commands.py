@@ -24,6 +24,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 
+import fedpeft.wire as wire
 from fedpeft.deploy.certs import DeployError
 from fedpeft.deploy.keys import MAX_NODES
 
@@ -93,12 +94,12 @@ def _literal(key: str, value: str) -> str:
 
 def node_config_arg(node: NodeSpec) -> str:
     """The ``--node-config`` value: space-separated ``key='value'`` pairs (TOML literal strings)."""
-    pairs = [_literal("data-path", node.data_path), _literal("text-column", node.text_column),
-             _literal("label-column", node.label_column), _literal("ledger-dir", node.ledger_dir),
-             _literal("client-id", node.client_id)]
+    pairs = [_literal(wire.DATA_PATH, node.data_path), _literal(wire.TEXT_COLUMN, node.text_column),
+             _literal(wire.LABEL_COLUMN, node.label_column), _literal(wire.LEDGER_DIR, node.ledger_dir),
+             _literal(wire.CLIENT_ID, node.client_id)]
     if node.max_epsilon is not None:
-        pairs.append(f"max-epsilon={float(node.max_epsilon)!r}")
-        pairs.append(f"max-delta={float(node.max_delta)!r}")
+        pairs.append(f"{wire.MAX_EPSILON}={float(node.max_epsilon)!r}")
+        pairs.append(f"{wire.MAX_DELTA}={float(node.max_delta)!r}")
     pairs.extend(_literal(k, v) for k, v in node.extra)
     return " ".join(pairs)
 

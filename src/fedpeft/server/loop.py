@@ -31,6 +31,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+import fedpeft.wire as wire
 from fedpeft.config import RunConfig, config_hash, config_to_toml
 from fedpeft.privacy.accounting import DEFAULT_RELATION
 from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
@@ -64,8 +65,8 @@ def _round_row(
     finite = [e for e in eps.values() if math.isfinite(e)]
     used = report.accepted if report.released else []  # replies that went into the average
     # Clients' training losses exist only without DP (a DP reply carries none: src/fedpeft/client/app.py).
-    train_losses = [r.metrics["train-loss"] for r in used if "train-loss" in r.metrics]
-    first_losses = [r.metrics["train-loss-first"] for r in used if "train-loss-first" in r.metrics]
+    train_losses = [r.metrics[wire.TRAIN_LOSS] for r in used if wire.TRAIN_LOSS in r.metrics]
+    first_losses = [r.metrics[wire.TRAIN_LOSS_FIRST] for r in used if wire.TRAIN_LOSS_FIRST in r.metrics]
     return {
         "round": report.server_round,
         "accuracy": ev["accuracy"],
@@ -98,10 +99,10 @@ def reported_epsilon(msg: Message) -> tuple[str, float] | None:
     if msg.has_error():
         return None
     content = msg.content
-    status, info, metrics = content.get("status"), content.get("info"), content.get("metrics")
-    who = next((str(r["client"]) for r in (info, status) if isinstance(r, ConfigRecord) and "client" in r), None)
-    value = next((r["epsilon"] for r in (metrics, status) if isinstance(r, (MetricRecord, ConfigRecord))
-                  and "epsilon" in r), None)
+    status, info, metrics = content.get(wire.STATUS), content.get(wire.INFO), content.get(wire.METRICS)
+    who = next((str(r[wire.CLIENT]) for r in (info, status) if isinstance(r, ConfigRecord) and wire.CLIENT in r), None)
+    value = next((r[wire.EPSILON] for r in (metrics, status) if isinstance(r, (MetricRecord, ConfigRecord))
+                  and wire.EPSILON in r), None)
     if who is None or not isinstance(value, (int, float)) or isinstance(value, bool):
         return None
     eps = float(value)
@@ -221,9 +222,9 @@ def run_federation(
         hooks = [*hooks, *setup.hooks]  # a multi-task layout brings its per-task rows
         base = setup.strategy_class(
             setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
-            extra_config={"ledger-dir": str(rd.ledger_dir.resolve()),
+            extra_config={wire.LEDGER_DIR: str(rd.ledger_dir.resolve()),
                           # deployed nodes map their files' string labels with the server's list
-                          "label-names": json.dumps(list(getattr(getattr(setup, "test", None), "label_names", ())))},
+                          wire.LABEL_NAMES: json.dumps(list(getattr(getattr(setup, "test", None), "label_names", ())))},
         )
         strategy: Strategy = wrap_strategy(base) if wrap_strategy else base
         strategy.summary()
@@ -251,8 +252,8 @@ def run_federation(
                 spent = reported_epsilon(msg)
                 if spent is not None:
                     eps[spent[0]] = max(spent[1], eps.get(spent[0], 0.0))
-                if not msg.has_error() and "info" in msg.content:
-                    accountants.add(str(msg.content["info"].get("accountant", "none")))
+                if not msg.has_error() and wire.INFO in msg.content:
+                    accountants.add(str(msg.content[wire.INFO].get(wire.ACCOUNTANT, "none")))
             accountants.discard("none")
             ev = setup.evaluate()
             row = _round_row(cfg, report, ev, eps, accountants, time.perf_counter() - t0)

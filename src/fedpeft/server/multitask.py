@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters.capabilities import PublicStep, ReplyVariants, ServerState
 from fedpeft.config import RunConfig
@@ -141,7 +142,7 @@ def per_task_row(tasks: Sequence[Any], dp: bool, report: RoundReport) -> dict[st
     losses: dict[str, list[float]] = {t.name: [] for t in tasks}
     for reply in (report.accepted if report.released else []):
         owners = {owned_task(k) for k in reply.state} - {None}
-        loss = None if dp else reply.metrics.get("train-loss")  # DP: never read a client's loss
+        loss = None if dp else reply.metrics.get(wire.TRAIN_LOSS)  # DP: never read a client's loss
         for owner in owners:
             counts[str(owner)] += 1
             if isinstance(loss, (int, float)):  # absent: not averaged in as NaN

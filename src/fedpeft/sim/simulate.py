@@ -5,7 +5,9 @@ columns, classes, partitions, model directory) *before* Ray starts, so a mistake
 with a one-line message and exit status 2 instead of a traceback from a worker.
 :func:`simulate` then runs the real ``ServerApp`` + ``ClientApp`` with
 ``flwr.simulation.run_simulation`` (one Ray actor per concurrent client; each actor
-caches the base model and reuses it for every round and client it serves).
+caches the base model and reuses it for every round and client it serves). The ClientApp
+is the deployed one plus the simulation-only mods of :mod:`fedpeft.sim.mods` (fault
+injection, device emulation); a deployed node runs it without them.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from fedpeft.client.app import app as client_app
     from fedpeft.server.app import make_server_app
+    from fedpeft.sim.mods import simulation_app
 
     preflight(cfg)
     path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
@@ -117,7 +119,7 @@ def simulate(
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
             server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy, resume=resume),
-            client_app=client_app,
+            client_app=simulation_app(),  # the real client + the simulation-only mods (fedpeft.sim.mods)
             num_supernodes=cfg.train.clients,
             backend_config=backend if backend is not None else backend_config(cfg),
         )

@@ -27,13 +27,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+import fedpeft.wire as wire
 from fedpeft.adapters.base import AdapterPlugin, NDArrays
 from fedpeft.strategies.validation import Rejected, StateSpec, ValidatedReply, validate_reply
+from fedpeft.wire import state_nbytes, state_to_arrayrecord
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -41,15 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["AdapterAvg", "RoundReport", "state_to_arrayrecord", "state_nbytes"]
 
 log = logging.getLogger("fedpeft.server")
-
-
-def state_to_arrayrecord(state: NDArrays) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-def state_nbytes(state: NDArrays) -> int:
-    """Raw payload bytes (element count x item size), excluding serialisation headers."""
-    return int(sum(v.nbytes for v in state.values()))
 
 
 @dataclass
@@ -74,8 +66,8 @@ def _who(msg: Message) -> str:
     if msg.has_error():
         return node
     for value in msg.content.values():
-        if isinstance(value, ConfigRecord) and "client" in value:
-            return f"client-{value['client']!s}"
+        if isinstance(value, ConfigRecord) and wire.CLIENT in value:
+            return f"client-{value[wire.CLIENT]!s}"
     return node
 
 
@@ -99,7 +91,7 @@ class AdapterAvg(FedAvg):
         n = cfg.train.clients_per_round or cfg.train.clients
         super().__init__(
             fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-            min_available_nodes=n, weighted_by_key="num-examples",
+            min_available_nodes=n, weighted_by_key=wire.NUM_EXAMPLES,
         )
         self.plugin, self.cfg, self.spec = plugin, cfg, spec
         self.config_toml, self.config_hash = config_toml, config_hash
@@ -119,14 +111,8 @@ class AdapterAvg(FedAvg):
                  self.plugin.name, self.per_round, self.plugin.exact_average)
 
     def round_config(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord({
-            "server-round": server_round,
-            "fedpeft-config": self.config_toml,
-            "config-hash": self.config_hash,
-            "frozen-hash": self.spec.frozen_hash,
-            "attempt": self.attempt,
-            **self.extra_config,
-        })
+        return wire.RoundConfig(server_round, self.config_toml, self.config_hash, self.spec.frozen_hash,
+                                self.attempt).to_record(self.extra_config)
 
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Wait (bounded by ``node_wait_s``) until enough nodes are connected."""
@@ -145,10 +131,9 @@ class AdapterAvg(FedAvg):
         if len(node_ids) < self.per_round:
             log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
         chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
-        record = RecordDict({"arrays": arrays, "config": self.round_config(server_round)})
+        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: self.round_config(server_round)})
         self.report = RoundReport(server_round, sent_to=len(chosen), attempt=self.attempt)
-        payload = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values())
-        self.report.bytes_down = payload * len(chosen)
+        self.report.bytes_down = wire.record_nbytes(arrays) * len(chosen)
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
 
     def reply_spec(self, content: RecordDict) -> StateSpec:
@@ -170,22 +155,20 @@ class AdapterAvg(FedAvg):
                 log.warning("round %d: %s failed: %s", server_round, node, report.failed[node])
                 continue
             content = msg.content
-            status = content.get("status")
-            if isinstance(status, ConfigRecord) and status.get("timed-out"):
-                who = str(status.get("client", node))
-                report.failed[who] = str(status.get("reason", "timed out"))
+            status = content.get(wire.STATUS)
+            if isinstance(status, ConfigRecord) and status.get(wire.TIMED_OUT):
+                who = str(status.get(wire.CLIENT, node))
+                report.failed[who] = str(status.get(wire.REASON, "timed out"))
                 log.warning("round %d: client %s timed out: %s", server_round, who, report.failed[who])
                 continue
-            if isinstance(status, ConfigRecord) and status.get("refused"):
-                who = str(status.get("client", node))
-                report.refused[who] = str(status.get("reason", "budget"))
+            if isinstance(status, ConfigRecord) and status.get(wire.REFUSED):
+                who = str(status.get(wire.CLIENT, node))
+                report.refused[who] = str(status.get(wire.REASON, "budget"))
                 log.warning("round %d: client %s refused: %s", server_round, who, report.refused[who])
                 continue
             for value in content.values():
                 if isinstance(value, ArrayRecord):
-                    report.bytes_up += sum(
-                        int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in value.values()
-                    )
+                    report.bytes_up += wire.record_nbytes(value)
             try:
                 report.accepted.append(validate_reply(content, self.reply_spec(content)))
             except Rejected as exc:
@@ -205,7 +188,7 @@ class AdapterAvg(FedAvg):
         if not self.release_sets_previous:
             self.previous = new_state
         total = float(sum(weights))
-        metrics = MetricRecord({"num-examples": total, "clients": len(report.accepted)})
-        if all("train-loss" in r.metrics for r in report.accepted):  # runs without DP only (module doc)
-            metrics["train-loss"] = sum(float(r.metrics["train-loss"]) * r.weight for r in report.accepted) / total
+        metrics = MetricRecord({wire.NUM_EXAMPLES: total, "clients": len(report.accepted)})
+        if all(wire.TRAIN_LOSS in r.metrics for r in report.accepted):  # runs without DP only (module doc)
+            metrics[wire.TRAIN_LOSS] = sum(float(r.metrics[wire.TRAIN_LOSS]) * r.weight for r in report.accepted) / total
         return state_to_arrayrecord(new_state), metrics

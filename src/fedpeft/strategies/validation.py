@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+import fedpeft.wire as wire
+
 __all__ = ["StateSpec", "ValidatedReply", "validate_reply"]
 
 MAX_EXAMPLES = 10**9
@@ -62,16 +64,16 @@ def validate_reply(content: RecordDict, spec: StateSpec, max_bytes: int | None =
     metrics: MetricRecord = _one(content, MetricRecord, "MetricRecord")
     configs = [v for v in content.values() if isinstance(v, ConfigRecord)]
     info = dict(configs[0]) if configs else {}
-    client = str(info.get("client", "?"))
+    client = str(info.get(wire.CLIENT, "?"))
 
-    weight = metrics.get("num-examples")
+    weight = metrics.get(wire.NUM_EXAMPLES)
     if not isinstance(weight, (int, float)) or isinstance(weight, bool):
         raise Rejected("num-examples missing or not a number")
     if not math.isfinite(weight) or weight <= 0 or weight > MAX_EXAMPLES:
         raise Rejected(f"num-examples={weight} is not a positive count")
 
-    if spec.frozen_hash and info.get("frozen-hash") != spec.frozen_hash:
-        raise Rejected(f"frozen-tensor hash {str(info.get('frozen-hash'))[:12]!r} != server's {spec.frozen_hash[:12]!r}")
+    if spec.frozen_hash and info.get(wire.FROZEN_HASH) != spec.frozen_hash:
+        raise Rejected(f"frozen-tensor hash {str(info.get(wire.FROZEN_HASH))[:12]!r} != server's {spec.frozen_hash[:12]!r}")
 
     got, want = set(arrays.keys()), set(spec.tensors)
     if got != want:

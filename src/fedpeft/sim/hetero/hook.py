@@ -5,9 +5,10 @@
 * as a Flower-style **wrapper strategy** (:meth:`HeteroEmulator.wrap`, kept as
   ``.strategy`` by the wrapper so :func:`fedpeft.server.loop.inner_strategy` finds AdapterAvg):
   ``configure_train`` selects more clients under over-selection and adds one
-  ``hetero-plan`` entry to the round's ConfigRecord -- every client's profile, its memory
-  decision (physical batch, rank) and who is offline or declines this round; the client
-  applies its own entry (``src/fedpeft/client/app.py``). ``aggregate_train`` turns the replies into
+  ``hetero-plan`` entry to the round's ConfigRecord (:func:`fedpeft.wire.encode_hetero_plan`)
+  -- every client's profile, its memory decision (physical batch, rank) and who is offline
+  or declines this round; the simulator's ClientApp mod applies each client's own entry
+  (:func:`fedpeft.sim.mods.hetero_mod`; a deployed node refuses the plan). ``aggregate_train`` turns the replies into
   simulated timings, applies the deadline policy and crash draws, zero-pads lower-rank B
   tensors, and hands only the surviving replies to AdapterAvg -- so stragglers and
   dropouts really change the model.
@@ -41,11 +42,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+import fedpeft.wire as wire
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.adapters.ffa_lora_hetero import pad_state
@@ -55,7 +56,7 @@ from fedpeft.server.run_dir import RunDir
 from fedpeft.sim.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide
 from fedpeft.sim.hetero.scenario import Scenario
 from fedpeft.sim.hetero.timing import COMPUTE_SOURCE, ClientTiming, StepCost, client_timing, expected_batch
-from fedpeft.strategies.adapter_avg import RoundReport, state_to_arrayrecord
+from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.deadlines import Candidate, Outcome, draw_round, resolve_round
 
 __all__ = ["HeteroEmulator", "TIMELINE_FILE", "TimelineEntry"]
@@ -139,12 +140,8 @@ class HeteroEmulator(RoundHook):
             elif draws.offline[cid]:
                 skip[str(cid)] = f"offline this round (emulated {name}, availability {self.availability[cid]:g})"
         self._plan = {"draws": draws, "skip": skip}
-        return json.dumps({
-            "profiles": self.names,
-            "assign": [self.index[n] for n in self.assignment],
-            "plan": {n: {"physical_batch": d.physical_batch, "rank": d.rank} for n, d in self.decisions.items()},
-            "skip": skip,
-        }, separators=(",", ":"))
+        return wire.encode_hetero_plan(self.names, [self.index[n] for n in self.assignment],
+                                       {n: (d.physical_batch, d.rank) for n, d in self.decisions.items()}, skip)
 
     # ---- RoundHook ----------------------------------------------------------------------
     def on_start(self, setup: ServerSetup, strategy: Strategy, run_dir: RunDir) -> None:
@@ -219,21 +216,21 @@ class HeteroEmulator(RoundHook):
             if msg.has_error():
                 passthrough.append(msg)
                 continue
-            status = msg.content.get("status")
-            if isinstance(status, ConfigRecord) and status.get("hetero-skip"):
-                cid = str(status.get("client"))
+            status = msg.content.get(wire.STATUS)
+            if isinstance(status, ConfigRecord) and status.get(wire.HETERO_SKIP):
+                cid = str(status.get(wire.CLIENT))
                 kind = "declined" if self.decisions[self.assignment[int(cid)]].declined else "offline"
                 cands.append(Candidate(cid, math.inf, kind))
-                info[cid] = (None, (0, 0.0, 0.0), 0, str(status.get("reason", "")))
+                info[cid] = (None, (0, 0.0, 0.0), 0, str(status.get(wire.REASON, "")))
                 continue
-            conf = msg.content.get("info")
-            if not isinstance(conf, ConfigRecord) or not self._emulated(str(conf.get("client", ""))):
+            conf = msg.content.get(wire.INFO)
+            if not isinstance(conf, ConfigRecord) or not self._emulated(str(conf.get(wire.CLIENT, ""))):
                 passthrough.append(msg)  # not an emulated client (e.g. a DP-budget refusal)
                 continue
-            cid = str(conf["client"])
+            cid = str(conf[wire.CLIENT])
             metrics = next(v for v in msg.content.values() if isinstance(v, MetricRecord))
             arrays = next(v for v in msg.content.values() if isinstance(v, ArrayRecord))
-            up = int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
+            up = wire.record_nbytes(arrays)
             profile = self.scenario.catalogue[self.assignment[int(cid)]]
             work = self.compute_estimate(metrics)
             timing = client_timing(profile, self.scenario.host, work[2], bytes_down_each, up)
@@ -252,8 +249,8 @@ class HeteroEmulator(RoundHook):
                 key = next(k for k, v in reply.content.items() if isinstance(v, ArrayRecord))
                 record = reply.content[key]
                 assert isinstance(record, ArrayRecord)
-                state = {k: v.numpy() for k, v in record.items()}
-                reply.content[key] = state_to_arrayrecord(pad_state(state, self.full_shapes))
+                reply.content[key] = wire.state_to_arrayrecord(pad_state(wire.arrayrecord_to_state(record),
+                                                                         self.full_shapes))
                 kept.append(reply)
         self._pending[server_round] = (round_s, sorted(entries, key=lambda e: int(e.client)))
         return kept + passthrough
@@ -273,9 +270,9 @@ class HeteroEmulator(RoundHook):
             value = metrics.get(key)
             return float(value) if isinstance(value, (int, float)) else None
 
-        n = number("num-examples") or 0.0
-        batch = expected_batch(n, self.cfg.train.batch_size, number("sample-rate"))
-        reported = number("steps")
+        n = number(wire.NUM_EXAMPLES) or 0.0
+        batch = expected_batch(n, self.cfg.train.batch_size, number(wire.SAMPLE_RATE))
+        reported = number(wire.STEPS)
         if reported is not None:
             steps = int(reported)
         elif n >= 1:
@@ -318,8 +315,8 @@ class HeteroStrategy:
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         plan = self.emulator._round_plan(server_round)
         for msg in messages:
-            msg.content.config_records["config"]["hetero-plan"] = plan
-        self._down = int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
+            msg.content.config_records[wire.CONFIG][wire.HETERO_PLAN] = plan
+        self._down = wire.record_nbytes(arrays)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, Any]:
