@@ -190,10 +190,12 @@ def test_server_side_code_never_touches_node_secrets() -> None:
     """No module the server runs imports the node-secret code (a static check of imports)."""
     import ast
 
-    root = Path(__file__).resolve().parents[1]
-    forbidden = {"fedpeft.privacy.randomness", "fedpeft.client.node_store", "fl_client"}
-    for folder in ("fl_server", "strategies"):
-        for path in (root / folder).rglob("*.py"):
+    root = Path(__file__).resolve().parents[1] / "src" / "fedpeft"
+    forbidden = {"fedpeft.privacy.randomness", "fedpeft.client.node_store", "fedpeft.client"}
+    for folder in ("server", "strategies"):
+        paths = sorted((root / folder).rglob("*.py"))
+        assert paths, f"nothing to scan in {root / folder}"  # a moved folder must not pass vacuously
+        for path in paths:
             tree = ast.parse(path.read_text(encoding="utf-8"))
             for node in ast.walk(tree):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \

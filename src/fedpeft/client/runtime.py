@@ -173,7 +173,7 @@ def runtime_for(config_toml: str, config_hash: str) -> Runtime:
     with _GUARD:
         rt = _RUNTIMES.get(config_hash)
         if rt is None:
-            cfg = config_from_toml(config_toml)
+            cfg = config_from_toml(config_toml, role="node")  # not the server's data files
             if hash_of(cfg) != config_hash:
                 raise NodeRefusal(f"the configuration does not match its hash {config_hash[:16]!r}")
             _RUNTIMES.clear()
