@@ -46,6 +46,7 @@ ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
+STRATEGIES = ("fedavg",)  # the base strategies of fedpeft.strategies.registry (kept equal by a test)
 
 
 class ConfigError(ValueError):
@@ -135,6 +136,13 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the server's base strategy (:mod:`fedpeft.strategies.registry`)."""
+
+    name: str = "fedavg"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole resolved configuration of one run."""
 
@@ -146,6 +154,7 @@ class RunConfig:
     central: CentralDPConfig = field(default_factory=CentralDPConfig)  # src/fedpeft/privacy/central.py
     faults: FaultConfig = field(default_factory=FaultConfig)  # src/fedpeft/sim/faults.py
     tasks: TasksConfig = field(default_factory=TasksConfig)  # src/fedpeft/config/tasks.py
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     name: str = ""
     output_dir: str = ""
     seed: int = 0
@@ -161,6 +170,7 @@ _SECTIONS = {
     "central": CentralDPConfig,
     "faults": FaultConfig,
     "tasks": TasksConfig,
+    "strategy": StrategyConfig,
 }
 
 
@@ -390,6 +400,7 @@ def validate(cfg: RunConfig) -> None:
     _require(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")
     _require(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"allowed: {', '.join(OPTIMIZERS)}")
     _require(0 <= t.clients_per_round <= t.clients, "train.clients_per_round", t.clients_per_round, f"must be in [0, {t.clients}] (0 = all)")
+    _require(cfg.strategy.name in STRATEGIES, "strategy.name", cfg.strategy.name, f"allowed: {', '.join(STRATEGIES)}")
     _require(cfg.device in DEVICES, "device", cfg.device, f"allowed: {', '.join(DEVICES)}")
     _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
     registry.get(a.method).validate_config(cfg)

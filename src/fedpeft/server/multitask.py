@@ -9,7 +9,7 @@ picks it when ``cfg.tasks.enabled``):
   adapter tensors plus the tensors owned by exactly one task -- a reply is checked against
   the task whose tensor names it carries, and aggregated by
   :class:`fedpeft.strategies.multitask_avg.MultiTaskAvg` (per-task tensors only within that task's
-  group);
+  group; :mod:`fedpeft.strategies.registry` picks it for a multi-task configuration);
 * evaluation runs every task on its own held-out split; ``accuracy`` / ``loss`` in
   ``metrics.jsonl`` are the unweighted means over tasks, ``accuracy_per_task`` /
   ``loss_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
@@ -43,7 +43,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout
 from fedpeft.server.loop import RoundHook, ServerSetup
 from fedpeft.strategies.adapter_avg import RoundReport
-from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.multitask_avg import MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
 from fedpeft.tasks.evaluate import evaluate
 from fedpeft.tasks.model import Batch, batches, load_tokenizer, pick_device
@@ -59,8 +59,6 @@ def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 
 class MultiTaskSetup(ServerSetup):
     """Server-side model with every task's head, per-task specs and per-task evaluation."""
-
-    strategy_class = MultiTaskAvg
 
     def __init__(self, cfg: RunConfig) -> None:  # noqa: D107 -- ServerSetup.__init__ is single-task
         self.cfg = cfg
