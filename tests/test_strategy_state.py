@@ -79,6 +79,8 @@ def test_wrappers_are_applied_in_the_documented_order() -> None:
                                                  "AdapterAvg"]
     assert seen == [chain[2]] and [type(h) for h in hooks] == [ClientLevelAccountant]
     assert chain[-1].per_round == 4 and chain[2].wanted == 2  # over-selection x2 of k = 2
+    multi, _ = build_strategy(_cfg(), get("ffa_lora"), MultiTaskSpec(SPEC.tensors, "h", {"t": SPEC}), "", "h")
+    assert type(multi) is MultiTaskAvg and type(build_strategy(_cfg(), get("ffa_lora"), SPEC, "", "h")[0]) is AdapterAvg
 
 
 # ---- each strategy's state ------------------------------------------------------------------

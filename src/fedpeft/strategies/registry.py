@@ -3,7 +3,8 @@
 ``[strategy] name`` picks the base strategy (:data:`STRATEGIES`; an unknown name is a one-line
 config error listing these). ``fedavg`` is :class:`~fedpeft.strategies.adapter_avg.AdapterAvg`:
 Flower's FedAvg sampling, per-reply validation and the adapter plugin's aggregation rule; a
-multi-task federation (``[tasks]``) gets its per-task variant
+multi-task federation (its server's spec is a per-task
+:class:`~fedpeft.strategies.multitask_avg.MultiTaskSpec`) gets the per-task variant
 :class:`~fedpeft.strategies.multitask_avg.MultiTaskAvg`.
 
 :func:`build_strategy` wraps the base, Flower style (each wrapper keeps the one inside as
@@ -33,7 +34,7 @@ from fedpeft.privacy.central import ClientLevelAccountant
 from fedpeft.strategies.adapter_avg import AdapterAvg
 from fedpeft.strategies.central_dp import with_central_dp
 from fedpeft.strategies.deadlines import DeadlineStrategy, RoundTimer
-from fedpeft.strategies.multitask_avg import MultiTaskAvg
+from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
 
 __all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy"]
@@ -49,8 +50,9 @@ def build_base(
     cfg: RunConfig, plugin: AdapterPlugin, spec: StateSpec, config_toml: str, config_hash: str,
     extra_config: Mapping[str, str] | None = None, clients_per_round: int = 0,
 ) -> AdapterAvg:
-    """The base strategy ``cfg.strategy.name`` names (``clients_per_round``: 0 = the config's)."""
-    table = MULTITASK_STRATEGIES if cfg.tasks.enabled else STRATEGIES
+    """The base strategy ``cfg.strategy.name`` names, its multi-task variant for a per-task
+    ``spec`` (``clients_per_round``: 0 = the config's)."""
+    table = MULTITASK_STRATEGIES if isinstance(spec, MultiTaskSpec) else STRATEGIES
     if cfg.strategy.name not in table:
         raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(table)}")
     return table[cfg.strategy.name].from_config(plugin, cfg, spec, config_toml, config_hash, extra_config,
