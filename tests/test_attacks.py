@@ -28,7 +28,7 @@ PUBLIC_METRICS = {"num-examples", "steps", "bytes-up", "epsilon", "delta", "nois
 
 def _server(cfg, ledger_dir: Path):  # type: ignore[no-untyped-def]
     setup = ServerSetup(cfg)
-    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+    strategy = AdapterAvg.from_config(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
                           extra_config={"ledger-dir": str(ledger_dir)})
     return setup, strategy
 

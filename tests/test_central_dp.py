@@ -18,10 +18,11 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from fedpeft.adapters import AdapterPlugin, get, plugins
 from fedpeft.config import ConfigError
 from fedpeft.load import parse_config
-from fedpeft.privacy.central import ClientLevelAccountant, with_central_dp
+from fedpeft.privacy.central import ClientLevelAccountant
 from fedpeft.server.checkpoint import CHECKPOINT_NAME, load_checkpoint, round_checkpoint, save_checkpoint
 from fedpeft.server.loop import inner_strategy
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.central_dp import with_central_dp
 from fedpeft.strategies.validation import StateSpec
 
 SPEC = StateSpec({"w": ((100, 100), "float32")}, frozen_hash="h")
@@ -66,7 +67,7 @@ def _reply(value: float, examples: float, client: str) -> Message:
 def _round(cfg, values: list[float], examples: list[float], grid: Any = None):  # type: ignore[no-untyped-def]
     wrap, hooks = with_central_dp(cfg)
     assert wrap is not None
-    strategy = wrap(AdapterAvg(get("ffa_lora"), cfg, SPEC, "", "h"))
+    strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     global_state = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
     strategy.configure_train(1, global_state, ConfigRecord(), grid or FakeGrid())
     replies = [_reply(v, n, str(i)) for i, (v, n) in enumerate(zip(values, examples, strict=True))]
@@ -185,7 +186,7 @@ def test_an_error_reply_drops_the_client_not_the_round(flwr_identity) -> None:  
     cfg = _cfg3(mode="server", clip=0.5, noise_multiplier=2.0)
     wrap, hooks = with_central_dp(cfg)
     assert wrap is not None
-    strategy = wrap(AdapterAvg(get("ffa_lora"), cfg, SPEC, "", "h"))
+    strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
                              FakeGrid3())
     crashed = Message(Error(0, "Traceback ...\nRuntimeError: CUDA out of memory"), reply_to=_instruction())
@@ -210,7 +211,7 @@ def test_replies_that_do_not_match_the_global_state_are_rejected_before_clipping
     cfg = _cfg3(mode="server", clip=0.5, noise_multiplier=1e-6)
     wrap, _ = with_central_dp(cfg)
     assert wrap is not None
-    strategy = wrap(AdapterAvg(get("ffa_lora"), cfg, SPEC, "", "h"))
+    strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
                              FakeGrid3())
     bad = _reply(1.0, 10.0, "1")

@@ -28,7 +28,7 @@ CLIENT_PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fedpeft" / "clie
 
 def _server(cfg, tmp_path: Path):  # type: ignore[no-untyped-def]
     setup = ServerSetup(cfg)
-    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+    strategy = AdapterAvg.from_config(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
                           extra_config={"ledger-dir": str(tmp_path / "ledger")})
     return setup, strategy
 

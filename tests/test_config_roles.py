@@ -142,7 +142,7 @@ def test_node_without_the_servers_data_file_trains_and_replies(tiny_model_dir: P
                         "data.test_size": 20, "train.rounds": 1, "train.batch_size": 16, "train.local_steps": 2,
                         "output_dir": str(server_dir / "run")})
     setup = ServerSetup(cfg)
-    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+    strategy = AdapterAvg.from_config(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
                           extra_config={"ledger-dir": str(server_dir / "run" / "ledger"),  # as run_federation sends
                                         "label-names": json.dumps(list(setup.test.label_names))})
     msg = Message(content=RecordDict({"arrays": state_to_arrayrecord(setup.state),

@@ -133,7 +133,7 @@ def test_poisson_batches_are_sampled_at_the_rate_the_ledger_records(tiny_cfg, st
     cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, batch_size=16, rounds=1,
                                                                   local_steps=1))
     setup = ServerSetup(cfg)
-    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+    strategy = AdapterAvg.from_config(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
                           extra_config={"ledger-dir": str(tmp_path / "ledger")})
     msg = Message(content=RecordDict({"arrays": state_to_arrayrecord(setup.state),
                                       "config": strategy.round_config(1)}), dst_node_id=7, message_type="train")

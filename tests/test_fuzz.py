@@ -99,7 +99,7 @@ def test_every_corruption_is_rejected_with_a_reason(case: tuple[RecordDict, str]
 @given(corrupted(), st.floats(-5, 5, allow_nan=False, width=32))
 def test_a_corrupted_reply_never_reaches_the_average(flwr_identity, case: tuple[RecordDict, str], value: float) -> None:  # type: ignore[no-untyped-def]
     content, _ = case
-    strategy = AdapterAvg(get("ffa_lora"), parse_config({"privacy.epsilon": "inf"}), SPEC, "", "h")
+    strategy = AdapterAvg.from_config(get("ffa_lora"), parse_config({"privacy.epsilon": "inf"}), SPEC, "", "h")
     sent = Message(content=RecordDict({"arrays": state_to_arrayrecord(_good())}), dst_node_id=1, message_type="train")
     good = RecordDict({"arrays": state_to_arrayrecord(_good(value)), "metrics": MetricRecord({"num-examples": 5}),
                        "info": ConfigRecord({"client": "g", "frozen-hash": SPEC.frozen_hash})})

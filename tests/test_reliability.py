@@ -23,14 +23,16 @@ from fedpeft.server.run_dir import RunDir
 from fedpeft.sim.faults import InjectedCrash, draw_fault
 from fedpeft.sim.mods import simulation_app
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.state import sampler_to_json
 
 
 def _ckpt(server_round: int = 2, value: float = 1.0) -> Checkpoint:
     rng = random.Random(5)
     rng.random()
+    base = {"previous": {"mask": np.ones(4, np.float32)}, "sampler": sampler_to_json(rng.getstate())}
     return Checkpoint(
-        server_round, "abc", {"b": np.full((2, 3), value, np.float32)}, {"mask": np.ones(4, np.float32)},
-        rng.getstate(), [{"round": 1, "epsilon": float("inf"), "loss": float("nan")}], {"0": 1.5}, ["prv"],
+        server_round, "abc", {"b": np.full((2, 3), value, np.float32)}, [["AdapterAvg", base]], {},
+        [{"round": 1, "epsilon": float("inf"), "loss": float("nan")}], {"0": 1.5}, ["prv"],
     )
 
 
@@ -142,7 +144,7 @@ def test_ledger_counts_a_replay_once_and_anything_else_again() -> None:
 
 def _client_setup(cfg, tmp_path: Path):  # type: ignore[no-untyped-def]
     setup = ServerSetup(cfg)
-    strategy = AdapterAvg(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
+    strategy = AdapterAvg.from_config(setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
                           extra_config={"ledger-dir": str(tmp_path / "ledger")})
     return setup, strategy
 
@@ -191,7 +193,7 @@ def test_too_few_valid_replies_average_nothing(caplog: pytest.LogCaptureFixture,
 
     spec = StateSpec({"w": ((2, 3), "float32"), "b": ((3,), "float32")}, frozen_hash="abc123")
     cfg = parse_config({"privacy.epsilon": "inf", "faults.min_clients": 2})
-    strategy = AdapterAvg(get("ffa_lora"), cfg, spec, "", "h")
+    strategy = AdapterAvg.from_config(get("ffa_lora"), cfg, spec, "", "h")
     sent = Message(content=RecordDict({"arrays": state_to_arrayrecord(_state())}), dst_node_id=1, message_type="train")
     lost = RecordDict({"status": ConfigRecord({"timed-out": True, "client": "b", "reason": "injected timeout"})})
     replies = [Message(content=_content(client="a"), reply_to=sent), Message(content=lost, reply_to=sent)]

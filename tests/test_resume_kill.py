@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -68,15 +69,42 @@ def _ledgers(run: Path) -> dict[str, list[tuple[int, int]]]:
 def _same_nodes(secrets: Path, reference: Path, crashed: Path, clients: int = 3) -> None:
     """Give the crashed run's simulated clients the reference run's node secrets: the same
     nodes doing the same run twice. (Each simulated client's secret is keyed by its ledger
-    directory, so two run directories are two sets of nodes, with different DP noise.)"""
+    directory, so two run directories are two sets of nodes, with different DP noise.) A
+    client that never trained (an emulated device that declines) may have none."""
     import shutil
 
     from fedpeft.client.node_store import secret_path
 
     for cid in map(str, range(clients)):
         src, dst = secret_path(reference / "ledger", cid, False), secret_path(crashed / "ledger", cid, False)
+        if not src.is_file():
+            continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)
+
+
+def _run_then_kill(cmd: list[str], env: dict[str, str], run: Path) -> int | None:
+    """Start ``cmd``; SIGKILL it and all its processes as soon as ``run`` has a checkpoint (a
+    round is then in flight); the checkpointed round, or None if the run was never interrupted."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ps, seen = psutil.Process(proc.pid), set()
+    killed_after = None
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                seen |= {c.pid for c in ps.children(recursive=True)}
+            ckpt = run / "checkpoint.npz"
+            if ckpt.is_file():
+                killed_after = load_checkpoint(ckpt).server_round
+                _kill_tree(ps, seen)  # round killed_after + 1 is in flight
+                break
+            time.sleep(0.05)
+    finally:
+        _kill_tree(ps, seen)
+        proc.wait(timeout=30)
+    return killed_after
 
 
 def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path,
@@ -89,24 +117,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Pa
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _same_nodes(secrets, reference, crashed)
 
-    proc = subprocess.Popen(_cmd(tiny_model_dir, crashed), env=_env(secrets), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ps, seen = psutil.Process(proc.pid), set()
-    killed_after = None
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            with contextlib.suppress(psutil.Error):
-                seen |= {c.pid for c in ps.children(recursive=True)}
-            ckpt = crashed / "checkpoint.npz"
-            if ckpt.is_file():
-                killed_after = load_checkpoint(ckpt).server_round
-                _kill_tree(ps, seen)  # round killed_after + 1 is in flight
-                break
-            time.sleep(0.05)
-    finally:
-        _kill_tree(ps, seen)
-        proc.wait(timeout=30)
+    killed_after = _run_then_kill(_cmd(tiny_model_dir, crashed), _env(secrets), crashed)
     assert killed_after is not None and killed_after < ROUNDS, "the run was not interrupted mid-way"
     assert not (crashed / "adapter").exists()
 
@@ -137,3 +148,98 @@ def test_resume_with_another_configuration_exits_2(tiny_model_dir: Path, tmp_pat
                            capture_output=True, text=True)
     assert again.returncode == 2 and "differs" in again.stderr and "train.lr" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+SCENARIO = """
+name = "resume-hetero"
+host_profile = "Host-2core-CPU"
+rank_tiers = [4, 2]
+
+[config]
+"adapter.method" = "ffa_lora_hetero"
+"adapter.rank" = 4
+"train.clients" = 4
+"data.partition" = "iid"
+
+[clients]
+Fast = 2
+Slow = 1
+Tiny = 1
+
+[ranks]
+Fast = 4
+Slow = 2
+Tiny = 2
+
+[deadline]
+policy = "drop-late"
+seconds = 30.0
+
+[profiles.Fast]
+tflops = 1000.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+[profiles.Slow]
+tflops = 0.000001
+memory_gb = 80.0
+uplink_mbps = 1.0
+downlink_mbps = 1.0
+[profiles.Tiny]
+tflops = 1.0
+memory_gb = 0.000001
+uplink_mbps = 1.0
+downlink_mbps = 1.0
+"""
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_scenario_run_sigkill_then_resume_is_bit_identical(tiny_model_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heterogeneous-scenario run killed mid-way resumes (``--resume RUN --scenario S``) to the
+    uninterrupted run's adapter, rows and timeline; the emulator goes on with its simulated clock
+    and the step cost it measured at the first start (a re-measured cost would show as other
+    compute estimates for the same work in the resumed rounds)."""
+    reference, crashed, secrets = tmp_path / "reference", tmp_path / "crashed", tmp_path / "node-secrets"
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(SCENARIO)
+    monkeypatch.setenv("FEDPEFT_SECRET_HOME", str(secrets))
+    extra = ("--scenario", str(scenario), "--local-steps", "2")
+    subprocess.run(_cmd(tiny_model_dir, reference, *extra), env=_env(secrets), check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _same_nodes(secrets, reference, crashed, clients=4)
+
+    killed_after = _run_then_kill(_cmd(tiny_model_dir, crashed, *extra), _env(secrets), crashed)
+    assert killed_after is not None and killed_after < ROUNDS, "the run was not interrupted mid-way"
+    plan = (crashed / "hetero_plan.json").read_text()
+
+    without = subprocess.run(_fedpeft("--resume", str(crashed)), env=_env(secrets), timeout=120,
+                             capture_output=True, text=True)
+    assert without.returncode == 2 and "--scenario" in without.stderr and "Traceback" not in without.stderr
+    resumed = subprocess.run(_fedpeft("--resume", str(crashed), "--scenario", str(scenario)),
+                             env=_env(secrets), timeout=600, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a, b = _adapter(reference), _adapter(crashed)
+    assert set(a) == set(b) and a
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)  # bit-identical
+    rows_a, rows_b = _lines(reference / "metrics.jsonl"), _lines(crashed / "metrics.jsonl")
+    assert [r["round"] for r in rows_b] == list(range(1, ROUNDS + 1))
+    for key in ("accuracy", "epsilon", "sim_seconds", "sim_clock", "hetero", "clients_accepted", "bytes_up_actual"):
+        assert [r[key] for r in rows_a] == [r[key] for r in rows_b], key
+    assert rows_b[-1]["sim_clock"] == pytest.approx(sum(r["sim_seconds"] for r in rows_b))
+    # the timeline: every round once, every client's fate as in the uninterrupted run
+    fate = ("round", "client", "profile", "status", "rank", "physical_batch", "bytes_up", "steps", "reason")
+    line_a, line_b = _lines(reference / "hetero_timeline.jsonl"), _lines(crashed / "hetero_timeline.jsonl")
+    assert [e["round"] for e in line_b] == [r for r in range(1, ROUNDS + 1) for _ in range(4)]
+    assert [[e[k] for k in fate] for e in line_a] == [[e[k] for k in fate] for e in line_b]
+    # the same work is priced alike before and after the resume: the step cost came back
+    for client in {e["client"] for e in line_b if e["steps"]}:
+        assert len({e["estimated_compute_s"] for e in line_b if e["client"] == client}) == 1, client
+    assert (crashed / "hetero_plan.json").read_text() == plan
+    assert (crashed / "plots" / "client_timeline.png").is_file()
+    assert _ledgers(crashed) == _ledgers(reference)

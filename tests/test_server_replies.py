@@ -77,7 +77,7 @@ class MeanPlugin:
 
 def _strategy() -> AdapterAvg:
     cfg = parse_config({"privacy.epsilon": "inf", "train.clients": 3, "faults.min_clients": 1})
-    return AdapterAvg(MeanPlugin(), cfg, SPEC, "", "h")  # type: ignore[arg-type]
+    return AdapterAvg.from_config(MeanPlugin(), cfg, SPEC, "", "h")  # type: ignore[arg-type]
 
 
 @pytest.mark.usefixtures("flwr_identity")

@@ -19,6 +19,7 @@ from fedpeft.data.sources import train_test_split_for
 from fedpeft.server.setup import ServerSetup
 from fedpeft.strategies.adapter_avg import AdapterAvg
 from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.registry import build_base
 from fedpeft.tasks.model import load_base_model
 
 
@@ -57,7 +58,7 @@ def test_single_task_layout_is_the_single_task_construction(tiny_cfg: RunConfig)
     _assert_same(_state(rt.model), expected)
     setup = ServerSetup(cfg)
     _assert_same(_state(setup.model), expected)
-    assert setup.hooks == [] and setup.strategy_class is AdapterAvg and not isinstance(setup.spec, MultiTaskSpec)
+    assert setup.hooks == [] and type(build_base(cfg, setup.plugin, setup.spec, "", "h")) is AdapterAvg and not isinstance(setup.spec, MultiTaskSpec)
     assert set(setup.evaluate()) == {"accuracy", "loss", "examples"}  # no per-task keys in its rows
 
 
@@ -71,7 +72,7 @@ def test_multi_task_config_builds_one_task_per_entry(tiny_cfg: RunConfig) -> Non
     assert layout.per_task and [t.name for t in layout] == ["rt", "bbc", "tweets"]
     assert [layout.client_task(pid).name for pid in range(6)] == ["rt", "rt", "bbc", "bbc", "tweets", "tweets"]
     setup = ServerSetup(cfg)
-    assert setup.strategy_class is MultiTaskAvg and set(setup.spec.task_specs) == {"rt", "bbc", "tweets"}  # type: ignore[attr-defined]
+    assert type(build_base(cfg, setup.plugin, setup.spec, "", "h")) is MultiTaskAvg and set(setup.spec.task_specs) == {"rt", "bbc", "tweets"}  # type: ignore[attr-defined]
     heads = {k for k in setup.state if k.startswith("classifier.task_") and k.endswith(".weight")}
     assert {k: setup.state[k].shape[0] for k in heads} == {
         "classifier.task_rt.weight": 2, "classifier.task_bbc.weight": 5, "classifier.task_tweets.weight": 3}

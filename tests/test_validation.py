@@ -55,7 +55,7 @@ def test_bad_replies_are_rejected_with_a_reason(content: RecordDict, reason: str
 
 def test_strategy_drops_bad_replies_and_averages_the_rest(caplog: pytest.LogCaptureFixture, flwr_identity) -> None:  # type: ignore[no-untyped-def]
     cfg = parse_config({"privacy.epsilon": "inf"})
-    strategy = AdapterAvg(get("ffa_lora"), cfg, SPEC, "", "h")
+    strategy = AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h")
 
     def reply(content: RecordDict) -> Message:
         out = Message(content=RecordDict({"arrays": ArrayRecord({"x": Array(np.zeros(1))})}), dst_node_id=1,

@@ -166,9 +166,6 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4]) or "code version"
         raise ConfigError("--resume", str(run_dir), f"the configuration differs from the run's ({detail}); "
                                                     "resume with the same configuration or start a new run")
-    if cfg.central.enabled:
-        raise ConfigError("--resume", str(run_dir), "runs with central DP cannot be resumed yet (the client-level "
-                                                    "accountant is not checkpointed)")
     if ckpt.server_round >= cfg.train.rounds:
         raise ConfigError("--resume", str(run_dir), f"the run is complete ({ckpt.server_round} of "
                                                     f"{cfg.train.rounds} rounds)")

@@ -21,6 +21,7 @@ from fedpeft.config.parse import (
     load_config_file,
 )
 from fedpeft.config.schema import (
+    STRATEGIES,
     AdapterConfig,
     CentralDPConfig,
     ConfigError,
@@ -29,12 +30,14 @@ from fedpeft.config.schema import (
     ModelConfig,
     PrivacyConfig,
     RunConfig,
+    StrategyConfig,
     TasksConfig,
     TaskSpec,
     TrainConfig,
 )
 
 __all__ = [
+    "STRATEGIES",
     "AdapterConfig",
     "CentralDPConfig",
     "ConfigError",
@@ -43,6 +46,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "RunConfig",
+    "StrategyConfig",
     "TaskSpec",
     "TasksConfig",
     "TrainConfig",

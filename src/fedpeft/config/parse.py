@@ -35,6 +35,7 @@ from fedpeft.config.schema import (
     ModelConfig,
     PrivacyConfig,
     RunConfig,
+    StrategyConfig,
     TrainConfig,
 )
 from fedpeft.config.tasks import parse_tasks
@@ -49,6 +50,7 @@ _SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "central": CentralDPConfig,
     "faults": FaultConfig,
+    "strategy": StrategyConfig,
 }
 # Sections with free-form sub-tables (e.g. [tasks.NAME]) have a parser of their own.
 _TABLE_PARSERS: dict[str, Callable[[dict[str, Any]], Any]] = {"tasks": parse_tasks}

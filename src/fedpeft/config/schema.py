@@ -28,6 +28,7 @@ ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
+STRATEGIES = ("fedavg",)  # the base strategies of fedpeft.strategies.registry (kept equal by a test)
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")  # what src/fedpeft/data/sources.py reads
 CENTRAL_MODES = ("off", "server")
 FAULT_POLICIES = ("retry", "skip")
@@ -201,6 +202,13 @@ class TasksConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the server's base strategy (:mod:`fedpeft.strategies.registry`)."""
+
+    name: str = "fedavg"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole resolved configuration of one run."""
 
@@ -212,6 +220,7 @@ class RunConfig:
     central: CentralDPConfig = field(default_factory=CentralDPConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     name: str = ""
     output_dir: str = ""
     seed: int = 0

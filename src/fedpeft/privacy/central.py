@@ -8,7 +8,7 @@ clients' states, ``m`` being the configured number of sampled clients per round
 (``train.clients_per_round``, or all). fedpeft runs this with
 :class:`fedpeft.strategies.central_dp.CentralDPFixedClipping`, Flower's
 ``DifferentialPrivacyServerSideFixedClipping`` around the
-:class:`~fedpeft.strategies.adapter_avg.AdapterAvg` (``run_federation(wrap_strategy=...)``), so the
+:class:`~fedpeft.strategies.adapter_avg.AdapterAvg` (``fedpeft.strategies.registry``), so the
 two mechanisms compose: both can be on, and both epsilons are reported in every
 ``metrics.jsonl`` row with their units (``epsilon`` = example-level; ``epsilon_client_level``
 = client-level, with ``_unit``, ``_relation``, ``_delta`` and ``_accountant`` beside it).
@@ -48,15 +48,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedpeft.config import RunConfig
 
-if TYPE_CHECKING:  # pragma: no cover - Flower's server strategies load only when a run wraps one
-    from flwr.serverapp.strategy import Strategy
-
-__all__ = ["RELATION", "ClientLevelAccountant", "sampled_clients", "with_central_dp"]
+__all__ = ["RELATION", "ClientLevelAccountant", "sampled_clients"]
 
 log = logging.getLogger("fedpeft.server")
 
@@ -124,22 +120,13 @@ class ClientLevelAccountant:
     def on_end(self, rows: list[dict[str, Any]]) -> None:
         """Nothing to flush: every row already carries the epsilon so far."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The composed releases (Flower's accountant state: its configuration and events) and
+        the epsilon so far, so a resumed run goes on accounting where the checkpoint stopped."""
+        return {"accountant": self.accountant.state_dict(), "epsilon": self.epsilon}
 
-def with_central_dp(
-    cfg: RunConfig, wrap_strategy: Callable[[Any], Strategy] | None = None,
-) -> tuple[Callable[[Any], Strategy] | None, list[Any]]:
-    """``(wrap_strategy, hooks)`` for ``run_federation``: unchanged when central DP is off;
-    else the given wrapper (if any) wrapped once more in
-    :class:`~fedpeft.strategies.central_dp.CentralDPFixedClipping` (Flower's server-side fixed
-    clipping, keeping only the noised release), plus the :class:`ClientLevelAccountant` hook."""
-    if not cfg.central.enabled:
-        return wrap_strategy, []
-
-    def wrap(base: Any) -> Strategy:
-        from fedpeft.strategies.central_dp import CentralDPFixedClipping
-
-        inner = wrap_strategy(base) if wrap_strategy else base
-        return CentralDPFixedClipping(inner, noise_multiplier=cfg.central.noise_multiplier,
-                                      clipping_norm=cfg.central.clip, num_sampled_clients=sampled_clients(cfg))
-
-    return wrap, [ClientLevelAccountant(cfg)]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError if it was made under another
+        client-level privacy configuration (delta, population, relation, sampling)."""
+        self.accountant.load_state_dict(dict(state["accountant"]))
+        self.epsilon = float(state["epsilon"])

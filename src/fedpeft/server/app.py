@@ -19,10 +19,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import RunConfig, load_config_file
 from fedpeft.load import parse_config
-from fedpeft.privacy.central import with_central_dp
 from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.run_dir import default_run_dir
-from fedpeft.strategies.adapter_avg import AdapterAvg
+from fedpeft.strategies.deadlines import RoundTimer
 
 __all__ = ["app", "config_from_run_config", "make_server_app"]
 
@@ -52,18 +51,19 @@ def make_server_app(
     run_dir: str | None = None,
     timeout: float = 3600.0,
     hooks: Sequence[RoundHook] = (),
-    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    wrap_strategy: Callable[[Strategy], Strategy] | None = None,
     resume: bool = False,
+    round_timer: RoundTimer | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to a parsed configuration (used by ``fedpeft simulate``)."""
+    """A ServerApp bound to a parsed configuration (used by ``fedpeft simulate``); the
+    arguments are :func:`~fedpeft.server.loop.run_federation`'s."""
     server = ServerApp()
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
         _configure_logging()
-        wrap, central_hooks = with_central_dp(cfg, wrap_strategy)  # client-level central DP, if configured
-        run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir),
-                       timeout=timeout, hooks=[*hooks, *central_hooks], wrap_strategy=wrap, resume=resume)
+        run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir), timeout=timeout,
+                       hooks=hooks, wrap_strategy=wrap_strategy, resume=resume, round_timer=round_timer)
 
     return server
 
@@ -75,5 +75,4 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     _configure_logging()
     cfg = config_from_run_config(dict(context.run_config))
-    wrap, central_hooks = with_central_dp(cfg)  # client-level central DP, if configured
-    run_federation(grid, cfg, default_run_dir(cfg), hooks=central_hooks, wrap_strategy=wrap)
+    run_federation(grid, cfg, default_run_dir(cfg))  # central DP, if configured, is part of the strategy chain

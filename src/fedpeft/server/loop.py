@@ -34,10 +34,13 @@ from flwr.serverapp.strategy import Strategy
 import fedpeft.wire as wire
 from fedpeft.config import RunConfig, config_hash, config_to_toml
 from fedpeft.privacy.accounting import DEFAULT_RELATION
-from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
+from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, restore, round_checkpoint, save_checkpoint
 from fedpeft.server.run_dir import RunDir
 from fedpeft.server.setup import RoundHook, ServerSetup
 from fedpeft.strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
+from fedpeft.strategies.deadlines import RoundTimer
+from fedpeft.strategies.registry import build_strategy
+from fedpeft.strategies.state import base_strategy
 
 __all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "reported_epsilon",
            "run_federation", "send_and_receive"]
@@ -51,11 +54,8 @@ a grid with its own ``pull_interval`` (the simulation's, 0.1 s) keeps that."""
 
 
 def inner_strategy(strategy: Strategy) -> AdapterAvg:
-    """Unwrap Flower-style wrapper strategies (which keep the wrapped one as ``.strategy``)."""
-    inner = strategy
-    while not isinstance(inner, AdapterAvg):
-        inner = inner.strategy  # type: ignore[attr-defined]
-    return inner
+    """The base :class:`AdapterAvg` inside Flower-style wrappers (each keeps its inner one as ``.strategy``)."""
+    return base_strategy(strategy, AdapterAvg)
 
 
 def _round_row(
@@ -109,17 +109,15 @@ def reported_epsilon(msg: Message) -> tuple[str, float] | None:
     return (who, eps) if eps >= 0 and not math.isnan(eps) else None
 
 
-def _resume_from(ckpt_path: Path, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, rd: RunDir) -> Checkpoint:
-    """Restore server, strategy and ``metrics.jsonl`` from the last checkpoint."""
+def _resume_from(ckpt_path: Path, cfg: RunConfig, setup: ServerSetup, strategy: Strategy,
+                 hooks: Sequence[RoundHook], rd: RunDir) -> Checkpoint:
+    """Restore server, strategy chain, stateful hooks and ``metrics.jsonl`` from the last checkpoint."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.config_hash != config_hash(cfg):
         raise ValueError(f"{ckpt_path}: checkpoint of configuration {ckpt.config_hash}, this run is "
                          f"{config_hash(cfg)}; resume with the run's own configuration")
     setup.set_state(ckpt.state)
-    inner = inner_strategy(strategy)
-    inner.previous = dict(ckpt.previous)
-    if ckpt.rng_state is not None:
-        inner.rng.setstate(ckpt.rng_state)
+    restore(ckpt, strategy, hooks)
     rd.rewrite_metrics(ckpt.rows)  # drop a row written after the checkpoint, if the crash came in between
     log.info("resuming %s after round %d of %d (checkpoint %s)", rd.path, ckpt.server_round, cfg.train.rounds,
              ckpt_path.name)
@@ -181,13 +179,12 @@ def _train_round(
     max_attempts = 1 + (cfg.faults.max_retries if cfg.faults.on_too_few == "retry" else 0)
     received: list[Any] = []  # every attempt's replies: each states what its client spent
     for attempt in range(max_attempts):
-        inner.attempt = attempt
-        messages = list(strategy.configure_train(server_round, state_to_arrayrecord(setup.state), ConfigRecord(),
-                                                 grid))
+        messages = list(strategy.configure_train(server_round, state_to_arrayrecord(setup.state),
+                                                 ConfigRecord({wire.ATTEMPT: attempt}), grid))
         replies = send_and_receive(grid, messages, timeout)
         received.extend(replies)
         arrays, _ = strategy.aggregate_train(server_round, replies)
-        report = inner.report
+        report = inner.round_report()
         if arrays is not None:
             setup.set_state({k: v.numpy() for k, v in arrays.items()})
             return report, received
@@ -198,20 +195,39 @@ def _train_round(
     return report, received
 
 
+def _strategy_for(
+    cfg: RunConfig, setup: ServerSetup, rd: RunDir, round_timer: RoundTimer | None,
+    wrap_strategy: Callable[[Strategy], Strategy] | None,
+) -> tuple[Strategy, list[Any]]:
+    """The run's strategy chain (:func:`fedpeft.strategies.registry.build_strategy`: the base named
+    by ``[strategy]``; deadlines when a ``round_timer`` -- a heterogeneous-device emulation, also
+    one of the hooks -- is given; the caller's ``wrap_strategy``; central DP outermost when
+    configured) and the round hooks its wrappers bring (the client-level accountant, a duck-typed
+    :class:`RoundHook`)."""
+    strategy, wrapper_hooks = build_strategy(
+        cfg, setup.plugin, setup.spec, config_to_toml(cfg), config_hash(cfg),
+        extra_config={wire.LEDGER_DIR: str(rd.ledger_dir.resolve()),
+                      # deployed nodes map their files' string labels with the server's list
+                      wire.LABEL_NAMES: json.dumps(list(setup.test.label_names))},
+        round_timer=round_timer, extra=wrap_strategy,
+    )
+    return strategy, list(wrapper_hooks)
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
     run_dir: Path,
     timeout: float = 3600.0,
     hooks: Sequence[RoundHook] = (),
-    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    wrap_strategy: Callable[[Strategy], Strategy] | None = None,
     resume: bool = False,
+    round_timer: RoundTimer | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``cfg.train.rounds`` rounds on ``grid``; write the run directory; return the rows.
 
-    ``wrap_strategy`` may wrap the :class:`AdapterAvg` in Flower-style wrapper strategies
-    (e.g. client-level central DP, deadlines); ``hooks`` observe and annotate each round.
-    A checkpoint is written after every round; ``resume=True`` continues from it.
+    The strategy chain is :func:`_strategy_for`'s; ``hooks`` observe and annotate each round. A
+    checkpoint of every component is written after every round; ``resume=True`` continues from it.
     """
     rd = RunDir(run_dir)
     handler = rd.attach_log()
@@ -219,20 +235,14 @@ def run_federation(
     try:
         rd.write_config(cfg)
         setup = ServerSetup(cfg)
-        hooks = [*hooks, *setup.hooks]  # a multi-task layout brings its per-task rows
-        base = setup.strategy_class(
-            setup.plugin, cfg, setup.spec, config_to_toml(cfg), config_hash(cfg),
-            extra_config={wire.LEDGER_DIR: str(rd.ledger_dir.resolve()),
-                          # deployed nodes map their files' string labels with the server's list
-                          wire.LABEL_NAMES: json.dumps(list(getattr(getattr(setup, "test", None), "label_names", ())))},
-        )
-        strategy: Strategy = wrap_strategy(base) if wrap_strategy else base
+        strategy, wrapper_hooks = _strategy_for(cfg, setup, rd, round_timer, wrap_strategy)
+        hooks = [*hooks, *wrapper_hooks, *setup.hooks]  # a multi-task layout brings its per-task rows
         strategy.summary()
         eps: dict[str, float] = {}
         accountants: set[str] = set()
         first = 1
         if resume:
-            ckpt = _resume_from(rd.checkpoint_path, cfg, setup, strategy, rd)
+            ckpt = _resume_from(rd.checkpoint_path, cfg, setup, strategy, hooks, rd)
             rows, eps, accountants, first = list(ckpt.rows), dict(ckpt.epsilon), set(ckpt.accountants), \
                 ckpt.server_round + 1
         for hook in hooks:
@@ -260,9 +270,10 @@ def run_federation(
             for hook in hooks:
                 hook.on_round_end(server_round, row, report)
             rows.append(row)
-            rd.append_metrics(row)
+            # checkpoint, then row: nothing from an uncheckpointed release is written (fedpeft.strategies.central_dp)
             save_checkpoint(rd.checkpoint_path, round_checkpoint(  # released state only (central DP: noised)
-                server_round, config_hash(cfg), setup.state, inner_strategy(strategy), rows, eps, sorted(accountants)))
+                server_round, config_hash(cfg), setup.state, strategy, rows, eps, sorted(accountants), hooks))
+            rd.append_metrics(row)
             eps_txt = (f"epsilon={row['epsilon']:.3f} (max over clients; {row['epsilon_unit']}, "
                        f"{row['epsilon_relation']}, delta={cfg.privacy.delta:g}, {row['accountant']})") \
                 if cfg.privacy.enabled else "no DP"

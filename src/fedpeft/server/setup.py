@@ -7,8 +7,8 @@ is a layout whose tasks have their own heads, and only then does the setup compo
 per-task part (:class:`fedpeft.server.multitask.PerTaskServer`: per-task reply specs, the
 plugin's server-side tensors, per-task evaluation and public data) and the
 :class:`MultiTaskHook` that adds the per-task fields to each round's row. The aggregation
-strategy follows from the spec: :class:`~fedpeft.strategies.multitask_avg.MultiTaskAvg` when
-there are per-task reply specs, :class:`~fedpeft.strategies.adapter_avg.AdapterAvg` otherwise.
+strategy follows from the spec (:func:`fedpeft.strategies.registry.build_base`): the multi-task
+variant of the configured strategy when there are per-task reply specs.
 
 :class:`RoundHook` is the round loop's extension point (:mod:`fedpeft.server.loop`); it lives
 here, beside the setup it is handed, so that the loop and the per-task hook both build on it.
@@ -30,8 +30,7 @@ from fedpeft.data.layout import task_layout
 from fedpeft.data.sources import TextDataset
 from fedpeft.server.multitask import PerTaskServer, numpy_state, per_task_row
 from fedpeft.server.run_dir import RunDir
-from fedpeft.strategies.adapter_avg import AdapterAvg, RoundReport
-from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.validation import StateSpec
 from fedpeft.tasks.evaluate import evaluate
 from fedpeft.tasks.heads import layout_base_model
@@ -45,7 +44,9 @@ log = logging.getLogger("fedpeft.server")
 class RoundHook:
     """Extension point for the round loop (heterogeneous-client emulation, reliability,
     reporting). Every method is optional; ``on_round_end`` may add keys to ``row`` before it
-    is written to ``metrics.jsonl``."""
+    is written to ``metrics.jsonl``. A hook with state that a resumed run needs also has
+    ``state_dict()`` / ``load_state_dict(state)`` (:class:`fedpeft.strategies.state.Stateful`):
+    the checkpoint saves it after every round and a resume restores it *before* ``on_start``."""
 
     def on_start(self, setup: ServerSetup, strategy: Strategy, run_dir: RunDir) -> None:
         """Called once before round 1."""
@@ -78,11 +79,6 @@ class ServerSetup:
             else StateSpec.from_state(self.state, fingerprint)
         self.last_eval: dict[str, Any] = {}  # per-task values of the last evaluation
         self.hooks: list[RoundHook] = [MultiTaskHook(self)] if self.per_task is not None else []
-
-    @property
-    def strategy_class(self) -> type[AdapterAvg]:
-        """The aggregation this setup's spec needs: per-task groups when replies differ per task."""
-        return MultiTaskAvg if isinstance(self.spec, MultiTaskSpec) else AdapterAvg
 
     def _global_state(self) -> dict[str, np.ndarray]:
         if self.per_task is not None:

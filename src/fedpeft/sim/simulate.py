@@ -26,7 +26,7 @@ from fedpeft.data.partition import partition_sizes
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.server.loop import RoundHook
 from fedpeft.server.run_dir import RunDir, default_run_dir
-from fedpeft.strategies.adapter_avg import AdapterAvg
+from fedpeft.strategies.deadlines import RoundTimer
 from fedpeft.tasks.model import load_tokenizer, pick_device, resolve_model_path
 
 __all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
@@ -94,13 +94,15 @@ def simulate(
     cfg: RunConfig,
     run_dir: Path | None = None,
     hooks: Sequence[RoundHook] = (),
-    wrap_strategy: Callable[[AdapterAvg], Strategy] | None = None,
+    wrap_strategy: Callable[[Strategy], Strategy] | None = None,
     backend: dict[str, Any] | None = None,
     resume: bool = False,
+    round_timer: RoundTimer | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run the federation; return the run directory and its metrics rows.
 
-    ``hooks`` / ``wrap_strategy`` are passed to the server loop; ``backend`` overrides
+    ``hooks`` / ``wrap_strategy`` / ``round_timer`` are passed to the server loop
+    (:func:`fedpeft.server.loop.run_federation`); ``backend`` overrides
     :func:`backend_config` (e.g. GPU fractions per client); ``resume`` continues the run in
     ``run_dir`` from its checkpoint (see :mod:`fedpeft.server.checkpoint`).
     """
@@ -118,7 +120,8 @@ def simulate(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         run_simulation(
-            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy, resume=resume),
+            server_app=make_server_app(cfg, str(path), hooks=hooks, wrap_strategy=wrap_strategy, resume=resume,
+                                       round_timer=round_timer),
             client_app=simulation_app(),  # the real client + the simulation-only mods (fedpeft.sim.mods)
             num_supernodes=cfg.train.clients,
             backend_config=backend if backend is not None else backend_config(cfg),

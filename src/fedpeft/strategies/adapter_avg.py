@@ -23,21 +23,21 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Self
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 import fedpeft.wire as wire
 from fedpeft.adapters.base import AdapterPlugin, NDArrays
+from fedpeft.config import RunConfig
+from fedpeft.strategies.state import StateDict, sampler_from_json, sampler_to_json
 from fedpeft.strategies.validation import Rejected, StateSpec, ValidatedReply, validate_reply
 from fedpeft.wire import state_nbytes, state_to_arrayrecord
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft.config import RunConfig
 
 __all__ = ["AdapterAvg", "RoundReport", "state_to_arrayrecord", "state_nbytes"]
 
@@ -77,42 +77,99 @@ def _client_order(client: str) -> tuple[int, int | str]:
 
 
 class AdapterAvg(FedAvg):
-    """FedAvg sampling + per-reply validation + the adapter plugin's aggregation rule."""
+    """FedAvg sampling + per-reply validation + the adapter plugin's aggregation rule.
+
+    Built from primitives (:meth:`from_config` reads them off a run configuration):
+    ``clients_per_round`` sampled each round (with ``random.Random(seed)``, over the sorted
+    node ids), at least ``min_replies`` valid replies for a round to be averaged, and what every
+    instruction carries besides the round, the frozen hash and the attempt: the resolved
+    configuration ``config_toml``, its hash and ``extra_config``. ``plugin_cfg`` is the run
+    configuration the plugin's ``server_step`` is called with. The loop says which attempt of
+    a round it sends in the ``config`` it passes to :meth:`configure_train` (key ``attempt``;
+    default 0).
+
+    State (:meth:`state_dict`): ``previous``, the last *released* global state, which the
+    plugin's next ``aggregate`` sees (TriAdaptLoRA keeps its rank masks there), and the client
+    sampler's RNG. A wrapper that changes the release (central DP adds noise) calls
+    :meth:`defer_release` once and :meth:`keep_release` with each release, so the base never
+    keeps an aggregate that was not released.
+    """
 
     def __init__(
         self,
         plugin: AdapterPlugin,
-        cfg: RunConfig,
         spec: StateSpec,
-        config_toml: str,
-        config_hash: str,
-        extra_config: dict[str, str] | None = None,
+        *,
+        clients_per_round: int,
+        plugin_cfg: RunConfig,
+        min_replies: int = 1,
+        seed: int = 0,
+        config_toml: str = "",
+        config_hash: str = "",
+        extra_config: Mapping[str, str] | None = None,
     ) -> None:
-        n = cfg.train.clients_per_round or cfg.train.clients
         super().__init__(
-            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n,
-            min_available_nodes=n, weighted_by_key=wire.NUM_EXAMPLES,
+            fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients_per_round,
+            min_available_nodes=clients_per_round, weighted_by_key=wire.NUM_EXAMPLES,
         )
-        self.plugin, self.cfg, self.spec = plugin, cfg, spec
+        self.plugin, self.spec, self.cfg = plugin, spec, plugin_cfg
         self.config_toml, self.config_hash = config_toml, config_hash
         self.extra_config = dict(extra_config or {})
-        self.per_round = n
-        self.rng = random.Random(cfg.seed)
+        self.per_round = clients_per_round
+        self.min_replies = min_replies
+        self.rng = random.Random(seed)
         self.report = RoundReport(0)
         self.previous: NDArrays = {}
-        # True under client-level central DP (fedpeft.strategies.central_dp): the wrapper noises the
-        # aggregate and sets ``previous`` to that release; the un-noised aggregate is never kept.
-        self.release_sets_previous = False
+        self._release_from_wrapper = False  # see defer_release
         self.node_wait_s = 300.0
-        self.attempt = 0  # set by the round loop before each (re)try of a round
+
+    @classmethod
+    def from_config(
+        cls, plugin: AdapterPlugin, cfg: RunConfig, spec: StateSpec, config_toml: str, config_hash: str,
+        extra_config: Mapping[str, str] | None = None, clients_per_round: int = 0,
+    ) -> Self:
+        """The strategy of run configuration ``cfg``: ``train.clients_per_round`` (or all; a
+        deadline wrapper may ask for more), ``faults.min_clients``, ``seed``; every instruction
+        carries the resolved configuration ``config_toml``, its hash and ``extra_config``."""
+        return cls(plugin, spec, clients_per_round=clients_per_round or cfg.train.clients_per_round or cfg.train.clients,
+                   plugin_cfg=cfg, min_replies=cfg.faults.minimum(), seed=cfg.seed, config_toml=config_toml,
+                   config_hash=config_hash, extra_config=extra_config)
 
     def summary(self) -> None:
         log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",
                  self.plugin.name, self.per_round, self.plugin.exact_average)
 
-    def round_config(self, server_round: int) -> ConfigRecord:
+    # ---- state (checkpoints) ---------------------------------------------------------------
+    def state_dict(self) -> StateDict:
+        """The released state the next aggregation sees and the client sampler's RNG state."""
+        return {"previous": {k: np.array(v, copy=True) for k, v in self.previous.items()},
+                "sampler": sampler_to_json(self.rng.getstate())}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        previous = state["previous"]
+        if not isinstance(previous, Mapping) or not all(isinstance(v, np.ndarray) for v in previous.values()):
+            raise ValueError("AdapterAvg state: previous must map names to arrays")
+        self.rng.setstate(sampler_from_json(state["sampler"]))
+        self.previous = {str(k): np.array(v, copy=True) for k, v in previous.items()}
+
+    # ---- what the loop and wrappers ask -----------------------------------------------------
+    def round_report(self) -> RoundReport:
+        """What happened in the round last configured (bytes, accepted, rejected, failed)."""
+        return self.report
+
+    def defer_release(self) -> None:
+        """From now on a wrapper sets what is kept as ``previous`` (:meth:`keep_release`);
+        the base's own aggregate is never kept (central DP: it is the un-noised one)."""
+        self._release_from_wrapper = True
+
+    def keep_release(self, state: NDArrays) -> None:
+        """Keep ``state``, the round's release, as ``previous``."""
+        self.previous = dict(state)
+
+    # ---- Flower Strategy ---------------------------------------------------------------------
+    def round_config(self, server_round: int, attempt: int = 0) -> ConfigRecord:
         return wire.RoundConfig(server_round, self.config_toml, self.config_hash, self.spec.frozen_hash,
-                                self.attempt).to_record(self.extra_config)
+                                attempt).to_record(self.extra_config)
 
     def _wait_for_nodes(self, grid: Grid, server_round: int) -> list[int]:
         """Wait (bounded by ``node_wait_s``) until enough nodes are connected."""
@@ -127,12 +184,14 @@ class AdapterAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        raw = config.get(wire.ATTEMPT, 0)
+        attempt = raw if isinstance(raw, int) else 0
         node_ids = self._wait_for_nodes(grid, server_round)
         if len(node_ids) < self.per_round:
             log.warning("round %d: only %d nodes connected, %d wanted", server_round, len(node_ids), self.per_round)
         chosen = node_ids if self.per_round >= len(node_ids) else sorted(self.rng.sample(node_ids, self.per_round))
-        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: self.round_config(server_round)})
-        self.report = RoundReport(server_round, sent_to=len(chosen), attempt=self.attempt)
+        record = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: self.round_config(server_round, attempt)})
+        self.report = RoundReport(server_round, sent_to=len(chosen), attempt=attempt)
         self.report.bytes_down = wire.record_nbytes(arrays) * len(chosen)
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=nid) for nid in chosen]
 
@@ -174,7 +233,7 @@ class AdapterAvg(FedAvg):
             except Rejected as exc:
                 report.rejected[node] = str(exc)
                 log.warning("round %d: rejected reply from %s: %s", server_round, node, exc)
-        need = self.cfg.faults.minimum()
+        need = self.min_replies
         if len(report.accepted) < need:
             log.warning("round %d: %d valid replies, %d needed (faults.min_clients); nothing averaged in",
                         server_round, len(report.accepted), need)
@@ -185,8 +244,8 @@ class AdapterAvg(FedAvg):
         weights = [r.weight for r in report.accepted]
         new_state = self.aggregate_states(states, weights)
         new_state = self.plugin.server_step(server_round, new_state, self.cfg)
-        if not self.release_sets_previous:
-            self.previous = new_state
+        if not self._release_from_wrapper:
+            self.keep_release(new_state)
         total = float(sum(weights))
         metrics = MetricRecord({wire.NUM_EXAMPLES: total, "clients": len(report.accepted)})
         if all(wire.TRAIN_LOSS in r.metrics for r in report.accepted):  # runs without DP only (module doc)

@@ -11,20 +11,38 @@ Policies (a server's choice for each round):
 
 Every policy notices a crashed client when it crashes (a lost connection) and an offline
 client at once; neither contributes. Draws are a pure function of (seed, round, client):
-the same scenario and seed give the same offline and crashed clients in every run.
+the same scenario and seed give the same offline and crashed clients in every run (and a
+resumed run, with no generator state to save).
+
+:class:`DeadlineStrategy` is the Flower-style wrapper that applies a policy in a real run:
+the base strategy samples ``policy.selection(k, clients)`` clients (the registry builds it so,
+:mod:`fedpeft.strategies.registry`), every instruction carries the timer's directives for the
+round, and of the replies only those the policy accepts reach the base strategy. When each
+client *would* have finished is the :class:`RoundTimer`'s business -- the heterogeneous-device
+emulator of a simulation (:class:`fedpeft.sim.hetero.hook.HeteroEmulator`), which also keeps
+the simulated clock.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import ConfigError
+from fedpeft.strategies.state import StateDict
 
-__all__ = ["POLICIES", "Candidate", "DeadlinePolicy", "Outcome", "RoundDraws", "draw_round", "resolve_round"]
+__all__ = ["POLICIES", "Candidate", "DeadlinePolicy", "DeadlineStrategy", "Outcome", "RoundDraws", "RoundTimer",
+           "TimedReplies", "draw_round", "resolve_round", "settle_round"]
+
+log = logging.getLogger("fedpeft.server")
 
 POLICIES = ("wait-all", "drop-late", "over-select")
 
@@ -115,3 +133,94 @@ def resolve_round(cands: Sequence[Candidate], k: int, policy: DeadlinePolicy) ->
         if o.status in ("late", "surplus"):
             out[i] = Outcome(o.client, o.status, round_s)
     return out, round_s
+
+
+@dataclass
+class TimedReplies:
+    """A round's replies as a :class:`RoundTimer` sees them."""
+
+    candidates: list[Candidate]  # every selected client, with when it would have finished
+    replies: dict[str, Message] = field(default_factory=dict)  # client -> its reply (clients that ran)
+    passthrough: list[Message] = field(default_factory=list)  # not emulated (errors, refusals): passed on
+
+
+class RoundTimer(Protocol):
+    """What :class:`DeadlineStrategy` needs from an emulation of client devices."""
+
+    @property
+    def policy(self) -> DeadlinePolicy: ...
+
+    def round_directives(self, server_round: int) -> dict[str, str]:
+        """Entries for every instruction's config this round (the clients' own emulation plan)."""
+        ...
+
+    def time_replies(self, server_round: int, replies: list[Message], bytes_down_each: int) -> TimedReplies:
+        """When each selected client would have finished (or crashed), from public quantities."""
+        ...
+
+    def record_outcomes(self, server_round: int, outcomes: list[Outcome], round_s: float,
+                        timed: TimedReplies) -> list[Message]:
+        """Record the round (simulated clock, timeline); the accepted replies, ready to aggregate."""
+        ...
+
+
+def settle_round(timer: RoundTimer, server_round: int, replies: list[Message], bytes_down_each: int, k: int,
+                 policy: DeadlinePolicy) -> list[Message]:
+    """Time ``replies``, apply ``policy`` for ``k`` wanted clients; the replies to aggregate."""
+    timed = timer.time_replies(server_round, replies, bytes_down_each)
+    outcomes, round_s = resolve_round(timed.candidates, k, policy)
+    return timer.record_outcomes(server_round, outcomes, round_s, timed) + timed.passthrough
+
+
+def _nbytes(arrays: ArrayRecord) -> int:
+    return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in arrays.values()))
+
+
+class DeadlineStrategy(Strategy):
+    """Flower-style wrapper (``.strategy``) that applies a deadline policy with a round timer.
+
+    ``wanted`` is k, the clients a round wants (``train.clients_per_round`` or all); the base
+    strategy it wraps samples ``policy.selection(wanted, clients)`` (over-selection). Its state
+    is the policy and k, checked on resume (a scenario is not part of the run configuration,
+    so its hash does not cover it); the timer keeps the rest (it is a stateful round hook).
+    """
+
+    def __init__(self, strategy: Strategy, policy: DeadlinePolicy, wanted: int, timer: RoundTimer) -> None:
+        self.strategy, self.policy, self.wanted, self.timer = strategy, policy, wanted, timer
+        self._down = 0  # bytes sent to each client this round (the global state)
+
+    def summary(self) -> None:
+        log.info("deadlines: %s (%g s, over-select x%g), %d clients wanted per round", self.policy.policy,
+                 self.policy.deadline_s, self.policy.over_select, self.wanted)
+        self.strategy.summary()
+
+    def state_dict(self) -> StateDict:
+        return {"policy": asdict(self.policy), "wanted": self.wanted}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        policy, wanted = DeadlinePolicy(**dict(state["policy"])), int(state["wanted"])
+        if (policy, wanted) != (self.policy, self.wanted):
+            raise ValueError(f"the checkpoint's deadline policy {policy} for k={wanted} differs from this run's "
+                             f"{self.policy} for k={self.wanted}; resume with the run's own scenario")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        directives = self.timer.round_directives(server_round)
+        for msg in messages:
+            for key, value in directives.items():
+                msg.content.config_records["config"][key] = value
+        self._down = _nbytes(arrays)
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept = settle_round(self.timer, server_round, list(replies), self._down, self.wanted, self.policy)
+        return self.strategy.aggregate_train(server_round, kept)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)

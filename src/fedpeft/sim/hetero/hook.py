@@ -2,16 +2,17 @@
 
 :class:`HeteroEmulator` plugs into the real server loop twice:
 
-* as a Flower-style **wrapper strategy** (:meth:`HeteroEmulator.wrap`, kept as
-  ``.strategy`` by the wrapper so :func:`fedpeft.server.loop.inner_strategy` finds AdapterAvg):
-  ``configure_train`` selects more clients under over-selection and adds one
-  ``hetero-plan`` entry to the round's ConfigRecord (:func:`fedpeft.wire.encode_hetero_plan`)
-  -- every client's profile, its memory decision (physical batch, rank) and who is offline
-  or declines this round; the simulator's ClientApp mod applies each client's own entry
-  (:func:`fedpeft.sim.mods.hetero_mod`; a deployed node refuses the plan). ``aggregate_train`` turns the replies into
-  simulated timings, applies the deadline policy and crash draws, zero-pads lower-rank B
-  tensors, and hands only the surviving replies to AdapterAvg -- so stragglers and
-  dropouts really change the model.
+* as the **round timer** of the deadline wrapper strategy
+  (:class:`fedpeft.strategies.deadlines.DeadlineStrategy`; ``run_federation(round_timer=...)``):
+  the base strategy selects more clients under over-selection, and every instruction carries
+  one ``hetero-plan`` entry (:meth:`HeteroEmulator.round_directives`) -- every client's
+  profile, its memory decision (physical batch, rank) and who is offline or declines this
+  round; the simulator's ClientApp mod applies each client's own entry
+  (:func:`fedpeft.sim.mods.hetero_mod`; a deployed node refuses the plan). The replies are
+  turned into simulated timings and crash draws (:meth:`HeteroEmulator.time_replies`), the
+  wrapper applies the deadline policy, and the emulator records the outcomes and zero-pads
+  lower-rank B tensors of the accepted replies (:meth:`HeteroEmulator.record_outcomes`) --
+  only those reach AdapterAvg, so stragglers and dropouts really change the model.
 * as a :class:`~fedpeft.server.loop.RoundHook`: each ``metrics.jsonl`` row gets ``sim_seconds``
   (simulated round time) and ``sim_clock`` next to the real ``seconds``, plus counts per
   outcome; every client's phases go to ``hetero_timeline.jsonl`` (``estimated_compute_s``
@@ -29,21 +30,29 @@ carry ``seconds``), so a reply is read for ``num-examples``, ``steps`` and ``sam
 (and its tensors' sizes) only.
 
 Client ids are simulation partition ids (``str(i)``), so the plan is a list indexed by them.
+
+**Resume.** The emulator is a stateful hook (:meth:`HeteroEmulator.state_dict`): the checkpoint
+keeps its simulated clock, rows and timeline, the server's step cost (measured once, on the
+first start: re-measuring it would change every later simulated time), the profile assignment
+and memory decisions, and a fingerprint of the scenario (refused on resume if another
+scenario is given). Offline and crash draws need no saved generator: each is a pure function
+of (seed, round, client) (:func:`fedpeft.strategies.deadlines.draw_round`). So a resumed run
+continues bit for bit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 import fedpeft.wire as wire
@@ -51,13 +60,22 @@ from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.adapters.ffa_lora_hetero import pad_state
 from fedpeft.config import RunConfig
-from fedpeft.server.loop import RoundHook, ServerSetup, inner_strategy
+from fedpeft.privacy.ledger import atomic_write_text
 from fedpeft.server.run_dir import RunDir
+from fedpeft.server.setup import RoundHook, ServerSetup
 from fedpeft.sim.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide
 from fedpeft.sim.hetero.scenario import Scenario
 from fedpeft.sim.hetero.timing import COMPUTE_SOURCE, ClientTiming, StepCost, client_timing, expected_batch
 from fedpeft.strategies.adapter_avg import RoundReport
-from fedpeft.strategies.deadlines import Candidate, Outcome, draw_round, resolve_round
+from fedpeft.strategies.deadlines import (
+    Candidate,
+    DeadlinePolicy,
+    Outcome,
+    TimedReplies,
+    draw_round,
+    settle_round,
+)
+from fedpeft.strategies.state import StateDict
 
 __all__ = ["HeteroEmulator", "TIMELINE_FILE", "TimelineEntry"]
 
@@ -114,6 +132,7 @@ class HeteroEmulator(RoundHook):
         self.k = cfg.train.clients_per_round or cfg.train.clients
         self._pending: dict[int, tuple[float, list[TimelineEntry]]] = {}
         self._plan: dict[str, Any] = {}
+        self._resumed_decisions: dict[str, Any] | None = None  # set by load_state_dict, checked in on_start
 
     # ---- planning -----------------------------------------------------------------------
     def plan_memory(self, shape: ModelShape) -> dict[str, MemoryDecision]:
@@ -149,22 +168,25 @@ class HeteroEmulator(RoundHook):
         config = getattr(setup.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 2))
         self.plan_memory(ModelShape.from_config(config, num_labels))
+        planned = {n: asdict(d) for n, d in self.decisions.items()}
+        if self._resumed_decisions is not None and planned != self._resumed_decisions:
+            raise ValueError("the checkpoint's memory plan differs from this run's (another model or scenario); "
+                             "resume with the run's own configuration and scenario")
         self.full_shapes = {k: tuple(v.shape) for k, v in setup.state.items()}
-        if self.step_cost is None:
+        if self.step_cost is None:  # a resumed run has the measured one back (module doc)
             from fedpeft.sim.hetero.cost import measure_step_cost
 
             self.step_cost = measure_step_cost(setup)
         log.info("hetero compute model: %.3g host s per example-step (server-measured on %d held-out examples, "
                  "%s, %s); client timings are not used", self.step_cost.seconds_per_example, self.step_cost.batch,
                  "DP-SGD" if self.step_cost.dp else "no DP", self.step_cost.device or "set by hand")
-        inner = inner_strategy(strategy)
-        inner.per_round = self.scenario.deadline.selection(self.k, self.cfg.train.clients)
         counts = Counter(self.assignment)
         log.info("hetero scenario %s: %s; deadline %s (%g s, over-select x%g); host %s",
                  self.scenario.name, ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())),
                  self.scenario.deadline.policy, self.scenario.deadline.deadline_s,
                  self.scenario.deadline.over_select, self.scenario.host_profile)
-        (run_dir.path / TIMELINE_FILE).write_text("", encoding="utf-8")
+        # empty on a fresh start; exactly the checkpointed rounds on resume
+        atomic_write_text(run_dir.path / TIMELINE_FILE, "".join(json.dumps(asdict(e)) + "\n" for e in self.timeline))
         (run_dir.path / "hetero_plan.json").write_text(json.dumps({
             "scenario": self.scenario.name, "assignment": self.assignment,
             "memory": {n: asdict(d) for n, d in self.decisions.items()},
@@ -201,31 +223,70 @@ class HeteroEmulator(RoundHook):
         except Exception as exc:  # plotting must never hide the run's own result or error
             log.warning("hetero plots failed: %s", exc)
 
-    # ---- wrapper strategy ---------------------------------------------------------------
-    def wrap(self, strategy: Any) -> HeteroStrategy:
-        return HeteroStrategy(strategy, self)
+    # ---- state (checkpoints) ------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of everything of the scenario the emulation depends on (not in the config hash)."""
+        sc = self.scenario
+        used = sorted(set(self.assignment) | {sc.host_profile})
+        blob = {"profiles": {n: asdict(sc.catalogue[n]) for n in used}, "counts": sc.counts,
+                "distribution": sc.distribution, "ranks": sc.ranks, "rank_tiers": list(sc.rank_tiers),
+                "deadline": asdict(sc.deadline), "host": sc.host_profile, "assignment": self.assignment}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> StateDict:
+        """Simulated clock, rows and timeline so far, the step cost, the memory plan, and the
+        scenario's fingerprint (module doc: what a resume needs, and why no RNG state)."""
+        return {
+            "scenario": self.scenario.name, "fingerprint": self.fingerprint(), "assignment": list(self.assignment),
+            "sim_clock": self.sim_clock, "step_cost": None if self.step_cost is None else asdict(self.step_cost),
+            "decisions": {n: asdict(d) for n, d in self.decisions.items()},
+            "rows": [dict(r) for r in self.rows], "timeline": [asdict(e) for e in self.timeline],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (ValueError when it is another scenario's)."""
+        if state["fingerprint"] != self.fingerprint():
+            raise ValueError(f"the checkpoint was made with scenario {state['scenario']} ({state['fingerprint']}), "
+                             f"this run's is {self.scenario.name} ({self.fingerprint()}); resume with the run's "
+                             "own scenario")
+        self.sim_clock = float(state["sim_clock"])
+        self.step_cost = None if state["step_cost"] is None else StepCost(**state["step_cost"])
+        self._resumed_decisions = dict(state["decisions"])
+        self.rows = [dict(r) for r in state["rows"]]
+        self.timeline = [TimelineEntry(**e) for e in state["timeline"]]
+
+    # ---- round timer of the deadline wrapper (fedpeft.strategies.deadlines.RoundTimer) ----
+    @property
+    def policy(self) -> DeadlinePolicy:
+        return self.scenario.deadline
+
+    def round_directives(self, server_round: int) -> dict[str, str]:
+        """The ``hetero-plan`` every instruction of the round carries (module doc)."""
+        return {wire.HETERO_PLAN: self._round_plan(server_round)}
 
     def settle(self, server_round: int, replies: list[Message], bytes_down_each: int) -> list[Message]:
-        """Simulate the round for ``replies``; return those the server aggregates (B padded)."""
+        """Simulate the round for ``replies`` under the scenario's own deadline policy (what the
+        deadline wrapper does); return those the server aggregates (B padded)."""
+        return settle_round(self, server_round, replies, bytes_down_each, self.k, self.policy)
+
+    def time_replies(self, server_round: int, replies: list[Message], bytes_down_each: int) -> TimedReplies:
+        """Each selected client's simulated finish (or crash, offline, decline) from its reply."""
         draws = self._plan["draws"]
-        cands: list[Candidate] = []
-        info: dict[str, tuple[ClientTiming | None, tuple[int, float, float], int, str]] = {}
-        replies_of: dict[str, Message] = {}
-        passthrough: list[Message] = []
+        timed = _Timed([])
         for msg in replies:
             if msg.has_error():
-                passthrough.append(msg)
+                timed.passthrough.append(msg)
                 continue
             status = msg.content.get(wire.STATUS)
             if isinstance(status, ConfigRecord) and status.get(wire.HETERO_SKIP):
                 cid = str(status.get(wire.CLIENT))
                 kind = "declined" if self.decisions[self.assignment[int(cid)]].declined else "offline"
-                cands.append(Candidate(cid, math.inf, kind))
-                info[cid] = (None, (0, 0.0, 0.0), 0, str(status.get(wire.REASON, "")))
+                timed.candidates.append(Candidate(cid, math.inf, kind))
+                timed.info[cid] = (None, (0, 0.0, 0.0), 0, str(status.get(wire.REASON, "")))
                 continue
             conf = msg.content.get(wire.INFO)
             if not isinstance(conf, ConfigRecord) or not self._emulated(str(conf.get(wire.CLIENT, ""))):
-                passthrough.append(msg)  # not an emulated client (e.g. a DP-budget refusal)
+                timed.passthrough.append(msg)  # not an emulated client (e.g. a DP-budget refusal)
                 continue
             cid = str(conf[wire.CLIENT])
             metrics = next(v for v in msg.content.values() if isinstance(v, MetricRecord))
@@ -235,16 +296,22 @@ class HeteroEmulator(RoundHook):
             work = self.compute_estimate(metrics)
             timing = client_timing(profile, self.scenario.host, work[2], bytes_down_each, up)
             if draws.crash[int(cid)]:
-                cands.append(Candidate(cid, timing.total_s, "crashed", crash_s=draws.crash_point[int(cid)] * timing.total_s))
+                timed.candidates.append(Candidate(cid, timing.total_s, "crashed",
+                                                  crash_s=draws.crash_point[int(cid)] * timing.total_s))
             else:
-                cands.append(Candidate(cid, timing.total_s))
-            info[cid] = (timing, work, up, "")
-            replies_of[cid] = msg
-        outcomes, round_s = resolve_round(cands, self.k, self.scenario.deadline)
+                timed.candidates.append(Candidate(cid, timing.total_s))
+            timed.info[cid] = (timing, work, up, "")
+            timed.replies[cid] = msg
+        return timed
+
+    def record_outcomes(self, server_round: int, outcomes: list[Outcome], round_s: float,
+                        timed: TimedReplies) -> list[Message]:
+        """Keep the round's timeline for :meth:`on_round_end`; the accepted replies, B padded."""
+        info = timed.info if isinstance(timed, _Timed) else {}
         kept: list[Message] = []
         entries = [self._entry(server_round, o, *info[o.client]) for o in outcomes]
         for o in outcomes:
-            reply = replies_of.get(o.client)
+            reply = timed.replies.get(o.client)
             if o.status == "accepted" and reply is not None:
                 key = next(k for k, v in reply.content.items() if isinstance(v, ArrayRecord))
                 record = reply.content[key]
@@ -253,7 +320,7 @@ class HeteroEmulator(RoundHook):
                                                                          self.full_shapes))
                 kept.append(reply)
         self._pending[server_round] = (round_s, sorted(entries, key=lambda e: int(e.client)))
-        return kept + passthrough
+        return kept
 
     def compute_estimate(self, metrics: MetricRecord) -> tuple[int, float, float]:
         """(steps, expected batch, estimated host compute seconds) of one reply.
@@ -299,26 +366,8 @@ class HeteroEmulator(RoundHook):
                              reason=reason, steps=steps, expected_batch=batch)
 
 
-class HeteroStrategy:
-    """Flower-style wrapper (``.strategy`` = the wrapped strategy) that runs the emulation."""
+@dataclass
+class _Timed(TimedReplies):
+    """:class:`TimedReplies` plus what the emulator's timeline needs of each client."""
 
-    def __init__(self, strategy: Any, emulator: HeteroEmulator) -> None:
-        self.strategy = strategy
-        self.emulator = emulator
-        self._down = 0
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        plan = self.emulator._round_plan(server_round)
-        for msg in messages:
-            msg.content.config_records[wire.CONFIG][wire.HETERO_PLAN] = plan
-        self._down = wire.record_nbytes(arrays)
-        return messages
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Any, Any]:
-        kept = self.emulator.settle(server_round, list(replies), self._down)
-        return self.strategy.aggregate_train(server_round, kept)
+    info: dict[str, tuple[ClientTiming | None, tuple[int, float, float], int, str]] = field(default_factory=dict)

@@ -1,0 +1,79 @@
+"""The strategy registry, and the one place where a run's wrapper strategies are applied.
+
+``[strategy] name`` picks the base strategy (:data:`STRATEGIES`; an unknown name is a one-line
+config error listing these). ``fedavg`` is :class:`~fedpeft.strategies.adapter_avg.AdapterAvg`:
+Flower's FedAvg sampling, per-reply validation and the adapter plugin's aggregation rule; a
+multi-task federation (its server's spec is a per-task
+:class:`~fedpeft.strategies.multitask_avg.MultiTaskSpec`) gets the per-task variant
+:class:`~fedpeft.strategies.multitask_avg.MultiTaskAvg`.
+
+:func:`build_strategy` wraps the base, Flower style (each wrapper keeps the one inside as
+``.strategy``), in this order, innermost first:
+
+1. :class:`~fedpeft.strategies.deadlines.DeadlineStrategy`, when a round timer is given (a
+   simulation of heterogeneous devices). Innermost because it decides which replies exist at
+   all: a late or crashed client's reply is as if it never came, so nothing outside it sees
+   a reply the server would not have had in time.
+2. The caller's own wrapper (``extra``: a test's message spy, a benchmark's probe).
+3. :class:`~fedpeft.strategies.central_dp.CentralDPFixedClipping`, when ``[central] mode =
+   server``. Outermost because its noise must be the last thing done to the aggregate: what it
+   returns is the round's release, which every strategy inside keeps and the checkpoint stores.
+
+Every part of the chain checkpoints its own state (:mod:`fedpeft.strategies.state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.config import ConfigError, RunConfig
+from fedpeft.privacy.central import ClientLevelAccountant
+from fedpeft.strategies.adapter_avg import AdapterAvg
+from fedpeft.strategies.central_dp import with_central_dp
+from fedpeft.strategies.deadlines import DeadlineStrategy, RoundTimer
+from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.validation import StateSpec
+
+__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy"]
+
+STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg}
+"""``strategy.name`` -> base strategy of a single-task run (fedpeft.config.STRATEGIES lists the names)."""
+
+MULTITASK_STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": MultiTaskAvg}
+"""The same names for a multi-task federation (per-task reply specs and grouped aggregation)."""
+
+
+def build_base(
+    cfg: RunConfig, plugin: AdapterPlugin, spec: StateSpec, config_toml: str, config_hash: str,
+    extra_config: Mapping[str, str] | None = None, clients_per_round: int = 0,
+) -> AdapterAvg:
+    """The base strategy ``cfg.strategy.name`` names, its multi-task variant for a per-task
+    ``spec`` (``clients_per_round``: 0 = the config's)."""
+    table = MULTITASK_STRATEGIES if isinstance(spec, MultiTaskSpec) else STRATEGIES
+    if cfg.strategy.name not in table:
+        raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(table)}")
+    return table[cfg.strategy.name].from_config(plugin, cfg, spec, config_toml, config_hash, extra_config,
+                                                clients_per_round=clients_per_round)
+
+
+def build_strategy(
+    cfg: RunConfig, plugin: AdapterPlugin, spec: StateSpec, config_toml: str, config_hash: str,
+    extra_config: Mapping[str, str] | None = None, *, round_timer: RoundTimer | None = None,
+    extra: Callable[[Strategy], Strategy] | None = None,
+) -> tuple[Strategy, list[ClientLevelAccountant]]:
+    """The run's strategy chain (module doc for the order) and the round hooks its wrappers
+    need (central DP: the client-level accountant)."""
+    wanted = cfg.train.clients_per_round or cfg.train.clients
+    selected = round_timer.policy.selection(wanted, cfg.train.clients) if round_timer is not None else wanted
+    strategy: Strategy = build_base(cfg, plugin, spec, config_toml, config_hash, extra_config, selected)
+    if round_timer is not None:
+        strategy = DeadlineStrategy(strategy, round_timer.policy, wanted, round_timer)
+    if extra is not None:
+        strategy = extra(strategy)
+    central, hooks = with_central_dp(cfg)
+    if central is not None:
+        strategy = central(strategy)
+    return strategy, hooks
