@@ -35,14 +35,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors
+from fedpeft.tasks.registry import head_prefixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
 
-__all__ = ["DeltaLinear", "DeltaPlugin", "bool_option", "delta_layers", "int_option", "HEAD_PREFIXES",
-           "single_threaded"]
+__all__ = ["DeltaLinear", "DeltaPlugin", "bool_option", "delta_layers", "int_option", "single_threaded"]
 
-HEAD_PREFIXES = ("classifier", "score")
 
 
 def int_option(cfg: RunConfig, name: str, default: int, low: int, high: int) -> int:
@@ -179,7 +178,7 @@ class DeltaPlugin(AdapterPlugin):
         targets = set(cfg.adapter.target_modules)
         names = sorted(
             n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in HEAD_PREFIXES
+            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in head_prefixes()
         )
         if not names:
             raise ConfigError("adapter.target_modules", ",".join(cfg.adapter.target_modules),
@@ -189,7 +188,7 @@ class DeltaPlugin(AdapterPlugin):
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, self.make_layer(name, index, getattr(parent, child), cfg))
         for name, param in model.named_parameters():
-            if name.split(".")[0] in HEAD_PREFIXES:
+            if name.split(".")[0] in head_prefixes():
                 param.requires_grad_(True)
         return model
 

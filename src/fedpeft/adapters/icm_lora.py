@@ -73,6 +73,7 @@ from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors, rep
 from fedpeft.adapters.mtlora import target_linears
 from fedpeft.adapters.registry import register
 from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
+from fedpeft.tasks.registry import head_prefixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -141,11 +142,12 @@ def icm_layers(model: nn.Module) -> list[tuple[str, IcmLoraLinear]]:
 
 
 def _head(model: nn.Module) -> nn.Module:
-    for prefix in ("classifier", "score"):
+    prefixes = head_prefixes()
+    for prefix in prefixes:
         head = getattr(model, prefix, None)
         if head is not None:
             return head  # type: ignore[no-any-return]
-    raise ValueError("the model has no classifier/score head")
+    raise ValueError(f"the model has no {'/'.join(prefixes)} head")
 
 
 @contextmanager
@@ -252,7 +254,7 @@ class IcmLoraPlugin(AdapterPlugin):
         state = super().trainable_state(model)
         holder = getattr(model, TV_MODULE, None)
         if holder is not None:
-            heads = {owned_task(k) for k in state if k.split(".")[0] in ("classifier", "score")} - {None}
+            heads = {owned_task(k) for k in state if k.split(".")[0] in head_prefixes()} - {None}
             for task in sorted(str(t) for t in heads):
                 state[f"{TV_MODULE}.{TASK_PREFIX}{task}"] = getattr(holder, TASK_PREFIX + task).detach()
         return state

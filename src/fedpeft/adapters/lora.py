@@ -5,8 +5,9 @@ What travels: every ``lora_A`` and ``lora_B`` plus the classification head.
 Averaging: NOT exact. FedAvg averages A and B separately, and mean(B_k) @ mean(A_k) is
 not mean(B_k @ A_k) -- the discrepancy FFA-LoRA removes by freezing A.
 
-Injection uses PEFT's ``LoraConfig``/``get_peft_model`` (task type SEQ_CLS, so the
-classifier is a ``modules_to_save`` copy and trains). The A matrices are then
+Injection uses PEFT's ``LoraConfig``/``get_peft_model`` with the run's task type's PEFT
+settings (:meth:`fedpeft.tasks.base.TaskType.peft_config`; sequence classification: PEFT's
+SEQ_CLS, so the classifier is a ``modules_to_save`` copy and trains). The A matrices are then
 re-initialised from the run's adapter seed with a private ``torch.Generator`` (Kaiming-
 uniform bound 1/sqrt(fan_in), PEFT's default distribution) so every process builds the
 same A without sending it, independent of any other use of the global RNG. B starts at
@@ -24,12 +25,13 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.adapters.registry import register
+from fedpeft.tasks.registry import task_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -58,7 +60,7 @@ def inject_lora(model: nn.Module, cfg: RunConfig, freeze_a: bool) -> nn.Module:
     """Wrap ``model`` with PEFT LoRA on ``cfg.adapter.target_modules``; optionally freeze A."""
     a = cfg.adapter
     lora_cfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        **task_for(cfg).peft_config(),
         r=a.rank,
         lora_alpha=a.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         target_modules=list(a.target_modules),

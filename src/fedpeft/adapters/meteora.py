@@ -70,6 +70,7 @@ from fedpeft.adapters.base import AdapterPlugin, NDArrays, hash_tensors, replace
 from fedpeft.adapters.mtlora import target_linears
 from fedpeft.adapters.registry import register
 from fedpeft.adapters.triadapt_lora import export_npz, freeze_all_but_head, seeded_normal
+from fedpeft.tasks.registry import head_prefixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -215,7 +216,7 @@ def _is_gate(name: str) -> bool:
 
 def _is_expert(name: str) -> bool:
     last = name.rsplit(".", 1)[-1]
-    return (last.startswith(TASK_PREFIX) or last == "lora_B") and "classifier" not in name and "score" not in name
+    return (last.startswith(TASK_PREFIX) or last == "lora_B") and not any(p in name for p in head_prefixes())
 
 
 class MeteoraPlugin(AdapterPlugin):

@@ -50,6 +50,8 @@ from fedpeft.adapters.base import AdapterPlugin, float_option, hash_tensors
 from fedpeft.adapters.ffa_lora import lora_a_tensors
 from fedpeft.adapters.lora import inject_lora
 from fedpeft.adapters.registry import register
+from fedpeft.data.batching import Batch
+from fedpeft.tasks.base import TaskType
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -105,13 +107,14 @@ class TexForcePlugin(AdapterPlugin):
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(lora_a_tensors(model))
 
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Batch, task_type: TaskType) -> torch.Tensor:
         inner = getattr(model, "_module", model)  # under Opacus: the wrapped PEFT model
-        logits = model(**batch).logits
+        inputs, labels = task_type.model_inputs(batch), batch[task_type.target_key]  # the policy's actions: classes
+        logits = model(**inputs).logits
         was_training = inner.training
         with torch.no_grad():
             inner.eval()
-            old_logits = functional_call(inner, getattr(inner, _OLD), args=(), kwargs=dict(batch), strict=False).logits
+            old_logits = functional_call(inner, getattr(inner, _OLD), args=(), kwargs=inputs, strict=False).logits
             inner.train(was_training)
         surrogate = ppo_clipped_loss(logits, old_logits, labels, float(getattr(inner, "_texforce_clip", 0.2)))
         # Value = cross-entropy of the current policy (what the trainer logs as "train loss");

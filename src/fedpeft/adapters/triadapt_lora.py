@@ -54,6 +54,7 @@ from torch import nn
 
 from fedpeft.adapters.base import AdapterPlugin, NDArrays, float_option, hash_tensors, replace_submodule, weighted_mean
 from fedpeft.adapters.registry import register
+from fedpeft.tasks.registry import head_prefixes
 
 if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
@@ -64,7 +65,6 @@ __all__ = [
 ]
 
 CORE, MASK = ".core.weight", ".rank_mask"
-HEAD_PREFIXES = ("classifier", "score")
 
 
 # ---- small helpers shared with fedpeft.adapters.abmll ------------------------------------------
@@ -88,9 +88,10 @@ def replace_targets(model: nn.Module, targets: Sequence[str], factory: Callable[
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
-    """Freeze the base model; the classification head (``classifier``/``score``) trains."""
+    """Freeze the base model; the task's head (:func:`fedpeft.tasks.registry.head_prefixes`) trains."""
+    prefixes = head_prefixes()
     for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[0] in HEAD_PREFIXES)
+        p.requires_grad_(name.split(".")[0] in prefixes)
 
 
 def export_npz(state: Mapping[str, torch.Tensor | np.ndarray], directory: Path) -> None:

@@ -23,9 +23,11 @@ from torch import nn
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.runtime import ClientIdentity, Runtime
 from fedpeft.config import ConfigError, RunConfig
-from fedpeft.data.layout import activate_task, build_model, client_task, task_layout
-from fedpeft.data.sources import TextDataset, load_dataset
+from fedpeft.data.layout import activate_task, client_task, task_layout
+from fedpeft.data.sources import TextDataset
 from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.multihead import build_multitask_model
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["MultiTaskRuntime"]
 
@@ -35,6 +37,7 @@ class MultiTaskRuntime(Runtime):
 
     def __init__(self, cfg: RunConfig) -> None:  # Runtime.__init__ would load the single-task pool
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -49,7 +52,7 @@ class MultiTaskRuntime(Runtime):
     @property
     def model(self) -> nn.Module:
         if self._model is None:
-            self._model = build_model(self.cfg, self.plugin).to(self.device)
+            self._model = build_multitask_model(self.cfg, self.plugin).to(self.device)
         return self._model
 
     def task_of(self, ident: ClientIdentity, node_config: dict[str, Any] | None = None) -> str:
@@ -81,7 +84,7 @@ class MultiTaskRuntime(Runtime):
                     text_column=str(node_config.get("text-column", task.spec.text_column)),
                     label_column=str(node_config.get("label-column", task.spec.label_column)),
                 )
-                local = load_dataset(data_cfg)
+                local = self.task_type.load_data(data_cfg)
                 if local.label_names != task.label_names:
                     raise ValueError(f"client {ident.client_id}: labels {local.label_names} differ from task "
                                      f"{task.name}'s {task.label_names}")

@@ -22,8 +22,9 @@ from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_from_toml
 from fedpeft.config import config_hash as hash_of
 from fedpeft.data.partition import client_partition
-from fedpeft.data.sources import TextDataset, load_dataset, train_test_split_for, with_label_names
-from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
+from fedpeft.data.sources import TextDataset, with_label_names
+from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
 
@@ -60,6 +61,7 @@ class Runtime:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
@@ -71,7 +73,7 @@ class Runtime:
     def pool(self) -> TextDataset:
         """The shared training pool of a simulation (``data.path`` on this machine)."""
         if self._pool is None:
-            self._pool, _ = train_test_split_for(self.cfg.data, self.cfg.seed)
+            self._pool, _ = self.task_type.train_test_split(self.cfg.data, self.cfg.seed)
         return self._pool
 
     @pool.setter
@@ -80,10 +82,11 @@ class Runtime:
 
     @property
     def num_labels(self) -> int:
-        """Classes of the model head: the server's label list when it sent one, else the pool's."""
+        """Outputs of the model head: the server's label list when it sent one, else what the
+        pool tells the task type (sequence classification: its number of classes)."""
         if self._fixed_num_labels is not None:
             return self._fixed_num_labels
-        return len(self._label_names) if self._label_names else self.pool.num_classes
+        return len(self._label_names) if self._label_names else self.task_type.num_outputs(self.pool)
 
     @num_labels.setter
     def num_labels(self, value: int) -> None:  # subclasses that size their heads themselves
@@ -93,7 +96,7 @@ class Runtime:
     def model(self) -> nn.Module:
         """The adapted model (built on first use; state is replaced every round)."""
         if self._model is None:
-            base = load_base_model(self.cfg.model, self.num_labels, head_seed=self.cfg.adapter.seed)
+            base = self.task_type.build_model(self.cfg.model, self.num_labels, head_seed=self.cfg.adapter.seed)
             self._model = self.plugin.attach(base, self.cfg).to(self.device)
         return self._model
 
@@ -114,7 +117,8 @@ class Runtime:
                 # server), so label i is the same class on every node and on the server.
                 self._label_names = ident.label_names or self.pool.label_names
                 self._data[ident.client_id] = with_label_names(
-                    load_dataset(data_cfg), self._label_names, f"client {ident.client_id}'s {ident.data_path}")
+                    self.task_type.load_data(data_cfg), self._label_names,
+                    f"client {ident.client_id}'s {ident.data_path}")
             else:
                 assert ident.partition_id is not None
                 self._data[ident.client_id] = client_partition(

@@ -150,6 +150,7 @@ class RunConfig:
     output_dir: str = ""
     seed: int = 0
     device: str = "auto"
+    task_type: str = "seq-cls"  # what is learned: a name in fedpeft.tasks.registry
 
 
 _SECTIONS = {
@@ -343,6 +344,7 @@ def _require(cond: bool, key: str, value: Any, allowed: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Check value ranges and cross-field constraints (not file existence of data)."""
     from fedpeft.adapters import registry  # local import: adapters depends on task, not vice versa
+    from fedpeft.tasks import registry as task_registry
 
     m, d, a, p, t = cfg.model, cfg.data, cfg.adapter, cfg.privacy, cfg.train
     _require(m.max_length >= 8, "model.max_length", m.max_length, "must be >= 8")
@@ -366,6 +368,8 @@ def validate(cfg: RunConfig) -> None:
             "data.label_proportions", len(d.label_proportions),
             f"needs one row per client ({t.clients} rows) when partition=label-proportions",
         )
+    task_names = task_registry.names()
+    _require(cfg.task_type in task_names, "task_type", cfg.task_type, f"allowed: {', '.join(task_names)}")
     names = registry.names()
     _require(a.method in names, "adapter.method", a.method, f"allowed: {', '.join(names)}")
     _require(1 <= a.rank <= 1024, "adapter.rank", a.rank, "must be an integer in [1, 1024]")
@@ -392,6 +396,7 @@ def validate(cfg: RunConfig) -> None:
     _require(0 <= t.clients_per_round <= t.clients, "train.clients_per_round", t.clients_per_round, f"must be in [0, {t.clients}] (0 = all)")
     _require(cfg.device in DEVICES, "device", cfg.device, f"allowed: {', '.join(DEVICES)}")
     _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    task_registry.get(cfg.task_type).validate_config(cfg)
     registry.get(a.method).validate_config(cfg)
     validate_central(cfg)
     validate_faults(cfg)

@@ -13,9 +13,8 @@ iid or Dirichlet). Clients are numbered task by task: with ``rt:2, bbc:1`` parti
 hold ``rt`` and partition 2 holds ``bbc``. Everything is a pure function of the configuration
 and seed, so the server and every client process derive the same layout independently.
 
-Heads. The model's final classification layer is replaced by :class:`MultiTaskHead`, one
-``nn.Linear`` per task (``classifier.task_<name>``) with that task's number of classes,
-initialised from the adapter seed. Only the active task's head is called; parameters of
+Heads. The model carries one head per task (:mod:`fedpeft.tasks.multihead`;
+``classifier.task_<name>`` in a BERT classifier). Only the active task's head is called; parameters of
 task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
 :func:`activate_task` makes exactly the active task's owned parameters trainable (and all of
 them on the server, ``task=None``), so a client's ``trainable_state`` -- what it sends -- is
@@ -34,7 +33,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from fedpeft.config import ConfigError, DataConfig
@@ -46,8 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from fedpeft.config import RunConfig
 
 __all__ = [
-    "MultiTaskHead", "TaskData", "activate_task", "bbc_news", "client_task", "install_heads", "load_task",
-    "owned_task", "task_layout", "tweets",
+    "TASK_PREFIX", "TaskData", "activate_task", "bbc_news", "client_task", "load_task", "owned_task",
+    "preflight_tasks", "task_layout", "tweets",
 ]
 
 TASK_PREFIX = "task_"
@@ -176,49 +174,7 @@ def client_task(cfg: RunConfig, partition_id: int) -> TaskData:
     raise ConfigError("partition-id", partition_id, f"must be in [0, {cfg.tasks.total_clients()})")
 
 
-# ---- heads and task-owned parameters ---------------------------------------------------
-class MultiTaskHead(nn.Module):
-    """One linear classifier per task; ``active`` selects which one ``forward`` uses."""
-
-    routes_tasks = True  # activate_task sets ``active``
-
-    def __init__(self, in_features: int, classes: dict[str, int], seed: int, std: float = 0.02) -> None:
-        super().__init__()
-        self.tasks = tuple(classes)
-        self.active = self.tasks[0]
-        for index, (name, n) in enumerate(classes.items()):
-            layer = nn.Linear(in_features, n)
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + 50_000 + index)
-            with torch.no_grad():
-                layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * std)
-                layer.bias.zero_()
-            self.add_module(TASK_PREFIX + name, layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        head: nn.Module = getattr(self, TASK_PREFIX + self.active)
-        return head(x)
-
-
-def install_heads(model: nn.Module, classes: dict[str, int], seed: int) -> nn.Module:
-    """Replace the model's final classification ``nn.Linear`` (``classifier`` / ``score``, or
-    the last linear inside it) with a :class:`MultiTaskHead`."""
-    for prefix in ("classifier", "score"):
-        head = getattr(model, prefix, None)
-        if head is None:
-            continue
-        if isinstance(head, nn.Linear):
-            std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
-            setattr(model, prefix, MultiTaskHead(head.in_features, classes, seed, std))
-            return model
-        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
-        if linears:
-            name, last = linears[-1]
-            parent = head.get_submodule(name.rsplit(".", 1)[0]) if "." in name else head
-            setattr(parent, name.split(".")[-1], MultiTaskHead(last.in_features, classes, seed))
-            return model
-    raise ConfigError("tasks.names", ",".join(classes), "the model has no classifier/score head to split per task")
-
-
+# ---- task-owned parameters ------------------------------------------------------------
 def owned_task(param_name: str) -> str | None:
     """The task owning a parameter (a path segment ``task_<name>``), or None if shared."""
     m = _OWNED.search(param_name)
@@ -244,19 +200,7 @@ def activate_task(model: nn.Module, task: str | None) -> None:
         param.requires_grad_(name in trainable and (task is None or owner is None or owner == task))
 
 
-# ---- model and preflight ---------------------------------------------------------------
-def build_model(cfg: RunConfig, plugin) -> nn.Module:  # type: ignore[no-untyped-def]
-    """Base model + one head per task + the adapter (``plugin.attach``), on CPU.
-
-    Identical in every process: heads and seeded adapter tensors come from the seeds."""
-    from fedpeft.tasks.model import load_base_model
-
-    classes = {t.name: len(t.label_names) for t in task_layout(cfg)}
-    base = load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed)
-    install_heads(base, classes, cfg.adapter.seed)
-    return plugin.attach(base, cfg)
-
-
+# ---- preflight ------------------------------------------------------------------------
 def preflight_tasks(cfg: RunConfig) -> list[int]:
     """Load and split every task before Ray starts; examples per client (ConfigError if a
     client would get fewer than 2)."""

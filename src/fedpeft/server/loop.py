@@ -33,14 +33,13 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig, config_hash, config_to_toml
-from fedpeft.data.sources import train_test_split_for
 from fedpeft.privacy.accounting import DEFAULT_RELATION
 from fedpeft.server.checkpoint import Checkpoint, load_checkpoint, round_checkpoint, save_checkpoint
 from fedpeft.server.run_dir import RunDir
 from fedpeft.strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arrayrecord
 from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.evaluate import evaluate
-from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
+from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "reported_epsilon",
            "run_federation", "send_and_receive"]
@@ -81,11 +80,12 @@ class ServerSetup:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
-        pool, self.test = train_test_split_for(cfg.data, cfg.seed)
-        base = load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed)
+        pool, self.test = self.task_type.train_test_split(cfg.data, cfg.seed)
+        base = self.task_type.build_model(cfg.model, self.task_type.num_outputs(pool), head_seed=cfg.adapter.seed)
         self.model = self.plugin.attach(base, cfg).to(self.device)
         self.state = {k: v.detach().cpu().numpy().copy() for k, v in self.plugin.trainable_state(self.model).items()}
         self.spec = StateSpec.from_state(self.state, self.plugin.frozen_fingerprint(self.model))
@@ -95,7 +95,8 @@ class ServerSetup:
         self.plugin.load_state(self.model, state)
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device)
+        """The task type's metrics of the current global model on the held-out test set."""
+        return self.task_type.evaluate(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device)
 
 
 def make_setup(cfg: RunConfig) -> ServerSetup:
@@ -118,8 +119,7 @@ def _round_row(
     first_losses = [r.metrics["train-loss-first"] for r in used if "train-loss-first" in r.metrics]
     return {
         "round": report.server_round,
-        "accuracy": ev["accuracy"],
-        "loss": ev["loss"],
+        **{name: ev[name] for name in task_for(cfg).metric_names},  # seq-cls: accuracy, loss
         "epsilon": max(finite) if (cfg.privacy.enabled and finite) else (0.0 if cfg.privacy.enabled else math.inf),
         "epsilon_per_client": dict(sorted(eps.items())),
         "epsilon_unit": "example-level, per client" if cfg.privacy.enabled else "no DP",
@@ -318,8 +318,9 @@ def run_federation(
             skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""
             # DP replies carry no training loss (it stays on the nodes): only the server's own loss then
             train_txt = "" if row["train_loss"] is None else f" train_loss={row['train_loss']:.4f}"
-            log.info("round %d/%d: accuracy=%.4f loss=%.4f%s %s clients=%d/%d up=%dB down=%dB %.1fs%s",
-                     server_round, cfg.train.rounds, row["accuracy"], row["loss"], train_txt, eps_txt,
+            metrics_txt = " ".join(f"{name}={row[name]:.4f}" for name in setup.task_type.metric_names)
+            log.info("round %d/%d: %s%s %s clients=%d/%d up=%dB down=%dB %.1fs%s",
+                     server_round, cfg.train.rounds, metrics_txt, train_txt, eps_txt,
                      row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"],
                      row["seconds"], skipped)
         setup.plugin.export(setup.model, rd.adapter_dir)

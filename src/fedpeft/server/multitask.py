@@ -3,17 +3,19 @@
 :class:`MultiTaskSetup` stands in for :class:`fedpeft.server.loop.ServerSetup` (the round loop
 picks it when ``cfg.tasks.enabled``):
 
-* the model carries one head per task (:func:`fedpeft.data.layout.build_model`) and the server
-  keeps *every* task's trainable tensors in the global state (it activates no task);
+* the model carries one head per task (:func:`fedpeft.tasks.multihead.build_multitask_model`)
+  and the server keeps *every* task's trainable tensors in the global state (it activates no
+  task);
 * the reply spec is per task (:class:`fedpeft.strategies.multitask_avg.MultiTaskSpec`): shared
   adapter tensors plus the tensors owned by exactly one task -- a reply is checked against
   the task whose tensor names it carries, and aggregated by
   :class:`fedpeft.strategies.multitask_avg.MultiTaskAvg` (per-task tensors only within that task's
   group);
-* evaluation runs every task on its own held-out split; ``accuracy`` / ``loss`` in
-  ``metrics.jsonl`` are the unweighted means over tasks, ``accuracy_per_task`` /
-  ``loss_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
-  what each task group contributed (:class:`MultiTaskHook`); in a DP run
+* evaluation runs every task on its own held-out split; the task type's metrics
+  (``accuracy`` / ``loss`` for sequence classification) in ``metrics.jsonl`` are the
+  unweighted means over tasks, ``accuracy_per_task`` / ``loss_per_task`` the per-task
+  values, and ``clients_per_task`` / ``train_loss_per_task`` what each task group contributed
+  (:class:`MultiTaskHook`); in a DP run
   ``train_loss_per_task`` is ``None``: the server is the adversary DP-SGD protects against,
   so DP replies carry no training loss (nothing the accountant does not cover leaves a
   client) and nothing here reads client training statistics -- a reply is read only for
@@ -40,13 +42,15 @@ import torch
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.config import RunConfig
-from fedpeft.data.layout import activate_task, build_model, owned_task, task_layout
+from fedpeft.data.batching import Batch, to_device
+from fedpeft.data.layout import activate_task, owned_task, task_layout
 from fedpeft.server.loop import RoundHook, ServerSetup
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.evaluate import evaluate
-from fedpeft.tasks.model import Batch, batches, load_tokenizer, pick_device
+from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.multihead import build_multitask_model
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["MultiTaskHook", "MultiTaskSetup"]
 
@@ -64,12 +68,13 @@ class MultiTaskSetup(ServerSetup):
 
     def __init__(self, cfg: RunConfig) -> None:  # noqa: D107 -- ServerSetup.__init__ is single-task
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
         self.tasks = task_layout(cfg)
         self.test = self.tasks[0].test
-        self.model = build_model(cfg, self.plugin).to(self.device)
+        self.model = build_multitask_model(cfg, self.plugin).to(self.device)
         per_task: dict[str, StateSpec] = {}
         variants = getattr(self.plugin, "reply_variants", None)  # e.g. MeteoRA: one reply per phase
         for task in self.tasks:
@@ -94,23 +99,25 @@ class MultiTaskSetup(ServerSetup):
         return state
 
     def evaluate(self) -> dict[str, Any]:
-        """Every task on its own held-out split; means over tasks plus per-task values."""
-        acc, loss = {}, {}
+        """Every task on its own held-out split; means over tasks plus per-task values
+        (``<metric>_per_task`` for each of the task type's metrics)."""
+        names = self.task_type.metric_names
+        per_task: dict[str, dict[str, float]] = {name: {} for name in names}
         for task in self.tasks:
             activate_task(self.model, task.name)
-            ev = evaluate(self.model, self.tokenizer, task.test, self.cfg.model.max_length, self.device)
-            acc[task.name], loss[task.name] = ev["accuracy"], ev["loss"]
+            ev = self.task_type.evaluate(self.model, self.tokenizer, task.test, self.cfg.model.max_length,
+                                         self.device)
+            for name in names:
+                per_task[name][task.name] = ev[name]
         activate_task(self.model, None)
-        self.last_eval = {"accuracy_per_task": acc, "loss_per_task": loss}
-        return {"accuracy": float(np.mean(list(acc.values()))), "loss": float(np.mean(list(loss.values()))),
-                **self.last_eval}
+        self.last_eval = {f"{name}_per_task": per_task[name] for name in names}
+        return {**{name: float(np.mean(list(per_task[name].values()))) for name in names}, **self.last_eval}
 
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
-        """(task, batch) over the server-held unlabelled sample of every task."""
+        """(task, model inputs) over the server-held sample of every task (its targets unused)."""
         for task in self.tasks:
-            labels = [0] * len(task.public)  # unused: the sample is treated as unlabelled
-            for batch, _ in batches(self.tokenizer, task.public.texts, labels, 64, self.cfg.model.max_length):
-                yield task.name, {k: v.to(self.device) for k, v in batch.items()}
+            for batch in self.task_type.eval_batches(self.tokenizer, task.public, 64, self.cfg.model.max_length):
+                yield task.name, to_device(self.task_type.model_inputs(batch), self.device)
 
     def public_step(self) -> None:
         """The plugin's server-side step on public data, if it has one; updates the state."""
@@ -157,5 +164,6 @@ class MultiTaskHook(RoundHook):
         round_end = getattr(self.setup.plugin, "server_round_end", None)  # method-specific server work
         if round_end is not None:
             row.update(round_end(self.setup, server_round, report))
-        per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get("accuracy_per_task", {}).items())
-        log.info("round %d: per-task accuracy %s (mean %.4f)", server_round, per_task, row["accuracy"])
+        metric = task_for(self.setup.cfg).primary_metric
+        per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get(f"{metric}_per_task", {}).items())
+        log.info("round %d: per-task %s %s (mean %.4f)", server_round, metric, per_task, row[metric])

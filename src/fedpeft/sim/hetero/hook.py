@@ -56,6 +56,7 @@ from fedpeft.sim.hetero.scenario import Scenario
 from fedpeft.sim.hetero.timing import COMPUTE_SOURCE, ClientTiming, StepCost, client_timing, expected_batch
 from fedpeft.strategies.adapter_avg import RoundReport, state_to_arrayrecord
 from fedpeft.strategies.deadlines import Candidate, Outcome, draw_round, resolve_round
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["HeteroEmulator", "TIMELINE_FILE", "TimelineEntry"]
 
@@ -150,7 +151,7 @@ class HeteroEmulator(RoundHook):
         self.run_dir = run_dir.path
         config = getattr(setup.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 2))
-        self.plan_memory(ModelShape.from_config(config, num_labels))
+        self.plan_memory(ModelShape.from_config(config, num_labels, self.cfg.task_type))
         self.full_shapes = {k: tuple(v.shape) for k, v in setup.state.items()}
         if self.step_cost is None:
             from fedpeft.sim.hetero.cost import measure_step_cost
@@ -198,7 +199,7 @@ class HeteroEmulator(RoundHook):
         from fedpeft.sim.hetero.plots import write_plots
 
         try:
-            paths = write_plots(self.rows, self.timeline, self.run_dir / "plots")
+            paths = write_plots(self.rows, self.timeline, self.run_dir / "plots", task_for(self.cfg).primary_metric)
             log.info("hetero plots: %s", ", ".join(str(p) for p in paths))
         except Exception as exc:  # plotting must never hide the run's own result or error
             log.warning("hetero plots failed: %s", exc)
