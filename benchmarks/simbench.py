@@ -48,10 +48,11 @@ def bare_federation(cfg: Any) -> list[float]:
     from fedpeft.privacy.plan import sample_rate_for
     from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
     from fedpeft.tasks import model as task_model
-    from fedpeft.tasks.evaluate import evaluate
-    from fedpeft.tasks.model import load_base_model, load_tokenizer, pick_device
+    from fedpeft.tasks import seq_cls
+    from fedpeft.tasks.model import load_tokenizer, pick_device
+    from fedpeft.tasks.seq_cls import evaluate, load_base_model
 
-    task_model._load_base.cache_clear()
+    seq_cls._load_base.cache_clear()
     task_model._load_tokenizer.cache_clear()
     calibrate_noise.cache_clear()  # a fresh worker calibrates its clients' sigma, so does the bare loop
     t0 = time.perf_counter()

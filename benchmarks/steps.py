@@ -36,7 +36,9 @@ from fedpeft.load import parse_config
 from fedpeft.privacy.dpsgd import make_private
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 from fedpeft.strategies.adapter_avg import state_nbytes
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.registry import head_prefixes, task_for
+from fedpeft.tasks.seq_cls import load_base_model
 
 from .results import Measurement, Target
 
@@ -115,9 +117,11 @@ class StepBench:
         plugin, model, cfg = self.model(method, dp=False)
         opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
 
+        batch, task_type = {**self.batch, "labels": self.labels}, task_for(cfg)
+
         def step() -> None:
             opt.zero_grad(set_to_none=True)
-            plugin.loss(model, self.batch, self.labels).backward()
+            plugin.loss(model, batch, task_type).backward()
             opt.step()
         return step
 
@@ -132,9 +136,10 @@ class StepBench:
         parts = make_private(model, opt, self._loader(cfg), SIGMA, cfg.privacy.clip, rng,
                              grad_sample_mode=mode, secure_mode=secure)
         net, dp_opt = parts.module, parts.optimizer
+        batch, task_type = {**self.batch, "labels": self.labels}, task_for(cfg)
 
         def step() -> None:
-            plugin.loss(net, self.batch, self.labels).backward()
+            plugin.loss(net, batch, task_type).backward()
             dp_opt.step()
             dp_opt.zero_grad(set_to_none=True)
         return step
@@ -230,7 +235,7 @@ def upload_bytes(plugin: AdapterPlugin, model: nn.Module) -> tuple[int, int]:
 
 def _is_head(name: str) -> bool:
     parts = name.split(".")
-    return "classifier" in parts or "score" in parts
+    return any(p in parts for p in head_prefixes())
 
 
 def method_matrix(bench: StepBench, reps: int, warmup: int, progress: Progress | None = None) -> list[Measurement]:

@@ -23,7 +23,9 @@ from fedpeft.client.trainer import build_loader, tensorize, train_local
 from fedpeft.privacy.dpsgd import make_private
 from fedpeft.privacy.plan import sample_rate_for
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.registry import task_for
+from fedpeft.tasks.seq_cls import load_base_model
 
 CPU = torch.device("cpu")
 
@@ -81,13 +83,13 @@ def test_one_step_without_noise_is_minus_the_mean_clipped_per_example_gradient(t
     before = _flat(model)
     reference = _fresh_model(cfg, plugin)
     params = [p for p in reference.parameters() if p.requires_grad]
-    ds = tensorize(tok, data, cfg.model.max_length)
+    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
     clipped = []
     for i in range(n):
         ids, mask, label = ds[i]
         width = int(mask.sum())
-        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width]},
-                           label[None])
+        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width],
+                                       "labels": label[None]}, task_for(cfg))
         g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
         assert float(g.norm()) > 10 * clip  # every example is really clipped
         clipped.append(g * min(1.0, clip / float(g.norm())))
@@ -144,7 +146,7 @@ def test_poisson_batches_are_sampled_at_the_rate_the_ledger_records(tiny_cfg, st
     assert entry.sample_rate == float(reply.content["metrics"]["sample-rate"]) == sample_rate_for(n, 16)
     # the loader the DP path really uses, on data of that size: its empirical rate
     tok, plugin = load_tokenizer(cfg.model), get_plugin(cfg.adapter.method)
-    ds = tensorize(tok, _examples(cfg, n), cfg.model.max_length)
+    ds = tensorize(tok, _examples(cfg, n), cfg.model.max_length, task_for(cfg))
     model = _fresh_model(cfg, plugin)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     parts = make_private(model, opt, build_loader(ds, 16, 0), 1.0, 1.0, _rng())

@@ -96,8 +96,8 @@ def test_exported_adapter_loads_with_peft_and_reproduces_accuracy(tiny_run) -> N
     from transformers import AutoModelForSequenceClassification
 
     from fedpeft.data.sources import train_test_split_for
-    from fedpeft.tasks.evaluate import evaluate
     from fedpeft.tasks.model import load_tokenizer
+    from fedpeft.tasks.seq_cls import evaluate
 
     cfg, path, rows, _ = tiny_run
     base = AutoModelForSequenceClassification.from_pretrained(cfg.model.path, num_labels=2,

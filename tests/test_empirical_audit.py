@@ -79,7 +79,7 @@ def setup(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 def _audit(setup, claimed: float, trained: float | None = None, known: bool = False):  # type: ignore[no-untyped-def]
     from fedpeft.adapters import get
-    from fedpeft.tasks.model import load_base_model
+    from fedpeft.tasks.seq_cls import load_base_model
 
     cfg, pool, tok = setup
     plugin = get("ffa_lora")

@@ -15,7 +15,9 @@ from fedpeft.client.trainer import build_loader, tensorize, train_local
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.privacy.dpsgd import loader_sample_rate, make_private
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.registry import task_for
+from fedpeft.tasks.seq_cls import load_base_model
 
 
 def _model(cfg, method: str = "ffa_lora"):  # type: ignore[no-untyped-def]
@@ -104,9 +106,9 @@ def _no_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def _plain_grads(model, plugin, batch, labels):  # type: ignore[no-untyped-def]
+def _plain_grads(model, plugin, batch, labels, cfg):  # type: ignore[no-untyped-def]
     model.zero_grad(set_to_none=True)
-    plugin.loss(model, batch, labels).backward()
+    plugin.loss(model, {**batch, "labels": labels}, task_for(cfg)).backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -114,7 +116,7 @@ def _dp_applied_grads(model, plugin, cfg, data, tok, sigma, clip):  # type: igno
     """Gradient that Opacus's DPOptimizer applies for one fixed batch (no Poisson: batch fixed)."""
     from opacus import PrivacyEngine
 
-    ds = tensorize(tok, data, cfg.model.max_length)
+    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
     loader = torch.utils.data.DataLoader(ds, batch_size=len(ds))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
@@ -122,7 +124,7 @@ def _dp_applied_grads(model, plugin, cfg, data, tok, sigma, clip):  # type: igno
     gsm, dp_opt, dp_loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                  noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=False)
     ids, mask, labels = next(iter(dp_loader))
-    plugin.loss(gsm, {"input_ids": ids, "attention_mask": mask}, labels).backward()
+    plugin.loss(gsm, {"input_ids": ids, "attention_mask": mask, "labels": labels}, task_for(cfg)).backward()
     dp_opt.pre_step()  # clip + noise + scale, exactly what step() applies
     names = {id(p): n for n, p in model.named_parameters()}
     grads = {names[id(p)].replace("_module.", ""): p.grad.detach().clone() for p in dp_opt.params}
@@ -140,7 +142,7 @@ def test_dp_gradient_equals_plain_gradient_without_noise_or_clipping(tiny_cfg) -
     _no_dropout(model)  # both passes must see the same function
     data = _client_data(tiny_cfg, 16)
     dp, (ids, mask, labels) = _dp_applied_grads(model, plugin, tiny_cfg, data, tok, sigma=0.0, clip=1e6)
-    plain = _plain_grads(model, plugin, {"input_ids": ids, "attention_mask": mask}, labels)
+    plain = _plain_grads(model, plugin, {"input_ids": ids, "attention_mask": mask}, labels, tiny_cfg)
     assert set(dp) == set(plain)
     for n in plain:
         torch.testing.assert_close(dp[n], plain[n], rtol=1e-4, atol=1e-6)
@@ -164,7 +166,7 @@ def test_sample_rate_used_by_opacus_is_the_calibrated_one(tiny_cfg) -> None:  # 
     plugin, model = _model(tiny_cfg)
     tok = load_tokenizer(tiny_cfg.model)
     data = _client_data(tiny_cfg, 70)
-    loader = build_loader(tensorize(tok, data, 24), tiny_cfg.train.batch_size, seed=0)
+    loader = build_loader(tensorize(tok, data, 24, task_for(tiny_cfg)), tiny_cfg.train.batch_size, seed=0)
     q = 1.0 / math.ceil(len(data) / min(tiny_cfg.train.batch_size, len(data)))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     parts = make_private(model, opt, loader, 1.0, 1.0, RoundRandomness.derived(NodeSecret.generate(), "t"))

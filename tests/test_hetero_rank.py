@@ -16,7 +16,7 @@ from fedpeft.adapters.lora import lora_layers
 @pytest.fixture()
 def hetero_model(tiny_model_dir):  # type: ignore[no-untyped-def]
     from fedpeft.load import parse_config
-    from fedpeft.tasks.model import load_base_model
+    from fedpeft.tasks.seq_cls import load_base_model
 
     cfg = parse_config({"model.path": str(tiny_model_dir), "adapter.method": "ffa_lora_hetero", "adapter.rank": 8,
                         "adapter.alpha": 16.0})

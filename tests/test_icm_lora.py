@@ -268,7 +268,7 @@ def test_single_task_run_is_ffa_lora_and_learns(tiny_cfg) -> None:  # type: igno
 
     from fedpeft.adapters import get
     from fedpeft.data.sources import train_test_split_for
-    from fedpeft.tasks.model import load_base_model
+    from fedpeft.tasks.seq_cls import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method="icm_lora"))

@@ -203,7 +203,7 @@ def test_gate_training_lowers_the_loss_with_experts_frozen(tiny_model_dir: Path)
     """Gate phase on one client's batch: 15 plain steps of the gates alone (experts set,
     head frozen) lower the loss -- the gate learns to pick experts."""
     from fedpeft.client.trainer import train_local
-    from fedpeft.tasks.evaluate import evaluate
+    from fedpeft.tasks.seq_cls import evaluate
 
     cfg = _cfg(tiny_model_dir, **{"adapter.options": {"expert_rounds": 1}, "train.lr": 0.05})
     rt = Runtime(cfg)
@@ -259,7 +259,7 @@ def test_single_task_run_is_ffa_lora_with_one_expert(tiny_cfg) -> None:  # type:
 
     from fedpeft.adapters import get
     from fedpeft.data.sources import train_test_split_for
-    from fedpeft.tasks.model import load_base_model
+    from fedpeft.tasks.seq_cls import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method="meteora"))

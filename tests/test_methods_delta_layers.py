@@ -25,7 +25,8 @@ from fedpeft.config import ConfigError
 from fedpeft.data.partition import client_partition
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.strategies.adapter_avg import state_nbytes
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.seq_cls import load_base_model
 
 METHODS = ("nola", "sara", "soka", "osft")
 # Direct trainable parameter names of each method's layers (besides the head).

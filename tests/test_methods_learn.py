@@ -13,7 +13,8 @@ import torch
 from fedpeft.adapters import get
 from fedpeft.client.trainer import train_local
 from fedpeft.data.sources import train_test_split_for
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.seq_cls import load_base_model
 
 SINGLE_TASK = ["ffa_lora", "lora", "nola", "sara", "soka", "osft", "triadapt_lora", "abmll", "texforce"]
 

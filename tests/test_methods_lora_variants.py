@@ -23,7 +23,9 @@ from fedpeft.data.sources import train_test_split_for
 from fedpeft.load import parse_config
 from fedpeft.strategies.adapter_avg import state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.registry import task_for
+from fedpeft.tasks.seq_cls import load_base_model
 
 METHODS = ("triadapt_lora", "abmll", "texforce")
 
@@ -213,12 +215,12 @@ def test_abmll_opacus_per_sample_gradients_match_plain_gradient(tiny_cfg) -> Non
     batch, labels = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, torch.tensor([1, 0, 1, 0])
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     torch.manual_seed(3)
-    plugin.loss(model, batch, labels).backward()
+    plugin.loss(model, {**batch, "labels": labels}, task_for(cfg)).backward()
     plain = {n: p.grad.clone() for n, p in params.items()}
     model.zero_grad(set_to_none=True)
     gsm = GradSampleModule(model)
     torch.manual_seed(3)
-    plugin.loss(gsm, batch, labels).backward()
+    plugin.loss(gsm, {**batch, "labels": labels}, task_for(cfg)).backward()
     try:
         for n, p in params.items():
             np.testing.assert_allclose(p.grad_sample.mean(0).numpy(), plain[n].numpy(), rtol=1e-3, atol=1e-6, err_msg=n)

@@ -18,7 +18,9 @@ from fedpeft.client.trainer import train_local
 from fedpeft.config import ConfigError
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.load import parse_config
-from fedpeft.tasks.model import MaskedMeanPooler, load_base_model, load_tokenizer, pooling_for
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.pooling import MaskedMeanPooler, pooling_for
+from fedpeft.tasks.seq_cls import load_base_model
 
 
 @pytest.fixture()

@@ -307,7 +307,7 @@ def test_adapter_alone_lowers_the_loss_single_task(tiny_cfg, method: str) -> Non
 
     from fedpeft.adapters import get
     from fedpeft.data.sources import train_test_split_for
-    from fedpeft.tasks.model import load_base_model
+    from fedpeft.tasks.seq_cls import load_base_model
 
     train = dataclasses.replace(tiny_cfg.train, batch_size=32, physical_batch_size=32, lr=3e-2)
     cfg = dataclasses.replace(tiny_cfg, train=train, adapter=dataclasses.replace(tiny_cfg.adapter, method=method))

@@ -20,7 +20,7 @@ from fedpeft.server.setup import ServerSetup
 from fedpeft.strategies.adapter_avg import AdapterAvg
 from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.registry import build_base
-from fedpeft.tasks.model import load_base_model
+from fedpeft.tasks.seq_cls import load_base_model
 
 
 def _state(model: torch.nn.Module) -> dict[str, np.ndarray]:

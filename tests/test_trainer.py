@@ -12,7 +12,8 @@ from torch import nn
 from fedpeft.adapters import get
 from fedpeft.client.trainer import length_buckets, train_local
 from fedpeft.data.sources import train_test_split_for
-from fedpeft.tasks.model import load_base_model, load_tokenizer
+from fedpeft.tasks.model import load_tokenizer
+from fedpeft.tasks.seq_cls import load_base_model
 
 
 def test_length_buckets_cover_every_example_once_trimmed_to_their_own_width() -> None:

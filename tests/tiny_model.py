@@ -36,8 +36,8 @@ def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tupl
     import torch
 
     from fedpeft.client.trainer import train_local
-    from fedpeft.tasks.evaluate import evaluate
     from fedpeft.tasks.model import load_tokenizer
+    from fedpeft.tasks.seq_cls import evaluate
 
     for name, param in model.named_parameters():
         if name.startswith("classifier"):

@@ -53,6 +53,8 @@ from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.adapters.common import NDArrays, export_npz, freeze_all_but_head, hash_tensors, replace_targets
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
+from fedpeft.data.batching import Batch
+from fedpeft.tasks.base import TaskType
 
 __all__ = ["AbmllOptions", "AbmllPlugin", "BayesB", "BayesLoraLinear", "LOCAL_NAMES"]
 
@@ -199,10 +201,10 @@ class AbmllPlugin(AdapterPlugin):
             for name, value in state.items():
                 params[name].copy_(torch.as_tensor(np.asarray(value)).to(params[name].device, params[name].dtype))
 
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Mean CE of sampled weights + beta * mean KL. Under Opacus the KL gradient is
-        applied per example by the grad sampler (this term's own gradient is discarded)."""
-        nll = F.cross_entropy(model(**batch).logits, labels)
+    def loss(self, model: nn.Module, batch: Batch, task_type: TaskType) -> torch.Tensor:
+        """Mean task loss (CE) of sampled weights + beta * mean KL. Under Opacus the KL gradient
+        is applied per example by the grad sampler (this term's own gradient is discarded)."""
+        nll = task_type.loss(model, batch)
         inner = getattr(model, "_module", model)
         kl = sum((layer.bayes.kl_scale * layer.bayes.kl() for _, layer in _layers(inner)), torch.zeros((), device=nll.device))
         return nll + kl

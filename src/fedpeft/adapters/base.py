@@ -5,7 +5,7 @@ A plugin owns both halves of a parameter-efficient method:
 * client half -- :meth:`AdapterPlugin.attach` injects the adapter into a fresh base model
   and freezes what must stay frozen; :meth:`trainable_state` names exactly the tensors
   that leave the client; :meth:`load_state` installs the global state received;
-  :meth:`loss` is the local objective (cross-entropy unless the method says otherwise);
+  :meth:`loss` is the local objective (the task type's loss unless the method says otherwise);
 * server half -- :meth:`aggregate` combines validated client states into the next
   global state, and :meth:`server_step` is any extra server-side step the method needs.
 
@@ -29,12 +29,13 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from fedpeft.adapters.capabilities import capabilities_of
 from fedpeft.adapters.common import NDArrays, hash_tensors, weighted_mean
 from fedpeft.adapters.options import option_specs, parse_options
 from fedpeft.config import ConfigError, RunConfig
+from fedpeft.data.batching import Batch
+from fedpeft.tasks.base import TaskType
 
 __all__ = ["AdapterPlugin", "NDArrays", "hash_tensors", "weighted_mean"]
 
@@ -91,10 +92,10 @@ class AdapterPlugin(ABC):
         """Hash of seeded frozen tensors every client must share ("" if none)."""
         return ""
 
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Local training objective; mean over the batch (Opacus scales per-sample)."""
-        logits = model(**batch).logits
-        return F.cross_entropy(logits, labels)
+    def loss(self, model: nn.Module, batch: Batch, task_type: TaskType) -> torch.Tensor:
+        """Local training objective of one (opaque) batch; mean over its examples (Opacus
+        scales per sample). Default: the task type's loss (:meth:`TaskType.loss`)."""
+        return task_type.loss(model, batch)
 
     def local_state(self, model: nn.Module) -> NDArrays:
         """Tensors that stay on this client and persist across its rounds (default: none).

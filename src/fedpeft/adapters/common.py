@@ -9,7 +9,7 @@ methods on ``delta_linear``). Nothing here imports another module of :mod:`fedpe
   :func:`grouped_aggregate` (a rule applied per group of clients that sent the same tensors:
   multi-task runs) and :func:`hash_tensors` (the frozen-tensor fingerprint);
 * model surgery: :func:`replace_submodule`, :func:`target_linears`, :func:`replace_targets`,
-  :func:`freeze_all_but_head`, :data:`HEAD_PREFIXES`;
+  :func:`freeze_all_but_head` (heads: :func:`fedpeft.tasks.registry.head_prefixes`);
 * determinism: :func:`seeded_normal` (seeded frozen factors, bit-identical everywhere) and
   :func:`single_threaded` (decompositions of W0 with the same bits in every process);
 * export: :func:`export_npz`.
@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from fedpeft.config import ConfigError
+from fedpeft.tasks.registry import head_prefixes
 
 __all__ = [
-    "HEAD_PREFIXES", "NDArrays", "export_npz", "freeze_all_but_head", "grouped_aggregate", "hash_tensors",
+    "NDArrays", "export_npz", "freeze_all_but_head", "grouped_aggregate", "hash_tensors",
     "replace_submodule", "replace_targets", "seeded_normal", "single_threaded", "target_linears", "weighted_mean",
 ]
 
 NDArrays = dict[str, np.ndarray]
-HEAD_PREFIXES = ("classifier", "score")  # top-level names of a classification head
 
 
 # ---- state arithmetic ------------------------------------------------------------------------
@@ -124,8 +124,9 @@ def replace_targets(model: nn.Module, targets: Sequence[str], factory: Callable[
 
 def freeze_all_but_head(model: nn.Module) -> None:
     """Freeze the base model; the classification head (``classifier``/``score``) trains."""
+    prefixes = head_prefixes()  # the run's task types' heads (fedpeft.tasks.registry)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.split(".")[0] in HEAD_PREFIXES)
+        p.requires_grad_(name.split(".")[0] in prefixes)
 
 
 # ---- determinism -------------------------------------------------------------------------------

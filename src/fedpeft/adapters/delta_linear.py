@@ -34,8 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpeft.adapters.base import AdapterPlugin
-from fedpeft.adapters.common import HEAD_PREFIXES, hash_tensors
+from fedpeft.adapters.common import hash_tensors
 from fedpeft.config import ConfigError, RunConfig
+from fedpeft.tasks.registry import head_prefixes
 
 __all__ = ["DeltaLinear", "DeltaPlugin", "delta_layers"]
 
@@ -117,7 +118,7 @@ class DeltaPlugin(AdapterPlugin):
         targets = set(cfg.adapter.target_modules)
         names = sorted(
             n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in HEAD_PREFIXES
+            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in head_prefixes()
         )
         if not names:
             raise ConfigError("adapter.target_modules", ",".join(cfg.adapter.target_modules),
@@ -127,7 +128,7 @@ class DeltaPlugin(AdapterPlugin):
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, self.make_layer(name, index, getattr(parent, child), cfg))
         for name, param in model.named_parameters():
-            if name.split(".")[0] in HEAD_PREFIXES:
+            if name.split(".")[0] in head_prefixes():
                 param.requires_grad_(True)
         return model
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.config import ConfigError, RunConfig
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["LoraPlugin", "inject_lora", "lora_a_tensors", "lora_layers", "seeded_lora_a"]
 
@@ -59,7 +60,7 @@ def inject_lora(model: nn.Module, cfg: RunConfig, freeze_a: bool) -> nn.Module:
     """Wrap ``model`` with PEFT LoRA on ``cfg.adapter.target_modules``; optionally freeze A."""
     a = cfg.adapter
     lora_cfg = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        **task_for(cfg).peft_config(),
         r=a.rank,
         lora_alpha=a.alpha,  # type: ignore[arg-type]  # PEFT accepts floats
         target_modules=list(a.target_modules),

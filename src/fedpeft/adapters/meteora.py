@@ -78,7 +78,6 @@ from fedpeft.adapters.capabilities import (
     ServerState,
 )
 from fedpeft.adapters.common import (
-    HEAD_PREFIXES,
     NDArrays,
     export_npz,
     freeze_all_but_head,
@@ -91,6 +90,7 @@ from fedpeft.adapters.common import (
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
 from fedpeft.data.layout import TASK_PREFIX
+from fedpeft.tasks.registry import head_prefixes
 
 __all__ = ["MeteoRALinear", "MeteoraOptions", "MeteoraPlugin", "MeteoraRoundEnd", "meteora_layers"]
 
@@ -246,7 +246,7 @@ def _is_gate(name: str) -> bool:
 
 def _is_expert(name: str) -> bool:
     last = name.rsplit(".", 1)[-1]
-    return (last.startswith(TASK_PREFIX) or last == "lora_B") and not any(h in name for h in HEAD_PREFIXES)
+    return (last.startswith(TASK_PREFIX) or last == "lora_B") and not any(h in name for h in head_prefixes())
 
 
 class MeteoraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregation, ServerRoundWork):

@@ -51,6 +51,8 @@ from fedpeft.adapters.common import hash_tensors
 from fedpeft.adapters.lora import inject_lora, lora_a_tensors
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
+from fedpeft.data.batching import Batch
+from fedpeft.tasks.base import TaskType
 
 __all__ = ["TexForceOptions", "TexForcePlugin", "ppo_clipped_loss"]
 
@@ -107,13 +109,14 @@ class TexForcePlugin(AdapterPlugin):
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(lora_a_tensors(model))
 
-    def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, model: nn.Module, batch: Batch, task_type: TaskType) -> torch.Tensor:
         inner = getattr(model, "_module", model)  # under Opacus: the wrapped PEFT model
-        logits = model(**batch).logits
+        inputs, labels = task_type.model_inputs(batch), batch[task_type.target_key]  # the policy's actions: classes
+        logits = model(**inputs).logits
         was_training = inner.training
         with torch.no_grad():
             inner.eval()
-            old_logits = functional_call(inner, getattr(inner, _OLD), args=(), kwargs=dict(batch), strict=False).logits
+            old_logits = functional_call(inner, getattr(inner, _OLD), args=(), kwargs=inputs, strict=False).logits
             inner.train(was_training)
         surrogate = ppo_clipped_loss(logits, old_logits, labels, float(getattr(inner, "_texforce_clip", 0.2)))
         # Value = cross-entropy of the current policy (what the trainer logs as "train loss");

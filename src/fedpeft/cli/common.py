@@ -57,6 +57,7 @@ FLAG_KEYS: dict[str, str] = {
     "name": "name",
     "device": "device",
     "tasks": "tasks.names",
+    "task": "task_type",
 }
 
 
@@ -80,6 +81,7 @@ FLAG_HELP: dict[str, str] = {
     "min_clients": "fewest valid replies a round needs (0 = 1)",
     "on_too_few": "retry | skip, when a round has fewer than min-clients valid replies",
     "tasks": "multi-task federation: comma-separated tasks (rt, bbc, tweets, or [tasks.NAME] tables)",
+    "task": "task type: what is learned (seq-cls = sequence classification)",
 }
 
 

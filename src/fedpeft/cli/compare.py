@@ -90,17 +90,17 @@ def base_layer(args: argparse.Namespace) -> dict[str, Any]:
     return layer
 
 
-def _majority_baseline(cells: list[Any]) -> float | None:
-    """Share of the test set's most common class (the accuracy of learning nothing)."""
-    import numpy as np
+def _baseline(cells: list[Any]) -> float | None:
+    """The primary metric of learning nothing, from the task type (sequence classification:
+    the share of the test set's most common class)."""
+    from fedpeft.tasks.registry import task_for
 
-    from fedpeft.data.sources import train_test_split_for
-
+    task_type = task_for(cells[0].cfg)
     try:
-        _, test = train_test_split_for(cells[0].cfg.data, cells[0].cfg.seed)
+        _, test = task_type.train_test_split(cells[0].cfg.data, cells[0].cfg.seed)
     except (OSError, ValueError):
         return None
-    return float(np.bincount(test.labels).max() / len(test))
+    return task_type.baseline(test)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedpeft compare: ran {len(ran)}, kept {sum(r.status == 'skipped' for r in results)}, failed {failed}"
               + (f"; {sum(r.wall_s for r in ran):.0f} s for the runs made now" if ran else ""))
     paths = write_report(cells, out, title=f"fedpeft compare: {', '.join(methods)}",
-                         baseline=_majority_baseline(cells))
+                         baseline=_baseline(cells))
     print(f"fedpeft compare: report {paths['html']} (also {paths['md'].name}, {paths['csv'].name}, plots/)")
     return 1 if failed else 0
 

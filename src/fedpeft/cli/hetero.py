@@ -20,6 +20,7 @@ from fedpeft.cli.common import config_from_args, register_command, resume_config
 from fedpeft.cli.simulate import SIMULATE_HELP as _HELP
 from fedpeft.cli.simulate import cmd_simulate as _RUN
 from fedpeft.config import ConfigError
+from fedpeft.tasks.registry import task_for
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -71,7 +72,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args, scenario.config)
         path, rows = run_scenario(scenario, cfg)
     last = rows[-1]
-    print(f"fedpeft: {len(rows)} rounds of scenario {scenario.name}: accuracy={last['accuracy']:.4f}, "
+    metric = task_for(cfg).primary_metric
+    print(f"fedpeft: {len(rows)} rounds of scenario {scenario.name}: {metric}={last[metric]:.4f}, "
           f"simulated {last['sim_clock']:.1f} s (real {sum(r['seconds'] for r in rows):.1f} s); "
           f"run directory: {path} (plots in {path / 'plots'}, timeline in {path / 'hetero_timeline.jsonl'})")
     return 0

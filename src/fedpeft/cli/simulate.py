@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from fedpeft.cli.common import add_simulate_options, config_from_args, register_command, resume_config
+from fedpeft.tasks.registry import task_for
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -20,7 +21,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, {last.get('epsilon_relation', '?')} neighbours, "
            f"delta={last['delta']:g}, {last['accountant']}; check: fedpeft privacy audit {path})"
            if cfg.privacy.enabled else "no DP")
-    print(f"fedpeft: {len(rows)} rounds done: accuracy={last['accuracy']:.4f} {eps}; run directory: {path}")
+    metric = task_for(cfg).primary_metric
+    print(f"fedpeft: {len(rows)} rounds done: {metric}={last[metric]:.4f} {eps}; run directory: {path}")
     return 0
 
 

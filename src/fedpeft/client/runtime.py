@@ -38,10 +38,11 @@ from fedpeft.client.task_release import ensure_release
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
 from fedpeft.data.layout import TaskData, activate_task, task_layout
-from fedpeft.data.sources import TextDataset, load_dataset, with_label_names
+from fedpeft.data.sources import TextDataset, with_label_names
 from fedpeft.load import config_from_toml
 from fedpeft.tasks.heads import layout_base_model
 from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
 
@@ -74,10 +75,11 @@ class Runtime:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.layout = task_layout(cfg)  # a single task's data is loaded on first use
+        self.layout = task_layout(cfg, self.task_type.train_test_split)  # a single task's data: on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
         self._task: dict[str, TaskData] = {}
@@ -143,13 +145,13 @@ class Runtime:
         federation's vocabulary (sent by the server), so label i is the same class on every
         node and on the server."""
         if self.layout.per_task:
-            local = load_dataset(data_cfg)
+            local = self.task_type.load_data(data_cfg)
             if local.label_names != task.label_names:
                 raise ValueError(f"client {ident.client_id}: labels {local.label_names} differ from task "
                                  f"{task.name}'s {task.label_names}")
             return local
         self._label_names = ident.label_names or task.pool.label_names
-        return with_label_names(load_dataset(data_cfg), self._label_names,
+        return with_label_names(self.task_type.load_data(data_cfg), self._label_names,
                                 f"client {ident.client_id}'s {ident.data_path}")
 
 

@@ -1,11 +1,13 @@
 """Local training of one client for one round, with or without DP-SGD.
 
-The client's examples are tokenised once (padded to ``max_length``) into a
-``TensorDataset``. Each logical batch is sorted by length and cut into physical chunks of
-at most ``physical_batch_size`` examples, each trimmed to its own longest sequence
-(:func:`length_buckets`): on Rotten Tomatoes (median 26 tokens, cap 40) this processes
-about a third fewer tokens than padding every chunk to the batch maximum, and it changes
-nothing in the maths -- the gradient of a logical batch is the same sum over examples.
+The client's examples are encoded once by the run's task type (padded to ``max_length``;
+:meth:`fedpeft.tasks.base.TaskType.encode`) into a :class:`~fedpeft.data.batching.BatchDataset`.
+Batches are opaque here: the task type cuts each logical batch into physical chunks of at
+most ``physical_batch_size`` examples, sorted by length and each trimmed to its own longest
+sequence (:meth:`~fedpeft.tasks.base.TaskType.chunks`): on Rotten Tomatoes (median 26
+tokens, cap 40) this processes about a third fewer tokens than padding every chunk to the
+batch maximum, and it changes nothing in the maths -- the gradient of a logical batch is the
+same sum over examples -- and the plugin's loss (by default the task type's) reads them.
 
 With DP, logical batches are Poisson samples at the rate ``1 / len(loader)`` (the rate the
 ledger records, returned as ``LocalResult.sample_rate``); every
@@ -29,18 +31,23 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.config import RunConfig
-from fedpeft.data.batching import length_buckets
+from fedpeft.data.batching import Batch, BatchDataset, batch_len, length_buckets, to_device
 from fedpeft.data.sources import TextDataset
 from fedpeft.privacy.dpsgd import loader_sample_rate, make_private
 from fedpeft.privacy.randomness import RoundRandomness
+from fedpeft.tasks.base import TaskType
+from fedpeft.tasks.registry import task_for
 
 # Opacus's hooks fire on modules whose inputs need no grad (frozen embeddings); harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -60,9 +67,9 @@ class LocalResult:
     sample_rate: float = 1.0  # DP: the Poisson rate the loader sampled at; else 1 / batches per epoch
 
 
-def tensorize(tokenizer, data: TextDataset, max_length: int) -> TensorDataset:  # type: ignore[no-untyped-def]
-    enc = tokenizer(list(data.texts), truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-    return TensorDataset(enc["input_ids"], enc["attention_mask"], torch.as_tensor(data.labels, dtype=torch.long))
+def tensorize(tokenizer: Any, data: TextDataset, max_length: int, task_type: TaskType) -> BatchDataset:
+    """All of ``data`` encoded by ``task_type`` (padded to ``max_length``) as a loader's dataset."""
+    return BatchDataset(task_type.encode(tokenizer, data, max_length))
 
 
 def build_loader(dataset: TensorDataset, batch_size: int, seed: int) -> DataLoader:
@@ -95,6 +102,47 @@ def _progress(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, mininterval=2.0, disable=disable)
 
 
+def _dp_step(net: GradSampleModule, opt: DPOptimizer, plugin: AdapterPlugin, task_type: TaskType, batch: Batch, physical: int,
+             device: torch.device) -> tuple[float, int]:
+    """One DP-SGD step on one logical (Poisson) batch: per-sample gradients clipped and
+    accumulated over its physical chunks, noise added once; (mean loss, examples)."""
+    n = batch_len(batch)
+    chunks = task_type.chunks(batch, physical)
+    step_loss = 0.0
+    for j, chunk in enumerate(chunks):
+        if j < len(chunks) - 1:
+            opt.signal_skip_step(do_skip=True)  # accumulate; noise once per logical batch
+        loss = plugin.loss(net, to_device(chunk, device), task_type)
+        loss.backward()
+        step_loss += float(loss.detach()) * batch_len(chunk) / n
+        if j < len(chunks) - 1:
+            opt.step()  # clips and accumulates this chunk's per-sample gradients only
+            opt.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops grad_sample
+    if not chunks:
+        # An empty Poisson batch is still a (noise-only) DP step; BERT cannot run on zero
+        # rows, so hand Opacus the zero per-sample gradients it would have produced.
+        for param in opt.params:
+            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+    opt.step()  # last chunk: one noisy update for the whole logical batch
+    opt.zero_grad(set_to_none=True)
+    return step_loss, n
+
+
+def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, plugin: AdapterPlugin, task_type: TaskType,
+                batch: Batch, physical: int, device: torch.device) -> tuple[float, int]:
+    """One non-DP step, the gradient accumulated over the physical chunks; (mean loss, examples)."""
+    n = batch_len(batch)
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = 0.0
+    for chunk in task_type.chunks(batch, physical):
+        # gradient accumulation: each chunk weighted by its share of the logical batch
+        loss = plugin.loss(model, to_device(chunk, device), task_type) * (batch_len(chunk) / n)
+        loss.backward()
+        step_loss += float(loss.detach())
+    optimizer.step()
+    return step_loss, n
+
+
 def train_local(
     model: nn.Module,
     plugin: AdapterPlugin,
@@ -116,7 +164,8 @@ def train_local(
     if noise_multiplier is not None and not isinstance(seed, RoundRandomness):
         raise TypeError("DP-SGD needs the node's RoundRandomness, not an integer seed (the server may know it)")
     model.to(device).train()
-    dataset = tensorize(tokenizer, data, cfg.model.max_length)
+    task_type = task_for(cfg)
+    dataset = tensorize(tokenizer, data, cfg.model.max_length, task_type)
     plain_seed = seed.dropout_seed if isinstance(seed, RoundRandomness) else int(seed)
     loader = build_loader(dataset, cfg.train.batch_size, plain_seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -127,53 +176,27 @@ def train_local(
     seen = 0
     start = time.perf_counter()
     bar = _progress(steps, desc)
+    physical = cfg.train.physical_batch_size
     if noise_multiplier is not None:
         assert isinstance(seed, RoundRandomness)
         parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed,
                              secure_mode=cfg.privacy.secure_mode)
-        net, opt, sample_rate = parts.module, parts.optimizer, parts.sample_rate
-        stream = _cycle(parts.loader)
+        sample_rate, stream = parts.sample_rate, _cycle(parts.loader)
         for _ in range(steps):
-            ids, mask, labels = next(stream)
-            chunks = length_buckets(ids, mask, labels, cfg.train.physical_batch_size)
-            step_loss = 0.0
-            for j, (cid, cmask, clabels) in enumerate(chunks):
-                if j < len(chunks) - 1:
-                    opt.signal_skip_step(do_skip=True)  # accumulate; noise once per logical batch
-                batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
-                loss = plugin.loss(net, batch, clabels.to(device))
-                loss.backward()
-                step_loss += float(loss.detach()) * len(clabels) / len(labels)
-                if j < len(chunks) - 1:
-                    opt.step()  # clips and accumulates this chunk's per-sample gradients only
-                    opt.zero_grad(set_to_none=True)  # keeps the accumulated sum, drops grad_sample
-            if not chunks:
-                # An empty Poisson batch is still a (noise-only) DP step; BERT cannot run on zero
-                # rows, so hand Opacus the zero per-sample gradients it would have produced.
-                for param in opt.params:
-                    param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
-            opt.step()  # last chunk: one noisy update for the whole logical batch
-            opt.zero_grad(set_to_none=True)
-            if len(labels):
+            step_loss, n = _dp_step(parts.module, parts.optimizer, plugin, task_type, dataset.as_batch(next(stream)),
+                                    physical, device)
+            if n:
                 losses.append(step_loss)
-                seen += len(labels)
+                seen += n
             bar.update(1)
-        net._close()  # remove Opacus hooks so the model can be reused and exported
+        parts.module._close()  # remove Opacus hooks so the model can be reused and exported
     else:
         stream = _cycle(loader)
         for _ in range(steps):
-            ids, mask, labels = next(stream)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for cid, cmask, clabels in length_buckets(ids, mask, labels, cfg.train.physical_batch_size):
-                batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
-                # gradient accumulation: each chunk weighted by its share of the logical batch
-                loss = plugin.loss(model, batch, clabels.to(device)) * (len(clabels) / len(labels))
-                loss.backward()
-                step_loss += float(loss.detach())
+            step_loss, n = _plain_step(model, optimizer, plugin, task_type, dataset.as_batch(next(stream)), physical,
+                                       device)
             losses.append(step_loss)
-            seen += len(labels)
-            optimizer.step()
+            seen += n
             bar.update(1)
     bar.close()
     model.eval()

@@ -221,6 +221,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    task_type: str = "seq-cls"  # what is learned: a name in fedpeft.tasks.registry
     name: str = ""
     output_dir: str = ""
     seed: int = 0

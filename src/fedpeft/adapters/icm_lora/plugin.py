@@ -71,7 +71,6 @@ from transformers import PreTrainedTokenizerBase
 from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.adapters.capabilities import DataRelease, ReleaseParams, ServerRoundContext, ServerRoundWork
 from fedpeft.adapters.common import (
-    HEAD_PREFIXES,
     export_npz,
     freeze_all_but_head,
     hash_tensors,
@@ -93,6 +92,7 @@ from fedpeft.adapters.options import parse_options
 from fedpeft.config import RunConfig
 from fedpeft.data.layout import TASK_PREFIX, owned_task
 from fedpeft.data.sources import TextDataset
+from fedpeft.tasks.registry import head_prefixes
 
 __all__ = ["IcmLoraPlugin"]
 
@@ -134,7 +134,7 @@ class IcmLoraPlugin(AdapterPlugin, DataRelease, ServerRoundWork):
         state = super().trainable_state(model)
         holder = getattr(model, TV_MODULE, None)
         if holder is not None:
-            heads = {owned_task(k) for k in state if k.split(".")[0] in HEAD_PREFIXES} - {None}
+            heads = {owned_task(k) for k in state if k.split(".")[0] in head_prefixes()} - {None}
             for task in sorted(str(t) for t in heads):
                 state[f"{TV_MODULE}.{TASK_PREFIX}{task}"] = getattr(holder, TASK_PREFIX + task).detach()
         return state

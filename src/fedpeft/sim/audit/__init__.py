@@ -195,17 +195,18 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     from fedpeft.client.trainer import local_steps
     from fedpeft.config import load_config_file
     from fedpeft.data.partition import client_partition
-    from fedpeft.data.sources import train_test_split_for
     from fedpeft.load import parse_config
     from fedpeft.privacy.accounting import calibrate_noise
     from fedpeft.privacy.plan import sample_rate_for
-    from fedpeft.tasks.model import load_base_model, load_tokenizer
+    from fedpeft.tasks.model import load_tokenizer
+    from fedpeft.tasks.registry import task_for
 
     path = Path(target)
     cfg = parse_config(load_config_file(path / "config.toml" if path.is_dir() else path))
     if not cfg.privacy.enabled:
         raise ValueError("the configuration has no DP-SGD (privacy.epsilon is off): nothing to audit")
-    pool, _ = train_test_split_for(cfg.data, cfg.seed)
+    task_type = task_for(cfg)
+    pool, _ = task_type.train_test_split(cfg.data, cfg.seed)
     ledgers = sorted((path / "ledger").glob("client-*.json")) if path.is_dir() else []
     partition = 0
     if ledgers:
@@ -225,7 +226,8 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     batches = round(1 / mech.sample_rate)
     batch = math.ceil(len(data) / batches)
     plugin = get(cfg.adapter.method)
-    model = plugin.attach(load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed), cfg)
+    base = task_type.build_model(cfg.model, task_type.num_outputs(pool), head_seed=cfg.adapter.seed)
+    model = plugin.attach(base, cfg)
     result = run_empirical_audit(model, plugin, load_tokenizer(cfg.model), data, cfg, mech, canaries=canaries,
                                  beta=beta, audit_seed=audit_seed, score=score, batch_size=batch)
     result.notes.insert(0, f"trained its own copy of {cfg.model.path or 'the configured model'} "

@@ -36,11 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedpeft.adapters.base import AdapterPlugin
-from fedpeft.client.trainer import length_buckets, make_optimizer, tensorize
+from fedpeft.client.trainer import make_optimizer, tensorize
 from fedpeft.config import RunConfig
 from fedpeft.data.sources import TextDataset
 from fedpeft.privacy.dpsgd import make_private
 from fedpeft.privacy.randomness import ChaChaStream, RoundRandomness
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["CanaryRun", "canary_scores", "train_with_canaries"]
 
@@ -85,7 +86,8 @@ def train_with_canaries(
     device = torch.device("cpu")
     model.to(device).train()
     torch.manual_seed(rng.dropout_seed)
-    dataset = tensorize(tokenizer, data, cfg.model.max_length)
+    task_type = task_for(cfg)
+    dataset = tensorize(tokenizer, data, cfg.model.max_length, task_type)
     loader = DataLoader(dataset, batch_size=min(batch_size or cfg.train.batch_size, len(dataset)))
     params = [p for p in model.parameters() if p.requires_grad]
     parts = make_private(model, make_optimizer(cfg, params), loader, noise_multiplier, cfg.privacy.clip, rng,
@@ -105,13 +107,13 @@ def train_with_canaries(
     batches: Iterator[list[torch.Tensor]] = iter(())
     for t in range(steps):
         try:
-            ids, mask, labels = next(batches)
+            batch = dataset.as_batch(next(batches))
         except StopIteration:
             batches = iter(parts.loader)
-            ids, mask, labels = next(batches)
-        chunks = length_buckets(ids, mask, labels, cfg.train.physical_batch_size)
-        for j, (cid, cmask, clabels) in enumerate(chunks):
-            loss = plugin.loss(net, {"input_ids": cid, "attention_mask": cmask}, clabels)
+            batch = dataset.as_batch(next(batches))
+        chunks = task_type.chunks(batch, cfg.train.physical_batch_size)
+        for j, chunk in enumerate(chunks):
+            loss = plugin.loss(net, chunk, task_type)
             loss.backward()
             if j < len(chunks) - 1:
                 opt.signal_skip_step(do_skip=True)

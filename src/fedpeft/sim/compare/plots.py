@@ -1,11 +1,14 @@
 """Plots of a compare sweep (matplotlib, Agg backend, PNG).
 
-* ``accuracy_vs_epsilon.png`` -- final test accuracy against the epsilon target, one line
+Plots are of the sweep's task type's primary metric (``<metric>`` below; ``accuracy`` for
+sequence classification):
+
+* ``<metric>_vs_epsilon.png`` -- its final test value against the epsilon target, one line
   per method (mean over seeds, error bar = standard deviation, dots = single seeds);
   no-DP (epsilon = inf) is drawn at the right end of the axis;
 * ``epsilon_vs_round.png`` -- example-level epsilon spent (max over clients) after each
   round, per method and target (mean over seeds), targets dashed;
-* ``accuracy_vs_round.png`` -- test accuracy after each round, per method and target;
+* ``<metric>_vs_round.png`` -- its test value after each round, per method and target;
 * ``upload_bytes.png`` -- bytes uploaded by all clients over a whole run, per method.
 """
 
@@ -43,7 +46,7 @@ def _eps_positions(epsilons: Sequence[float]) -> dict[float, float]:
     return pos
 
 
-def _accuracy_vs_epsilon(results: Sequence[dict[str, Any]], out: Path) -> Path:
+def _metric_vs_epsilon(results: Sequence[dict[str, Any]], out: Path, metric: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     pos = _eps_positions([r["epsilon_target"] for r in results])
     methods = sorted({r["method"] for r in results})
@@ -53,7 +56,7 @@ def _accuracy_vs_epsilon(results: Sequence[dict[str, Any]], out: Path) -> Path:
         by_eps: dict[float, list[float]] = defaultdict(list)
         for r in results:
             if r["method"] == method:
-                by_eps[r["epsilon_target"]].append(r["final_accuracy"])
+                by_eps[r["epsilon_target"]].append(r[f"final_{metric}"])
         xs = sorted(by_eps, key=lambda e: pos[e])
         means = [float(np.mean(by_eps[e])) for e in xs]
         stds = [float(np.std(by_eps[e])) for e in xs]
@@ -63,11 +66,11 @@ def _accuracy_vs_epsilon(results: Sequence[dict[str, Any]], out: Path) -> Path:
     ax.set_xticks(sorted(pos.values()))
     ax.set_xticklabels(["no DP" if math.isinf(e) else f"{e:g}" for e in sorted(pos, key=lambda e: pos[e])])
     ax.set_xlabel("epsilon target (example-level, per client)")
-    ax.set_ylabel("final test accuracy")
-    ax.set_title("Accuracy against privacy budget (mean +- std over seeds)")
+    ax.set_ylabel(f"final test {metric}")
+    ax.set_title(f"{metric.capitalize()} against privacy budget (mean +- std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out / "accuracy_vs_epsilon.png")
+    return _save(fig, out / f"{metric}_vs_epsilon.png")
 
 
 def _per_round(curves: dict[tuple[str, float], list[list[dict[str, Any]]]], key: str) -> dict[tuple[str, float], Any]:
@@ -95,17 +98,17 @@ def _epsilon_vs_round(curves: dict[tuple[str, float], list[list[dict[str, Any]]]
     return _save(fig, out / "epsilon_vs_round.png")
 
 
-def _accuracy_vs_round(curves: dict[tuple[str, float], list[list[dict[str, Any]]]], out: Path) -> Path:
+def _metric_vs_round(curves: dict[tuple[str, float], list[list[dict[str, Any]]]], out: Path, metric: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (method, eps), (x, y) in sorted(_per_round(curves, "accuracy").items()):
+    for (method, eps), (x, y) in sorted(_per_round(curves, metric).items()):
         ax.plot(x, y, marker="o", ls="-" if method == sorted({m for m, _ in curves})[0] else "--",
                 label=f"{method}, eps {'inf' if math.isinf(eps) else f'{eps:g}'}")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title("Accuracy per round")
+    ax.set_ylabel(f"test {metric} (mean over seeds)")
+    ax.set_title(f"{metric.capitalize()} per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out / "accuracy_vs_round.png")
+    return _save(fig, out / f"{metric}_vs_round.png")
 
 
 def _upload_bytes(results: Sequence[dict[str, Any]], out: Path) -> Path:
@@ -120,11 +123,12 @@ def _upload_bytes(results: Sequence[dict[str, Any]], out: Path) -> Path:
 
 
 def write_plots(results: Sequence[dict[str, Any]], curves: dict[tuple[str, float], list[list[dict[str, Any]]]],
-                out: Path) -> list[Path]:
+                out: Path, metric: str) -> list[Path]:
     """Write the four PNGs into ``out``; ``results`` are results.csv rows (finished cells),
-    ``curves`` the metrics rows of each run grouped by (method, epsilon target)."""
+    ``curves`` the metrics rows of each run grouped by (method, epsilon target), ``metric``
+    the task type's primary metric."""
     out.mkdir(parents=True, exist_ok=True)
     if not results:
         return []
-    return [_accuracy_vs_epsilon(results, out), _epsilon_vs_round(curves, out), _accuracy_vs_round(curves, out),
-            _upload_bytes(results, out)]
+    return [_metric_vs_epsilon(results, out, metric), _epsilon_vs_round(curves, out),
+            _metric_vs_round(curves, out, metric), _upload_bytes(results, out)]

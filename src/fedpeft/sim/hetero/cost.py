@@ -8,8 +8,8 @@ covered by nothing the clients release.
 
 What is timed: ``steps`` logical steps (after one untimed warm-up step) of the run's
 training recipe on the first ``min(train.batch_size, len(test))`` held-out examples --
-the same length-bucketed chunks of at most ``train.physical_batch_size`` as the trainer
-(:func:`fedpeft.data.batching.length_buckets`), the run's optimizer, and,
+the same task-type encoding and length-bucketed chunks of at most ``train.physical_batch_size``
+as the trainer (:meth:`fedpeft.tasks.base.TaskType.chunks`), the plugin's loss, the run's optimizer, and,
 when DP is on, Opacus's per-sample gradients, per-sample clipping, accumulation across
 chunks and one noise draw per step (``GradSampleModule`` + ``DPOptimizer``, as the
 clients' DP-SGD; the noise here is the server's throw-away torch noise, not a client's
@@ -18,8 +18,8 @@ CSPRNG). The result is seconds per example of a step,
 
 The model is a deep copy, and the torch RNG state is restored afterwards, so the global
 model, its evaluation and the run's other random draws are untouched. Nothing here imports
-the client package (``fl_client``, whose trainer holds the node secret's randomness): the
-chunking is :func:`fedpeft.data.batching.length_buckets`, the trainer's own, from the floor below both.
+the client package (whose trainer holds the node secret's randomness): encoding and chunking are
+the task type's (:mod:`fedpeft.tasks`), the trainer's own, from the floor below both.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import warnings
 
 import torch
 
-from fedpeft.data.batching import length_buckets
+from fedpeft.data.batching import batch_len, to_device
 from fedpeft.data.layout import activate_task
 from fedpeft.server.setup import ServerSetup
 from fedpeft.sim.hetero.timing import StepCost
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["measure_step_cost"]
 
@@ -52,10 +53,9 @@ def measure_step_cost(setup: ServerSetup, steps: int = 2) -> StepCost:
     if n < 1:
         raise ValueError("the server has no held-out examples to price a training step with")
     data = setup.test.subset(list(range(n)))
-    enc = setup.tokenizer(list(data.texts), truncation=True, max_length=cfg.model.max_length, padding="max_length",
-                          return_tensors="pt")
-    labels = torch.as_tensor(data.labels, dtype=torch.long)
-    chunks = length_buckets(enc["input_ids"], enc["attention_mask"], labels, cfg.train.physical_batch_size)
+    task_type = task_for(cfg)
+    enc = task_type.encode(setup.tokenizer, data, cfg.model.max_length)
+    chunks = task_type.chunks(enc, cfg.train.physical_batch_size)
     dp = cfg.privacy.enabled
     model = copy.deepcopy(setup.model)
     if setup.layout.per_task:  # multi-task server model: train one task's head, as a client does
@@ -76,13 +76,12 @@ def measure_step_cost(setup: ServerSetup, steps: int = 2) -> StepCost:
                                     expected_batch_size=n)
 
     def step() -> None:
-        for j, (cid, cmask, clabels) in enumerate(chunks):
+        for j, chunk in enumerate(chunks):
             last = j == len(chunks) - 1
             if dp and not last:
                 optimizer.signal_skip_step(do_skip=True)  # type: ignore[attr-defined]
-            batch = {"input_ids": cid.to(device), "attention_mask": cmask.to(device)}
-            loss = plugin.loss(net, batch, clabels.to(device))
-            (loss if dp else loss * (len(clabels) / n)).backward()
+            loss = plugin.loss(net, to_device(chunk, device), task_type)
+            (loss if dp else loss * (batch_len(chunk) / n)).backward()
             if dp and not last:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -76,6 +76,7 @@ from fedpeft.strategies.deadlines import (
     settle_round,
 )
 from fedpeft.strategies.state import StateDict
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["HeteroEmulator", "TIMELINE_FILE", "TimelineEntry"]
 
@@ -167,7 +168,7 @@ class HeteroEmulator(RoundHook):
         self.run_dir = run_dir.path
         config = getattr(setup.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 2))
-        self.plan_memory(ModelShape.from_config(config, num_labels))
+        self.plan_memory(ModelShape.from_config(config, num_labels, self.cfg.task_type))
         planned = {n: asdict(d) for n, d in self.decisions.items()}
         if self._resumed_decisions is not None and planned != self._resumed_decisions:
             raise ValueError("the checkpoint's memory plan differs from this run's (another model or scenario); "
@@ -218,7 +219,7 @@ class HeteroEmulator(RoundHook):
         from fedpeft.sim.hetero.plots import write_plots
 
         try:
-            paths = write_plots(self.rows, self.timeline, self.run_dir / "plots")
+            paths = write_plots(self.rows, self.timeline, self.run_dir / "plots", task_for(self.cfg).primary_metric)
             log.info("hetero plots: %s", ", ".join(str(p) for p in paths))
         except Exception as exc:  # plotting must never hide the run's own result or error
             log.warning("hetero plots failed: %s", exc)

@@ -4,8 +4,8 @@ its configuration does not fit its device.
 The estimate (bytes, float32 throughout, as fedpeft trains) is the sum of
 
 * **weights** -- every parameter of the base model, plus the frozen LoRA A;
-* **adapter** -- the trainable tensors (LoRA B of rank r on each target module, the
-  classification head) and their gradients;
+* **adapter** -- the trainable tensors (LoRA B of rank r on each target module, the task
+  type's head: :meth:`fedpeft.tasks.base.TaskType.head_memory`) and their gradients;
 * **optimizer** -- Adam keeps two moments per trainable value (SGD with momentum one);
 * **dp_per_sample** -- Opacus hooks mode materialises one gradient per example of the
   physical batch for every trainable tensor (``grad_sample``) plus the clipped sum;
@@ -41,6 +41,9 @@ from types import SimpleNamespace
 from typing import Any
 
 from fedpeft.sim.hetero.profiles import GB, DeviceProfile
+from fedpeft.tasks.base import HeadMemory
+from fedpeft.tasks.registry import DEFAULT as DEFAULT_TASK_TYPE
+from fedpeft.tasks.registry import get as get_task_type
 
 __all__ = ["MemoryDecision", "MemoryEstimate", "ModelShape", "TrainShape", "decide", "estimate"]
 
@@ -49,7 +52,8 @@ F32 = 4
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The dimensions of a BERT-like encoder classifier that the estimate needs."""
+    """The dimensions of a BERT-like encoder that the estimate needs, and its task type's
+    head (``num_outputs``: e.g. the number of classes)."""
 
     layers: int
     hidden: int
@@ -58,36 +62,44 @@ class ModelShape:
     vocab: int
     max_positions: int = 512
     type_vocab: int = 2
-    num_labels: int = 2
+    num_outputs: int = 2
+    task_type: str = DEFAULT_TASK_TYPE
 
     @classmethod
-    def from_config(cls, config: Any, num_labels: int = 2) -> ModelShape:
+    def from_config(cls, config: Any, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE) -> ModelShape:
         """From a Hugging Face ``PretrainedConfig`` (BERT, RoBERTa, MiniLM, ...)."""
         return cls(
             layers=int(config.num_hidden_layers), hidden=int(config.hidden_size),
             heads=int(config.num_attention_heads), intermediate=int(config.intermediate_size),
             vocab=int(config.vocab_size), max_positions=int(getattr(config, "max_position_embeddings", 512)),
-            type_vocab=int(getattr(config, "type_vocab_size", 2) or 1), num_labels=num_labels,
+            type_vocab=int(getattr(config, "type_vocab_size", 2) or 1), num_outputs=num_outputs,
+            task_type=task_type,
         )
 
     @classmethod
-    def from_model_dir(cls, path: str | Path, num_labels: int = 2) -> ModelShape:
+    def from_model_dir(cls, path: str | Path, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE) -> ModelShape:
         """Read ``config.json`` of a local model directory (no weights are loaded)."""
         raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-        return cls.from_config(SimpleNamespace(**raw), num_labels)
+        return cls.from_config(SimpleNamespace(**raw), num_outputs, task_type)
+
+    @property
+    def head(self) -> HeadMemory:
+        """The task type's head on this encoder (sequence classification: a linear classifier
+        trained in full, BERT's frozen pooler)."""
+        return get_task_type(self.task_type).head_memory(self.hidden, self.num_outputs)
 
     @property
     def base_params(self) -> int:
-        """Parameters of the encoder + pooler + classifier (BERT layout)."""
+        """Parameters of the encoder (BERT layout) + the task type's head, frozen and trained."""
         h, i = self.hidden, self.intermediate
         embeddings = (self.vocab + self.max_positions + self.type_vocab) * h + 2 * h
         layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        pooler = h * h + h
-        head = h * self.num_labels + self.num_labels
-        return embeddings + self.layers * layer + pooler + head
+        head = self.head
+        return embeddings + self.layers * layer + head.frozen + head.trained
 
     def head_params(self) -> int:
-        return self.hidden * self.num_labels + self.num_labels
+        """Parameters trained in full beside the adapter."""
+        return self.head.trained
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,7 @@ def estimate(model: ModelShape, train: TrainShape) -> MemoryEstimate:
     h, a, i, r = model.hidden, model.heads, model.intermediate, train.rank
     b, s, t = train.physical_batch, train.seq_len, train.targets_per_layer * model.layers
     lora_a = t * r * h
-    trainable = t * h * r + model.head_params()  # every B (h x r) + the classifier head
+    trainable = t * h * r + model.head_params()  # every B (h x r) + the task type's head
     weights = F32 * (model.base_params + model.head_params() + lora_a)  # PEFT keeps a copy of the head
     adapter = F32 * 2 * trainable  # values + gradients
     optimizer = F32 * (2 if train.optimizer == "adam" else 1) * trainable

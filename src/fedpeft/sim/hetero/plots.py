@@ -5,7 +5,8 @@
 * ``client_timeline.png`` -- per client: download / compute / upload, idle, and the
   dropped ones (late, surplus, crashed, offline, declined), rounds laid end to end on the
   simulated clock;
-* ``accuracy_vs_sim_time.png`` -- test accuracy against the simulated clock;
+* ``<metric>_vs_sim_time.png`` -- the task type's primary metric (``accuracy`` for sequence
+  classification) on the test set against the simulated clock;
 * ``participation.png`` -- outcomes per profile over the run.
 """
 
@@ -81,12 +82,12 @@ def _timeline(rows: Sequence[dict[str, Any]], timeline: Sequence[Any], out: Path
     return _save(fig, out / "client_timeline.png")
 
 
-def _accuracy(rows: Sequence[dict[str, Any]], out: Path) -> Path:
+def _metric(rows: Sequence[dict[str, Any]], out: Path, metric: str) -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["sim_clock"] for r in rows], [r["accuracy"] for r in rows], marker="o")
-    ax.set(xlabel="simulated clock (s)", ylabel="test accuracy", title="Accuracy vs simulated time")
+    ax.plot([r["sim_clock"] for r in rows], [r[metric] for r in rows], marker="o")
+    ax.set(xlabel="simulated clock (s)", ylabel=f"test {metric}", title=f"{metric.capitalize()} vs simulated time")
     ax.grid(alpha=0.3)
-    return _save(fig, out / "accuracy_vs_sim_time.png")
+    return _save(fig, out / f"{metric}_vs_sim_time.png")
 
 
 def _participation(timeline: Sequence[Any], out: Path) -> Path:
@@ -107,7 +108,8 @@ def _participation(timeline: Sequence[Any], out: Path) -> Path:
     return _save(fig, out / "participation.png")
 
 
-def write_plots(rows: Sequence[dict[str, Any]], timeline: Sequence[Any], out: Path) -> list[Path]:
-    """Write the four PNGs into ``out``; return their paths."""
+def write_plots(rows: Sequence[dict[str, Any]], timeline: Sequence[Any], out: Path, metric: str) -> list[Path]:
+    """Write the four PNGs into ``out`` (``metric``: the task type's primary metric); return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    return [_sim_time(rows, out), _timeline(rows, timeline, out), _accuracy(rows, out), _participation(timeline, out)]
+    return [_sim_time(rows, out), _timeline(rows, timeline, out), _metric(rows, out, metric),
+            _participation(timeline, out)]
