@@ -28,6 +28,7 @@ from fedpeft.adapters import names as method_names
 from fedpeft.config import ConfigError, RunConfig, build_config
 from fedpeft.config import config_from_toml as structural_from_toml
 from fedpeft.config.schema import DATA_SUFFIXES
+from fedpeft.strategies.registry import names as strategy_names
 from fedpeft.tasks import registry as task_registry
 
 __all__ = ["ROLES", "config_from_toml", "parse_config", "validate"]
@@ -63,6 +64,9 @@ def validate(cfg: RunConfig, role: str = "server") -> None:
     if cfg.task_type not in task_names:
         raise ConfigError("task_type", cfg.task_type, f"allowed: {', '.join(task_names)}")
     task_registry.get(cfg.task_type).validate_config(cfg)
+    strategies = strategy_names()
+    if cfg.strategy.name not in strategies:
+        raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(strategies)}")
     names = method_names()
     if cfg.adapter.method not in names:
         raise ConfigError("adapter.method", cfg.adapter.method, f"allowed: {', '.join(names)}")

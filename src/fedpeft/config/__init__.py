@@ -21,7 +21,6 @@ from fedpeft.config.parse import (
     load_config_file,
 )
 from fedpeft.config.schema import (
-    STRATEGIES,
     AdapterConfig,
     CentralDPConfig,
     ConfigError,
@@ -37,7 +36,6 @@ from fedpeft.config.schema import (
 )
 
 __all__ = [
-    "STRATEGIES",
     "AdapterConfig",
     "CentralDPConfig",
     "ConfigError",

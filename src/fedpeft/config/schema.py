@@ -28,7 +28,6 @@ ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
-STRATEGIES = ("fedavg",)  # the base strategies of fedpeft.strategies.registry (kept equal by a test)
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")  # what src/fedpeft/data/sources.py reads
 CENTRAL_MODES = ("off", "server")
 FAULT_POLICIES = ("retry", "skip")
@@ -203,7 +202,8 @@ class TasksConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """``[strategy]``: the server's base strategy (:mod:`fedpeft.strategies.registry`)."""
+    """``[strategy]``: the server's base strategy, a name in :mod:`fedpeft.strategies.registry`
+    (checked by :mod:`fedpeft.load`: the registry sits above the configuration)."""
 
     name: str = "fedavg"
 

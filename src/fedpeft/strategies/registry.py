@@ -37,13 +37,30 @@ from fedpeft.strategies.deadlines import DeadlineStrategy, RoundTimer
 from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.validation import StateSpec
 
-__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy"]
+__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "names", "register"]
 
 STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg}
-"""``strategy.name`` -> base strategy of a single-task run (fedpeft.config.STRATEGIES lists the names)."""
+"""``strategy.name`` -> base strategy of a single-task run (:func:`register` adds one)."""
 
 MULTITASK_STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": MultiTaskAvg}
 """The same names for a multi-task federation (per-task reply specs and grouped aggregation)."""
+
+
+def register(name: str, single: type[AdapterAvg], multitask: type[AdapterAvg] | None = None) -> type[AdapterAvg]:
+    """Add a base strategy under ``name`` (``strategy.name = NAME``); ``multitask``, if given,
+    serves multi-task federations (else such a run with this name is a one-line error).
+    A second strategy with one name is refused."""
+    if not name or name in STRATEGIES:
+        raise ValueError(f"strategy name {name!r} is empty or already registered")
+    STRATEGIES[name] = single
+    if multitask is not None:
+        MULTITASK_STRATEGIES[name] = multitask
+    return single
+
+
+def names() -> list[str]:
+    """Registered base strategy names, in registration order."""
+    return list(STRATEGIES)
 
 
 def build_base(
