@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedpeft.data.sources import TextDataset
-from fedpeft.privacy.ledger import load_array_groups, save_array_groups
+from fedpeft.io import load_array_groups, save_array_groups
 from fedpeft.privacy.randomness import NodeSecret
 
 __all__ = ["StoredRelease", "data_digest", "digest", "load_release", "node_secret", "save_release", "secret_home",

@@ -37,7 +37,7 @@ from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.trainer import local_steps
 from fedpeft.config import RunConfig
 from fedpeft.data.sources import TextDataset
-from fedpeft.privacy.ledger import atomic_write
+from fedpeft.io import atomic_write
 from fedpeft.privacy.plan import sample_rate_for
 from fedpeft.privacy.releases import clipped_noisy_mean, record_release, release_epsilon
 

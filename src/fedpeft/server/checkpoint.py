@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from fedpeft.privacy.ledger import load_array_groups, save_array_groups
+from fedpeft.io import load_array_groups, save_array_groups
 from fedpeft.server.run_dir import jsonable
 from fedpeft.strategies.state import StateDict, Stateful, chain_state_dict, load_chain_state_dict, sampler_from_json
 

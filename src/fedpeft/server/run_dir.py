@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import RunConfig, config_hash, config_to_toml
+from fedpeft.io import atomic_write_text
 from fedpeft.load import config_from_toml
-from fedpeft.privacy.ledger import atomic_write_text
 
 __all__ = ["RunDir", "RunDirReused", "default_run_dir", "jsonable", "saved_config_hash"]
 

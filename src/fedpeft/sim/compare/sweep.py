@@ -143,7 +143,7 @@ def _simulate_cell(cfg: RunConfig, path: Path) -> None:
 
 
 def _write_cell_json(cell: Cell, status: str, wall_s: float, error: str = "") -> None:
-    from fedpeft.privacy.ledger import atomic_write_text
+    from fedpeft.io import atomic_write_text
 
     atomic_write_text(cell.path / "cell.json", json.dumps({
         "method": cell.method, "epsilon": eps_label(cell.epsilon), "seed": cell.seed, "status": status,

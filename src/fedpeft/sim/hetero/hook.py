@@ -60,7 +60,7 @@ from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.adapters.ffa_lora_hetero import pad_state
 from fedpeft.config import RunConfig
-from fedpeft.privacy.ledger import atomic_write_text
+from fedpeft.io import atomic_write_text
 from fedpeft.server.run_dir import RunDir
 from fedpeft.server.setup import RoundHook, ServerSetup
 from fedpeft.sim.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide
