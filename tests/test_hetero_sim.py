@@ -8,48 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_model import hetero_scenario
 
-SCENARIO = """
-name = "test-hetero"
-host_profile = "Host-2core-CPU"
-rank_tiers = [4, 2]
-
-[config]
-"adapter.method" = "ffa_lora_hetero"
-"adapter.rank" = 4
-"train.clients" = 4
-"data.partition" = "iid"
-
-[clients]
-Fast = 2
-Slow = 1
-Tiny = 1
-
-[ranks]
-Fast = 4
-Slow = 2
-Tiny = 2
-
-[deadline]
-policy = "drop-late"
-seconds = 30.0
-
-[profiles.Fast]
-tflops = 1000.0
-memory_gb = 80.0
-uplink_mbps = 1000.0
-downlink_mbps = 1000.0
-[profiles.Slow]
-tflops = 0.000001
-memory_gb = 80.0
-uplink_mbps = 1.0
-downlink_mbps = 1.0
-[profiles.Tiny]
-tflops = 1.0
-memory_gb = 0.000001
-uplink_mbps = 1.0
-downlink_mbps = 1.0
-"""
+SCENARIO = hetero_scenario("test-hetero")
 
 
 # One real Flower simulation (~30 s on a quiet 2-core machine, ~90 s on a busy one): slow suite.

@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from safetensors.numpy import load_file
+from tiny_model import hetero_scenario
 
 from fedpeft.server.checkpoint import load_checkpoint
 
@@ -150,47 +151,7 @@ def test_resume_with_another_configuration_exits_2(tiny_model_dir: Path, tmp_pat
     assert "Traceback" not in again.stderr
 
 
-SCENARIO = """
-name = "resume-hetero"
-host_profile = "Host-2core-CPU"
-rank_tiers = [4, 2]
-
-[config]
-"adapter.method" = "ffa_lora_hetero"
-"adapter.rank" = 4
-"train.clients" = 4
-"data.partition" = "iid"
-
-[clients]
-Fast = 2
-Slow = 1
-Tiny = 1
-
-[ranks]
-Fast = 4
-Slow = 2
-Tiny = 2
-
-[deadline]
-policy = "drop-late"
-seconds = 30.0
-
-[profiles.Fast]
-tflops = 1000.0
-memory_gb = 80.0
-uplink_mbps = 1000.0
-downlink_mbps = 1000.0
-[profiles.Slow]
-tflops = 0.000001
-memory_gb = 80.0
-uplink_mbps = 1.0
-downlink_mbps = 1.0
-[profiles.Tiny]
-tflops = 1.0
-memory_gb = 0.000001
-uplink_mbps = 1.0
-downlink_mbps = 1.0
-"""
+SCENARIO = hetero_scenario("resume-hetero")
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:

@@ -58,3 +58,50 @@ def dp_rng(seed: int = 0):  # type: ignore[no-untyped-def]
     from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 
     return RoundRandomness.derived(NodeSecret(hashlib.sha256(f"fedpeft-test-{seed}".encode()).digest()), "test")
+
+
+def hetero_scenario(name: str) -> str:
+    """A small heterogeneous-device scenario (TOML): 2 fast, 1 slow (late under the 30 s
+    deadline) and 1 tiny-memory client, ranks 4/2, drop-late; shared by the hetero tests."""
+    return f'name = "{name}"\n' + _HETERO_SCENARIO
+
+
+_HETERO_SCENARIO = """host_profile = "Host-2core-CPU"
+rank_tiers = [4, 2]
+
+[config]
+"adapter.method" = "ffa_lora_hetero"
+"adapter.rank" = 4
+"train.clients" = 4
+"data.partition" = "iid"
+
+[clients]
+Fast = 2
+Slow = 1
+Tiny = 1
+
+[ranks]
+Fast = 4
+Slow = 2
+Tiny = 2
+
+[deadline]
+policy = "drop-late"
+seconds = 30.0
+
+[profiles.Fast]
+tflops = 1000.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+[profiles.Slow]
+tflops = 0.000001
+memory_gb = 80.0
+uplink_mbps = 1.0
+downlink_mbps = 1.0
+[profiles.Tiny]
+tflops = 1.0
+memory_gb = 0.000001
+uplink_mbps = 1.0
+downlink_mbps = 1.0
+"""
