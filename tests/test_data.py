@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedpeft.config import ConfigError, DataConfig
-from fedpeft.data.partition import client_partition, partition_sizes
+from fedpeft.data.partition import _partition_indices, client_partition, partition_sizes
 from fedpeft.data.sources import load_dataset, split_train_test, train_test_split_for
 
 
@@ -100,3 +100,19 @@ def test_partition_mismatch_with_class_count_is_a_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError) as info:
         partition_sizes(pool, cfg, 3, 0)
     assert info.value.key == "data.label_proportions"
+
+
+@pytest.mark.parametrize(("partition", "clients"), [("iid", 4), ("dirichlet", 4), ("label-proportions", 3)])
+def test_every_partitioner_gives_pairwise_disjoint_index_sets(partition: str, clients: int) -> None:
+    """No example is held by two clients (each would spend budget on it: the per-client
+    guarantee assumes disjoint data); iid and Dirichlet also hand out the whole pool, the
+    label mixes as much of it as the mixes allow."""
+    cfg = DataConfig(test_size=200, partition=partition, dirichlet_alpha=0.3)
+    pool, _ = train_test_split_for(cfg, 0)
+    parts = [set(map(int, idx)) for idx in _partition_indices(cfg, clients, 0, pool)]
+    assert len(parts) == clients and all(parts)
+    union = set().union(*parts)
+    assert len(union) == sum(len(p) for p in parts)  # pairwise disjoint
+    assert union <= set(range(len(pool)))
+    if partition != "label-proportions":
+        assert len(union) == len(pool)
