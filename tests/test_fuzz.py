@@ -237,3 +237,34 @@ def test_a_valid_configuration_is_not_rejected_by_these_tests_own_oracle() -> No
     """Guard for the generators above: the defaults parse, so INVALID's values are the only
     reason the properties see exit status 2."""
     assert parse_config({}).train.rounds >= 1
+
+
+# Positive control for the fuzzer above: a valid ``--set`` must reach the simulation with
+# exactly its value (a CLI that corrupted every value would otherwise pass: each corrupted
+# value is still refused or accepted by some check).
+VALID: dict[str, tuple[str, Any]] = {
+    "train.rounds": ("7", 7), "train.lr": ("0.003", 0.003), "train.optimizer": ("sgd", "sgd"),
+    "adapter.rank": ("4", 4), "adapter.method": ("lora", "lora"), "privacy.epsilon": ("2.5", 2.5),
+    "privacy.delta": ("1e-06", 1e-06), "privacy.clip": ("0.5", 0.5), "model.max_length": ("48", 48),
+    "data.partition": ("iid", "iid"), "faults.fail_rate": ("0.25", 0.25), "central.mode": ("off", "off"),
+    "strategy.name": ("fedavg", "fedavg"), "seed": ("3", 3),
+}
+
+
+@pytest.mark.parametrize("key", sorted(VALID))
+def test_a_valid_set_value_reaches_the_simulation_unchanged(key: str, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import fedpeft.sim.simulate as sim
+
+    seen: list[Any] = []
+
+    def record(cfg: Any, **kwargs: Any) -> Any:
+        seen.append(cfg)
+        return "run", [{"accuracy": 0.5, "epsilon": 1.0, "epsilon_unit": "example", "delta": 1e-5, "accountant": "pld"}]
+
+    monkeypatch.setattr(sim, "simulate", record)
+    text, want = VALID[key]
+    code, err = _run_cli(["-q", "simulate", "--set", f"{key}={text}"], capsys)
+    assert code == 0, err
+    section, _, name = key.rpartition(".")
+    got = getattr(getattr(seen[0], section), name) if section else getattr(seen[0], name)
+    assert got == want and type(got) is type(want)
