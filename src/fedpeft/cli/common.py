@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from fedpeft.config import ConfigError, RunConfig, load_config_file
-from fedpeft.load import parse_config
 
 __all__ = ["COMMANDS", "add_run_options", "add_simulate_options", "build_parser", "config_from_args", "register_command",
            "resume_config"]
@@ -120,6 +119,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, *base: dict[str, Any]) -> RunConfig:
     """Layer ``base`` (e.g. a scenario's run config), the config file, the flags and --set
     pairs, then validate once."""
+    from fedpeft.load import parse_config  # lazily: it loads every plugin; `fedpeft --help` needs none
+
     layers: list[dict[str, Any]] = [*base]
     if getattr(args, "config", None):
         layers.append(load_config_file(args.config))
@@ -148,6 +149,7 @@ def resume_config(args: argparse.Namespace) -> RunConfig:
     from pathlib import Path
 
     from fedpeft.config import config_hash, config_to_dict
+    from fedpeft.load import parse_config
     from fedpeft.server.checkpoint import load_checkpoint
 
     run_dir = Path(args.resume)

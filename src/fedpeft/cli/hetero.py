@@ -20,7 +20,6 @@ from fedpeft.cli.common import config_from_args, register_command, resume_config
 from fedpeft.cli.simulate import SIMULATE_HELP as _HELP
 from fedpeft.cli.simulate import cmd_simulate as _RUN
 from fedpeft.config import ConfigError
-from fedpeft.tasks.registry import task_for
 
 
 def _add_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedpeft.sim.hetero.hook import HeteroEmulator
     from fedpeft.sim.hetero.run import run_scenario
     from fedpeft.sim.hetero.scenario import load_scenario
+    from fedpeft.tasks.registry import task_for
 
     scenario = load_scenario(args.scenario, args.profiles or "")
     if resumed is not None:

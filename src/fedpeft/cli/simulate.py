@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 
 from fedpeft.cli.common import add_simulate_options, config_from_args, register_command, resume_config
-from fedpeft.tasks.registry import task_for
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.sim.simulate import simulate
+    from fedpeft.tasks.registry import task_for
 
     if getattr(args, "resume", None):
         cfg = resume_config(args)

@@ -28,7 +28,6 @@ from typing import Any
 
 from fedpeft.config import RunConfig, config_hash, config_to_toml
 from fedpeft.io import atomic_write_text
-from fedpeft.load import config_from_toml
 
 __all__ = ["RunDir", "RunDirReused", "default_run_dir", "jsonable", "saved_config_hash"]
 
@@ -40,6 +39,9 @@ class RunDirReused(ValueError):
 def saved_config_hash(path: Path) -> str:
     """:func:`fedpeft.config.config_hash` of the ``config.toml`` at ``path``; if that no longer
     parses (an older, now invalid configuration), ``"unparseable-"`` + a hash of its text."""
+    from fedpeft.load import config_from_toml  # here, not at module level: the CLI imports this
+    # module at start-up for RunDirReused, and validation loads every adapter plugin
+
     text = path.read_text(encoding="utf-8")
     try:
         return config_hash(config_from_toml(text))
