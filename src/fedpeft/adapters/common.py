@@ -123,7 +123,7 @@ def replace_targets(model: nn.Module, targets: Sequence[str], factory: Callable[
 
 
 def freeze_all_but_head(model: nn.Module) -> None:
-    """Freeze the base model; the classification head (``classifier``/``score``) trains."""
+    """Freeze the base model; the task type's head (:func:`fedpeft.tasks.registry.head_prefixes`) trains."""
     prefixes = head_prefixes()  # the run's task types' heads (fedpeft.tasks.registry)
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in prefixes)

@@ -115,10 +115,10 @@ class DeltaPlugin(AdapterPlugin):
         self.attached = {"rank": a.rank, "alpha": a.alpha, "target_modules": list(a.target_modules), "seed": a.seed,
                          "options": {k: str(v) for k, v in a.options}, "base_model": cfg.model.path or "default"}
         model.requires_grad_(False)
-        targets = set(cfg.adapter.target_modules)
+        targets, heads = set(cfg.adapter.target_modules), head_prefixes()
         names = sorted(
             n for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in head_prefixes()
+            if isinstance(m, nn.Linear) and n.split(".")[-1] in targets and n.split(".")[0] not in heads
         )
         if not names:
             raise ConfigError("adapter.target_modules", ",".join(cfg.adapter.target_modules),
@@ -128,7 +128,7 @@ class DeltaPlugin(AdapterPlugin):
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, self.make_layer(name, index, getattr(parent, child), cfg))
         for name, param in model.named_parameters():
-            if name.split(".")[0] in head_prefixes():
+            if name.split(".")[0] in heads:
                 param.requires_grad_(True)
         return model
 

@@ -60,9 +60,6 @@ def numpy_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
-_numpy = numpy_state
-
-
 class PerTaskServer:
     """Per-task specs, state, evaluation and public data of the server's multi-head model."""
 
@@ -83,15 +80,15 @@ class PerTaskServer:
             replies = (plugin.reply_variants(self.model) if isinstance(plugin, ReplyVariants)  # MeteoRA: per phase
                        else {"": plugin.trainable_state(self.model)})
             for suffix, reply in replies.items():
-                per_task[task.name + suffix] = StateSpec.from_state(_numpy(reply))
+                per_task[task.name + suffix] = StateSpec.from_state(numpy_state(reply))
         activate_task(self.model, None)
         return per_task
 
     def global_state(self) -> dict[str, np.ndarray]:
         """Every task's trainable tensors plus the plugin's server-side ones (sent down only)."""
-        state = _numpy(self.plugin.trainable_state(self.model))
+        state = numpy_state(self.plugin.trainable_state(self.model))
         if isinstance(self.plugin, ServerState):
-            state.update(_numpy(self.plugin.server_state(self.model)))
+            state.update(numpy_state(self.plugin.server_state(self.model)))
         return state
 
     @staticmethod

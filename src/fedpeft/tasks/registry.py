@@ -11,7 +11,7 @@ from fedpeft.config import RunConfig
 from fedpeft.tasks.base import TaskType
 from fedpeft.tasks.seq_cls import SequenceClassification
 
-__all__ = ["DEFAULT", "get", "head_prefixes", "names", "register", "task_for", "task_types", "unregister"]
+__all__ = ["DEFAULT", "get", "head_prefixes", "names", "register", "task_for", "unregister"]
 
 DEFAULT = "seq-cls"
 
@@ -51,10 +51,6 @@ def task_for(cfg: RunConfig) -> TaskType:
 def names() -> list[str]:
     """Registered task type names, sorted."""
     return sorted(_REGISTRY)
-
-
-def task_types() -> list[TaskType]:
-    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
 def head_prefixes() -> tuple[str, ...]:

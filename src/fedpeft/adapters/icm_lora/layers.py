@@ -84,7 +84,7 @@ def icm_layers(model: nn.Module) -> list[tuple[str, IcmLoraLinear]]:
 
 
 def head_of(model: nn.Module) -> nn.Module:
-    """The model's classification head (``classifier`` or ``score``)."""
+    """The model's classification head (the first of :func:`fedpeft.tasks.registry.head_prefixes` it has)."""
     for prefix in head_prefixes():
         head = getattr(model, prefix, None)
         if head is not None:

@@ -134,7 +134,8 @@ class IcmLoraPlugin(AdapterPlugin, DataRelease, ServerRoundWork):
         state = super().trainable_state(model)
         holder = getattr(model, TV_MODULE, None)
         if holder is not None:
-            heads = {owned_task(k) for k in state if k.split(".")[0] in head_prefixes()} - {None}
+            prefixes = head_prefixes()
+            heads = {owned_task(k) for k in state if k.split(".")[0] in prefixes} - {None}
             for task in sorted(str(t) for t in heads):
                 state[f"{TV_MODULE}.{TASK_PREFIX}{task}"] = getattr(holder, TASK_PREFIX + task).detach()
         return state
