@@ -15,12 +15,37 @@ os.environ.setdefault("FEDPEFT_PROGRESS", "0")
 os.environ.setdefault("FEDPEFT_SECRET_HOME", tempfile.mkdtemp(prefix="fedpeft-test-secrets-"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import make_tiny_model  # noqa: E402
+from tiny_model import make_tiny_llama, make_tiny_model, write_instructions  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama decoder with a chat template (the causal-LM task type's test model)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def instructions_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 prompt/response pairs in two sources (``colour``, ``count``), one-word answers."""
+    return write_instructions(tmp_path_factory.mktemp("instructions") / "train.jsonl")
+
+
+@pytest.fixture()
+def lm_cfg(tiny_llama_dir: Path, instructions_file: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A small, fast causal-LM configuration: the tiny Llama on the two-source instruction file."""
+    from fedpeft.load import parse_config
+
+    return parse_config({
+        "task_type": "causal-lm", "model.path": str(tiny_llama_dir), "model.max_length": 32,
+        "model.max_new_tokens": 4, "data.path": str(instructions_file), "data.test_size": 12,
+        "train.clients": 2, "train.rounds": 2, "train.batch_size": 8, "train.local_steps": 2, "train.lr": 0.01,
+        "output_dir": str(tmp_path / "run"),
+    })
 
 
 @pytest.fixture()

@@ -105,3 +105,57 @@ memory_gb = 0.000001
 uplink_mbps = 1.0
 downlink_mbps = 1.0
 """
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}[unused0]{{ m['role'] }}\n{{ m['content'] }}[unused1]\n{% endfor %}"
+    "{% if add_generation_prompt %}[unused0]assistant\n{% endif %}"
+)
+"""A ChatML-like template in BERT word pieces: ``[unused0]`` opens a turn, ``[unused1]`` (the
+tokenizer's EOS) closes it -- the shape of SmolLM2's ``<|im_start|>`` / ``<|im_end|>``."""
+
+
+def make_tiny_llama(directory: Path, layers: int = 2, hidden: int = 32, chat_template: bool = True) -> Path:
+    """Write a randomly initialised ``LlamaForCausalLM`` (tied embeddings, ~1 M weights) with
+    MiniLM's word-piece tokenizer, a chat template and EOS/pad tokens, as a Hugging Face
+    directory: the causal-LM task type's fast test model. ``chat_template=False`` gives a
+    tokenizer without a template (the plain prompt format)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fedpeft.tasks.model import default_model_path
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    tok.add_special_tokens({"additional_special_tokens": ["[unused0]", "[unused1]"]})
+    tok.eos_token = "[unused1]"
+    tok.bos_token = None
+    if chat_template:
+        tok.chat_template = TINY_CHAT_TEMPLATE
+    tok.save_pretrained(directory)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def write_instructions(path: Path, n: int = 48) -> Path:
+    """A small JSONL instruction file with two sources (``source`` column) and one-word answers:
+    a colour task and a count task the tiny model can learn."""
+    import json
+
+    colours = ["red", "green", "blue", "yellow"]
+    rows = []
+    for i in range(n):
+        if i % 2:
+            c = colours[i % 4]
+            rows.append({"prompt": f"what colour is the {c} ball?", "response": c, "source": "colour"})
+        else:
+            rows.append({"prompt": f"how many is {i % 3 + 1}?", "response": ["one", "two", "three"][i % 3],
+                         "source": "count"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -69,8 +69,9 @@ FLAG_HELP: dict[str, str] = {
     "optimizer": "adam | sgd",
     "accountant": "pld (dp-accounting, replace-one neighbours)",
     "secure_mode": "true | false; fresh OS entropy each round and Opacus's floating-point-safe noise",
-    "data": "CSV/TSV/JSONL file; empty = Rotten Tomatoes",
-    "model": "local Hugging Face model directory; empty = MiniLM-L6",
+    "data": "CSV/TSV/JSONL file; empty = Rotten Tomatoes (causal-lm: the rt/bbc/trivia instruction mix)",
+    "model": "local Hugging Face model directory (causal-lm: or a .gguf file); empty = MiniLM-L6 "
+             "(causal-lm: SmolLM2-135M-Instruct)",
     "local_steps": "0 = derive from local-epochs",
     "clients_per_round": "0 = all",
     "examples_per_client": "0 = the whole partition",
@@ -80,7 +81,8 @@ FLAG_HELP: dict[str, str] = {
     "min_clients": "fewest valid replies a round needs (0 = 1)",
     "on_too_few": "retry | skip, when a round has fewer than min-clients valid replies",
     "tasks": "multi-task federation: comma-separated tasks (rt, bbc, tweets, or [tasks.NAME] tables)",
-    "task": "task type: what is learned (seq-cls = sequence classification)",
+    "task": "task type: what is learned (seq-cls = sequence classification, causal-lm = instruction tuning "
+            "of a decoder; its defaults differ, see `fedpeft tasks`)",
 }
 
 
@@ -99,6 +101,14 @@ def _defaults() -> dict[str, Any]:
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no prefix matching: ``--task`` (the task type) and
+    ``--tasks`` (a multi-task federation's datasets) must never be read as each other, and a
+    misspelt flag is an error, not a guess."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"fedpeft: error: {message} (see --help)\n")
 

@@ -17,6 +17,7 @@ from fedpeft.cli import (  # noqa: F401
     bench,
     compare,
     deploy,
+    generate,
     hetero,
     privacy,
     simulate,  # noqa: F401  (first: simulate, methods)

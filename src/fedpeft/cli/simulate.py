@@ -1,4 +1,4 @@
-"""``fedpeft simulate`` and ``fedpeft methods``."""
+"""``fedpeft simulate``, ``fedpeft methods`` and ``fedpeft tasks``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    from fedpeft.config import TASK_TYPE_DEFAULTS
+    from fedpeft.tasks.registry import names
+    from fedpeft.tasks.registry import get as get_task
+
+    for name in names():
+        print(get_task(name).describe())
+        for section, values in TASK_TYPE_DEFAULTS.get(name, {}).items():
+            print("    defaults: " + ", ".join(f"{section}.{k}={v}" for k, v in values.items()))
+    return 0
+
+
 SIMULATE_HELP = "run a federation on this machine (Flower simulation engine)"
 register_command("simulate", SIMULATE_HELP, add_simulate_options, cmd_simulate)
 register_command("methods", "list the adapter methods", lambda p: None, _cmd_methods)
+register_command("tasks", "list the task types (--task) and the defaults each one changes", lambda p: None, _cmd_tasks)

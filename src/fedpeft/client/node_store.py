@@ -22,7 +22,9 @@ Loaded with ``allow_pickle=False``: a store file cannot execute code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -85,12 +87,21 @@ def digest(*parts: str | Mapping[str, np.ndarray]) -> str:
 
 
 def data_digest(data: TextDataset) -> str:
-    """SHA-256 of the node's examples (texts and labels): a changed file is a new computation."""
+    """SHA-256 of the node's examples -- every field of the dataset (texts and labels; an
+    instruction set's responses, system prompts and earlier turns too), length-prefixed:
+    a changed file is a new computation."""
     h = hashlib.sha256()
-    for text in data.texts:
-        raw = str(text).encode()
+
+    def put(raw: bytes) -> None:
         h.update(len(raw).to_bytes(8, "big") + raw)
-    h.update(np.ascontiguousarray(np.asarray(data.labels)).tobytes())
+
+    for f in dataclasses.fields(data):
+        value = getattr(data, f.name)
+        put(f.name.encode())
+        if isinstance(value, np.ndarray):
+            put(np.ascontiguousarray(value).tobytes())
+        else:
+            put(json.dumps(value, ensure_ascii=False).encode())  # tuples of strings (nested for chat turns)
     return h.hexdigest()
 
 

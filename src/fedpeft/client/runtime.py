@@ -38,10 +38,10 @@ from fedpeft.client.task_release import ensure_release
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
 from fedpeft.data.layout import TaskData, activate_task, task_layout
-from fedpeft.data.sources import TextDataset, with_label_names
+from fedpeft.data.sources import TextDataset
 from fedpeft.load import config_from_toml
 from fedpeft.tasks.heads import layout_base_model
-from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.model import pick_device
 from fedpeft.tasks.registry import task_for
 
 __all__ = ["ClientIdentity", "NodeRefusal", "Runtime", "runtime_for"]
@@ -78,7 +78,7 @@ class Runtime:
         self.task_type = task_for(cfg)
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = self.task_type.load_tokenizer(cfg.model)
         self.layout = task_layout(cfg, self.task_type.train_test_split)  # a single task's data: on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
@@ -151,8 +151,8 @@ class Runtime:
                                  f"{task.name}'s {task.label_names}")
             return local
         self._label_names = ident.label_names or task.pool.label_names
-        return with_label_names(self.task_type.load_data(data_cfg), self._label_names,
-                                f"client {ident.client_id}'s {ident.data_path}")
+        return self.task_type.with_federation_labels(self.task_type.load_data(data_cfg), self._label_names,
+                                                     f"client {ident.client_id}'s {ident.data_path}")
 
 
 _RUNTIMES: dict[str, Runtime] = {}

@@ -21,6 +21,7 @@ from fedpeft.config.parse import (
     load_config_file,
 )
 from fedpeft.config.schema import (
+    TASK_TYPE_DEFAULTS,
     AdapterConfig,
     CentralDPConfig,
     ConfigError,
@@ -36,6 +37,7 @@ from fedpeft.config.schema import (
 )
 
 __all__ = [
+    "TASK_TYPE_DEFAULTS",
     "AdapterConfig",
     "CentralDPConfig",
     "ConfigError",

@@ -17,6 +17,7 @@ from fedpeft.config.schema import (
     ADD_REMOVE_ACCOUNTANTS,
     CENTRAL_MODES,
     DEVICES,
+    DTYPES,
     FAULT_POLICIES,
     OPTIMIZERS,
     PARTITIONS,
@@ -50,6 +51,8 @@ def _check_model_data(cfg: RunConfig) -> None:
     require(m.max_length >= 8, "model.max_length", m.max_length, "must be >= 8")
     require(m.max_length <= 4096, "model.max_length", m.max_length, "must be <= 4096")
     require(m.pooling in POOLINGS, "model.pooling", m.pooling, f"allowed: {', '.join(POOLINGS)}")
+    require(m.dtype in DTYPES, "model.dtype", m.dtype, f"allowed: {', '.join(DTYPES)}")
+    require(1 <= m.max_new_tokens <= 4096, "model.max_new_tokens", m.max_new_tokens, "must be in [1, 4096]")
     require(d.test_size >= 10, "data.test_size", d.test_size, "must be >= 10")
     require(d.examples_per_client >= 0, "data.examples_per_client", d.examples_per_client, "must be >= 0 (0 = all)")
     require(d.partition in PARTITIONS, "data.partition", d.partition, f"allowed: {', '.join(PARTITIONS)}")

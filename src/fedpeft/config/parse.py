@@ -35,6 +35,7 @@ from fedpeft.config.schema import (
     ModelConfig,
     PrivacyConfig,
     RunConfig,
+    TASK_TYPE_DEFAULTS,
     StrategyConfig,
     TrainConfig,
 )
@@ -129,6 +130,9 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, _nest(layer))
+    task_type = next((v for k, v in merged.items() if k.replace("-", "_") == "task_type"), RunConfig().task_type)
+    if isinstance(task_type, str) and task_type in TASK_TYPE_DEFAULTS:  # the task type's defaults go underneath
+        merged = _merge(_nest(TASK_TYPE_DEFAULTS[task_type]), merged)
     top_fields = {f.name: f for f in fields(RunConfig)}
     kwargs: dict[str, Any] = {}
     base = RunConfig()

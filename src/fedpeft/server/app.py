@@ -27,8 +27,12 @@ __all__ = ["app", "config_from_run_config", "make_server_app"]
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
-    """Parse Flower's flat run_config; a non-empty ``config`` key names a TOML base file."""
-    raw = dict(run_config)
+    """Parse Flower's flat run_config; a non-empty ``config`` key names a TOML base file.
+
+    An empty string is "not set" (every key must be listed in ``pyproject.toml`` for
+    ``--run-config`` to accept it, so the task-type-dependent ones are listed as ``""``): the
+    TOML file's value, the task type's default or the schema's default applies instead."""
+    raw = {k: v for k, v in run_config.items() if v != ""}
     file_layer: dict[str, Any] = {}
     path = str(raw.pop("config", "") or "")
     if path:

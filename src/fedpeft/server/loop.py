@@ -71,6 +71,7 @@ def _round_row(
     return {
         "round": report.server_round,
         **{name: ev[name] for name in task_for(cfg).metric_names},  # seq-cls: accuracy, loss
+        **{k: v for k, v in ev.items() if k.endswith("_per_task")},  # a task type's strata (causal-lm's tasks)
         "epsilon": max(finite) if (cfg.privacy.enabled and finite) else (0.0 if cfg.privacy.enabled else math.inf),
         "epsilon_per_client": dict(sorted(eps.items())),
         "epsilon_unit": "example-level, per client" if cfg.privacy.enabled else "no DP",

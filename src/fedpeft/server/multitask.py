@@ -99,15 +99,17 @@ class PerTaskServer:
         return MultiTaskSpec(full.tensors, fingerprint, per_task)
 
     def evaluate(self, evaluate_on: Callable[[TextDataset], dict[str, float]]) -> tuple[dict[str, float], dict[str, Any]]:
-        """(means over tasks, per-task values): every task on its own held-out split."""
-        acc, loss = {}, {}
+        """(means over tasks, per-task values): every task on its own held-out split, for
+        each of the task type's metrics (``accuracy``/``loss`` for classification)."""
+        per: dict[str, dict[str, float]] = {m: {} for m in self.task_type.metric_names}
         for task in self.tasks:
             activate_task(self.model, task.name)
             ev = evaluate_on(task.test)
-            acc[task.name], loss[task.name] = ev["accuracy"], ev["loss"]
+            for metric in per:
+                per[metric][task.name] = float(ev[metric])
         activate_task(self.model, None)
-        means = {"accuracy": float(np.mean(list(acc.values()))), "loss": float(np.mean(list(loss.values())))}
-        return means, {"accuracy_per_task": acc, "loss_per_task": loss}
+        means = {metric: float(np.mean(list(values.values()))) for metric, values in per.items()}
+        return means, {f"{metric}_per_task": values for metric, values in per.items()}
 
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
         """(task, model inputs) over the server-held sample of every task (its targets unused)."""

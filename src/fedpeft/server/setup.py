@@ -34,7 +34,7 @@ from fedpeft.server.run_dir import RunDir
 from fedpeft.strategies.adapter_avg import RoundReport
 from fedpeft.strategies.validation import StateSpec
 from fedpeft.tasks.heads import layout_base_model
-from fedpeft.tasks.model import load_tokenizer, pick_device
+from fedpeft.tasks.model import pick_device
 from fedpeft.tasks.registry import task_for
 
 __all__ = ["MultiTaskHook", "RoundHook", "ServerSetup"]
@@ -67,7 +67,7 @@ class ServerSetup:
         self.task_type = task_for(cfg)
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
-        self.tokenizer = load_tokenizer(cfg.model)
+        self.tokenizer = self.task_type.load_tokenizer(cfg.model)
         self.layout = task_layout(cfg, self.task_type.train_test_split)
         self.tasks = self.layout.tasks
         self.test = self.layout[0].test  # deployed nodes are sent its label names
@@ -81,6 +81,10 @@ class ServerSetup:
             else StateSpec.from_state(self.state, fingerprint)
         self.last_eval: dict[str, Any] = {}  # per-task values of the last evaluation
         self.hooks: list[RoundHook] = [MultiTaskHook(self)] if self.per_task is not None else []
+        if self.task_type.evaluates_initial_model:  # a generative task: round-0 score and samples
+            from fedpeft.server.samples import SamplesHook
+
+            self.hooks.append(SamplesHook(self))  # type: ignore[arg-type]
 
     def _global_state(self) -> dict[str, np.ndarray]:
         if self.per_task is not None:

@@ -26,7 +26,7 @@ from fedpeft.data.partition import partition_sizes
 from fedpeft.server.loop import RoundHook
 from fedpeft.server.run_dir import RunDir, default_run_dir
 from fedpeft.strategies.deadlines import RoundTimer
-from fedpeft.tasks.model import load_tokenizer, pick_device, resolve_model_path
+from fedpeft.tasks.model import pick_device
 from fedpeft.tasks.registry import task_for
 
 __all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
@@ -36,20 +36,21 @@ log = logging.getLogger("fedpeft")
 
 def preflight(cfg: RunConfig) -> list[int]:
     """Validate data, partitions and model; return examples per client."""
-    resolve_model_path(cfg.model)
+    task_type = task_for(cfg)
+    task_type.resolve_model(cfg.model)  # a GGUF model is converted here, once, before any worker starts
     pick_device(cfg.device)
     if cfg.tasks.enabled:  # multi-task federation: every task's data (src/fedpeft/data/layout.py)
         from fedpeft.data.layout import preflight_tasks
 
-        load_tokenizer(cfg.model)
+        task_type.load_tokenizer(cfg.model)
         return preflight_tasks(cfg)
-    pool, test = task_for(cfg).train_test_split(cfg.data, cfg.seed)
+    pool, test = task_type.train_test_split(cfg.data, cfg.seed)
     sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
     empty = [i for i, n in enumerate(sizes) if n < 2]
     if empty:
         raise ConfigError("train.clients", cfg.train.clients,
                           f"clients {empty[:5]} get fewer than 2 examples; use fewer clients or more data")
-    load_tokenizer(cfg.model)
+    task_type.load_tokenizer(cfg.model)
     log.info("data: %d training examples in %d classes %s, test %d; per client: %s",
              len(pool), pool.num_classes, list(pool.label_names), len(test), sizes[:10])
     return sizes

@@ -33,6 +33,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +41,8 @@ from torch import nn
 
 from fedpeft.config import DataConfig, ModelConfig, RunConfig
 from fedpeft.data.batching import Batch, bucket_batch
-from fedpeft.data.sources import TextDataset, split_train_test
+from fedpeft.data.sources import TextDataset, split_train_test, with_label_names
+from fedpeft.tasks.model import load_tokenizer, resolve_model_path
 
 __all__ = ["HeadMemory", "TaskType"]
 
@@ -70,6 +72,7 @@ class TaskType(ABC):
     metric_names: ClassVar[tuple[str, ...]] = ("loss",)  # columns of metrics.jsonl; the first is primary
     higher_is_better: ClassVar[bool] = False  # of the primary metric
     baseline_note: ClassVar[str] = ""  # a sentence about :meth:`baseline`, formatted with ``value=``
+    evaluates_initial_model: ClassVar[bool] = False  # the server scores the round-0 model too (initial_eval.json)
 
     @property
     def primary_metric(self) -> str:
@@ -95,7 +98,23 @@ class TaskType(ABC):
         type that loads through a per-process cache overrides this to split once."""
         return split_train_test(self.load_data(cfg), cfg.test_size, seed)
 
+    def with_federation_labels(self, data: TextDataset, names: tuple[str, ...], source: str) -> TextDataset:
+        """A deployed node's own data with its labels in the federation's vocabulary ``names``
+        (classification: label i must be the same class everywhere; an unknown one is an
+        error). A task type whose labels are only strata (partitioning, balancing) keeps the
+        node's data as it is."""
+        return with_label_names(data, names, source)
+
     # ---- model ---------------------------------------------------------------------------
+    def resolve_model(self, cfg: ModelConfig) -> Path:
+        """The local model directory ``cfg`` names (ConfigError if there is none); a
+        preflight before any process starts, and what an exported adapter names as its base."""
+        return resolve_model_path(cfg)
+
+    def load_tokenizer(self, cfg: ModelConfig) -> Any:
+        """The model's tokenizer (cached per process)."""
+        return load_tokenizer(cfg)
+
     def num_outputs(self, data: TextDataset) -> int:
         """What the data tells the model (default: the number of label names)."""
         return data.num_classes
@@ -149,8 +168,15 @@ class TaskType(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, tokenizer: Any, data: TextDataset, max_length: int,
-                 device: torch.device, batch_size: int = 128) -> dict[str, float]:
-        """Every name in :attr:`metric_names` (and ``examples``) of ``model`` on ``data``."""
+                 device: torch.device, batch_size: int = 128) -> dict[str, Any]:
+        """Every name in :attr:`metric_names` (and ``examples``) of ``model`` on ``data``; a
+        task type may add ``<metric>_per_task`` tables (name -> value) for its strata."""
+
+    def samples(self, model: nn.Module, tokenizer: Any, data: TextDataset, max_length: int, device: torch.device,
+                max_new_tokens: int, per_stratum: int = 2) -> list[dict[str, str]]:
+        """A few example outputs of ``model`` on held-out data, written to the run directory
+        each round (``samples/round-NNN.jsonl``); default: none (a classifier's are its metrics)."""
+        return []
 
     def baseline(self, test: TextDataset) -> float | None:
         """The primary metric of a model that learned nothing, if it has a closed form

@@ -1,4 +1,4 @@
-"""Registry of task types: one name, one task type; ``seq-cls`` is the default.
+"""Registry of task types: one name, one task type; ``seq-cls`` is the default, ``causal-lm`` the second.
 
 The registry imports the shipped task types (they do not import it) and registers them;
 ``task_type`` in the configuration names one. A task type defined elsewhere (a test, a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from fedpeft.config import RunConfig
 from fedpeft.tasks.base import TaskType
+from fedpeft.tasks.causal_lm import CausalLM
 from fedpeft.tasks.seq_cls import SequenceClassification
 
 __all__ = ["DEFAULT", "get", "head_prefixes", "names", "register", "task_for", "unregister"]
@@ -62,3 +63,4 @@ def head_prefixes() -> tuple[str, ...]:
 
 
 register(SequenceClassification())
+register(CausalLM())

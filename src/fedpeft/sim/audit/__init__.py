@@ -198,7 +198,6 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     from fedpeft.load import parse_config
     from fedpeft.privacy.accounting import calibrate_noise
     from fedpeft.privacy.plan import sample_rate_for
-    from fedpeft.tasks.model import load_tokenizer
     from fedpeft.tasks.registry import task_for
 
     path = Path(target)
@@ -228,7 +227,7 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     plugin = get(cfg.adapter.method)
     base = task_type.build_model(cfg.model, task_type.num_outputs(pool), head_seed=cfg.adapter.seed)
     model = plugin.attach(base, cfg)
-    result = run_empirical_audit(model, plugin, load_tokenizer(cfg.model), data, cfg, mech, canaries=canaries,
+    result = run_empirical_audit(model, plugin, task_type.load_tokenizer(cfg.model), data, cfg, mech, canaries=canaries,
                                  beta=beta, audit_seed=audit_seed, score=score, batch_size=batch)
     result.notes.insert(0, f"trained its own copy of {cfg.model.path or 'the configured model'} "
                            f"({cfg.adapter.method}) on client {partition}'s {len(data)} examples; "

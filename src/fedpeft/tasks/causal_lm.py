@@ -1,0 +1,207 @@
+"""Causal-LM instruction tuning (``task_type = "causal-lm"``): a prompt in, a response out.
+
+* Data: :mod:`fedpeft.data.instructions` -- JSONL/CSV with ``prompt``/``response``, Alpaca
+  ``instruction``/``input``/``output`` or chat ``messages``; empty ``data.path`` is the
+  default mix of three offline instruction tasks (sentiment, news topic, trivia), whose
+  ``source`` column is the strata the held-out split balances and ``by-column`` partitions by.
+* Model: a decoder (``AutoModelForCausalLM``) from a local Hugging Face directory or a GGUF
+  file (:mod:`fedpeft.tasks.lm_model`; default SmolLM2-135M-Instruct, converted once and
+  cached as safetensors). No head is added or trained: the adapter alone learns
+  (``head_prefixes`` is empty); PEFT's ``CAUSAL_LM`` task type.
+* Batches (:mod:`fedpeft.tasks.chat`): ``input_ids``, ``attention_mask`` and token targets
+  ``labels`` (``-100`` on prompt and padding), right-padded; the chat template renders the
+  prompt (a plain format when a model has none).
+* Loss: next-token cross-entropy over the completion tokens; an example's loss is the mean
+  over *its own* completion tokens (what DP-SGD clips), the batch loss their mean, so every
+  example weighs the same whatever its length (Opacus's ``mean`` reduction then scales each
+  per-example gradient back exactly).
+* Metrics: ``exact_match`` (primary: greedy answer vs reference, normalised;
+  :mod:`fedpeft.tasks.generation`), the completion ``loss`` (token-weighted mean over the
+  test set) and its ``perplexity``; with several strata also ``<metric>_per_task``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fedpeft.config import ConfigError, DataConfig, ModelConfig, RunConfig
+from fedpeft.data.batching import Batch, bucket_batch, to_device
+from fedpeft.data.instructions import InstructionDataset, load_instructions
+from fedpeft.data.sources import TextDataset, split_train_test
+from fedpeft.tasks.base import HeadMemory, TaskType
+from fedpeft.tasks.chat import IGNORE, encode_examples, example_messages, prompt_ids
+from fedpeft.tasks.generation import generate_texts, normalise_answer
+from fedpeft.tasks.lm_model import causal_lm_path, load_causal_lm, load_lm_tokenizer
+
+__all__ = ["CausalLM", "completion_losses"]
+
+
+def completion_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies over each row's completion, number of those tokens).
+
+    Position t predicts token t+1 (Hugging Face's shift); rows with no completion token left
+    after truncation have count 0 and sum 0."""
+    shifted = logits[:, :-1, :].float()
+    targets = labels[:, 1:]
+    ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                         reduction="none").view(targets.shape)
+    counts = (targets != IGNORE).sum(dim=1)
+    return ce.sum(dim=1), counts
+
+
+def _as_instructions(data: TextDataset) -> InstructionDataset:
+    if not isinstance(data, InstructionDataset):
+        raise TypeError("causal-lm needs instruction data (prompts with responses), not labelled texts")
+    return data
+
+
+@lru_cache(maxsize=4)
+def _split(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+    return split_train_test(load_instructions(cfg), cfg.test_size, seed)
+
+
+class CausalLM(TaskType):
+    """Instruction tuning of a decoder with completion-only loss (module doc)."""
+
+    name = "causal-lm"
+    description = "causal-LM instruction tuning: completion-only next-token loss, greedy exact match"
+    peft_task_type = "CAUSAL_LM"
+    head_prefixes = ()
+    sequence_keys = ("input_ids", "attention_mask", "labels")
+    target_key = "labels"
+    metric_names = ("exact_match", "loss", "perplexity")
+    higher_is_better = True
+    evaluates_initial_model: ClassVar[bool] = True
+    baseline_note = "The initial model (round 0: the base model for adapters that start at zero) scores {value:.3f}."
+    eval_answer_margin: ClassVar[int] = 4  # generated tokens beyond the longest reference answer
+
+    # ---- configuration -------------------------------------------------------------------
+    def validate_config(self, cfg: RunConfig) -> None:
+        if cfg.data.partition == "label-proportions":
+            raise ConfigError("data.partition", cfg.data.partition,
+                              "causal-lm data has no classes; use iid, dirichlet or by-column (over data.label_column)")
+        if cfg.model.pooling != "auto":
+            raise ConfigError("model.pooling", cfg.model.pooling, "pooling is for sequence classifiers; "
+                                                                  "causal-lm allows only auto")
+
+    # ---- data and model ------------------------------------------------------------------
+    def load_data(self, cfg: DataConfig) -> TextDataset:
+        return load_instructions(cfg)
+
+    def train_test_split(self, cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
+        return _split(cfg, seed)
+
+    def with_federation_labels(self, data: TextDataset, names: tuple[str, ...], source: str) -> TextDataset:
+        return data  # strata only: a node's own file need not share the server's sources
+
+    def num_outputs(self, data: TextDataset) -> int:
+        return 0  # the vocabulary is the model's: nothing is sized by the data
+
+    def resolve_model(self, cfg: ModelConfig) -> Any:
+        return causal_lm_path(cfg)
+
+    def load_tokenizer(self, cfg: ModelConfig) -> Any:
+        return load_lm_tokenizer(cfg)
+
+    def build_model(self, cfg: ModelConfig, num_outputs: int, head_seed: int = 0) -> nn.Module:
+        return load_causal_lm(cfg, _dtype(cfg))
+
+    def peft_config(self) -> dict[str, Any]:
+        return {"task_type": self.peft_task_type}
+
+    def head_memory(self, hidden: int, num_outputs: int) -> HeadMemory:
+        return HeadMemory(trained=0)  # no head trains; the (tied) output embedding is the model's
+
+    # ---- collation -----------------------------------------------------------------------
+    def encode(self, tokenizer: Any, data: TextDataset, max_length: int) -> Batch:
+        return encode_examples(tokenizer, _as_instructions(data), max_length)
+
+    def eval_batches(self, tokenizer: Any, data: TextDataset, batch_size: int, max_length: int) -> Iterator[Batch]:
+        if len(data):
+            yield from bucket_batch(self.encode(tokenizer, data, max_length), batch_size, self.sequence_keys)
+
+    # ---- objective -----------------------------------------------------------------------
+    def example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(**self.model_inputs(batch)).logits
+        sums, counts = completion_losses(logits, batch["labels"])
+        return sums / counts.clamp(min=1)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, tokenizer: Any, data: TextDataset, max_length: int,
+                 device: torch.device, batch_size: int = 128) -> dict[str, Any]:
+        """Completion loss and perplexity (teacher forcing) and greedy exact match, overall
+        and, with several strata, per stratum (``<metric>_per_task``)."""
+        inst = _as_instructions(data)
+        losses, counts = self._token_losses(model, tokenizer, inst, max_length, device, min(batch_size, 16))
+        correct = self._exact_matches(model, tokenizer, inst, max_length, device)
+        out: dict[str, Any] = _summary(losses.sum(), counts.sum(), correct.float().mean() if len(inst) else 0.0)
+        out["examples"] = float(len(inst))
+        if inst.num_classes > 1:
+            per = {name: _summary(losses[inst.labels == k].sum(), counts[inst.labels == k].sum(),
+                                  correct[torch.as_tensor(inst.labels == k)].float().mean())
+                   for k, name in enumerate(inst.label_names) if (inst.labels == k).any()}
+            for metric in self.metric_names:
+                out[f"{metric}_per_task"] = {name: v[metric] for name, v in per.items()}
+        return out
+
+    def _token_losses(self, model: nn.Module, tokenizer: Any, data: InstructionDataset, max_length: int,
+                      device: torch.device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example (completion loss sum, completion token count), in data order."""
+        enc = self.encode(tokenizer, data, max_length)
+        enc["row"] = torch.arange(len(data))
+        sums, counts = torch.zeros(len(data)), torch.zeros(len(data), dtype=torch.long)
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for chunk in bucket_batch(enc, batch_size, self.sequence_keys):
+                rows = chunk.pop("row")
+                chunk = to_device(chunk, device)
+                s, c = completion_losses(model(**self.model_inputs(chunk)).logits, chunk["labels"])
+                sums[rows], counts[rows] = s.cpu(), c.cpu()
+        model.train(was_training)
+        return sums, counts
+
+    def _exact_matches(self, model: nn.Module, tokenizer: Any, data: InstructionDataset, max_length: int,
+                       device: torch.device) -> torch.Tensor:
+        """Whether each example's greedy answer equals its reference (normalised)."""
+        if not len(data):
+            return torch.zeros(0, dtype=torch.bool)
+        prompts = [prompt_ids(tokenizer, data, i)[-max_length:] for i in range(len(data))]
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in data.responses)
+        answers = generate_texts(model, tokenizer, prompts, longest + self.eval_answer_margin, device)
+        return torch.as_tensor([normalise_answer(a) == normalise_answer(r) for a, r in zip(answers, data.responses,
+                                                                                           strict=True)])
+
+    def samples(self, model: nn.Module, tokenizer: Any, data: TextDataset, max_length: int, device: torch.device,
+                max_new_tokens: int, per_stratum: int = 2) -> list[dict[str, str]]:
+        """A few generations for the run directory: the first ``per_stratum`` held-out
+        examples of every stratum (with their references)."""
+        inst = _as_instructions(data)
+        picks = [i for k in range(inst.num_classes) for i in [int(j) for j in (inst.labels == k).nonzero()[0]][:per_stratum]]
+        prompts = [prompt_ids(tokenizer, inst, i)[-max_length:] for i in picks]
+        answers = generate_texts(model, tokenizer, prompts, max_new_tokens, device)
+        return [{"task": inst.label_names[int(inst.labels[i])], "prompt": example_messages(inst, i)[-1]["content"],
+                 "reference": inst.responses[i], "generated": a} for i, a in zip(picks, answers, strict=True)]
+
+    def baseline(self, test: TextDataset) -> float | None:
+        return None  # the initial model's score is measured (round 0), not a closed form
+
+
+def _summary(loss_sum: torch.Tensor, tokens: torch.Tensor, em: torch.Tensor | float) -> dict[str, float]:
+    loss = float(loss_sum) / max(int(tokens), 1)
+    return {"exact_match": float(em), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _dtype(cfg: ModelConfig) -> torch.dtype | None:
+    """Base weights' dtype: ``auto`` is bfloat16 when a CUDA GPU that supports it is visible
+    (adapters stay float32: PEFT casts them up), else float32."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float32 if cfg.dtype == "float32" else None
