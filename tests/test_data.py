@@ -102,11 +102,13 @@ def test_partition_mismatch_with_class_count_is_a_config_error(tmp_path: Path) -
     assert info.value.key == "data.label_proportions"
 
 
-@pytest.mark.parametrize(("partition", "clients"), [("iid", 4), ("dirichlet", 4), ("label-proportions", 3)])
+@pytest.mark.parametrize(("partition", "clients"), [("iid", 4), ("dirichlet", 4), ("label-proportions", 3),
+                                                   ("by-column", 2), ("by-column", 5)])
 def test_every_partitioner_gives_pairwise_disjoint_index_sets(partition: str, clients: int) -> None:
     """No example is held by two clients (each would spend budget on it: the per-client
-    guarantee assumes disjoint data); iid and Dirichlet also hand out the whole pool, the
-    label mixes as much of it as the mixes allow."""
+    guarantee assumes disjoint data); iid, Dirichlet and by-column (one client per label value,
+    or several splitting it) also hand out the whole pool, the label mixes as much of it as
+    the mixes allow."""
     cfg = DataConfig(test_size=200, partition=partition, dirichlet_alpha=0.3)
     pool, _ = train_test_split_for(cfg, 0)
     parts = [set(map(int, idx)) for idx in _partition_indices(cfg, clients, 0, pool)]
@@ -116,3 +118,28 @@ def test_every_partitioner_gives_pairwise_disjoint_index_sets(partition: str, cl
     assert union <= set(range(len(pool)))
     if partition != "label-proportions":
         assert len(union) == len(pool)
+
+
+@pytest.mark.parametrize("clients", [2, 5])
+def test_by_column_gives_each_client_one_group_round_robin_and_evenly(clients: int) -> None:
+    """Client i holds only label i % groups (flwr-datasets' NaturalIdPartitioner when there is
+    one client per group), and a group's clients hold near-equal shares of all of it."""
+    cfg = DataConfig(test_size=200, partition="by-column")
+    pool, _ = train_test_split_for(cfg, 0)
+    parts = _partition_indices(cfg, clients, 0, pool)
+    for i, idx in enumerate(parts):
+        assert set(pool.labels[idx].tolist()) == {i % 2}
+    for group in (0, 1):
+        sizes = [len(parts[i]) for i in range(group, clients, 2)]
+        assert sum(sizes) == int((pool.labels == group).sum())
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_by_column_with_fewer_clients_than_groups_is_a_config_error(tmp_path: Path) -> None:
+    csv = tmp_path / "three.csv"
+    csv.write_text("text,label\n" + "\n".join(f"t{i},{'abc'[i % 3]}" for i in range(300)))
+    cfg = DataConfig(path=str(csv), test_size=30, partition="by-column")
+    pool, _ = train_test_split_for(cfg, 0)
+    with pytest.raises(ConfigError) as info:
+        partition_sizes(pool, cfg, 2, 0)
+    assert info.value.key == "train.clients" and "3 distinct" in str(info.value) and "\n" not in str(info.value)

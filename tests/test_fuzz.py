@@ -153,7 +153,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "privacy.delta": _floats_outside(0.0, 1.0),
     "privacy.clip": _floats_outside(0.0, math.inf),
     "privacy.accountant": _not_in(("pld",)),
-    "data.partition": _not_in(("iid", "dirichlet", "label-proportions")),
+    "data.partition": _not_in(("iid", "dirichlet", "label-proportions", "by-column")),
     "data.label_proportions": st.sampled_from(["0.5,0.6;0.9,0.1;0.5,0.5", "a,b", "1;0.5,0.5", "-1,2;0,1;1,0"]),
     "data.path": st.text(min_size=1, max_size=12).map(lambda s: f"/nonexistent/{s}.csv"),
     "model.path": st.text(min_size=1, max_size=12).map(lambda s: f"/nonexistent/{s}"),

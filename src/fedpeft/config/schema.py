@@ -22,7 +22,7 @@ __all__ = [
     "RunConfig", "TaskSpec", "TasksConfig", "TrainConfig",
 ]
 
-PARTITIONS = ("iid", "dirichlet", "label-proportions")
+PARTITIONS = ("iid", "dirichlet", "label-proportions", "by-column")
 ACCOUNTANTS = ("pld",)  # dp-accounting PLD under replace-one (src/fedpeft/privacy/accounting.py)
 ADD_REMOVE_ACCOUNTANTS = ("prv", "rdp")
 OPTIMIZERS = ("adam", "sgd")
@@ -91,7 +91,7 @@ class DataConfig:
     label_column: str = "label"
     test_size: int = 1000
     examples_per_client: int = 0  # 0 = the client's whole partition
-    partition: str = "label-proportions"
+    partition: str = "label-proportions"  # iid | dirichlet | label-proportions | by-column (groups = label values)
     dirichlet_alpha: float = 0.5
     # One row per client: the fraction of that client's data drawn from each class.
     label_proportions: tuple[tuple[float, ...], ...] = ((0.1, 0.9), (0.9, 0.1), (0.5, 0.5))

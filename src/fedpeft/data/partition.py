@@ -9,6 +9,11 @@ the labels mean.
 k draws fraction p[k][c] of its examples from class c) has no flwr-datasets equivalent, so
 :class:`LabelProportionsPartitioner` implements it on flwr-datasets' ``Partitioner`` base
 class, i.e. through the library's extension point, and works anywhere a partitioner does.
+``by-column`` gives each distinct label (a stratum: an instruction set's source or task) to
+its own clients, the "natural" groups of the data: with one client per group it is
+flwr-datasets' :class:`NaturalIdPartitioner` (client i holds group i); with more clients,
+:class:`ByColumnPartitioner` assigns clients to groups round-robin and splits each group
+evenly between its clients.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from collections.abc import Sequence
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from fedpeft.config import ConfigError, DataConfig
 from fedpeft.data.sources import TextDataset
 
-__all__ = ["LabelProportionsPartitioner", "client_partition", "make_partitioner", "partition_sizes"]
+__all__ = ["ByColumnPartitioner", "LabelProportionsPartitioner", "client_partition", "make_partitioner", "partition_sizes"]
 
 
 class LabelProportionsPartitioner(Partitioner):
@@ -88,8 +93,61 @@ class LabelProportionsPartitioner(Partitioner):
         return self.dataset.select(self._indices[partition_id].tolist())
 
 
+class ByColumnPartitioner(Partitioner):
+    """One or more clients per distinct value of ``partition_by`` (a natural group).
+
+    Client i belongs to group ``i % groups`` (groups in sorted order), and a group's examples
+    are shuffled by ``seed`` and split evenly between its clients, so partitions are disjoint
+    and cover the data. With exactly one client per group this is flwr-datasets'
+    :class:`NaturalIdPartitioner`; fewer clients than groups is a ConfigError (a group would
+    belong to nobody).
+    """
+
+    def __init__(self, num_partitions: int, partition_by: str = "label", seed: int = 42) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._seed = seed
+        self._indices: list[np.ndarray] | None = None
+        self._natural: NaturalIdPartitioner | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def _build(self) -> list[np.ndarray]:
+        """Row positions of every partition (empty list: one client per group, NaturalIdPartitioner's)."""
+        values = np.asarray(self.dataset[self._partition_by])
+        groups = np.unique(values)
+        n, g = self._num_partitions, len(groups)
+        if n < g:
+            raise ConfigError("train.clients", n, f"partition=by-column needs at least one client per group: the "
+                                                  f"data has {g} distinct data.label_column values")
+        if n == g:
+            self._natural = NaturalIdPartitioner(partition_by=self._partition_by)
+            self._natural.dataset = self.dataset
+            return []
+        rng = np.random.default_rng(self._seed)
+        out: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * n
+        for k, value in enumerate(groups):
+            clients = list(range(k, n, g))
+            shares = np.array_split(rng.permutation(np.flatnonzero(values == value)), len(clients))
+            for client, share in zip(clients, shares, strict=True):
+                out[client] = np.sort(share)
+        return out
+
+    def load_partition(self, partition_id: int) -> datasets.Dataset:
+        if self._indices is None:
+            self._indices = self._build()
+        if self._natural is not None:
+            return self._natural.load_partition(partition_id)
+        return self.dataset.select(self._indices[partition_id].tolist())
+
+
 def make_partitioner(cfg: DataConfig, num_clients: int, seed: int) -> Partitioner:
     """The flwr-datasets partitioner named by ``cfg.partition``."""
+    if cfg.partition == "by-column":
+        return ByColumnPartitioner(num_clients, partition_by="label", seed=seed)
     if cfg.partition == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if cfg.partition == "dirichlet":

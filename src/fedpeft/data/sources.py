@@ -14,6 +14,7 @@ reviews, and is dropped: 7,403 fresh + 5,405 rotten snippets remain.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ def _read_frame(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return pd.DataFrame(rows)
+            text = path.read_text(encoding="utf-8")
+            if suffix == ".json" and text.lstrip().startswith("["):  # one JSON list of row objects
+                return pd.DataFrame(json.loads(text))
+            return pd.DataFrame([json.loads(line) for line in text.splitlines() if line.strip()])
         sep = "\t" if suffix == ".tsv" else ","
         return pd.read_csv(path, sep=sep)
     except (ValueError, json.JSONDecodeError, pd.errors.ParserError, UnicodeDecodeError) as exc:
@@ -171,4 +174,5 @@ def with_label_names(data: TextDataset, names: tuple[str, ...], source: str = "d
                           f"labels in {source} unknown to the federation; allowed labels: {', '.join(names)}")
     index = {n: i for i, n in enumerate(names)}
     mapping = np.asarray([index[n] for n in data.label_names], dtype=np.int64)
-    return TextDataset(data.texts, mapping[data.labels], names)
+    # replace() keeps a subclass's own fields (an instruction set's responses, systems, histories)
+    return dataclasses.replace(data, labels=mapping[data.labels], label_names=names)
