@@ -129,7 +129,7 @@ def test_opacus_per_sample_gradients_equal_per_example_autograd(lm, lm_cfg) -> N
     plugin = get_plugin("ffa_lora")
     adapted = plugin.attach(copy.deepcopy(model), lm_cfg)
     with torch.no_grad():  # B starts at zero: make it non-zero so the gradients are generic
-        for name, p in adapted.named_parameters():
+        for p in adapted.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     batch = encode_examples(tok, _data(3), 40)

@@ -36,8 +36,8 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from fedpeft.config import TASK_TYPE_DEFAULTS
-    from fedpeft.tasks.registry import names
     from fedpeft.tasks.registry import get as get_task
+    from fedpeft.tasks.registry import names
 
     for name in names():
         print(get_task(name).describe())

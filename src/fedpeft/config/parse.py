@@ -27,6 +27,7 @@ import tomli_w
 from fedpeft.config.checks import check_config, require
 from fedpeft.config.coerce import coerce, parse_proportions, parse_str_list
 from fedpeft.config.schema import (
+    TASK_TYPE_DEFAULTS,
     AdapterConfig,
     CentralDPConfig,
     ConfigError,
@@ -35,7 +36,6 @@ from fedpeft.config.schema import (
     ModelConfig,
     PrivacyConfig,
     RunConfig,
-    TASK_TYPE_DEFAULTS,
     StrategyConfig,
     TrainConfig,
 )
