@@ -56,11 +56,19 @@ class AdapterPlugin(ABC):
     # The method's options (a frozen dataclass of fedpeft.adapters.options fields); None: the
     # method reads no options and adapter.options is not checked.
     options_type: ClassVar[type | None] = None
+    # The task types (fedpeft.tasks.registry names) the method applies to, and why not the
+    # others (one line, for the refusal and ``fedpeft methods``); None: every task type.
+    task_types: ClassVar[tuple[str, ...] | None] = None
+    task_type_refusal: ClassVar[str] = ""
 
     # ---- configuration ---------------------------------------------------------------
     def validate_config(self, cfg: RunConfig) -> None:
         """Raise ``ConfigError`` for settings this method cannot honour: DP-SGD where it is
         refused, and any ``adapter.options`` entry its ``options_type`` does not accept."""
+        if self.task_types is not None and cfg.task_type not in self.task_types:
+            raise ConfigError("adapter.method", self.name, f"does not apply to task_type={cfg.task_type!r}: "
+                                                           f"{self.task_type_refusal or 'not supported'}; it runs on "
+                                                           f"{', '.join(self.task_types)}")
         if cfg.privacy.enabled and not self.supports_dp:
             raise ConfigError("privacy.epsilon", cfg.privacy.epsilon, f"{self.name} cannot run with DP-SGD: {self.dp_refusal}; use inf")
         if self.options_type is not None:
@@ -138,5 +146,7 @@ class AdapterPlugin(ABC):
         dp = "DP ok" if self.supports_dp else "no DP"
         options = ", ".join(option_specs(self.options_type)) if self.options_type is not None else "-"
         hooks = ", ".join(capabilities_of(self)) or "-"
-        return (f"{self.name:<14} {self.paper} | travels: {self.travels} | averaging {exact} | {dp} | "
+        tasks = "all task types" if self.task_types is None else \
+            f"task types: {', '.join(self.task_types)} ({self.task_type_refusal})"
+        return (f"{self.name:<14} {self.paper} | travels: {self.travels} | averaging {exact} | {dp} | {tasks} | "
                 f"options: {options} | capabilities: {hooks}")
