@@ -175,3 +175,34 @@ def test_exact_match_counts_correct_answers(lm, monkeypatch: pytest.MonkeyPatch)
     assert ev["exact_match"] == pytest.approx(0.5)
     assert ev["perplexity"] == pytest.approx(torch.tensor(ev["loss"]).exp().item(), rel=1e-6)
     assert ev["examples"] == 4
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_bfloat16_base_weights_train_with_float32_adapters(tiny_llama_dir: Path, lm_cfg, dp: bool) -> None:  # type: ignore[no-untyped-def]
+    """The CUDA default (model.dtype=auto -> bfloat16 on a GPU that has it), exercised on CPU:
+    the frozen base is bfloat16, the adapter trains in float32, DP-SGD's per-sample
+    gradients work across the two dtypes, and the frozen weights do not move."""
+    import dataclasses
+
+    from fedpeft.adapters.registry import get as get_plugin
+    from fedpeft.client.trainer import train_local
+    from tiny_model import dp_rng
+
+    cfg = dataclasses.replace(lm_cfg, model=dataclasses.replace(lm_cfg.model, dtype="bfloat16"))
+    task = get("causal-lm")
+    base = task.build_model(cfg.model, 0)
+    assert next(base.parameters()).dtype == torch.bfloat16
+    plugin = get_plugin("ffa_lora")
+    model = plugin.attach(base, cfg)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    pool, _ = task.train_test_split(cfg.data, cfg.seed)
+    tok = task.load_tokenizer(cfg.model)
+    result = train_local(model, plugin, tok, pool.subset(list(range(16))), cfg, steps=2, device=torch.device("cpu"),
+                         noise_multiplier=1.0 if dp else None, seed=dp_rng() if dp else 0)
+    assert result.steps == 2
+    assert any(float(p.detach().abs().sum()) > 0 for p in trainable.values())  # B moved from zero
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p.detach(), frozen[n]), n
