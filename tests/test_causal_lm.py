@@ -184,9 +184,10 @@ def test_bfloat16_base_weights_train_with_float32_adapters(tiny_llama_dir: Path,
     gradients work across the two dtypes, and the frozen weights do not move."""
     import dataclasses
 
+    from tiny_model import dp_rng
+
     from fedpeft.adapters.registry import get as get_plugin
     from fedpeft.client.trainer import train_local
-    from tiny_model import dp_rng
 
     cfg = dataclasses.replace(lm_cfg, model=dataclasses.replace(lm_cfg.model, dtype="bfloat16"))
     task = get("causal-lm")
