@@ -58,7 +58,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompts: Sequence[Sequence[in
     stops = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: dict[int, list[int]] = {}
-    gen_model = _unwrap(model)
+    gen_model: Any = _unwrap(model)
     was_training = gen_model.training
     gen_model.eval()
     with torch.inference_mode():
