@@ -48,6 +48,19 @@ def test_the_task_type_is_registered_with_causal_lm_defaults(tiny_llama_dir: Pat
     assert parse_config().adapter.target_modules == ("query", "value")  # seq-cls unchanged
 
 
+def test_every_task_type_default_names_a_real_field() -> None:
+    from dataclasses import fields
+
+    from fedpeft.config import TASK_TYPE_DEFAULTS, RunConfig
+
+    sections = {f.name: f.default_factory() for f in fields(RunConfig) if callable(f.default_factory)}  # type: ignore[misc]
+    for task_type, layer in TASK_TYPE_DEFAULTS.items():
+        get(task_type)  # a registered task type
+        for section, values in layer.items():
+            known = {f.name for f in fields(sections[section])}
+            assert set(values) <= known, (task_type, section, set(values) - known)
+
+
 def test_label_proportions_are_refused_for_instruction_data(tiny_llama_dir: Path) -> None:
     with pytest.raises(ConfigError, match="no classes"):
         parse_config({"task_type": "causal-lm", "model.path": str(tiny_llama_dir),

@@ -27,6 +27,14 @@ def test_pyproject_run_config_equals_the_cli_defaults() -> None:
     assert config_from_run_config(_app_config()) == parse_config()
 
 
+def test_flwr_run_with_the_causal_lm_task_type_gets_its_defaults() -> None:
+    """The app's task-type-dependent keys are "" (unset), so `--run-config task_type='causal-lm'`
+    resolves exactly as `fedpeft simulate --task causal-lm` (not seq-cls's module names)."""
+    cfg = config_from_run_config({**_app_config(), "task_type": "causal-lm"})
+    assert cfg == parse_config({"task_type": "causal-lm"})
+    assert cfg.adapter.target_modules == ("q_proj", "v_proj")
+
+
 def test_every_config_key_is_overridable_with_flwr_run() -> None:
     """`flwr run --run-config` only accepts keys listed in pyproject; list them all."""
     from fedpeft.config import config_to_dict

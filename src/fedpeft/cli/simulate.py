@@ -39,10 +39,14 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     from fedpeft.tasks.registry import get as get_task
     from fedpeft.tasks.registry import names
 
+    def show(value: object) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
     for name in names():
         print(get_task(name).describe())
-        for section, values in TASK_TYPE_DEFAULTS.get(name, {}).items():
-            print("    defaults: " + ", ".join(f"{section}.{k}={v}" for k, v in values.items()))
+        changed = [f"{section}.{k}={show(v)}" for section, values in TASK_TYPE_DEFAULTS.get(name, {}).items()
+                   for k, v in values.items()]
+        print("    defaults it changes: " + ("; ".join(changed) or "none (the schema's)"))
     return 0
 
 

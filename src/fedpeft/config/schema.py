@@ -43,7 +43,7 @@ TASK_PARTITIONS = ("iid", "dirichlet")
 #: What a task type changes in the defaults, as a raw layer (``section -> key -> value``) that
 #: :func:`fedpeft.config.parse.build_config` puts *underneath* the user's layers: a causal LM
 #: has other module names, longer sequences and smaller batches than a sentence encoder. Data
-#: here (the ground floor cannot import the task types); ``tests/test_causal_lm_config.py``
+#: here (the ground floor cannot import the task types); ``tests/test_causal_lm.py``
 #: checks every key names a real field. ``model.path`` stays empty: the task type resolves an
 #: empty path to its own default model (SmolLM2-135M-Instruct for ``causal-lm``).
 TASK_TYPE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
