@@ -10,8 +10,11 @@ LoRA *expert* per task t, ``dW_t = s * B_t A_t`` (s = ``alpha / rank``), and a g
 kept ones only (MeteoRA's ``softmax(TopK(G x))``); the layer computes
 ``W0 x + s * sum_t w_t B_t A_t x``. Computed densely: all T experts' ``A_t x`` in one matmul
 (the A of every expert stacked), weighted per token, one matmul through the stacked B --
-no gather/scatter, CPU-friendly. Each task keeps its own classification head
-(:mod:`fedpeft.data.layout`).
+no gather/scatter, CPU-friendly. Under classification each task keeps its own classification
+head (:mod:`fedpeft.data.layout`); a causal LM (``task_type = "causal-lm"``, the paper's own
+setting: instruction tasks on a decoder, trained here on the completion loss) has none, so a
+gate-round reply is the gates alone, identical in shape for every task (the server does not
+learn the task from it: ``clients_task_unknown`` in ``metrics.jsonl``).
 
 Federation: two phases in one run, driven by the server. ``expert_rounds`` (option, default
 ``ceil(rounds / 2)``) rounds of *expert training*: a client of task t trains only its expert

@@ -7,8 +7,12 @@ Method as implemented. Every target linear layer (``adapter.target_modules``) ge
 *task-agnostic* low-rank module (TA-LoRA), ``dW_shared = s * B @ A``. In the last
 ``task_layers`` encoder blocks (option, default 1) each target layer also gets one
 *task-specific* low-rank module per task (TS-LoRA), ``dW_t = s * B_t @ A_t``, so for an input
-of task t the layer computes ``W0 x + dW_shared x + dW_t x``. s = ``alpha / rank``. Each task
-has its own classification head (:mod:`fedpeft.data.layout`).
+of task t the layer computes ``W0 x + dW_shared x + dW_t x``. s = ``alpha / rank``. Under
+classification each task has its own classification head (:mod:`fedpeft.data.layout`); a
+causal LM (``task_type = "causal-lm"``, one instruction task per client) has no head, and the
+TS-LoRA Bs are a task's only own tensors (with ``task_modules = "local"`` or ``task_layers = 0``
+a reply then carries no task-owned tensor: the server cannot tell its task, and reports it in
+``clients_task_unknown``).
 
 Federation. FFA-style: every A (shared and per task) is frozen and generated from the
 adapter seed on every process (its hash is checked each round), every B starts at zero and

@@ -43,7 +43,10 @@ Deviations from the paper: A frozen (shared seed) so that federated averaging of
 (the paper trains A and B); sigmoid scores with gates renormalised over the selected ranks
 and the DeepSeek-V3 bias update per *round* on server-held public text, not per step on the
 training batch; the k * g scaling above is our choice; no expert dropout; the heads are per
-task in multi-task runs (:mod:`fedpeft.data.layout`).
+task in multi-task runs (:mod:`fedpeft.data.layout`). On a causal LM (``task_type =
+"causal-lm"``) there is no head: every tensor is shared, a reply does not say its client's task,
+and the public sample is rendered prompts with their responses (model inputs only, no targets;
+server-held text) -- the tokens a client's forward passes route.
 """
 
 from __future__ import annotations

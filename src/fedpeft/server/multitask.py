@@ -4,17 +4,19 @@
 layout has per-task heads (:func:`fedpeft.data.layout.task_layout`); a single-task layout
 needs none of this, and its rows keep their keys:
 
-* the model carries one head per task (:func:`fedpeft.tasks.heads.layout_base_model`) and the
-  server keeps *every* task's trainable tensors in the global state (it activates no task);
+* the model carries one head per task if the task type has heads
+  (:func:`fedpeft.tasks.heads.layout_base_model`; a causal LM has none, its task-owned tensors
+  are the adapter's) and the server keeps *every* task's trainable tensors in the global state (it activates no task);
 * the reply spec is per task (:class:`fedpeft.strategies.multitask_avg.MultiTaskSpec`): shared
   adapter tensors plus the tensors owned by exactly one task -- a reply is checked against
   the task whose tensor names it carries, and aggregated by
   :class:`fedpeft.strategies.multitask_avg.MultiTaskAvg` (per-task tensors only within that task's
   group), the strategy a setup with per-task specs asks for;
-* evaluation runs every task on its own held-out split; ``accuracy`` / ``loss`` in
-  ``metrics.jsonl`` are the unweighted means over tasks, ``accuracy_per_task`` /
-  ``loss_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
-  what each task group contributed (:func:`per_task_row`, added by
+* evaluation runs every task on its own held-out split, routed to it; the task type's
+  metrics in ``metrics.jsonl`` (``accuracy`` / ``loss`` for classification, ``exact_match`` /
+  ``loss`` / ``perplexity`` for causal-lm) are the unweighted means over tasks,
+  ``<metric>_per_task`` the per-task values, and ``clients_per_task`` / ``train_loss_per_task``
+  what each task group contributed (``clients_task_unknown``: replies with no task-owned tensor) (:func:`per_task_row`, added by
   :class:`fedpeft.server.setup.MultiTaskHook`); in a DP run
   ``train_loss_per_task`` is ``None``: the server is the adversary DP-SGD protects against,
   so DP replies carry no training loss (nothing the accountant does not cover leaves a
@@ -99,8 +101,10 @@ class PerTaskServer:
         return MultiTaskSpec(full.tensors, fingerprint, per_task)
 
     def evaluate(self, evaluate_on: Callable[[TextDataset], dict[str, float]]) -> tuple[dict[str, float], dict[str, Any]]:
-        """(means over tasks, per-task values): every task on its own held-out split, for
-        each of the task type's metrics (``accuracy``/``loss`` for classification)."""
+        """(means over tasks, per-task values): every task on its own held-out split, routed to
+        it, for each of the task type's metrics (``accuracy``/``loss`` for classification;
+        ``exact_match``/``loss``/``perplexity`` for causal-lm: a task's own strata tables are
+        not kept, the task is the unit here)."""
         per: dict[str, dict[str, float]] = {m: {} for m in self.task_type.metric_names}
         for task in self.tasks:
             activate_task(self.model, task.name)
@@ -110,6 +114,21 @@ class PerTaskServer:
         activate_task(self.model, None)
         means = {metric: float(np.mean(list(values.values()))) for metric, values in per.items()}
         return means, {f"{metric}_per_task": values for metric, values in per.items()}
+
+    def samples(self) -> list[dict[str, str]]:
+        """The task type's sample outputs (:meth:`~fedpeft.tasks.base.TaskType.samples`) on
+        every task's held-out split, routed to that task; ``task`` names the layout's task (and
+        ``stratum`` the stratum within it, for a task with several)."""
+        out: list[dict[str, str]] = []
+        for task in self.tasks:
+            activate_task(self.model, task.name)
+            strata = len(task.test.label_names) > 1
+            for row in self.task_type.samples(self.model, self.tokenizer, task.test, self.cfg.model.max_length,
+                                              self.device, self.cfg.model.max_new_tokens):
+                out.append({"task": task.name, **({"stratum": row["task"]} if strata and "task" in row else {}),
+                            **{k: v for k, v in row.items() if k != "task"}})
+        activate_task(self.model, None)
+        return out
 
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
         """(task, model inputs) over the server-held sample of every task (its targets unused)."""
@@ -136,12 +155,17 @@ class PerTaskServer:
 
 
 def per_task_row(tasks: Sequence[Any], dp: bool, report: RoundReport) -> dict[str, Any]:
-    """``clients_per_task``, ``train_loss_per_task`` and ``tasks`` of a round's row: what each
-    task group contributed (in a DP run no client loss is read: see the module doc)."""
+    """``clients_per_task``, ``train_loss_per_task``, ``clients_task_unknown`` and ``tasks`` of a
+    round's row: what each task group contributed (in a DP run no client loss is read: see the
+    module doc). A reply is attributed by its task-owned tensors; one that carries none (only
+    shared tensors: a task type without heads and a method without task modules, SMoRA, or
+    MeteoRA's gate rounds) does not say its task and is only counted in ``clients_task_unknown``."""
     counts: dict[str, int] = {t.name: 0 for t in tasks}
     losses: dict[str, list[float]] = {t.name: [] for t in tasks}
+    unknown = 0
     for reply in (report.accepted if report.released else []):
         owners = {owned_task(k) for k in reply.state} - {None}
+        unknown += not owners
         loss = None if dp else reply.metrics.get(wire.TRAIN_LOSS)  # DP: never read a client's loss
         for owner in owners:
             counts[str(owner)] += 1
@@ -151,5 +175,6 @@ def per_task_row(tasks: Sequence[Any], dp: bool, report: RoundReport) -> dict[st
         "clients_per_task": counts,
         # None in DP runs (no reply carries a loss); per task None when no reply of it had one
         "train_loss_per_task": None if dp else {k: (float(np.mean(v)) if v else None) for k, v in losses.items()},
+        "clients_task_unknown": unknown,
         "tasks": [t.name for t in tasks],
     }

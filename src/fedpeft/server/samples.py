@@ -53,8 +53,7 @@ class SamplesHook:
     def _write_samples(self, server_round: int) -> None:
         setup, rd = self.setup, self.run_dir
         assert rd is not None
-        samples = setup.task_type.samples(setup.model, setup.tokenizer, setup.test, setup.cfg.model.max_length,
-                                          setup.device, setup.cfg.model.max_new_tokens)
+        samples = setup.samples()  # a multi-task layout: every task's, routed to it
         if samples:
             out = rd.path / "samples" / f"round-{server_round:03d}.jsonl"
             out.parent.mkdir(exist_ok=True)

@@ -1,10 +1,10 @@
 """The server's side of one configuration: task layout, model, global state, spec, evaluation.
 
 :class:`ServerSetup` serves every run. It holds the run's task layout
-(:func:`fedpeft.data.layout.task_layout`): a single-task run is a layout of one task, on the
-model's own head, with the pool and test split it always had; a multi-task run (``[tasks]``)
-is a layout whose tasks have their own heads, and only then does the setup compose the
-per-task part (:class:`fedpeft.server.multitask.PerTaskServer`: per-task reply specs, the
+(:meth:`fedpeft.tasks.base.TaskType.task_layout`): a single-task run is a layout of one task,
+on the model's own head, with the pool and test split it always had; a multi-task run
+(``[tasks]``) is a layout whose tasks have their own data (and heads, for a task type with
+heads), and only then does the setup compose the per-task part (:class:`fedpeft.server.multitask.PerTaskServer`: per-task reply specs, the
 plugin's server-side tensors, per-task evaluation and public data) and the
 :class:`MultiTaskHook` that adds the per-task fields to each round's row. The aggregation
 strategy follows from the spec (:func:`fedpeft.strategies.registry.build_base`): the multi-task
@@ -27,7 +27,6 @@ from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import ServerRoundHook, ServerRoundWork
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import Batch
-from fedpeft.data.layout import task_layout
 from fedpeft.data.sources import TextDataset
 from fedpeft.server.multitask import PerTaskServer, numpy_state, per_task_row
 from fedpeft.server.run_dir import RunDir
@@ -68,7 +67,7 @@ class ServerSetup:
         self.plugin = get_plugin(cfg.adapter.method)
         self.device = pick_device(cfg.device)
         self.tokenizer = self.task_type.load_tokenizer(cfg.model)
-        self.layout = task_layout(cfg, self.task_type.train_test_split)
+        self.layout = self.task_type.task_layout(cfg)
         self.tasks = self.layout.tasks
         self.test = self.layout[0].test  # deployed nodes are sent its label names
         self.model = self.plugin.attach(layout_base_model(cfg, self.layout), cfg).to(self.device)
@@ -106,6 +105,14 @@ class ServerSetup:
         means, self.last_eval = self.per_task.evaluate(self.evaluate_on)
         return {**means, **self.last_eval}
 
+    def samples(self) -> list[dict[str, str]]:
+        """A few outputs of the model on held-out data (:meth:`~fedpeft.tasks.base.TaskType.samples`);
+        in a multi-task layout every task's, routed to it."""
+        if self.per_task is not None:
+            return self.per_task.samples()
+        return self.task_type.samples(self.model, self.tokenizer, self.test, self.cfg.model.max_length, self.device,
+                                      self.cfg.model.max_new_tokens)
+
     def public_batches(self) -> Iterator[tuple[str, Batch]]:
         """(task, batch) over the server-held unlabelled sample of every task (none without per-task heads)."""
         return self.per_task.public_batches() if self.per_task is not None else iter(())
@@ -133,5 +140,6 @@ class MultiTaskHook(RoundHook):
             self.round_work = plugin.server_round_hook(self.setup)
         if self.round_work is not None:
             row.update(self.round_work.round_end(server_round, report))
-        per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get("accuracy_per_task", {}).items())
-        log.info("round %d: per-task accuracy %s (mean %.4f)", server_round, per_task, row["accuracy"])
+        metric = task_for(self.setup.cfg).primary_metric
+        per_task = " ".join(f"{k}={v:.4f}" for k, v in row.get(f"{metric}_per_task", {}).items())
+        log.info("round %d: per-task %s %s (mean %.4f)", server_round, metric, per_task, row[metric])

@@ -43,7 +43,7 @@ def preflight(cfg: RunConfig) -> list[int]:
         from fedpeft.data.layout import preflight_tasks
 
         task_type.load_tokenizer(cfg.model)
-        return preflight_tasks(cfg)
+        return preflight_tasks(cfg, task_type.task_layout(cfg))
     pool, test = task_type.train_test_split(cfg.data, cfg.seed)
     sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
     empty = [i for i, n in enumerate(sizes) if n < 2]

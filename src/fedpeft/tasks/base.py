@@ -7,6 +7,8 @@ loop, the adapter plugins and the simulators never look inside a batch:
 
 * **data** -- :meth:`TaskType.load_data` reads the examples named by ``[data]`` and
   :meth:`TaskType.train_test_split` gives the run's fixed (training pool, held-out test set);
+  :meth:`TaskType.load_task` reads one task of a multi-task federation (``[tasks]``) and
+  :meth:`TaskType.task_layout` lays out the run's tasks with both;
 * **model** -- :meth:`TaskType.build_model` loads the base model from ``[model]`` and sizes
   it with what the data tells it (:meth:`TaskType.num_outputs`, e.g. the number of labels);
   :attr:`TaskType.head_prefixes` names the top-level modules that train in full beside the
@@ -40,7 +42,9 @@ import torch
 from torch import nn
 
 from fedpeft.config import DataConfig, ModelConfig, RunConfig
+from fedpeft.config.tasks import TaskSpec
 from fedpeft.data.batching import Batch, bucket_batch
+from fedpeft.data.layout import TaskLayout, load_task, task_layout
 from fedpeft.data.sources import TextDataset, split_train_test, with_label_names
 from fedpeft.tasks.model import load_tokenizer, resolve_model_path
 
@@ -97,6 +101,17 @@ class TaskType(ABC):
         """The run's (training pool, held-out test set); identical in every process. A task
         type that loads through a per-process cache overrides this to split once."""
         return split_train_test(self.load_data(cfg), cfg.test_size, seed)
+
+    def load_task(self, spec: TaskSpec) -> TextDataset:
+        """Every example of one ``[tasks]`` task: a shipped one by name, or the user's file
+        (``spec.path``); cached per process. Default: classification's loader
+        (:func:`fedpeft.data.layout.load_task`: labelled texts)."""
+        return load_task(spec)
+
+    def task_layout(self, cfg: RunConfig) -> TaskLayout:
+        """The run's task layout, its data read and split by this task type (what the server,
+        every client process and the simulator's preflight use)."""
+        return task_layout(cfg, self.train_test_split, self.load_task)
 
     def with_federation_labels(self, data: TextDataset, names: tuple[str, ...], source: str) -> TextDataset:
         """A deployed node's own data with its labels in the federation's vocabulary ``names``

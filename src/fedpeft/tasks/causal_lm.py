@@ -34,8 +34,15 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedpeft.config import ConfigError, DataConfig, ModelConfig, RunConfig
+from fedpeft.config.tasks import TaskSpec
 from fedpeft.data.batching import Batch, bucket_batch, to_device
-from fedpeft.data.instructions import InstructionDataset, load_instructions, mtbench_prompts
+from fedpeft.data.instructions import (
+    InstructionDataset,
+    instruction_task,
+    load_instructions,
+    mtbench_prompts,
+    read_instructions,
+)
 from fedpeft.data.sources import TextDataset, split_train_test
 from fedpeft.tasks.base import HeadMemory, TaskType
 from fedpeft.tasks.chat import IGNORE, encode_examples, prompt_ids
@@ -71,6 +78,18 @@ def _split(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
     return split_train_test(load_instructions(cfg), cfg.test_size, seed)
 
 
+@lru_cache(maxsize=8)
+def _task_examples(spec: TaskSpec) -> InstructionDataset:
+    """One ``[tasks]`` task: a shipped instruction task by name, or the user's file with strata
+    from ``spec.label_column`` (errors name the task's key, not ``data.*``)."""
+    try:
+        return read_instructions(spec.path, spec.label_column) if spec.path else instruction_task(spec.name)
+    except ConfigError as exc:
+        if spec.path:
+            raise ConfigError(f"tasks.{spec.name}.path", exc.value, exc.allowed) from None
+        raise ConfigError("tasks.names", spec.name, exc.allowed) from None
+
+
 class CausalLM(TaskType):
     """Instruction tuning of a decoder with completion-only loss (module doc)."""
 
@@ -95,6 +114,11 @@ class CausalLM(TaskType):
         if cfg.model.pooling != "auto":
             raise ConfigError("model.pooling", cfg.model.pooling, "pooling is for sequence classifiers; "
                                                                   "causal-lm allows only auto")
+        for spec in cfg.tasks.specs:
+            if spec.text_column != TaskSpec(spec.name).text_column:
+                raise ConfigError(f"tasks.{spec.name}.text_column", spec.text_column,
+                                  "causal-lm task files are read by their columns (prompt/response, Alpaca or "
+                                  "messages); only label_column (the strata column) applies")
 
     # ---- data and model ------------------------------------------------------------------
     def load_data(self, cfg: DataConfig) -> TextDataset:
@@ -102,6 +126,9 @@ class CausalLM(TaskType):
 
     def train_test_split(self, cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
         return _split(cfg, seed)
+
+    def load_task(self, spec: TaskSpec) -> TextDataset:
+        return _task_examples(spec)
 
     def with_federation_labels(self, data: TextDataset, names: tuple[str, ...], source: str) -> TextDataset:
         return data  # strata only: a node's own file need not share the server's sources

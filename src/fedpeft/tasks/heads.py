@@ -9,7 +9,10 @@ the task's classes (or as many as the federation's label list a deployed node wa
 a single-task run always had. For a multi-task layout the final classification layer is
 replaced by :class:`MultiTaskHead`: one ``nn.Linear`` per task (``classifier.task_<name>``,
 task-owned in the sense of :func:`fedpeft.data.layout.owned_task`), each seeded from the
-adapter seed and the task's index. The adapter is attached by the caller
+adapter seed and the task's index -- if the task type has a head at all
+(:attr:`~fedpeft.tasks.base.TaskType.head_prefixes`): a causal LM's multi-task model is the
+base model itself, and its per-task modules come only from the adapter (MTLoRA's task
+branches, MeteoRA's experts; ``task_<name>`` modules). The adapter is attached by the caller
 (``plugin.attach``): adapters sit above this layer.
 """
 
@@ -78,9 +81,10 @@ def layout_base_model(cfg: RunConfig, layout: TaskLayout, label_names: tuple[str
     received it (its head has that many classes); empty: the task's own pool decides.
     """
     task_type = task_for(cfg)
+    heads = layout.per_task and bool(task_type.head_prefixes)  # a causal LM has no head to split per task
     # with per-task heads the model's own head (2 classes) is replaced below
-    outputs = 2 if layout.per_task else (len(label_names) or task_type.num_outputs(layout[0].pool))
+    outputs = 2 if heads else (len(label_names) or task_type.num_outputs(layout[0].pool))
     base = task_type.build_model(cfg.model, outputs, head_seed=cfg.adapter.seed)
-    if layout.per_task:
+    if heads:
         install_heads(base, {t.name: len(t.label_names) for t in layout}, cfg.adapter.seed, task_type.head_prefixes)
     return base

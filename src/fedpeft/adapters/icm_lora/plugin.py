@@ -107,6 +107,10 @@ class IcmLoraPlugin(AdapterPlugin, DataRelease, ServerRoundWork):
     travels = "own task's lora B + head + DP task vector (released once); A from seed"
     exact_average = True
     options_type = IcmOptions
+    task_types = ("seq-cls",)
+    task_type_refusal = ("its task vector is the pooled sentence embedding a classification head reads, a client's "
+                         "task is told by its head, and the held-out evaluation is a prototype classifier over class "
+                         "labels; a causal LM has no head, no classes and no pooled embedding")
 
     def settings(self, cfg: RunConfig) -> IcmOptions:
         """This run's options, typed and checked (one-line ConfigError otherwise)."""
