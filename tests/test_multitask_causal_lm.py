@@ -164,6 +164,9 @@ def test_server_evaluates_every_task_routed_to_it(setups: Callable[[str], Server
     assert after["loss_per_task"]["count"] == pytest.approx(ev["loss_per_task"]["count"], abs=1e-6)
     samples = setup.samples()
     assert {s["task"] for s in samples} == set(TASKS) and all("generated" in s for s in samples)
+    assert {s.get("source") for s in samples} <= {None, "mtbench"}  # single-stratum tasks: no stratum key
+    tests = {t.name: set(t.test.texts) for t in setup.tasks}
+    assert all(s["prompt"] in tests[s["task"]] for s in samples if "source" not in s)  # the task's own held-out prompts
 
 
 # ---- SMoRA: shared-only replies, public step on prompts -----------------------------------

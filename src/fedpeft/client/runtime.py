@@ -14,7 +14,8 @@ task by task); a deployed node names it in its node config (``task = "bbc"`` nex
 ``data-path``), and its file must use exactly that task's labels. Before each round
 :meth:`Runtime.activate` routes the cached model's heads to the client's task and makes only
 the shared and that task's tensors trainable (a causal LM has no heads: the task-owned
-tensors are the adapter's own, e.g. MTLoRA's task branches), so the reply carries nothing of other tasks
+tensors are the adapter's own, e.g. MTLoRA's task branches), so the reply carries nothing
+of other tasks
 (one cached model serves every virtual client of a worker process; the activation is redone
 every round). A plugin with a one-off data release (:class:`~fedpeft.adapters.capabilities.DataRelease`, ICM-LoRA's task
 vector) gets it there too, recorded in the client's ledger before its first DP-SGD step

@@ -31,7 +31,8 @@ is replaced by one ``nn.Linear`` per task (``classifier.task_<name>`` in a BERT 
 :mod:`fedpeft.tasks.heads`, which builds a layout's model through the run's task type) with
 that task's number of classes, initialised from the adapter seed; only the active task's
 head is called. A task type without a head (a causal LM) gets none: its per-task modules
-are the adapter's own (MTLoRA's task branches, MeteoRA's experts). Parameters of task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
+are the adapter's own (MTLoRA's task branches, MeteoRA's experts). Parameters of
+task-specific modules -- any module path segment ``task_<name>`` -- are *task-owned*:
 :func:`activate_task` makes exactly the active task's owned parameters trainable (and all of
 them on the server, ``task=None``), so a client's ``trainable_state`` -- what it sends -- is
 the shared adapter plus its own task's modules, and the server learns the client's task from

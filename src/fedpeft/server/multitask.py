@@ -6,7 +6,8 @@ needs none of this, and its rows keep their keys:
 
 * the model carries one head per task if the task type has heads
   (:func:`fedpeft.tasks.heads.layout_base_model`; a causal LM has none, its task-owned tensors
-  are the adapter's) and the server keeps *every* task's trainable tensors in the global state (it activates no task);
+  are the adapter's) and the server keeps *every* task's trainable tensors in the global
+  state (it activates no task);
 * the reply spec is per task (:class:`fedpeft.strategies.multitask_avg.MultiTaskSpec`): shared
   adapter tensors plus the tensors owned by exactly one task -- a reply is checked against
   the task whose tensor names it carries, and aggregated by
@@ -117,15 +118,17 @@ class PerTaskServer:
 
     def samples(self) -> list[dict[str, str]]:
         """The task type's sample outputs (:meth:`~fedpeft.tasks.base.TaskType.samples`) on
-        every task's held-out split, routed to that task; ``task`` names the layout's task (and
-        ``stratum`` the stratum within it, for a task with several)."""
+        every task's held-out split, routed to that task. ``task`` names the layout's task;
+        ``source`` what the sample's own ``task`` said where that is more (a stratum of a task
+        with several, or an open question such as ``mtbench`` answered by this task's routing)."""
         out: list[dict[str, str]] = []
         for task in self.tasks:
             activate_task(self.model, task.name)
-            strata = len(task.test.label_names) > 1
+            only = task.test.label_names if len(task.test.label_names) == 1 else ()
             for row in self.task_type.samples(self.model, self.tokenizer, task.test, self.cfg.model.max_length,
                                               self.device, self.cfg.model.max_new_tokens):
-                out.append({"task": task.name, **({"stratum": row["task"]} if strata and "task" in row else {}),
+                source = row.get("task", "")
+                out.append({"task": task.name, **({"source": source} if source and source not in only else {}),
                             **{k: v for k, v in row.items() if k != "task"}})
         activate_task(self.model, None)
         return out
