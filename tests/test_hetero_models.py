@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from fedpeft.config import ConfigError
-from fedpeft.sim.hetero.memory import ModelShape, TrainShape, decide, estimate
+from fedpeft.sim.hetero.memory import EncoderShape, TrainShape, decide, estimate
 from fedpeft.sim.hetero.profiles import CATALOGUE_PATH, DeviceProfile, load_catalogue
 from fedpeft.sim.hetero.scenario import load_scenario, scenario_names
 from fedpeft.sim.hetero.timing import StepCost, client_timing, expected_batch
 from fedpeft.strategies.deadlines import Candidate, DeadlinePolicy, draw_round, resolve_round
 
-MINILM = ModelShape(layers=6, hidden=384, heads=12, intermediate=1536, vocab=30522)
+MINILM = EncoderShape(layers=6, hidden=384, heads=12, intermediate=1536, vocab=30522)
 
 
 # ---- profiles and scenarios ----------------------------------------------------------------
@@ -79,7 +79,7 @@ _MEASURE = textwrap.dedent("""
     from opacus import GradSampleModule
     from transformers import BertConfig, BertForSequenceClassification
     from fedpeft.adapters import get
-    from fedpeft.sim.hetero.memory import ModelShape, TrainShape, estimate
+    from fedpeft.sim.hetero.memory import EncoderShape, TrainShape, estimate
     from fedpeft.load import parse_config
     h, layers, heads, b, s, r = 64, 2, 4, 48, 128, 8
     conf = BertConfig(vocab_size=1000, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
@@ -114,7 +114,7 @@ _MEASURE = textwrap.dedent("""
         before, peak_key = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, None
     step(b)
     after = status(peak_key) if peak_key else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    est = estimate(ModelShape.from_config(conf, 2), TrainShape(b, s, r, 2, True, "adam"))
+    est = estimate(EncoderShape.from_config(conf, 2), TrainShape(b, s, r, ("query", "value"), True, "adam"))
     print(json.dumps({"measured": after - before, "estimated": est.dp_per_sample + est.activations + est.workspace}))
 """)
 
@@ -134,7 +134,9 @@ def test_memory_estimate_matches_measured_cpu_peak(tmp_path: Path) -> None:
     # how this fresh process allocates.
     keep = ("PATH", "HOME", "LANG", "TMPDIR")
     env = {**{k: os.environ[k] for k in keep if k in os.environ}, "HF_HUB_OFFLINE": "1",
-           "MALLOC_MMAP_THRESHOLD_": "65536", "PYTHONPATH": str(Path(__file__).parents[1])}
+           "MALLOC_MMAP_THRESHOLD_": "65536",
+           # this checkout's src first: the venv's editable install may point at another checkout
+           "PYTHONPATH": os.pathsep.join(str(Path(__file__).parents[1] / d) for d in ("src", ""))}
     runs = []
     for _ in range(3):  # other processes' activity can only add to a peak: keep the smallest of three
         out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)

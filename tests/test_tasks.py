@@ -288,13 +288,13 @@ def test_task_type_is_checked_against_the_registry(capsys: pytest.CaptureFixture
 
 
 def test_a_registered_task_type_is_a_config_value_and_sizes_the_memory_model(score_task) -> None:  # type: ignore[no-untyped-def]
-    from fedpeft.sim.hetero.memory import ModelShape
+    from fedpeft.sim.hetero.memory import EncoderShape
 
     assert parse_config({"task_type": "test-score"}).task_type == "test-score"
     assert "regressor" in registry.head_prefixes() and "classifier" in registry.head_prefixes()
     with pytest.raises(ValueError, match="already registered"):
         registry.register(TextScore())
-    seq = ModelShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100, num_outputs=3)
+    seq = EncoderShape(layers=2, hidden=32, heads=2, intermediate=64, vocab=100, num_outputs=3)
     score = dataclasses.replace(seq, task_type="test-score")
     assert seq.head_params() == 32 * 3 + 3 and score.head_params() == 33
     assert seq.base_params - score.base_params == (32 * 3 + 3) + (32 * 32 + 32) - 33  # no pooler, smaller head

@@ -57,10 +57,15 @@ class HeadMemory:
 
     ``trained``: parameters trained in full beside the adapter (their values, gradients,
     optimizer moments and, under DP, per-example gradients count); ``frozen``: frozen
-    parameters outside the encoder's embeddings and layers (e.g. BERT's pooler)."""
+    parameters outside the encoder's embeddings and layers (e.g. BERT's pooler);
+    ``vocab_logit_bytes``: > 0 when the task scores the whole vocabulary at every position
+    with the model's own language-model head (a causal LM: an untied head's weights then
+    count, a tied one is the input embedding), the bytes its loss holds per position and
+    vocabulary entry at its peak (the logits and the loss's copies of them)."""
 
     trained: int
     frozen: int = 0
+    vocab_logit_bytes: int = 0
 
 
 class TaskType(ABC):

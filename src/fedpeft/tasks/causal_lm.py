@@ -49,7 +49,15 @@ from fedpeft.tasks.chat import IGNORE, encode_examples, prompt_ids
 from fedpeft.tasks.generation import generate_texts, normalise_answer
 from fedpeft.tasks.lm_model import causal_lm_path, load_causal_lm, load_lm_tokenizer
 
-__all__ = ["CausalLM", "completion_losses"]
+__all__ = ["LOGIT_PEAK_BYTES", "CausalLM", "completion_losses"]
+
+LOGIT_PEAK_BYTES = 12
+"""Bytes per position and vocabulary entry that :func:`completion_losses` holds at its peak,
+for the heterogeneous-client memory model: three float32 copies. Forward: the model's logits
+(float32, or bfloat16 = half a copy), the shifted float32 copy (``[:, :-1]`` then ``reshape``
+or ``.float()``: a new tensor either way) and ``log_softmax``'s output (kept for backward);
+backward: that output, its incoming gradient (``nll_loss`` writes a dense one) and the
+gradient of the shifted copy. Checked against measured peak RSS (tests/test_hetero_decoder.py)."""
 
 log = logging.getLogger("fedpeft")
 
@@ -149,7 +157,9 @@ class CausalLM(TaskType):
         return {"task_type": self.peft_task_type}
 
     def head_memory(self, hidden: int, num_outputs: int) -> HeadMemory:
-        return HeadMemory(trained=0)  # no head trains; the (tied) output embedding is the model's
+        """No head trains; the output embedding is the model's. The loss's peak holds three
+        float32 copies of the vocabulary logits per position (:data:`LOGIT_PEAK_BYTES`)."""
+        return HeadMemory(trained=0, vocab_logit_bytes=LOGIT_PEAK_BYTES)
 
     # ---- collation -----------------------------------------------------------------------
     def encode(self, tokenizer: Any, data: TextDataset, max_length: int) -> Batch:

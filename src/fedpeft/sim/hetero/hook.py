@@ -63,7 +63,7 @@ from fedpeft.config import RunConfig
 from fedpeft.io import atomic_write_text
 from fedpeft.server.run_dir import RunDir
 from fedpeft.server.setup import RoundHook, ServerSetup
-from fedpeft.sim.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide
+from fedpeft.sim.hetero.memory import MemoryDecision, ModelShape, TrainShape, decide, model_shape
 from fedpeft.sim.hetero.scenario import Scenario
 from fedpeft.sim.hetero.timing import COMPUTE_SOURCE, ClientTiming, StepCost, client_timing, expected_batch
 from fedpeft.strategies.adapter_avg import RoundReport
@@ -143,7 +143,7 @@ class HeteroEmulator(RoundHook):
         for name in self.names:
             rank = min(self.scenario.ranks.get(name, a.rank), a.rank) if tiers_supported else a.rank
             train = TrainShape(min(t.physical_batch_size, t.batch_size), self.cfg.model.max_length, rank,
-                               len(a.target_modules), self.cfg.privacy.enabled, t.optimizer)
+                               tuple(a.target_modules), self.cfg.privacy.enabled, t.optimizer)
             tiers = self.scenario.rank_tiers if tiers_supported else ()
             self.decisions[name] = d = decide(self.scenario.catalogue[name], shape, train, tiers)
             if d.reason:
@@ -168,7 +168,7 @@ class HeteroEmulator(RoundHook):
         self.run_dir = run_dir.path
         config = getattr(setup.model, "config", None)
         num_labels = int(getattr(config, "num_labels", 2))
-        self.plan_memory(ModelShape.from_config(config, num_labels, self.cfg.task_type))
+        self.plan_memory(model_shape(config, num_labels, self.cfg.task_type, _weights_dtype(setup.model)))
         planned = {n: asdict(d) for n, d in self.decisions.items()}
         if self._resumed_decisions is not None and planned != self._resumed_decisions:
             raise ValueError("the checkpoint's memory plan differs from this run's (another model or scenario); "
@@ -365,6 +365,13 @@ class HeteroEmulator(RoundHook):
         return TimelineEntry(server_round, o.client, name, o.status, t.download_s, t.compute_s, t.upload_s, o.end_s,
                              estimated_compute_s=host_s, rank=d.rank, physical_batch=d.physical_batch, bytes_up=up,
                              reason=reason, steps=steps, expected_batch=batch)
+
+
+def _weights_dtype(model: Any) -> str:
+    """The dtype of the server model's frozen weights (``model.dtype`` as this host resolved
+    it: the simulated clients build theirs the same way), e.g. ``float32``."""
+    frozen = (p.dtype for p in model.parameters() if not p.requires_grad)
+    return str(next(frozen, "float32")).removeprefix("torch.")
 
 
 @dataclass

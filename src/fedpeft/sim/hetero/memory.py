@@ -1,25 +1,22 @@
 """Peak-memory estimate of one client's local training step, and what a client does when
 its configuration does not fit its device.
 
-The estimate (bytes, float32 throughout, as fedpeft trains) is the sum of
+One estimator per architecture family, chosen from the model's ``config.json``
+(``model_type``, else its ``architectures``) by :func:`model_shape`:
 
-* **weights** -- every parameter of the base model, plus the frozen LoRA A;
-* **adapter** -- the trainable tensors (LoRA B of rank r on each target module, the task
-  type's head: :meth:`fedpeft.tasks.base.TaskType.head_memory`) and their gradients;
-* **optimizer** -- Adam keeps two moments per trainable value (SGD with momentum one);
-* **dp_per_sample** -- Opacus hooks mode materialises one gradient per example of the
-  physical batch for every trainable tensor (``grad_sample``) plus the clipped sum;
-* **activations** -- what autograd keeps for the backward pass of an encoder layer. The
-  backbone is frozen, so a frozen ``Linear`` keeps no input (its weight gradient is never
-  needed); per layer and token that leaves Q, K and V (saved by the attention matmuls),
-  the two LayerNorm inputs and the GELU input, all float32, plus two one-byte dropout masks:
-  ``4*(5h + i) + 2h`` bytes for hidden size h and intermediate size i; per head and pair
-  of tokens the softmax output, the dropped-out probabilities (float32) and their mask:
-  ``9 * a * s**2`` bytes. LoRA's rank-r intermediates (``4*r`` bytes per token and target)
-  are kept for B's gradient and by Opacus's hooks;
-* **workspace** -- the transient peak of the backward pass, about one layer's activations
-  (gradients w.r.t. activations live one layer at a time) and Opacus's per-target
-  backprops.
+* **encoder** (:class:`~fedpeft.sim.hetero.memory_encoder.EncoderShape`): BERT, RoBERTa,
+  MiniLM, ... -- ``model_type`` bert, roberta, xlm-roberta, camembert; float32;
+* **decoder** (:class:`~fedpeft.sim.hetero.memory_decoder.DecoderShape`): Llama-style
+  decoders -- ``model_type`` llama (SmolLM2 is one), mistral; float32 or bfloat16 weights,
+  grouped-query attention, tied or untied embeddings, the causal LM's vocabulary logits.
+
+Any other ``model_type`` is a one-line ``ConfigError`` naming the known ones (no generic
+guess: a wrong estimate would silently admit or refuse devices). Each estimate is the sum of
+:class:`~fedpeft.sim.hetero.memory_terms.MemoryEstimate`'s components -- weights, adapter
+values and gradients, optimizer state, Opacus's per-example gradients, the activations
+autograd keeps, the vocabulary logits of a causal LM's loss, and the backward pass's
+transient workspace -- each family's module says how it counts them. The task type's part
+(its head, whether it scores the vocabulary) is :meth:`fedpeft.tasks.base.TaskType.head_memory`.
 
 Sequence length is ``model.max_length``: an upper bound, since the trainer trims every
 chunk to its longest example. The estimate ignores the framework's fixed overhead (CUDA
@@ -35,121 +32,61 @@ with the reason.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from fedpeft.config import ConfigError
+from fedpeft.sim.hetero.memory_decoder import DecoderShape
+from fedpeft.sim.hetero.memory_encoder import EncoderShape
+from fedpeft.sim.hetero.memory_terms import MemoryEstimate, ModelShape, TrainShape
 from fedpeft.sim.hetero.profiles import GB, DeviceProfile
-from fedpeft.tasks.base import HeadMemory
 from fedpeft.tasks.registry import DEFAULT as DEFAULT_TASK_TYPE
-from fedpeft.tasks.registry import get as get_task_type
 
-__all__ = ["MemoryDecision", "MemoryEstimate", "ModelShape", "TrainShape", "decide", "estimate"]
+__all__ = ["FAMILIES", "DecoderShape", "EncoderShape", "MemoryDecision", "MemoryEstimate", "ModelShape",
+           "TrainShape", "decide", "estimate", "model_shape", "model_shape_from_dir", "model_type_of"]
 
-F32 = 4
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The dimensions of a BERT-like encoder that the estimate needs, and its task type's
-    head (``num_outputs``: e.g. the number of classes)."""
-
-    layers: int
-    hidden: int
-    heads: int
-    intermediate: int
-    vocab: int
-    max_positions: int = 512
-    type_vocab: int = 2
-    num_outputs: int = 2
-    task_type: str = DEFAULT_TASK_TYPE
-
-    @classmethod
-    def from_config(cls, config: Any, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE) -> ModelShape:
-        """From a Hugging Face ``PretrainedConfig`` (BERT, RoBERTa, MiniLM, ...)."""
-        return cls(
-            layers=int(config.num_hidden_layers), hidden=int(config.hidden_size),
-            heads=int(config.num_attention_heads), intermediate=int(config.intermediate_size),
-            vocab=int(config.vocab_size), max_positions=int(getattr(config, "max_position_embeddings", 512)),
-            type_vocab=int(getattr(config, "type_vocab_size", 2) or 1), num_outputs=num_outputs,
-            task_type=task_type,
-        )
-
-    @classmethod
-    def from_model_dir(cls, path: str | Path, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE) -> ModelShape:
-        """Read ``config.json`` of a local model directory (no weights are loaded)."""
-        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-        return cls.from_config(SimpleNamespace(**raw), num_outputs, task_type)
-
-    @property
-    def head(self) -> HeadMemory:
-        """The task type's head on this encoder (sequence classification: a linear classifier
-        trained in full, BERT's frozen pooler)."""
-        return get_task_type(self.task_type).head_memory(self.hidden, self.num_outputs)
-
-    @property
-    def base_params(self) -> int:
-        """Parameters of the encoder (BERT layout) + the task type's head, frozen and trained."""
-        h, i = self.hidden, self.intermediate
-        embeddings = (self.vocab + self.max_positions + self.type_vocab) * h + 2 * h
-        layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
-        head = self.head
-        return embeddings + self.layers * layer + head.frozen + head.trained
-
-    def head_params(self) -> int:
-        """Parameters trained in full beside the adapter."""
-        return self.head.trained
+FAMILIES: dict[str, type[EncoderShape] | type[DecoderShape]] = {
+    t: family for family in (EncoderShape, DecoderShape) for t in family.model_types}
+"""``model_type`` -> the estimator of its architecture family."""
 
 
-@dataclass(frozen=True)
-class TrainShape:
-    """What one client trains with: physical batch, sequence length, rank, DP, optimizer."""
+def model_type_of(config: Any) -> str:
+    """A config's ``model_type``; else the one its first ``architectures`` entry names
+    (``LlamaForCausalLM`` -> ``llama``); ``""`` when it has neither."""
+    model_type = str(getattr(config, "model_type", "") or "")
+    if model_type:
+        return model_type
+    architectures = list(getattr(config, "architectures", None) or ())
+    if not architectures:
+        return ""
+    stem = str(architectures[0]).split("For", 1)[0].lower()
+    return next((t for t in FAMILIES if t.replace("-", "") == stem), stem)
 
-    physical_batch: int
-    seq_len: int
-    rank: int
-    targets_per_layer: int = 2  # query, value (each h x h)
-    dp: bool = True
-    optimizer: str = "adam"
+
+def model_shape(config: Any, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE,
+                dtype: str = "float32") -> ModelShape:
+    """The memory model of ``config``'s architecture family (module doc); ``dtype``: the base
+    weights' (``model.dtype`` as the run resolves it). Unknown families: ``ConfigError``."""
+    kind = model_type_of(config)
+    family = FAMILIES.get(kind)
+    if family is None:
+        raise ConfigError("model.path", kind or "(no model_type)",
+                          f"the heterogeneous memory model knows model_type {', '.join(sorted(FAMILIES))}")
+    return family.from_config(config, num_outputs, task_type, dtype)
 
 
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Estimated peak bytes by component (see the module docstring)."""
-
-    weights: int
-    adapter: int
-    optimizer: int
-    dp_per_sample: int
-    activations: int
-    workspace: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.adapter + self.optimizer + self.dp_per_sample + self.activations + self.workspace
-
-    def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+def model_shape_from_dir(path: str | Path, num_outputs: int = 2, task_type: str = DEFAULT_TASK_TYPE,
+                         dtype: str = "float32") -> ModelShape:
+    """:func:`model_shape` of a local model directory's ``config.json`` (no weights are loaded)."""
+    raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    return model_shape(SimpleNamespace(**raw), num_outputs, task_type, dtype)
 
 
 def estimate(model: ModelShape, train: TrainShape) -> MemoryEstimate:
     """Peak memory of one forward + backward (+ optimizer step) of one physical batch."""
-    h, a, i, r = model.hidden, model.heads, model.intermediate, train.rank
-    b, s, t = train.physical_batch, train.seq_len, train.targets_per_layer * model.layers
-    lora_a = t * r * h
-    trainable = t * h * r + model.head_params()  # every B (h x r) + the task type's head
-    weights = F32 * (model.base_params + model.head_params() + lora_a)  # PEFT keeps a copy of the head
-    adapter = F32 * 2 * trainable  # values + gradients
-    optimizer = F32 * (2 if train.optimizer == "adam" else 1) * trainable
-    dp = F32 * (b + 1) * trainable if train.dp else 0
-    tokens = b * s
-    per_layer = tokens * (F32 * (5 * h + i) + 2 * h) + 9 * b * a * s * s
-    lora_inter = F32 * tokens * r * train.targets_per_layer * (2 if train.dp else 1)
-    activations = model.layers * (per_layer + lora_inter) + F32 * tokens * h  # + the last hidden states
-    backprops = F32 * tokens * h * train.targets_per_layer if train.dp else 0
-    workspace = per_layer + backprops
-    return MemoryEstimate(weights, adapter, optimizer, dp, activations, workspace)
+    return model.estimate(train)
 
 
 @dataclass(frozen=True)
@@ -183,8 +120,7 @@ def decide(
     for rank in ranks:
         batch = train.physical_batch
         while batch >= 1:
-            est = estimate(model, TrainShape(batch, train.seq_len, rank, train.targets_per_layer, train.dp,
-                                             train.optimizer))
+            est = estimate(model, replace(train, physical_batch=batch, rank=rank))
             if est.total <= usable:
                 reason = ""
                 if batch != train.physical_batch or rank != train.rank:
@@ -193,8 +129,7 @@ def decide(
                               f"using physical batch {batch} (virtual steps), rank {rank}")
                 return MemoryDecision(profile.name, batch, rank, est.total, usable, False, reason)
             batch //= 2
-    lowest = estimate(model, TrainShape(1, train.seq_len, ranks[-1], train.targets_per_layer, train.dp,
-                                        train.optimizer))
+    lowest = estimate(model, replace(train, physical_batch=1, rank=ranks[-1]))
     reason = (f"{profile.name} declines: needs {lowest.total / GB:.2f} GB even at physical batch 1, "
               f"rank {ranks[-1]} (weights alone {lowest.weights / GB:.2f} GB); usable memory is "
               f"{usable / GB:.2f} GB ({profile.memory_gb:g} GB x {profile.usable_fraction:g})")
