@@ -142,7 +142,8 @@ class BayesLoraLinear(nn.Module):
         self.bayes = BayesB(rank, base.out_features, init_std, prior_std, dev)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.scaling * self.bayes(self.down(x))
+        # the factors are float32 under a bfloat16 base too (as PEFT's LoRA): cast in and back out
+        return self.base(x) + (self.scaling * self.bayes(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 def _layers(model: nn.Module) -> list[tuple[str, BayesLoraLinear]]:

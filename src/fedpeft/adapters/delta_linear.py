@@ -16,8 +16,14 @@ gradients for any ``f``: the per-sample gradient w.r.t. the effective weight,
 PEFT helpers are reused where they fit (LoKr's ``factorization``, OSF's SVD split).
 
 :class:`DeltaPlugin` is the common plugin half: freeze everything, inject the layers on
-``adapter.target_modules``, train the classification head, fingerprint the frozen
-(seeded or W0-derived) tensors, export as safetensors + JSON.
+``adapter.target_modules``, train the classification head (if the task type has one),
+fingerprint the frozen (seeded or W0-derived) tensors, export as safetensors + JSON.
+
+Precision: the adapter's own tensors are float32 (:data:`ADAPTER_DTYPE`) whatever the base
+weights are, as PEFT keeps LoRA in float32, so the optimizer's small steps accumulate. Under a
+low-precision base (a causal LM in bfloat16 on a GPU) the layer computes ``x (W0 + dW)^T`` in
+float32 and rounds the output once: ``W0 + dW`` rounded to bfloat16 would drop every entry of
+dW below the last bit of its W0 entry.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from fedpeft.adapters.common import hash_tensors
 from fedpeft.config import ConfigError, RunConfig
 from fedpeft.tasks.registry import head_prefixes
 
-__all__ = ["DeltaLinear", "DeltaPlugin", "delta_layers"]
+__all__ = ["ADAPTER_DTYPE", "DeltaLinear", "DeltaPlugin", "delta_layers"]
+
+ADAPTER_DTYPE = torch.float32  # the adapter's tensors, whatever the base weights are (module doc)
 
 
 class DeltaLinear(nn.Module):
@@ -72,18 +80,25 @@ class DeltaLinear(nn.Module):
         return dict(self.named_parameters(recurse=False))
 
     def effective_weight(self) -> torch.Tensor:
-        return self.base_layer.weight + self.delta_weight(self.direct_params()).to(self.base_layer.weight.dtype)
+        """``W0 + dW``, in float32 when the base is in a lower precision (module doc)."""
+        delta = self.delta_weight(self.direct_params())
+        return self.base_layer.weight.to(delta.dtype) + delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.base_layer.bias)
+        weight, bias = self.effective_weight(), self.base_layer.bias
+        if weight.dtype == x.dtype:
+            return F.linear(x, weight, bias)
+        # a low-precision base: computed in float32, the output rounded once (module doc)
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
 
 
 def _delta_grad_sampler(
     layer: DeltaLinear, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a DeltaLinear's trainable parameters (Opacus hooks mode)."""
-    x = activations[0].to(backprops.dtype)
-    grad_w = torch.einsum("n...o,n...i->noi", backprops, x)  # per-sample dL/dW_eff
+    dtype = torch.promote_types(backprops.dtype, ADAPTER_DTYPE)  # float32 also under a bfloat16 base
+    x, backprops = activations[0].to(dtype), backprops.to(dtype)
+    grad_w = torch.einsum("n...o,n...i->noi", backprops, x)  # per-sample dL/dW_eff (any token axes summed)
     params = layer.direct_params()
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     fixed = {n: p.detach() for n, p in params.items() if not p.requires_grad}

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
+from fedpeft.adapters.delta_linear import ADAPTER_DTYPE, DeltaLinear, DeltaPlugin
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
 
@@ -72,7 +72,7 @@ class NolaLinear(DeltaLinear):
     def __init__(self, base: nn.Linear, rank: int, num_basis: int, scale: float, seed: int, train_a: bool) -> None:
         super().__init__(base)
         gen = torch.Generator().manual_seed(seed)
-        dev, dtype = base.weight.device, base.weight.dtype
+        dev, dtype = base.weight.device, ADAPTER_DTYPE
         self.scale = scale
         self.add_frozen("basis_a", _uniform((num_basis, rank, self.in_features), 1 / math.sqrt(self.in_features),
                                                  gen).to(dev, dtype))

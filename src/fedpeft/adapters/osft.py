@@ -47,7 +47,7 @@ from peft.tuners.osf.utils import decompose_weight_matrix
 from torch import nn
 
 from fedpeft.adapters.common import NDArrays, single_threaded, weighted_mean
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin, delta_layers
+from fedpeft.adapters.delta_linear import ADAPTER_DTYPE, DeltaLinear, DeltaPlugin, delta_layers
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
 
@@ -75,7 +75,7 @@ class OsftLinear(DeltaLinear):
         top = max(1, min(min(self.out_features, self.in_features) - 1,
                          round(keep * min(self.out_features, self.in_features))))
         with single_threaded():  # same bits in every process (frozen parts are hash-checked)
-            svd = decompose_weight_matrix(base.weight.detach(), top_k=top)
+            svd = decompose_weight_matrix(base.weight.detach().to(ADAPTER_DTYPE), top_k=top)
         self.add_frozen("u_high", svd["U_high"].detach().clone())
         self.add_frozen("v_high", svd["V_high"].detach().clone())
         low = (svd["U_low"] * svd["S_low"].unsqueeze(0)) @ svd["V_low"]

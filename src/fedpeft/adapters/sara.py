@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
+from fedpeft.adapters.delta_linear import ADAPTER_DTYPE, DeltaLinear, DeltaPlugin
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
 
@@ -68,7 +68,7 @@ class SaraLinear(DeltaLinear):
         super().__init__(base)
         idx = small_magnitude_mask(base.weight, fraction).to(base.weight.device)
         self.add_frozen("indices", idx)
-        self.values = nn.Parameter(torch.zeros(idx.numel(), device=base.weight.device, dtype=base.weight.dtype))
+        self.values = nn.Parameter(torch.zeros(idx.numel(), device=base.weight.device, dtype=ADAPTER_DTYPE))
 
     def delta_weight(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         values = params["values"]

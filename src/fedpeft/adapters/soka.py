@@ -41,7 +41,7 @@ from peft.tuners.lokr.layer import factorization
 from torch import nn
 
 from fedpeft.adapters.common import single_threaded
-from fedpeft.adapters.delta_linear import DeltaLinear, DeltaPlugin
+from fedpeft.adapters.delta_linear import ADAPTER_DTYPE, DeltaLinear, DeltaPlugin
 from fedpeft.adapters.options import option, parse_options
 from fedpeft.config import RunConfig
 
@@ -92,7 +92,7 @@ class SokaLinear(DeltaLinear):
         self.n = factorization(self.in_features)
         u, s, v = kpsvd(base.weight, self.m, self.n)
         r = select_rank(s, energy, cap)
-        dev, dtype = base.weight.device, base.weight.dtype
+        dev, dtype = base.weight.device, ADAPTER_DTYPE
         self.add_frozen("kron_a", (u[:r] * s[:r, None, None]).to(dev, dtype))
         self.add_frozen("kron_b_init", v[:r].clone().to(dev, dtype))
         self.kron_b = nn.Parameter(v[:r].clone().to(dev, dtype))

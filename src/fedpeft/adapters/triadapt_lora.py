@@ -99,8 +99,9 @@ class TriAdaptLinear(nn.Module):
         self.register_buffer("rank_mask", initial_mask(rank, init_rank, dev))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(x) * self.rank_mask
-        return self.base(x) + self.scaling * self.up(self.core(h) * self.rank_mask)
+        # the factors are float32 under a bfloat16 base too (as PEFT's LoRA): cast in and back out
+        h = self.down(x.to(self.down.weight.dtype)) * self.rank_mask
+        return self.base(x) + (self.scaling * self.up(self.core(h) * self.rank_mask)).to(x.dtype)
 
 
 def initial_mask(rank: int, init_rank: int, device: torch.device | None = None) -> torch.Tensor:

@@ -4,6 +4,13 @@ Defaults: ``ffa_lora,lora`` x ``inf,6,3,1`` x 3 seeds, with run sizes chosen so 
 24 runs of the default sweep finish in tens of minutes on 2 CPU cores (docs/compare.md has
 the measured time). Any method of the plugin registry is accepted. Finished cells are never
 rerun; ``--report-only`` rewrites the report from what is on disk.
+
+``--task`` picks the task type; runs are judged by its primary metric. A task type with
+defaults of its own (``config.schema.TASK_TYPE_DEFAULTS``: causal-lm's lengths, batches and
+held-out size) keeps them: the sweep then fixes only rounds, local steps and examples per
+client. The report's baseline is the task type's closed form (sequence classification: the
+majority class) or, for a task type that scores its initial model (causal-lm), the mean over
+the cells of that score (``initial_eval.json``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedpeft.cli.common import register_command
+from fedpeft.cli.common import FLAG_HELP, register_command
 from fedpeft.config import ConfigError, load_config_file
 
 # Sizes of one cell of the default sweep (see docs/compare.md for the measured time).
@@ -25,6 +32,9 @@ COMPARE_DEFAULTS: dict[str, Any] = {
     "train.batch_size": 64,
     "train.physical_batch_size": 64,
     "train.local_steps": 4,
+}
+TASK_COMPARE_DEFAULTS: dict[str, dict[str, Any]] = {  # task types whose own defaults stay (module doc)
+    "causal-lm": {key: COMPARE_DEFAULTS[key] for key in ("train.rounds", "train.local_steps", "data.examples_per_client")},
 }
 SIZE_FLAGS = {"rounds": "train.rounds", "examples_per_client": "data.examples_per_client",
               "test_size": "data.test_size", "max_length": "model.max_length", "batch_size": "train.batch_size",
@@ -38,6 +48,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="3", help="N = seeds 0..N-1, or a comma-separated list (default: 3)")
     p.add_argument("--output-dir", default="runs/compare", help="sweep directory (default: runs/compare)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
+    p.add_argument("--task", metavar="TASK_TYPE", help=f"task_type of every cell: {FLAG_HELP['task']}")
     g = p.add_argument_group("run sizes (defaults chosen for 2 CPU cores; see docs/compare.md)")
     for flag, key in SIZE_FLAGS.items():
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, metavar=key.split(".")[-1].upper(),
@@ -73,29 +84,46 @@ def _seeds(text: str) -> tuple[int, ...]:
 
 
 def base_layer(args: argparse.Namespace) -> dict[str, Any]:
-    """Compare defaults < --config file < size flags < --set pairs (flat dotted keys)."""
-    layer: dict[str, Any] = dict(COMPARE_DEFAULTS)
+    """Compare defaults (of the sweep's task type) < --config file < size flags < --set pairs
+    (flat dotted keys)."""
+    file_layer: dict[str, Any] = {}
     if getattr(args, "config", None):
         for section, table in load_config_file(args.config).items():
             if isinstance(table, dict):
-                layer.update({f"{section}.{k}": v for k, v in table.items()})
+                file_layer.update({f"{section}.{k}": v for k, v in table.items()})
             else:
-                layer[section] = table
-    layer.update({key: getattr(args, flag) for flag, key in SIZE_FLAGS.items() if getattr(args, flag, None) is not None})
+                file_layer[section] = table
+    flags = {key: getattr(args, flag) for flag, key in SIZE_FLAGS.items() if getattr(args, flag, None) is not None}
+    if getattr(args, "task", None):
+        flags["task_type"] = args.task
+    sets: dict[str, Any] = {}
     for item in getattr(args, "set", []) or []:
         if "=" not in item:
             raise ConfigError("--set", item, "expected KEY=VALUE")
         key, value = item.split("=", 1)
-        layer[key.strip()] = value.strip()
+        sets[key.strip()] = value.strip()
+    task = str(sets.get("task_type") or flags.get("task_type") or file_layer.get("task_type") or "")
+    layer: dict[str, Any] = dict(TASK_COMPARE_DEFAULTS.get(task, COMPARE_DEFAULTS))
+    for upper in (file_layer, flags, sets):
+        layer.update(upper)
     return layer
 
 
 def _baseline(cells: list[Any]) -> float | None:
-    """The primary metric of learning nothing, from the task type (sequence classification:
-    the share of the test set's most common class)."""
+    """The primary metric of learning nothing, from the task type: the initial model's score
+    (mean over the cells' ``initial_eval.json``) for a task type that measures it, else its
+    closed form (sequence classification: the share of the test set's most common class)."""
+    import json
+
+    from fedpeft.server.samples import INITIAL_EVAL
     from fedpeft.tasks.registry import task_for
 
     task_type = task_for(cells[0].cfg)
+    if task_type.evaluates_initial_model:
+        scores = [json.loads((c.path / INITIAL_EVAL).read_text(encoding="utf-8")).get(task_type.primary_metric)
+                  for c in cells if (c.path / INITIAL_EVAL).is_file()]
+        found = [float(v) for v in scores if v is not None]
+        return sum(found) / len(found) if found else None
     try:
         _, test = task_type.train_test_split(cells[0].cfg.data, cells[0].cfg.seed)
     except (OSError, ValueError):
