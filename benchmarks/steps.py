@@ -42,7 +42,7 @@ from fedpeft.tasks.seq_cls import load_base_model
 
 from .results import Measurement, Target
 
-__all__ = ["StepBench", "communication", "dp_overhead", "ffa_vs_lora", "interleaved_medians", "method_matrix", "upload_bytes"]
+__all__ = ["StepBench", "communication", "dp_overhead", "ffa_vs_lora", "interleaved_medians", "interleaved_times", "method_matrix", "upload_bytes"]
 
 Step = Callable[[], None]
 Progress = Callable[[str], None]
@@ -50,9 +50,10 @@ OPACUS_MODES = ("hooks", "ghost", "functorch", "ew")
 SIGMA = 1.0  # any sigma costs the same: the noise tensor is drawn whatever its scale
 
 
-def interleaved_medians(steps: dict[str, Step], reps: int, warmup: int = 1,
-                        progress: Progress | None = None) -> dict[str, float]:
-    """Median seconds of each step function, timed interleaved (rotated order per repetition)."""
+def interleaved_times(steps: dict[str, Step], reps: int, warmup: int = 1,
+                      progress: Progress | None = None) -> dict[str, list[float]]:
+    """Seconds of every repetition of each step function, timed interleaved: ``warmup``
+    untimed rounds first, then ``reps`` rounds, each in an order rotated by one."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -66,7 +67,13 @@ def interleaved_medians(steps: dict[str, Step], reps: int, warmup: int = 1,
             times[name].append(time.perf_counter() - t0)
         if progress:
             progress(f"repetition {rep + 1}/{reps}")
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
+
+
+def interleaved_medians(steps: dict[str, Step], reps: int, warmup: int = 1,
+                        progress: Progress | None = None) -> dict[str, float]:
+    """Median seconds of each step function, timed interleaved (rotated order per repetition)."""
+    return {n: statistics.median(t) for n, t in interleaved_times(steps, reps, warmup, progress).items()}
 
 
 @dataclass

@@ -56,12 +56,18 @@ class Plan:
     sim_test_size: int = 200
     scale_sizes: tuple[int, ...] = (10, 100, 1000)
     scale_rounds: int = 8  # 7 timed rounds of ~0.4 s: with 2, the median moved by 25 % between quiet runs
+    lm_model: str = ""  # causal_lm: "" = SmolLM2-135M-Instruct (--quick: the tests' tiny Llama)
+    lm_batch: int = 4
+    lm_seq: int = 256
+    lm_completion: int = 64  # target tokens at the end of every row (the rest is prompt)
+    lm_reps: int = 5
+    lm_warmup: int = 1  # untimed steps of each variant (the first also checks that it runs)
     quick: bool = False
 
 
 QUICK = Plan(step_batch=8, step_seq=32, step_reps=2, step_warmup=1, matrix_reps=2, sim_reps=1, sim_rounds=2,
              sim_clients=2, sim_local_steps=1, sim_examples=32, sim_test_size=64, scale_sizes=(10, 30),
-             scale_rounds=2, quick=True)
+             scale_rounds=2, lm_batch=2, lm_seq=32, lm_completion=8, lm_reps=2, quick=True)
 
 Progress = Callable[[str], None]
 
@@ -105,6 +111,13 @@ def _scale(plan: Plan, progress: Progress) -> list[Measurement]:
     return scale(plan.scale_model, plan.scale_sizes, plan.scale_rounds, progress=progress)
 
 
+def _causal_lm(plan: Plan, progress: Progress) -> list[Measurement]:
+    from .causal_lm import LMBench, causal_lm
+
+    bench = LMBench.create(plan.lm_model, plan.lm_batch, plan.lm_seq, plan.lm_completion)
+    return causal_lm(bench, plan.lm_reps, plan.lm_warmup, progress=progress)
+
+
 def _methods(plan: Plan, progress: Progress) -> list[Measurement]:
     from .steps import method_matrix
 
@@ -118,7 +131,11 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Plan, Progress], list[Measurement]]]]
     "methods": ("every adapter method vs FFA-LoRA: step time, upload bytes", _methods),
     "sim_overhead": ("Flower simulation / bare loop wall time", _sim_overhead),
     "scale": ("10 -> 1,000 virtual clients: memory, time per round", _scale),
+    "causal_lm": ("causal LM (SmolLM2) at 256 tokens: DP / non-DP, fedpeft / bare loop, tokens/s, memory, bytes",
+                  _causal_lm),
 }
+OPT_IN = ("causal_lm",)
+"""Run only when named in ``--only`` (on 2 CPU cores one SmolLM2 step of 4 x 256 tokens takes ~0.5-2 min)."""
 
 
 class BenchError(ValueError):
@@ -127,7 +144,7 @@ class BenchError(ValueError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="NAME[,NAME]", default="",
-                   help=f"run only these benchmarks: {', '.join(BENCHMARKS)}")
+                   help=f"run only these benchmarks: {', '.join(BENCHMARKS)} (default: all but {', '.join(OPT_IN)})")
     p.add_argument("--quick", action="store_true",
                    help="smoke version: tiny sizes and the tests' tiny random BERT (unless --model); ~1-2 min")
     p.add_argument("--output", metavar="FILE", default="",
@@ -135,20 +152,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"({QUICK_OUTPUT.relative_to(ROOT)} with --quick)")
     p.add_argument("--model", metavar="DIR", default="", help="model directory for every benchmark "
                    "(default: MiniLM-L6; the scale benchmark: the tiny random BERT)")
+    p.add_argument("--lm-model", metavar="PATH", default="", help="causal LM (directory or .gguf) of the causal_lm "
+                   "benchmark (default: SmolLM2-135M-Instruct; with --quick: the tests' tiny Llama)")
 
 
-def _tiny_model() -> str:
+def _tiny_model(llama: bool = False) -> str:
     tests = ROOT / "tests"
     if not (tests / "tiny_model.py").is_file():
         raise BenchError("--quick needs tests/tiny_model.py (a source checkout) or --model DIR")
     sys.path.insert(0, str(tests))
-    from tiny_model import make_tiny_model
+    from tiny_model import make_tiny_llama, make_tiny_model
 
-    return str(make_tiny_model(Path(tempfile.mkdtemp(prefix="bench-tiny-"))))
+    make = make_tiny_llama if llama else make_tiny_model
+    return str(make(Path(tempfile.mkdtemp(prefix="bench-tiny-"))))
 
 
 def selected(only: str) -> list[str]:
-    names = [n.strip() for n in only.split(",") if n.strip()] or list(BENCHMARKS)
+    names = [n.strip() for n in only.split(",") if n.strip()] or [n for n in BENCHMARKS if n not in OPT_IN]
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         raise BenchError(f"--only {only!r}: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
@@ -162,12 +182,18 @@ def plan_from_args(args: argparse.Namespace) -> tuple[Plan, list[str], Path]:
         raise BenchError(f"--model {args.model!r}: not a Hugging Face model directory (no config.json)")
     if args.model:
         plan = replace(plan, model=args.model, scale_model=args.model)
-    elif args.quick:
+    elif args.quick and set(names) - set(OPT_IN):
         tiny = _tiny_model()
         plan = replace(plan, model=tiny, scale_model=tiny)
     elif "scale" in names:
         plan = replace(plan, scale_model=_tiny_model())
+    if args.lm_model:
+        plan = replace(plan, lm_model=args.lm_model)
+    elif args.quick and "causal_lm" in names:
+        plan = replace(plan, lm_model=_tiny_model(llama=True))
     output = Path(args.output) if args.output else (QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
+    if not args.output and not args.quick and set(names) <= set(OPT_IN):  # keep the full suite's results.json
+        output = ROOT / "benchmarks" / "results" / f"{'+'.join(names)}.json"
     return plan, names, output
 
 

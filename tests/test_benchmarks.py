@@ -97,3 +97,80 @@ def test_quick_smoke_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     for r in report["results"]:  # every row is either a positive finite figure or a failure with a reason
         assert (r["error"] is None and math.isfinite(r["value"]) and r["value"] > 0) or (r["error"] and r["met"] is None)
     assert out.with_suffix(".md").read_text().count("\n| ") == len(report["results"]) + 1
+
+
+def test_causal_lm_smoke_run(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """``fedpeft bench --quick --only causal_lm`` on the tiny Llama: every variant runs (hooks,
+    ghost clipping, the bare PEFT + Opacus loops) and the results file is well formed."""
+    from fedpeft.cli.main import main
+
+    out = tmp_path / "bench" / "lm.json"
+    assert main(["bench", "--quick", "--only", "causal_lm", "--lm-model", str(tiny_llama_dir), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["options"]["only"] == ["causal_lm"] and report["load_average"]["before"] is not None
+    rows = {r["name"]: r for r in report["results"]}
+    assert all(r["benchmark"] == "causal_lm" and r["error"] is None for r in rows.values()), \
+        [r["error"] for r in rows.values() if r["error"]]
+    hooks = rows["DP / non-DP step time, FFA-LoRA, Opacus hooks (fedpeft trainer)"]
+    assert hooks["target"]["bound"] == 1.15 and len(hooks["detail"]["per_rep_ratio"]) == 2
+    lo, hi = hooks["detail"]["spread"]
+    assert lo <= hi and "batch 2 x 32 tokens (8 completion" in hooks["detail"]["shape"]
+    for name in ("fedpeft non-DP", "fedpeft DP hooks", "DP ghost", "bare non-DP", "bare DP hooks"):
+        assert rows[f"training throughput, {name}"]["value"] > 0
+        assert rows[f"peak RSS during a step, {name}"]["value"] > 0
+    ratio = rows["upload bytes per round, FFA-LoRA / LoRA"]
+    assert ratio["value"] == ratio["detail"]["ffa_lora_bytes"] / ratio["detail"]["lora_bytes"]
+    assert ratio["met"] is True  # the closed form of B-only uploads for these projection shapes
+
+
+def test_opt_in_benchmark_is_not_in_the_default_selection() -> None:
+    from benchmarks.suite import BENCHMARKS, OPT_IN, selected
+
+    assert "causal_lm" in BENCHMARKS and "causal_lm" in OPT_IN
+    assert "causal_lm" not in selected("") and selected("causal_lm") == ["causal_lm"]
+
+
+def test_ghost_clipping_on_a_peft_llama_clips_like_the_hooks(tiny_llama_dir: Path) -> None:
+    """Opacus ghost clipping with fedpeft's per-example completion loss (the causal_lm
+    benchmark's ghost variant) takes the same clipped step as hooks mode on a PEFT Llama."""
+    import copy
+    import warnings
+
+    import torch
+    from opacus import PrivacyEngine
+
+    from benchmarks.causal_lm import CompletionLoss, LMBench
+    from fedpeft.tasks.causal_lm import completion_logits
+    from fedpeft.tasks.registry import get
+
+    bench = LMBench.create(str(tiny_llama_dir), 4, 24, 6, device="cpu")
+    _, model, _ = bench.fedpeft_model()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B starts at zero: make it non-zero so the per-example gradients differ
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    inputs = {k: bench.batch[k] for k in ("input_ids", "attention_mask")}
+    labels = bench.batch["labels"]
+    after = {}
+    for mode in ("hooks", "ghost"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = PrivacyEngine(accountant="prv").make_private(
+                module=m, optimizer=opt, data_loader=bench._loader(), noise_multiplier=0.0, max_grad_norm=1e-3,
+                poisson_sampling=True, grad_sample_mode=mode, **({"criterion": CompletionLoss()} if mode == "ghost" else {}))
+        net, dp_opt = parts[0], parts[1]
+        if mode == "ghost":
+            parts[2](completion_logits(net, inputs, labels), labels).backward()
+        else:
+            get("causal-lm").loss(net, bench.batch).backward()
+        dp_opt.step()
+        after[mode] = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+    before = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert after["hooks"] and set(after["hooks"]) == set(after["ghost"])
+    moved = sum(float((after["hooks"][n] - before[n]).norm() ** 2) for n in before) ** 0.5
+    assert 0 < moved <= 1e-3 * 1.0001  # clipped: 4 examples of norm <= 1e-3, averaged
+    for n in before:
+        assert torch.allclose(after["hooks"][n], after["ghost"][n], atol=1e-8, rtol=1e-5), n

@@ -49,7 +49,7 @@ from fedpeft.tasks.chat import IGNORE, encode_examples, prompt_ids
 from fedpeft.tasks.generation import generate_texts, normalise_answer
 from fedpeft.tasks.lm_model import causal_lm_path, load_causal_lm, load_lm_tokenizer
 
-__all__ = ["LOGIT_PEAK_BYTES", "CausalLM", "completion_losses"]
+__all__ = ["LOGIT_PEAK_BYTES", "CausalLM", "completion_logits", "completion_losses", "logits_to_keep"]
 
 LOGIT_PEAK_BYTES = 12
 """Bytes per position and vocabulary entry that :func:`completion_losses` holds at its peak,
@@ -65,14 +65,41 @@ log = logging.getLogger("fedpeft")
 def completion_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropies over each row's completion, number of those tokens).
 
-    Position t predicts token t+1 (Hugging Face's shift); rows with no completion token left
-    after truncation have count 0 and sum 0."""
-    shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    ce = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+    Position t predicts token t+1 (Hugging Face's shift, done on the labels -- shifted left
+    and padded with IGNORE -- so the logits are never copied). ``logits`` may hold only the
+    *last* positions of the rows (``logits_to_keep``, :func:`logits_to_keep`); they must
+    include every position that predicts a target. Rows with no completion token left after
+    truncation have count 0 and sum 0."""
+    kept = logits.shape[1]
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE)[:, labels.shape[1] - kept:]
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
                          reduction="none").view(targets.shape)
     counts = (targets != IGNORE).sum(dim=1)
     return ce.sum(dim=1), counts
+
+
+def logits_to_keep(labels: torch.Tensor) -> int:
+    """How many last positions' logits the completion loss needs: from the one before the
+    earliest target of any row to the end (at least 1). Prompts are most of a row, and the
+    output layer (vocabulary x hidden) is the largest matrix of a small LM, so skipping the
+    prompt's logits saves much of its time and most of the logits' memory."""
+    columns = (labels != IGNORE).any(dim=0).nonzero()
+    if not len(columns):
+        return 1
+    return labels.shape[1] - max(int(columns[0]) - 1, 0)
+
+
+def completion_logits(model: nn.Module, inputs: Batch, labels: torch.Tensor) -> torch.Tensor:
+    """The model's logits at the positions the completion loss reads (:func:`logits_to_keep`);
+    a model whose forward has no ``logits_to_keep`` (or ignores it) returns them all, which
+    :func:`completion_losses` accepts too."""
+    keep = logits_to_keep(labels)
+    try:
+        return model(**inputs, logits_to_keep=keep).logits
+    except TypeError as exc:  # argument binding fails before any module ran
+        if "logits_to_keep" not in str(exc):
+            raise
+        return model(**inputs).logits
 
 
 def _as_instructions(data: TextDataset) -> InstructionDataset:
@@ -171,8 +198,8 @@ class CausalLM(TaskType):
 
     # ---- objective -----------------------------------------------------------------------
     def example_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        logits = model(**self.model_inputs(batch)).logits
-        sums, counts = completion_losses(logits, batch["labels"])
+        sums, counts = completion_losses(completion_logits(model, self.model_inputs(batch), batch["labels"]),
+                                         batch["labels"])
         return sums / counts.clamp(min=1)
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -205,7 +232,8 @@ class CausalLM(TaskType):
             for chunk in bucket_batch(enc, batch_size, self.sequence_keys):
                 rows = chunk.pop("row")
                 chunk = to_device(chunk, device)
-                s, c = completion_losses(model(**self.model_inputs(chunk)).logits, chunk["labels"])
+                s, c = completion_losses(completion_logits(model, self.model_inputs(chunk), chunk["labels"]),
+                                         chunk["labels"])
                 sums[rows], counts[rows] = s.cpu(), c.cpu()
         model.train(was_training)
         return sums, counts
