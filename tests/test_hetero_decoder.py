@@ -142,7 +142,10 @@ def _check(results: list[dict[str, Any]]) -> list[str]:
     lines, bad = [], []
     for got in results:
         shape = model_shape_from_dir(got["model"], 0, "causal-lm", got["dtype"])
-        est = estimate(shape, TrainShape(got["b"], got["s"], got["r"], tuple(got["targets"]), got["dp"]))
+        # the probe's rows are half prompt: the loss reads the logits from the first target on
+        kept = (got["s"] - got["s"] // 2 + 1) / got["s"]
+        est = estimate(shape, TrainShape(got["b"], got["s"], got["r"], tuple(got["targets"]), got["dp"],
+                                         loss_positions=kept))
         ratio = est.batch_dependent / got["measured"]
         line = (f"{Path(got['model']).name} {got['dtype']} dp={got['dp']} b={got['b']} s={got['s']}: "
                 f"estimate {est.batch_dependent / 1e6:.1f} MB (logits {est.logits / 1e6:.1f}, activations "

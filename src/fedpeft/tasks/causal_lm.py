@@ -52,12 +52,12 @@ from fedpeft.tasks.lm_model import causal_lm_path, load_causal_lm, load_lm_token
 __all__ = ["LOGIT_PEAK_BYTES", "CausalLM", "completion_logits", "completion_losses", "logits_to_keep"]
 
 LOGIT_PEAK_BYTES = 12
-"""Bytes per position and vocabulary entry that :func:`completion_losses` holds at its peak,
-for the heterogeneous-client memory model: three float32 copies. Forward: the model's logits
-(float32, or bfloat16 = half a copy), the shifted float32 copy (``[:, :-1]`` then ``reshape``
-or ``.float()``: a new tensor either way) and ``log_softmax``'s output (kept for backward);
-backward: that output, its incoming gradient (``nll_loss`` writes a dense one) and the
-gradient of the shifted copy. Checked against measured peak RSS (tests/test_hetero_decoder.py)."""
+"""Bytes per kept position and vocabulary entry that :func:`completion_losses` holds at its
+peak, for the heterogeneous-client memory model: three float32 copies of the logits of the
+positions the loss reads (:func:`logits_to_keep`). Forward: the model's logits and
+``log_softmax``'s output (kept for backward); backward: that output's incoming gradient
+(``nll_loss`` writes a dense one) and the logits' gradient. Checked against measured peak RSS
+(tests/test_hetero_decoder.py)"""
 
 log = logging.getLogger("fedpeft")
 

@@ -144,7 +144,7 @@ class DecoderShape:
         per_example = self.heads * s * s * score_bytes
         activations = (self.layers * (tokens * per_token + b * per_example) + F32 * tokens * h  # + final norm input
                        - tokens * self._first_layer_saving(train.targets, d))
-        logits = head.vocab_logit_bytes * tokens * self.vocab
+        logits = head.vocab_logit_bytes * round(tokens * train.loss_positions) * self.vocab
         # the last layer's backward, measured from "every activation kept" (module doc): its MLP's
         # three i-wide input gradients once the final norm's input is freed; then its softmax's
         # output, incoming and outgoing gradient (three float32 values per score, the kept ones

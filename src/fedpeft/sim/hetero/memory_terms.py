@@ -39,6 +39,10 @@ class TrainShape:
     targets: tuple[str, ...] = ("query", "value")
     dp: bool = True
     optimizer: str = "adam"
+    # Fraction of a row's positions whose vocabulary logits the loss computes. 1.0 (all) is an
+    # upper bound; the causal-LM loss asks the model for the logits from the earliest
+    # completion position on (``logits_to_keep``), e.g. about half for a half-prompt batch.
+    loss_positions: float = 1.0
 
     @property
     def targets_per_layer(self) -> int:
