@@ -296,10 +296,14 @@ def test_per_example_gradients_equal_autograd_and_dp_clips_each(base: dict[str, 
     from opacus.optimizers import DPOptimizer
 
     cfg, plugin, model = _setup(base, method)
-    _perturb(plugin, model)
+    params = _trainable(model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every trainable tensor, ABMLL's local posterior included, away from its start
+        for p in params.values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    plugin.load_state(model, plugin.trainable_state(model))  # TexForce: pi_old = this policy
     batch = _batch(cfg, 3)
     n = 3
-    params = _trainable(model)
     replay = _replay(monkeypatch, method, batch)
     model.train()
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
@@ -419,6 +423,28 @@ def test_a_bfloat16_base_trains_a_float32_adapter(base: dict[str, Any], method: 
     after = _numpy(plugin.trainable_state(model))
     assert any(not np.array_equal(after[k], before[k]) for k in before)
     assert _logits(model, _batch(cfg, 2)).dtype == torch.bfloat16
+
+
+def test_a_bfloat16_base_does_not_round_the_update_away() -> None:
+    """Each entry of this dW is below half a bfloat16 step of its W0 entry, so ``W0 + dW`` in
+    bfloat16 is W0 again; the layer computes ``x (W0 + dW)^T`` in float32 and keeps the update."""
+    from fedpeft.adapters.sara import SaraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(4096, 4, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        base.weight.normal_()
+    layer = SaraLinear(base, fraction=1.0)  # every entry trainable, in W0's (row-major) order
+    delta = (base.weight.float().abs() * 2.0**-10).flatten()
+    assert torch.equal((base.weight.float() + delta.view(4, 4096)).to(torch.bfloat16), base.weight)
+    with torch.no_grad():
+        layer.values.copy_(delta)
+    x = torch.ones(2, 4096, dtype=torch.bfloat16)
+    with torch.no_grad():
+        change = (layer(x).float() - base(x).float())[0]
+        want = (x.float() @ delta.view(4, 4096).T)[0]  # about 3.2 per output: 2 to 6 bfloat16 steps of y
+    assert layer.values.dtype == torch.float32 and layer(x).dtype == torch.bfloat16
+    torch.testing.assert_close(change, want, rtol=0.25, atol=0.0)
 
 
 # ---- refusals ------------------------------------------------------------------------------
