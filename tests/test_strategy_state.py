@@ -189,7 +189,7 @@ def _emulated_round(emulator: Any, server_round: int) -> dict[str, Any]:
 def _fake_setup() -> Any:
     config = SimpleNamespace(num_hidden_layers=MINILM.layers, hidden_size=MINILM.hidden,
                              num_attention_heads=MINILM.heads, intermediate_size=MINILM.intermediate,
-                             vocab_size=MINILM.vocab, num_labels=2)
+                             vocab_size=MINILM.vocab, num_labels=2, model_type="bert")
     return SimpleNamespace(model=SimpleNamespace(config=config), state={"w": np.zeros((4, 4), np.float32)})
 
 

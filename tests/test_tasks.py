@@ -281,7 +281,7 @@ def test_seq_cls_evaluation_is_argmax_accuracy_and_mean_cross_entropy(tiny_cfg) 
 def test_task_type_is_checked_against_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
     from fedpeft.cli.main import main as cli_main
 
-    with pytest.raises(ConfigError, match=r"task_type='nope': allowed: seq-cls$"):
+    with pytest.raises(ConfigError, match=r"task_type='nope': allowed: causal-lm, seq-cls$"):
         parse_config({"task_type": "nope"})
     assert cli_main(["simulate", "--task", "nope"]) == 2
     assert "task_type='nope'" in capsys.readouterr().err

@@ -370,7 +370,8 @@ class HeteroEmulator(RoundHook):
 def _weights_dtype(model: Any) -> str:
     """The dtype of the server model's frozen weights (``model.dtype`` as this host resolved
     it: the simulated clients build theirs the same way), e.g. ``float32``."""
-    frozen = (p.dtype for p in model.parameters() if not p.requires_grad)
+    params = getattr(model, "parameters", None)  # a stand-in setup (tests) has no model weights
+    frozen = (p.dtype for p in params() if not p.requires_grad) if callable(params) else iter(())
     return str(next(frozen, "float32")).removeprefix("torch.")
 
 
