@@ -25,7 +25,7 @@ from fedpeft.data.layout import activate_task
 from fedpeft.load import parse_config
 from fedpeft.server.checkpoint import load_checkpoint
 from fedpeft.tasks.base import TaskType
-from fedpeft.tasks.chat import render_prompt
+from fedpeft.tasks.chat import messages_prompt_ids
 from fedpeft.tasks.generation import generate_texts
 
 __all__ = ["Chat", "load_run_model"]
@@ -50,8 +50,7 @@ class Chat:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Token ids the model is given for ``prompt`` after the conversation so far."""
-        text = render_prompt(self.tokenizer, self.messages(prompt))
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = messages_prompt_ids(self.tokenizer, self.messages(prompt))
         return ids[-self.cfg.model.max_length * 8:]  # a long chat keeps its most recent turns
 
     def reply(self, prompt: str, max_new_tokens: int | None = None, remember: bool = False) -> str:

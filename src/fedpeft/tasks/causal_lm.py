@@ -290,9 +290,9 @@ def _summary(loss_sum: torch.Tensor, tokens: torch.Tensor, em: torch.Tensor | fl
     return {"exact_match": float(em), "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def _dtype(cfg: ModelConfig) -> torch.dtype | None:
+def _dtype(cfg: ModelConfig) -> torch.dtype:
     """Base weights' dtype: ``auto`` is bfloat16 when a CUDA GPU that supports it is visible
     (adapters stay float32: PEFT casts them up), else float32."""
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
-    return torch.float32 if cfg.dtype == "float32" else None
+    return torch.float32  # one dtype for "float32" and a CPU "auto": one cached base model, not two

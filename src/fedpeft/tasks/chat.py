@@ -31,8 +31,8 @@ import torch
 from fedpeft.data.batching import Batch
 from fedpeft.data.instructions import InstructionDataset
 
-__all__ = ["IGNORE", "PLAIN_RESPONSE", "encode_examples", "example_messages", "left_padded", "prompt_ids",
-           "render_prompt"]
+__all__ = ["IGNORE", "PLAIN_RESPONSE", "encode_examples", "example_messages", "left_padded", "messages_prompt_ids",
+           "prompt_ids", "render_prompt"]
 
 IGNORE = -100
 """Target of a position that is not learned (prompt, padding): ``F.cross_entropy``'s default ``ignore_index``."""
@@ -88,9 +88,15 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def prompt_ids(tokenizer: Any, data: InstructionDataset, i: int) -> list[int]:
-    """Token ids of example ``i``'s prompt (what generation starts from). A tokenizer that
-    adds a BOS token to every sequence (Llama's) gets it here, at the very start."""
-    ids = _ids(tokenizer, render_prompt(tokenizer, example_messages(data, i)))
+    """Token ids of example ``i``'s prompt (what generation starts from)."""
+    return messages_prompt_ids(tokenizer, example_messages(data, i))
+
+
+def messages_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation's prompt: training, evaluation and ``fedpeft generate``
+    all start from these. A tokenizer that adds a BOS token to every sequence (Llama's) gets
+    it here, at the very start."""
+    ids = _ids(tokenizer, render_prompt(tokenizer, messages))
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
         ids = [bos, *ids]
