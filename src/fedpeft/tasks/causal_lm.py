@@ -243,9 +243,14 @@ class CausalLM(TaskType):
         """Whether each example's greedy answer equals its reference (normalised)."""
         if not len(data):
             return torch.zeros(0, dtype=torch.bool)
-        prompts = [prompt_ids(tokenizer, data, i)[-max_length:] for i in range(len(data))]
-        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in data.responses)
-        answers = generate_texts(model, tokenizer, prompts, longest + self.eval_answer_margin, device)
+        answers = [""] * len(data)
+        for k in np.unique(data.labels):  # per stratum: a one-word task is not generated to a trivia answer's length
+            rows = [int(i) for i in np.flatnonzero(data.labels == k)]
+            prompts = [prompt_ids(tokenizer, data, i)[-max_length:] for i in rows]
+            longest = max(len(tokenizer(data.responses[i], add_special_tokens=False)["input_ids"]) for i in rows)
+            for i, a in zip(rows, generate_texts(model, tokenizer, prompts, longest + self.eval_answer_margin, device),
+                            strict=True):
+                answers[i] = a
         return torch.as_tensor([normalise_answer(a) == normalise_answer(r) for a, r in zip(answers, data.responses,
                                                                                            strict=True)])
 

@@ -4,7 +4,7 @@ Generation is greedy (``do_sample=False``): deterministic, so a score or a sampl
 function of the weights alone, and ``fedpeft generate`` and a plain
 ``PeftModel.from_pretrained(...).generate`` give the same tokens (tested). Prompts are
 left-padded in batches sorted by length (:func:`fedpeft.tasks.chat.left_padded`); each
-batch stops at the longest reference answer plus a margin (short-answer tasks need a few
+batch stops at the longest reference answer of its task plus a margin (short-answer tasks need a few
 tokens, not ``model.max_new_tokens``), or at every row's end of turn.
 
 Exact match compares normalised strings (SQuAD's normalisation: lower case, punctuation,
