@@ -41,6 +41,27 @@ def test_run_directory_has_the_tasks_columns_and_dp_accounting(lm_run: Path) -> 
     assert samples and {"task", "prompt", "reference", "generated"} <= set(samples[0])
     assert sorted(p.name for p in (lm_run / "ledger").glob("client-*.json")) == ["client-0.json", "client-1.json"]
     assert (lm_run / "checkpoint.npz").is_file()
+    # the server decided model.dtype=auto once (this CPU host: float32) and sent that to every client
+    assert 'dtype = "float32"' in (lm_run / "config.toml").read_text()
+
+
+def test_the_server_decides_the_base_dtype_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16-capable GPU server resolves auto to bfloat16 for everyone (CPU-only clients would
+    otherwise load float32 weights and derive other frozen factors); explicit values stay."""
+    from fedpeft.load import parse_config
+    from fedpeft.tasks.registry import task_for
+
+    cfg = parse_config({"task_type": "causal-lm"})
+    assert cfg.model.dtype == "auto"
+    assert task_for(cfg).resolve_config(cfg).model.dtype == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    resolved = task_for(cfg).resolve_config(cfg)
+    assert resolved.model.dtype == "bfloat16" and resolved.model.path == cfg.model.path
+    explicit = parse_config({"task_type": "causal-lm", "model": {"dtype": "float32"}})
+    assert task_for(explicit).resolve_config(explicit) == explicit
+    seq = parse_config()
+    assert task_for(seq).resolve_config(seq) == seq
 
 
 def test_exported_adapter_reloads_with_peft_and_generates_what_fedpeft_generate_does(

@@ -230,6 +230,7 @@ def run_federation(
     The strategy chain is :func:`_strategy_for`'s; ``hooks`` observe and annotate each round. A
     checkpoint of every component is written after every round; ``resume=True`` continues from it.
     """
+    cfg = task_for(cfg).resolve_config(cfg)  # host-dependent "auto"s: decided here, sent to every client
     rd = RunDir(run_dir)
     handler = rd.attach_log()
     rows: list[dict[str, Any]] = []

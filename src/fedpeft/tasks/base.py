@@ -93,6 +93,12 @@ class TaskType(ABC):
         """Raise ``ConfigError`` for settings this task type cannot honour (default: none)."""
         return None
 
+    def resolve_config(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with every host-dependent ``auto`` this task type reads made concrete, by the
+        server, once, before the configuration is sent: every client then loads the same
+        weights, whatever its own hardware (default: nothing host-dependent)."""
+        return cfg
+
     # ---- data ----------------------------------------------------------------------------
     @abstractmethod
     def load_data(self, cfg: DataConfig) -> TextDataset:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, ClassVar
 
@@ -156,6 +157,15 @@ class CausalLM(TaskType):
                                   "messages); only label_column (the strata column) applies")
 
     # ---- data and model ------------------------------------------------------------------
+    def resolve_config(self, cfg: RunConfig) -> RunConfig:
+        """``model.dtype = auto`` becomes the dtype this (the server's) host picks: a client
+        on other hardware must load the same base weights, or the frozen parts derived from
+        them (SoKA's, OSFT's, SaRA's factors) and the frozen fingerprint would differ."""
+        if cfg.model.dtype != "auto":
+            return cfg
+        name = "bfloat16" if _dtype(cfg.model) is torch.bfloat16 else "float32"
+        return replace(cfg, model=replace(cfg.model, dtype=name))
+
     def load_data(self, cfg: DataConfig) -> TextDataset:
         return load_instructions(cfg)
 
