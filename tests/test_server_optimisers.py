@@ -282,3 +282,24 @@ def test_fedadam_through_the_real_round_loop_resumes_bit_identically(tiny_model_
     run_federation(LocalGrid(), _loop_cfg(tiny_model_dir, run, 3), run, hooks=[again], resume=True)  # type: ignore[arg-type]
     for k, v in reference.released[3].items():
         assert again.released[3][k].tobytes() == v.tobytes(), k
+
+
+def test_the_strategies_command_lists_names_formulas_and_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpeft.cli.main import main
+
+    assert main(["strategies"]) == 0
+    out = capsys.readouterr().out
+    for name in STRATEGIES:
+        assert f"\n{name} " in f"\n{out}"
+    assert "v <- v - (1-beta_2)*D^2*sign(v-D^2)" in out and "strategy.momentum=0.9" in out
+    assert "strategy.server_lr=0.01" in out and "no privacy cost" in out
+
+
+def test_flwr_run_config_gets_the_strategy_names_defaults() -> None:
+    """pyproject lists the options as "" (unset), so `flwr run --run-config strategy.name='fedadam'`
+    resolves as `fedpeft simulate --set strategy.name=fedadam`."""
+    from fedpeft.server.app import config_from_run_config
+    from tests.test_flwr_app import _app_config
+
+    cfg = config_from_run_config({**_app_config(), "strategy.name": "fedadam"})
+    assert cfg == parse_config({"strategy.name": "fedadam"}) and cfg.strategy.server_lr == 0.01

@@ -73,10 +73,10 @@ def describe(name: str) -> str:
     cls = STRATEGIES[name]
     if issubclass(cls, ServerOptAvg):
         what = f"AdapterAvg + server optimiser: {cls.rule.formula}"
-    else:
-        what = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
-    if name == "fedavg":
+    elif cls is AdapterAvg:
         what = "AdapterAvg: the adapter plugin's aggregate is the new global state (FedAvg)"
+    else:  # registered at run time: its docstring's first line
+        what = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
     base = StrategyConfig()
     defaults = {**{k: getattr(base, k) for k in STRATEGY_OPTIONS.get(name, ())}, **STRATEGY_DEFAULTS.get(name, {})}
     opts = ", ".join(f"strategy.{k}={v}" for k, v in defaults.items()) or "none"
