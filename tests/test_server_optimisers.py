@@ -260,7 +260,7 @@ def test_fedadam_through_the_real_round_loop(tiny_model_dir: Path, tmp_path: Pat
     assert b_names and all(not np.array_equal(hook.released[1][k], hook.released[2][k]) for k in b_names)
     ckpt = load_checkpoint(tmp_path / "checkpoint.npz")
     moments = dict(ckpt.strategy)["AdapterFedAdam"]["optimizer"]["moments"]
-    assert set(moments["m"]) == set(moments["v"]) == set(hook.released[2])  # exactly the tensors sent (B only)
+    assert set(moments["m"]) == set(moments["v"]) == set(hook.released[2])  # exactly the tensors sent (B and head)
     assert all("lora_A" not in k for k in moments["m"])
 
 
@@ -303,3 +303,21 @@ def test_flwr_run_config_gets_the_strategy_names_defaults() -> None:
 
     cfg = config_from_run_config({**_app_config(), "strategy.name": "fedadam"})
     assert cfg == parse_config({"strategy.name": "fedadam"}) and cfg.strategy.server_lr == 0.01
+
+
+def test_ffa_lora_linearity_fedavgm_on_b_is_fedavgm_on_delta_w() -> None:
+    """ΔW = B·A with A frozen: FedAvgM's step on B, times A, is FedAvgM on the clients' ΔW
+    (module doc of server_opt); FedAdam's element-wise v is in B's coordinates, so it is not."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(4, 6))
+    rounds = [[rng.normal(size=(5, 4)) for _ in range(3)] for _ in range(3)]
+    for name, same in (("fedavgm", True), ("fedadam", False)):
+        opt = OPTIMIZERS[name](_cfg(name).strategy)
+        b = np.zeros((5, 4))
+        w, m = b @ a, np.zeros((5, 6))
+        for states in rounds:
+            b = opt.step({"B": b}, {"B": np.mean(states, axis=0)})["B"]
+            d = np.mean([s @ a for s in states], axis=0) - w  # the clients' mean change of ΔW
+            m = 0.9 * m + d
+            w = w + 1.0 * m
+        assert np.allclose(b @ a, w) is same

@@ -19,8 +19,8 @@ per tensor, element-wise, in float64; the new tensor is cast back to the aggrega
 The moments are kept in float64.
 
 Which tensors: every floating-point tensor of the aggregate (the adapter plugin's state: for
-FFA-LoRA the B matrices only) that the sent-out state has with the same shape. Anything else
-(a new name, a changed shape, integer or boolean masks) is the aggregate's value unchanged, and
+FFA-LoRA every ``lora_B`` and the head, never A) that the sent-out state has with the same
+shape. Anything else (a new name, a changed shape, integer or boolean masks) is the aggregate's value unchanged, and
 its moments are forgotten. A tensor the aggregate leaves as it was (``Δ = 0`` every round, e.g.
 a mask copied from the previous state) stays where it is: its ``m`` stays 0.
 
@@ -29,8 +29,12 @@ server's earlier releases only -- post-processing, so it costs no privacy. (Clie
 DP is another matter: its noise is added *after* the base strategy, so the moments would be
 built from un-noised aggregates; :mod:`fedpeft.config.checks` refuses that combination.)
 
-Exactness: FFA-LoRA's update ``ΔW = (α/r)·B·A`` is linear in B for the frozen, shared A, so a
-server step on B is the same step on ``ΔW``: the server optimiser keeps FFA-LoRA exact.
+Exactness: FFA-LoRA's ``ΔW = (α/r)·B·A`` is linear in B for the frozen, shared A, so the
+pseudo-gradient on B times A is exactly the clients' mean change of ``ΔW`` (no mean-of-B times
+mean-of-A error), and server and clients hold the same model ``W0 + (α/r)·B·A``. FedAvgM, linear
+too, is then exactly server momentum on ``ΔW``; the adaptive rules precondition element-wise in
+B's coordinates (``v`` of B, not of ``ΔW``), i.e. they are Adam & co. on the parameters that
+travel, as Reddi et al. define them for any model.
 """
 
 from __future__ import annotations
