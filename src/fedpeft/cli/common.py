@@ -196,7 +196,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-ORDER = ("simulate", "methods")  # listed first in `fedpeft --help`, the rest as registered
+ORDER = ("simulate", "methods", "strategies")  # listed first in `fedpeft --help`, the rest as registered
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 

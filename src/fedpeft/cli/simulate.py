@@ -1,4 +1,4 @@
-"""``fedpeft simulate``, ``fedpeft methods`` and ``fedpeft tasks``."""
+"""``fedpeft simulate``, ``fedpeft methods``, ``fedpeft strategies`` and ``fedpeft tasks``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,16 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from fedpeft.strategies.registry import describe, names
+
+    for name in names():
+        print(describe(name))
+    print("D = aggregate - the state the round sent out; a server optimiser is post-processing of the clients' "
+          "DP outputs (no privacy cost). Set options with --set strategy.KEY=VALUE or [strategy] in --config.")
+    return 0
+
+
 def _cmd_tasks(args: argparse.Namespace) -> int:
     from fedpeft.config import TASK_TYPE_DEFAULTS
     from fedpeft.tasks.registry import get as get_task
@@ -53,4 +63,6 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
 SIMULATE_HELP = "run a federation on this machine (Flower simulation engine)"
 register_command("simulate", SIMULATE_HELP, add_simulate_options, cmd_simulate)
 register_command("methods", "list the adapter methods", lambda p: None, _cmd_methods)
+register_command("strategies", "list the server strategies ([strategy] name) and their options", lambda p: None,
+                 _cmd_strategies)
 register_command("tasks", "list the task types (--task) and the defaults each one changes", lambda p: None, _cmd_tasks)

@@ -21,6 +21,8 @@ from fedpeft.config.parse import (
     load_config_file,
 )
 from fedpeft.config.schema import (
+    STRATEGY_DEFAULTS,
+    STRATEGY_OPTIONS,
     TASK_TYPE_DEFAULTS,
     AdapterConfig,
     CentralDPConfig,
@@ -37,6 +39,8 @@ from fedpeft.config.schema import (
 )
 
 __all__ = [
+    "STRATEGY_DEFAULTS",
+    "STRATEGY_OPTIONS",
     "TASK_TYPE_DEFAULTS",
     "AdapterConfig",
     "CentralDPConfig",

@@ -22,12 +22,14 @@ from fedpeft.config.schema import (
     OPTIMIZERS,
     PARTITIONS,
     POOLINGS,
+    STRATEGY_OPTIONS,
     ConfigError,
     RunConfig,
+    StrategyConfig,
 )
 from fedpeft.config.tasks import check_tasks
 
-__all__ = ["check_central", "check_config", "check_faults", "require"]
+__all__ = ["check_central", "check_config", "check_faults", "check_strategy", "require"]
 
 
 def require(cond: bool, key: str, value: Any, allowed: str) -> None:
@@ -43,6 +45,7 @@ def check_config(cfg: RunConfig) -> None:
     _check_train(cfg)
     check_central(cfg)
     check_faults(cfg)
+    check_strategy(cfg)
     check_tasks(cfg)
 
 
@@ -114,6 +117,31 @@ def check_central(cfg: RunConfig) -> None:
         raise ConfigError("central.clip", c.clip, "must be a positive number")
     if not 0 < c.delta < 1:
         raise ConfigError("central.delta", c.delta, "must be in (0, 1)")
+
+
+def check_strategy(cfg: RunConfig) -> None:
+    """One-line ConfigError for a ``[strategy]`` option out of range, or set away from its
+    default for a strategy that does not read it (:data:`~fedpeft.config.schema.STRATEGY_OPTIONS`),
+    or a server optimiser under client-level central DP. Whether the name is registered needs
+    the registry: :func:`fedpeft.load.validate`."""
+    s = cfg.strategy
+    require(math.isfinite(s.server_lr) and s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
+    require(0.0 <= s.momentum < 1.0, "strategy.momentum", s.momentum, "must be in [0, 1)")
+    require(0.0 <= s.beta_1 < 1.0, "strategy.beta_1", s.beta_1, "must be in [0, 1)")
+    require(0.0 <= s.beta_2 < 1.0, "strategy.beta_2", s.beta_2, "must be in [0, 1)")
+    require(math.isfinite(s.tau) and s.tau > 0, "strategy.tau", s.tau, "must be > 0")
+    used = STRATEGY_OPTIONS.get(s.name)
+    if used is None:
+        return
+    base = StrategyConfig()
+    for key in ("server_lr", "momentum", "beta_1", "beta_2", "tau"):
+        if key not in used and getattr(s, key) != getattr(base, key):
+            raise ConfigError(f"strategy.{key}", getattr(s, key), f"{s.name} does not read it; its options: "
+                                                                   f"{', '.join(used) or 'none'}")
+    if s.name != "fedavg" and cfg.central.enabled:
+        raise ConfigError("strategy.name", s.name, "client-level central DP (central.mode = server) adds its noise "
+                          "after the base strategy, so a server optimiser's moments would hold un-noised aggregates; "
+                          "allowed with central DP: fedavg")
 
 
 def check_faults(cfg: RunConfig) -> None:

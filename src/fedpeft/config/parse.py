@@ -27,6 +27,7 @@ import tomli_w
 from fedpeft.config.checks import check_config, require
 from fedpeft.config.coerce import coerce, parse_proportions, parse_str_list
 from fedpeft.config.schema import (
+    STRATEGY_DEFAULTS,
     TASK_TYPE_DEFAULTS,
     AdapterConfig,
     CentralDPConfig,
@@ -133,6 +134,10 @@ def build_config(*layers: dict[str, Any]) -> RunConfig:
     task_type = next((v for k, v in merged.items() if k.replace("-", "_") == "task_type"), RunConfig().task_type)
     if isinstance(task_type, str) and task_type in TASK_TYPE_DEFAULTS:  # the task type's defaults go underneath
         merged = _merge(_nest(TASK_TYPE_DEFAULTS[task_type]), merged)
+    strategy = merged.get("strategy")
+    name = strategy.get("name", StrategyConfig().name) if isinstance(strategy, dict) else StrategyConfig().name
+    if isinstance(name, str) and name in STRATEGY_DEFAULTS:  # the strategy's defaults go underneath too
+        merged = _merge({"strategy": dict(STRATEGY_DEFAULTS[name])}, merged)
     top_fields = {f.name: f for f in fields(RunConfig)}
     kwargs: dict[str, Any] = {}
     base = RunConfig()

@@ -18,7 +18,7 @@ from typing import Any
 __all__ = [
     "ACCOUNTANTS", "ADD_REMOVE_ACCOUNTANTS", "CENTRAL_MODES", "DATA_SUFFIXES", "DEVICES", "FAULT_POLICIES",
     "DTYPES", "OPTIMIZERS", "PARTITIONS", "POOLINGS", "SHIPPED_INSTRUCTION_TASKS", "SHIPPED_TASKS",
-    "SHIPPED_TASKS_BY_TYPE", "TASK_PARTITIONS", "TASK_TYPE_DEFAULTS",
+    "SHIPPED_TASKS_BY_TYPE", "STRATEGY_DEFAULTS", "STRATEGY_OPTIONS", "TASK_PARTITIONS", "TASK_TYPE_DEFAULTS",
     "AdapterConfig", "CentralDPConfig", "ConfigError", "DataConfig", "FaultConfig", "ModelConfig", "PrivacyConfig",
     "RunConfig", "TaskSpec", "TasksConfig", "TrainConfig",
 ]
@@ -54,6 +54,26 @@ SHIPPED_INSTRUCTION_TASKS = {
 #: from this table checks its names when it loads them.
 SHIPPED_TASKS_BY_TYPE: dict[str, dict[str, str]] = {"seq-cls": SHIPPED_TASKS, "causal-lm": SHIPPED_INSTRUCTION_TASKS}
 TASK_PARTITIONS = ("iid", "dirichlet")
+#: ``strategy.name`` -> the ``[strategy]`` options its server optimiser reads; a name listed here
+#: refuses any other option set away from the schema's default (a name registered at run time and
+#: not listed is not checked).
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedavgm": ("server_lr", "momentum"),
+    "fedadagrad": ("server_lr", "beta_1", "tau"),
+    "fedadam": ("server_lr", "beta_1", "beta_2", "tau"),
+    "fedyogi": ("server_lr", "beta_1", "beta_2", "tau"),
+}
+#: ``strategy.name`` -> its defaults where they differ from the schema's, a raw ``[strategy]``
+#: layer that :func:`fedpeft.config.parse.build_config` puts under the user's: FedAvgM with
+#: momentum 0.9 (Hsu et al. 2019), the adaptive ones with server_lr 1e-2 (Reddi et al. 2021's
+#: typical eta; Flower's FedYogi default).
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fedavgm": {"momentum": 0.9},
+    "fedadagrad": {"server_lr": 1e-2},
+    "fedadam": {"server_lr": 1e-2},
+    "fedyogi": {"server_lr": 1e-2},
+}
 
 #: What a task type changes in the defaults, as a raw layer (``section -> key -> value``) that
 #: :func:`fedpeft.config.parse.build_config` puts *underneath* the user's layers: a causal LM
@@ -239,9 +259,18 @@ class TasksConfig:
 @dataclass(frozen=True)
 class StrategyConfig:
     """``[strategy]``: the server's base strategy, a name in :mod:`fedpeft.strategies.registry`
-    (checked by :mod:`fedpeft.load`: the registry sits above the configuration)."""
+    (checked by :mod:`fedpeft.load`: the registry sits above the configuration), and the
+    server optimiser's options (:mod:`fedpeft.strategies.server_opt`; names as Flower's
+    ``FedOpt``: ``beta_1``, ``beta_2``, ``tau``). Which name reads which option is
+    :data:`STRATEGY_OPTIONS`; a name's own defaults (:data:`STRATEGY_DEFAULTS`) go under the
+    user's values, so the run's ``config.toml`` shows the values it ran with."""
 
     name: str = "fedavg"
+    server_lr: float = 1.0  # eta: x <- x + server_lr * step
+    momentum: float = 0.0  # fedavgm's beta
+    beta_1: float = 0.9  # first-moment decay (fedadagrad, fedadam, fedyogi)
+    beta_2: float = 0.99  # second-moment decay (fedadam, fedyogi)
+    tau: float = 1e-3  # adaptivity: the step divides by sqrt(v) + tau
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ config error listing these). ``fedavg`` is :class:`~fedpeft.strategies.adapter_a
 Flower's FedAvg sampling, per-reply validation and the adapter plugin's aggregation rule; a
 multi-task federation (its server's spec is a per-task
 :class:`~fedpeft.strategies.multitask_avg.MultiTaskSpec`) gets the per-task variant
-:class:`~fedpeft.strategies.multitask_avg.MultiTaskAvg`.
+:class:`~fedpeft.strategies.multitask_avg.MultiTaskAvg`. ``fedavgm``, ``fedadagrad``, ``fedadam``
+and ``fedyogi`` are AdapterAvg with a server optimiser
+(:mod:`fedpeft.strategies.server_opt_avg`; the rules in :mod:`fedpeft.strategies.server_opt`),
+for single-task federations; their options are ``[strategy]`` keys (:func:`describe`).
 
 :func:`build_strategy` wraps the base, Flower style (each wrapper keeps the one inside as
 ``.strategy``), in this order, innermost first:
@@ -29,17 +32,18 @@ from collections.abc import Callable, Mapping
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters.base import AdapterPlugin
-from fedpeft.config import ConfigError, RunConfig
+from fedpeft.config import STRATEGY_DEFAULTS, STRATEGY_OPTIONS, ConfigError, RunConfig, StrategyConfig
 from fedpeft.privacy.central import ClientLevelAccountant
 from fedpeft.strategies.adapter_avg import AdapterAvg
 from fedpeft.strategies.central_dp import with_central_dp
 from fedpeft.strategies.deadlines import DeadlineStrategy, RoundTimer
 from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
+from fedpeft.strategies.server_opt_avg import SERVER_OPT_STRATEGIES, ServerOptAvg
 from fedpeft.strategies.validation import StateSpec
 
-__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "names", "register"]
+__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "describe", "names", "register"]
 
-STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg}
+STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg, **SERVER_OPT_STRATEGIES}
 """``strategy.name`` -> base strategy of a single-task run (:func:`register` adds one)."""
 
 MULTITASK_STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": MultiTaskAvg}
@@ -63,6 +67,23 @@ def names() -> list[str]:
     return list(STRATEGIES)
 
 
+def describe(name: str) -> str:
+    """One entry of ``fedpeft strategies``: the name, what it does and its options with the
+    defaults it runs with (the schema's, under the name's own)."""
+    cls = STRATEGIES[name]
+    if issubclass(cls, ServerOptAvg):
+        what = f"AdapterAvg + server optimiser: {cls.rule.formula}"
+    elif cls is AdapterAvg:
+        what = "AdapterAvg: the adapter plugin's aggregate is the new global state (FedAvg)"
+    else:  # registered at run time: its docstring's first line
+        what = (cls.__doc__ or cls.__name__).strip().splitlines()[0]
+    base = StrategyConfig()
+    defaults = {**{k: getattr(base, k) for k in STRATEGY_OPTIONS.get(name, ())}, **STRATEGY_DEFAULTS.get(name, {})}
+    opts = ", ".join(f"strategy.{k}={v}" for k, v in defaults.items()) or "none"
+    scope = "single- and multi-task" if name in MULTITASK_STRATEGIES else "single-task only"
+    return f"{name:<11} {what}\n            options: {opts}; {scope}"
+
+
 def build_base(
     cfg: RunConfig, plugin: AdapterPlugin, spec: StateSpec, config_toml: str, config_hash: str,
     extra_config: Mapping[str, str] | None = None, clients_per_round: int = 0,
@@ -71,7 +92,8 @@ def build_base(
     ``spec`` (``clients_per_round``: 0 = the config's)."""
     table = MULTITASK_STRATEGIES if isinstance(spec, MultiTaskSpec) else STRATEGIES
     if cfg.strategy.name not in table:
-        raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(table)}")
+        where = " for a multi-task federation" if table is MULTITASK_STRATEGIES else ""
+        raise ConfigError("strategy.name", cfg.strategy.name, f"allowed{where}: {', '.join(table)}")
     return table[cfg.strategy.name].from_config(plugin, cfg, spec, config_toml, config_hash, extra_config,
                                                 clients_per_round=clients_per_round)
 
