@@ -232,6 +232,7 @@ def test_cli_heldout_without_tasks_exits_2(capsys: pytest.CaptureFixture[str]) -
 
 
 # ---- one real Flower simulation -----------------------------------------------------------------
+@pytest.mark.slow  # a real Ray simulation, ~2 min on 2 cores: CI runs it in its slow step
 def test_icm_lora_simulation_dp_with_heldout_task(tiny_model_dir: Path, tmp_path: Path) -> None:
     from fedpeft.sim.simulate import simulate
 

@@ -275,6 +275,7 @@ def test_single_task_run_is_ffa_lora_with_one_expert(tiny_cfg) -> None:  # type:
 
 
 # ---- one real Flower simulation -----------------------------------------------------------------
+@pytest.mark.slow  # a real Ray simulation, ~2 min on 2 cores: CI runs it in its slow step
 def test_meteora_simulation_two_phases_dp(tiny_model_dir: Path, tmp_path: Path) -> None:
     from fedpeft.sim.simulate import simulate
 

@@ -287,6 +287,7 @@ def _check_rows(cfg: RunConfig, rows: list[dict[str, Any]]) -> None:
     assert rows[1]["epsilon"] > rows[0]["epsilon"]
 
 
+@pytest.mark.slow  # a real Ray simulation, ~2 min on 2 cores: CI runs it in its slow step
 def test_multitask_simulation_mtlora_dp(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg, rows = _simulate(tiny_model_dir, tmp_path / "run", "mtlora")
     _check_rows(cfg, rows)

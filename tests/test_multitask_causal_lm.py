@@ -223,6 +223,7 @@ def _simulate(llama: Path, files: dict[str, Path], out: Path, method: str,
     return rows, initial
 
 
+@pytest.mark.slow  # a real Ray simulation, ~2 min on 2 cores: CI runs it in its slow step
 def test_simulation_mtlora_dp(tiny_llama_dir: Path, task_files: dict[str, Path], tmp_path: Path) -> None:
     rows, initial = _simulate(tiny_llama_dir, task_files, tmp_path / "run", "mtlora", **{"privacy.epsilon": 8.0})
     for row in rows:
