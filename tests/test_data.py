@@ -143,3 +143,26 @@ def test_by_column_with_fewer_clients_than_groups_is_a_config_error(tmp_path: Pa
     with pytest.raises(ConfigError) as info:
         partition_sizes(pool, cfg, 2, 0)
     assert info.value.key == "train.clients" and "3 distinct" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_default_test_size_adapts_to_small_data_and_an_explicit_one_must_fit(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 600-row file runs with the defaults (120 held out, logged); the shipped set keeps 1000;
+    an explicit size that does not fit stays a one-line error."""
+    import logging
+
+    from fedpeft.cli.main import main
+    from fedpeft.load import parse_config
+
+    rows = tmp_path / "small.jsonl"
+    rows.write_text("\n".join(json.dumps({"text": f"snippet {i}", "label": "ab"[i % 2]}) for i in range(600)))
+    cfg = parse_config({"data": {"path": str(rows)}})
+    assert cfg.data.test_size == 0
+    with caplog.at_level(logging.INFO, logger="fedpeft"):
+        pool, test = split_train_test(load_dataset(cfg.data), cfg.data.test_size, seed=0)
+    assert (len(pool), len(test)) == (480, 120)
+    assert "120 held out" in caplog.text
+    assert len(train_test_split_for(parse_config().data, 0)[1]) == 1000  # the demo's split is unchanged
+    with pytest.raises(ConfigError, match="smaller than the dataset"):
+        split_train_test(load_dataset(cfg.data), 600, seed=0)
+    assert main(["simulate", "--data", str(rows), "--test-size", "5", "--rounds", "1"]) == 2  # below 10: refused

@@ -63,6 +63,7 @@ FLAG_KEYS: dict[str, str] = {
 FLAG_HELP: dict[str, str] = {
     "method": "see `fedpeft methods`",
     "epsilon": "a number, or inf for no DP",
+    "test_size": "0 = auto: 20 %% of the data, at most 1000 (logged); an explicit size must fit",
     "partition": "iid | dirichlet | label-proportions | by-column",
     "pooling": "auto | cls | mean; auto = the checkpoint's sentence-transformers pooling, else [CLS]",
     "label_proportions": "rows of class fractions, e.g. 0.1,0.9;0.9,0.1;0.5,0.5",

@@ -56,7 +56,8 @@ def _check_model_data(cfg: RunConfig) -> None:
     require(m.pooling in POOLINGS, "model.pooling", m.pooling, f"allowed: {', '.join(POOLINGS)}")
     require(m.dtype in DTYPES, "model.dtype", m.dtype, f"allowed: {', '.join(DTYPES)}")
     require(1 <= m.max_new_tokens <= 4096, "model.max_new_tokens", m.max_new_tokens, "must be in [1, 4096]")
-    require(d.test_size >= 10, "data.test_size", d.test_size, "must be >= 10")
+    require(d.test_size == 0 or d.test_size >= 10, "data.test_size", d.test_size,
+            "must be >= 10, or 0 (auto: 20 % of the data, at most 1000)")
     require(d.examples_per_client >= 0, "data.examples_per_client", d.examples_per_client, "must be >= 0 (0 = all)")
     require(d.partition in PARTITIONS, "data.partition", d.partition, f"allowed: {', '.join(PARTITIONS)}")
     require(d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha), "data.dirichlet_alpha", d.dirichlet_alpha,

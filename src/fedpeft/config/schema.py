@@ -126,7 +126,7 @@ class DataConfig:
     path: str = ""
     text_column: str = "text"
     label_column: str = "label"
-    test_size: int = 1000
+    test_size: int = 0  # 0 = auto: 20 % of the data, at most 1000 (data.sources.resolve_test_size)
     examples_per_client: int = 0  # 0 = the client's whole partition
     partition: str = "label-proportions"  # iid | dirichlet | label-proportions | by-column (groups = label values)
     dirichlet_alpha: float = 0.5

