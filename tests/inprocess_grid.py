@@ -37,7 +37,7 @@ class LocalGrid:
                                                    node_config={"partition-id": pid, "num-partitions": clients})
                          for pid in range(clients)}
         self.replies: dict[str, Message] = {}
-        self.pushed: list[int] = []  # destination node of every instruction, in order
+        self.sent: list[Message] = []  # every instruction, in order
 
     def get_node_ids(self) -> list[int]:
         return list(self.contexts)
@@ -53,7 +53,7 @@ class LocalGrid:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = mid = str(uuid.uuid4())
-            self.pushed.append(msg.metadata.dst_node_id)
+            self.sent.append(msg)
             reply = self._answer(msg)
             reply.metadata.__dict__["_message_id"] = str(uuid.uuid4())
             self.replies[mid] = reply
