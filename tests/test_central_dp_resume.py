@@ -4,56 +4,27 @@ uninterrupted run's), the re-run round draws fresh server noise, and no file of 
 directory holds the noise or generator state that could regenerate it.
 
 The federation runs in-process: the real round loop (``run_federation``) with a grid that hands
-each instruction to the real ClientApp's ``handle_train``; a round hook raises after round 2's
+each instruction to the real ClientApp (``tests/inprocess_grid.py``); a round hook raises after round 2's
 aggregation (before its checkpoint), as a crashed server would stop there."""
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
 from flwr.supercore.differential_privacy import compute_stdv
+from inprocess_grid import LocalGrid
 from safetensors.numpy import load_file
 
-from fedpeft.client.app import handle_train
 from fedpeft.load import parse_config
 from fedpeft.server.checkpoint import load_checkpoint
 from fedpeft.server.loop import RoundHook, run_federation
 
 CLIENTS, ROUNDS, SIGMA, CLIP = 3, 3, 1.0, 0.05
-
-
-class LocalGrid:
-    """A grid whose nodes are in this process: pushing an instruction runs ``handle_train``."""
-
-    pull_interval = 0.0
-
-    def __init__(self) -> None:  # a fresh set of client processes (empty Context.state)
-        self.contexts = {101 + pid: Context(run_id=1, node_id=101 + pid, state=RecordDict(), run_config={},
-                                            node_config={"partition-id": pid, "num-partitions": CLIENTS})
-                         for pid in range(CLIENTS)}
-        self.replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = mid = str(uuid.uuid4())
-            self.replies[mid] = handle_train(msg, self.contexts[msg.metadata.dst_node_id])
-            ids.append(mid)
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 class Releases(RoundHook):
@@ -111,15 +82,15 @@ def resumed(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # 
 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0  # as the flwr_identity fixture
     tmp = tmp_path_factory.mktemp("central-resume")
-    reference = run_federation(LocalGrid(), _cfg(tiny_model_dir, tmp / "reference"), tmp / "reference")  # type: ignore[arg-type]
+    reference = run_federation(LocalGrid(CLIENTS, first_node=101), _cfg(tiny_model_dir, tmp / "reference"), tmp / "reference")  # type: ignore[arg-type]
     cfg, run = _cfg(tiny_model_dir, tmp / "run"), tmp / "run"
     first, first_agg = Releases(crash_after=2), dict[int, dict[str, np.ndarray]]()
     with pytest.raises(RuntimeError, match="server killed"):
-        run_federation(LocalGrid(), cfg, run, hooks=[first],  # type: ignore[arg-type]
+        run_federation(LocalGrid(CLIENTS, first_node=101), cfg, run, hooks=[first],  # type: ignore[arg-type]
                        wrap_strategy=lambda s: Aggregates(s, first_agg))  # type: ignore[arg-type,return-value]
     assert load_checkpoint(run / "checkpoint.npz").server_round == 1
     again, again_agg = Releases(), dict[int, dict[str, np.ndarray]]()
-    rows = run_federation(LocalGrid(), cfg, run, hooks=[again], resume=True,  # type: ignore[arg-type]
+    rows = run_federation(LocalGrid(CLIENTS, first_node=101), cfg, run, hooks=[again], resume=True,  # type: ignore[arg-type]
                           wrap_strategy=lambda s: Aggregates(s, again_agg))  # type: ignore[arg-type,return-value]
     return run, reference, rows, (first, first_agg), (again, again_agg)
 

@@ -20,7 +20,7 @@ from fedpeft.adapters import get, names
 from fedpeft.cli import main as cli
 from fedpeft.load import parse_config
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
-from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
+from fedpeft.strategies.validation import Rejected, StateSpec, reply_budget, validate_reply
 
 SPEC = StateSpec({"b.q": ((4, 3), "float32"), "b.v": ((4, 3), "float32"), "head": ((2,), "float32")},
                  frozen_hash="f" * 64)
@@ -59,8 +59,8 @@ def corrupted(draw: st.DrawFn) -> tuple[RecordDict, str]:
         del state[name]
     elif kind == "extra":
         state[draw(st.text(min_size=1, max_size=12).filter(lambda s: s not in SPEC.tensors))] = np.zeros(2, np.float32)
-    elif kind == "huge":
-        state[name] = np.zeros(draw(st.integers(10_000, 2_000_000)), np.float32)
+    elif kind == "huge":  # right shape, dtype and values, padded past the byte budget (validation module doc)
+        padding = draw(st.integers(reply_budget(SPEC) - SPEC.nbytes, 2_000_000))
     elif kind == "hash":
         frozen = draw(st.one_of(st.text(max_size=70), st.integers())).__str__()
         assume(frozen != SPEC.frozen_hash)
@@ -73,7 +73,11 @@ def corrupted(draw: st.DrawFn) -> tuple[RecordDict, str]:
         metrics_ok = False
     elif kind == "two-arrays":
         arrays_ok = False
-    content: dict[str, Any] = {"arrays": state_to_arrayrecord(state),
+    arrays = state_to_arrayrecord(state)
+    if kind == "huge":
+        arr = arrays[name]
+        arrays[name] = Array(dtype=arr.dtype, shape=arr.shape, stype=arr.stype, data=arr.data + b"\0" * padding)
+    content: dict[str, Any] = {"arrays": arrays,
                                "info": ConfigRecord({"client": "x", "frozen-hash": frozen})}
     if metrics_ok:
         numeric = isinstance(examples, (int, float)) and not isinstance(examples, bool)
@@ -93,6 +97,8 @@ def test_every_corruption_is_rejected_with_a_reason(case: tuple[RecordDict, str]
     with pytest.raises(Rejected) as info:
         validate_reply(content, SPEC)
     assert str(info.value).strip(), kind
+    if kind == "huge":
+        assert "payload larger than expected" in str(info.value)
 
 
 @FUZZ

@@ -279,5 +279,4 @@ def test_single_task_run_is_ffa_lora_and_learns(tiny_cfg) -> None:  # type: igno
     model = plugin.attach(load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed), cfg)
     assert not hasattr(model, TV_MODULE)
     assert all(k.endswith(".lora_up.weight") or k.startswith("classifier") for k in plugin.trainable_state(model))
-    before, after = adapter_alone_lowers_loss(model, plugin, cfg, data)
-    assert after < before
+    adapter_alone_lowers_loss(model, plugin, cfg, data)  # asserts: by more than a random update of its size

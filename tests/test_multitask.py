@@ -316,5 +316,4 @@ def test_adapter_alone_lowers_the_loss_single_task(tiny_cfg, method: str) -> Non
     data = pool.subset(np.arange(32))
     plugin = get(method)
     model = plugin.attach(load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed), cfg)
-    before, after = adapter_alone_lowers_loss(model, plugin, cfg, data)
-    assert after < before
+    adapter_alone_lowers_loss(model, plugin, cfg, data)  # asserts: by more than a random update of its size

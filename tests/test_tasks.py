@@ -16,15 +16,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from inprocess_grid import LocalGrid
 from tiny_model import dp_rng
 from torch import nn
 from torch.nn import functional as F
@@ -153,34 +152,6 @@ def test_a_second_task_type_trains_and_is_evaluated_through_the_seam(tiny_cfg, t
     assert dp.steps == 2 and np.isfinite(dp.loss_mean)
     after = setup.plugin.trainable_state(setup.model)
     assert all(not torch.equal(after[k], v) for k, v in head.items())
-
-
-class LocalGrid:
-    """A grid whose nodes are in-process ClientApps: each pushed message is answered by
-    ``fedpeft.client.app.handle_train`` with that node's own Context (kept across rounds)."""
-
-    def __init__(self, n: int) -> None:
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1,
-                                                                            "num-partitions": n},
-                                       state=RecordDict(), run_config={}) for node in range(1, n + 1)}
-        self.replies: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        from fedpeft.client.app import handle_train
-
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            ids.append(msg.metadata.message_id)
-            self.replies.append(handle_train(msg, self.contexts[msg.metadata.dst_node_id]))
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        out, self.replies = self.replies, []
-        return out
 
 
 @pytest.mark.parametrize("epsilon", ["inf", 8.0])

@@ -1,10 +1,17 @@
 """Validation of client replies before anything is aggregated.
 
 A reply is accepted only if its trainable state has exactly the expected tensor names,
-shapes and dtypes, every value is finite, its total size is within bounds, its example
-count is a positive finite number, and (for shared-seed methods) the frozen-tensor hash
-it reports equals the server's. Anything else is rejected with a reason that the server
-logs; a rejected reply never reaches the average.
+shapes and dtypes, every value is finite, its size on the wire is within the server's byte
+budget, its example count is a positive finite number, and (for shared-seed methods) the
+frozen-tensor hash it reports equals the server's. Anything else is rejected with a reason
+that the server logs; a rejected reply never reaches the average.
+
+Why a byte budget beside the shape check: a Flower ``Array`` carries its declared shape and
+dtype apart from its serialized bytes, and NumPy reads an ``.npy`` blob's header and data and
+ignores whatever follows. A reply whose arrays declare the right shapes and hold the right
+values followed by megabytes of padding passes every other check. The budget
+(:func:`reply_budget`) is the spec's payload plus a serialization-header allowance per
+tensor, and the bytes a reply actually carries are measured before anything is deserialized.
 """
 
 from __future__ import annotations
@@ -18,9 +25,12 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import fedpeft.wire as wire
 
-__all__ = ["StateSpec", "ValidatedReply", "validate_reply"]
+__all__ = ["HEADER_ALLOWANCE", "StateSpec", "ValidatedReply", "reply_budget", "validate_reply"]
 
 MAX_EXAMPLES = 10**9
+HEADER_ALLOWANCE = 256
+"""Bytes per tensor allowed beyond its values: room for its serialization header (NumPy's
+``.npy`` header, which Flower's ``Array`` stores, is 128 bytes for the shapes adapters have)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,11 @@ class ValidatedReply:
     client: str
 
 
+def reply_budget(spec: StateSpec) -> int:
+    """The most bytes a valid reply's arrays take: the values plus :data:`HEADER_ALLOWANCE` per tensor."""
+    return spec.nbytes + HEADER_ALLOWANCE * len(spec.tensors)
+
+
 class Rejected(ValueError):
     """A reply failed validation; the message is the reason."""
 
@@ -59,7 +74,8 @@ def _one(content: RecordDict, kind: type, label: str):  # type: ignore[no-untype
 
 
 def validate_reply(content: RecordDict, spec: StateSpec, max_bytes: int | None = None) -> ValidatedReply:
-    """Return the parsed reply or raise :class:`Rejected` with the reason."""
+    """Return the parsed reply or raise :class:`Rejected` with the reason. ``max_bytes``: the
+    byte budget of the reply's arrays (default :func:`reply_budget` of ``spec``)."""
     arrays: ArrayRecord = _one(content, ArrayRecord, "ArrayRecord")
     metrics: MetricRecord = _one(content, MetricRecord, "MetricRecord")
     configs = [v for v in content.values() if isinstance(v, ConfigRecord)]
@@ -85,8 +101,10 @@ def validate_reply(content: RecordDict, spec: StateSpec, max_bytes: int | None =
             detail.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
         raise Rejected("wrong tensor names: " + ", ".join(detail))
 
-    budget = max_bytes if max_bytes is not None else spec.nbytes
-    total = 0
+    budget = max_bytes if max_bytes is not None else reply_budget(spec)
+    sent = sum(len(arrays[name].data) for name in spec.tensors)  # what came over the wire, before decoding
+    if sent > budget:
+        raise Rejected(f"payload larger than expected ({sent} > {budget} bytes)")
     state: dict[str, np.ndarray] = {}
     for name, (shape, dtype) in spec.tensors.items():
         arr = arrays[name]
@@ -94,9 +112,6 @@ def validate_reply(content: RecordDict, spec: StateSpec, max_bytes: int | None =
             raise Rejected(f"{name}: shape {tuple(arr.shape)} != expected {shape}")
         if str(arr.dtype) != dtype:
             raise Rejected(f"{name}: dtype {arr.dtype} != expected {dtype}")
-        total += int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if total > budget:
-            raise Rejected(f"payload larger than expected ({total} > {budget} bytes)")
         value = arr.numpy()
         if value.shape != shape or str(value.dtype) != dtype:
             raise Rejected(f"{name}: data does not match its declared shape/dtype")
