@@ -249,11 +249,13 @@ def _loop_cfg(model: Path, out: Path, rounds: int) -> Any:
 def test_fedadam_through_the_real_round_loop(tiny_model_dir: Path, tmp_path: Path, flwr_identity: Any) -> None:
     """2 rounds of FedAdam (no DP) through ``run_federation`` and the real ClientApp: the B
     matrices move, by the server optimiser's step; the moments are in the checkpoint."""
+    from inprocess_grid import LocalGrid
+
     from fedpeft.server.loop import run_federation
-    from tests.test_central_dp_resume import LocalGrid, Releases
+    from tests.test_central_dp_resume import Releases
 
     hook = Releases()
-    rows = run_federation(LocalGrid(), _loop_cfg(tiny_model_dir, tmp_path, 2), tmp_path, hooks=[hook])  # type: ignore[arg-type]
+    rows = run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, tmp_path, 2), tmp_path, hooks=[hook])  # type: ignore[arg-type]
     assert [r["round"] for r in rows] == [1, 2] and all(np.isfinite(r["accuracy"]) for r in rows)
     assert 'name = "fedadam"' in (tmp_path / "config.toml").read_text()
     b_names = [k for k in hook.released[1] if "lora_B" in k]
@@ -269,17 +271,19 @@ def test_fedadam_through_the_real_round_loop_resumes_bit_identically(tiny_model_
                                                                        flwr_identity: Any) -> None:
     """3 clients, 3 rounds of FedAdam; the same run killed after round 2's aggregation and
     resumed ends with the uninterrupted run's global state, bit for bit (~25 s)."""
+    from inprocess_grid import LocalGrid
+
     from fedpeft.server.loop import run_federation
-    from tests.test_central_dp_resume import LocalGrid, Releases
+    from tests.test_central_dp_resume import Releases
 
     reference = Releases()
-    run_federation(LocalGrid(), _loop_cfg(tiny_model_dir, tmp_path / "ref", 3), tmp_path / "ref",  # type: ignore[arg-type]
+    run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, tmp_path / "ref", 3), tmp_path / "ref",  # type: ignore[arg-type]
                    hooks=[reference])
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="server killed"):
-        run_federation(LocalGrid(), _loop_cfg(tiny_model_dir, run, 3), run, hooks=[Releases(crash_after=2)])  # type: ignore[arg-type]
+        run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, run, 3), run, hooks=[Releases(crash_after=2)])  # type: ignore[arg-type]
     again = Releases()
-    run_federation(LocalGrid(), _loop_cfg(tiny_model_dir, run, 3), run, hooks=[again], resume=True)  # type: ignore[arg-type]
+    run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, run, 3), run, hooks=[again], resume=True)  # type: ignore[arg-type]
     for k, v in reference.released[3].items():
         assert again.released[3][k].tobytes() == v.tobytes(), k
 
