@@ -133,7 +133,12 @@ class AdapterAvg(FedAvg):
         carries the resolved configuration ``config_toml``, its hash and ``extra_config``."""
         return cls(plugin, spec, clients_per_round=clients_per_round or cfg.train.clients_per_round or cfg.train.clients,
                    plugin_cfg=cfg, min_replies=cfg.faults.minimum(), seed=cfg.seed, config_toml=config_toml,
-                   config_hash=config_hash, extra_config=extra_config)
+                   config_hash=config_hash, extra_config=extra_config, **cls.config_primitives(cfg))
+
+    @classmethod
+    def config_primitives(cls, cfg: RunConfig) -> dict[str, Any]:
+        """A subclass's own constructor arguments built from ``cfg`` (none here)."""
+        return {}
 
     def summary(self) -> None:
         log.info("AdapterAvg(%s): %d clients per round, exact averaging: %s",

@@ -45,12 +45,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from fedpeft.adapters.base import NDArrays
 from fedpeft.config import STRATEGY_OPTIONS, StrategyConfig
 from fedpeft.strategies.state import StateDict
 
-__all__ = ["OPTIMIZERS", "FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer", "optimizer_for"]
-
-NDArrays = dict[str, np.ndarray]
+__all__ = ["OPTIMIZERS", "FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer"]
 
 
 class ServerOptimizer(ABC):
@@ -197,8 +196,3 @@ class FedYogi(_Adaptive):
 
 OPTIMIZERS: dict[str, type[ServerOptimizer]] = {c.name: c for c in (FedAvgM, FedAdagrad, FedAdam, FedYogi)}
 """``strategy.name`` -> server optimiser (D = the pseudo-gradient, aggregate − sent-out state)."""
-
-
-def optimizer_for(cfg: StrategyConfig) -> ServerOptimizer:
-    """The server optimiser ``cfg.name`` names, with ``cfg``'s options (KeyError if none)."""
-    return OPTIMIZERS[cfg.name](cfg)

@@ -19,7 +19,7 @@ Single-task federations only: for a multi-task one these names are a one-line co
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -56,15 +56,9 @@ class ServerOptAvg(AdapterAvg):
         self.current: NDArrays = {}
 
     @classmethod
-    def from_config(
-        cls, plugin: AdapterPlugin, cfg: RunConfig, spec: StateSpec, config_toml: str, config_hash: str,
-        extra_config: Mapping[str, str] | None = None, clients_per_round: int = 0,
-    ) -> Self:
-        """AdapterAvg's primitives of ``cfg`` plus the rule's optimiser with ``cfg.strategy``'s options."""
-        return cls(plugin, spec, optimizer=cls.rule(cfg.strategy),
-                   clients_per_round=clients_per_round or cfg.train.clients_per_round or cfg.train.clients,
-                   plugin_cfg=cfg, min_replies=cfg.faults.minimum(), seed=cfg.seed, config_toml=config_toml,
-                   config_hash=config_hash, extra_config=extra_config)
+    def config_primitives(cls, cfg: RunConfig) -> dict[str, Any]:
+        """The rule's optimiser with ``cfg.strategy``'s options (AdapterAvg's ``from_config`` adds the rest)."""
+        return {"optimizer": cls.rule(cfg.strategy)}
 
     def summary(self) -> None:
         super().summary()
