@@ -512,3 +512,24 @@ def test_compare_on_the_causal_lm_task_type(tiny_llama_dir: Path, instructions_f
     assert "| method | epsilon_target | seeds | exact_match_mean |" in md
     assert all(0 < float(r["epsilon_spent"]) <= 8.0 for r in rows)
 
+
+
+def test_a_compare_cell_written_by_the_server_loop_counts_as_finished(base: dict[str, Any], tmp_path: Path) -> None:
+    """The server loop writes config.toml with ``model.dtype = auto`` made concrete; the sweep's
+    cell must carry the same resolved configuration, or every finished causal-lm cell reads as
+    "written under another configuration" (the CI failure of 2026-12-02)."""
+    from fedpeft.server.run_dir import RunDir
+    from fedpeft.sim.compare import SweepSpec, plan_cells
+    from fedpeft.sim.compare.sweep import cell_problem
+    from fedpeft.tasks.registry import task_for
+
+    layer = {**base, "model.dtype": "auto", "train.rounds": 1}
+    (cell,) = plan_cells(SweepSpec(("ffa_lora",), (8.0,), (0,), layer), tmp_path)
+    assert cell.cfg.model.dtype in ("float32", "bfloat16")  # decided once, as the server will
+    unresolved = parse_config({**layer, "adapter.method": "ffa_lora", "privacy.epsilon": 8.0, "seed": 0,
+                               "adapter.seed": 0, "name": cell.path.name, "output_dir": str(cell.path)})
+    assert unresolved.model.dtype == "auto"
+    cell.path.mkdir(parents=True)
+    RunDir(cell.path).write_config(task_for(unresolved).resolve_config(unresolved))  # what run_federation writes
+    (cell.path / "metrics.jsonl").write_text(json.dumps({"round": 1, "clients_accepted": 2}) + "\n")
+    assert cell_problem(cell) is None

@@ -113,6 +113,7 @@ def simulate(
     from fedpeft.sim.mods import simulation_app
 
     preflight(cfg)
+    cfg = task_for(cfg).resolve_config(cfg)  # as the server loop will, so a resume's hash matches config.toml
     path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if not resume and (path / "metrics.jsonl").exists():
         raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")

@@ -29,6 +29,7 @@ from typing import Any
 
 from fedpeft.config import ConfigError, RunConfig, config_hash
 from fedpeft.load import config_from_toml, parse_config
+from fedpeft.tasks.registry import task_for
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "eps_label", "plan_cells", "run_sweep"]
 
@@ -94,6 +95,9 @@ def plan_cells(spec: SweepSpec, output_dir: Path) -> list[Cell]:
                     "adapter.method": method, "privacy.epsilon": eps, "seed": seed, "adapter.seed": seed,
                     "name": path.name, "output_dir": str(path),
                 })
+                # host-dependent "auto"s made concrete now, as the server loop will: the cell's
+                # config is then the one its config.toml is written with (finished = same hash)
+                cfg = task_for(cfg).resolve_config(cfg)
                 cells.append(Cell(method, eps, seed, cfg, path))
     return cells
 
