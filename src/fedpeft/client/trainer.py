@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,8 @@ from fedpeft.tasks.registry import task_for
 # Opacus's hooks fire on modules whose inputs need no grad (frozen embeddings); harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
-__all__ = ["LocalResult", "build_loader", "length_buckets", "local_steps", "make_optimizer", "train_local"]
+__all__ = ["LocalResult", "build_loader", "length_buckets", "local_steps", "make_optimizer", "proximal_term",
+           "train_local"]
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,35 @@ def _dp_step(net: GradSampleModule, opt: DPOptimizer, plugin: AdapterPlugin, tas
     return step_loss, n
 
 
+def proximal_term(params: list[nn.Parameter], mu: float) -> Callable[[], None] | None:
+    """FedProx's proximal gradient, or None when ``mu`` is 0: a function that adds
+    ``mu * (w - w0)`` to every trainable tensor's gradient, ``w0`` the values now (the state
+    the round started from: the global state the client installed).
+
+    Under DP-SGD it runs after Opacus has clipped, summed, noised and scaled the per-sample
+    gradients (Opacus's step hook), just before the optimiser's update. The term depends on
+    no example -- only on the released global state and the current weights, themselves
+    post-processing of DP steps -- so it costs no privacy, and clipping it with the data
+    gradients would shrink and bias it (Li et al.'s proximal pull, not a clipped one)."""
+    if mu <= 0:
+        return None
+    anchor = [p.detach().clone() for p in params]
+
+    def add() -> None:
+        with torch.no_grad():
+            for p, w0 in zip(params, anchor, strict=True):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p.detach() - w0, alpha=mu)
+
+    return add
+
+
 def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, plugin: AdapterPlugin, task_type: TaskType,
-                batch: Batch, physical: int, device: torch.device) -> tuple[float, int]:
-    """One non-DP step, the gradient accumulated over the physical chunks; (mean loss, examples)."""
+                batch: Batch, physical: int, device: torch.device,
+                proximal: Callable[[], None] | None = None) -> tuple[float, int]:
+    """One non-DP step, the gradient accumulated over the physical chunks (plus FedProx's
+    proximal gradient when given); (mean loss, examples)."""
     n = batch_len(batch)
     optimizer.zero_grad(set_to_none=True)
     step_loss = 0.0
@@ -139,6 +166,8 @@ def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, plugin: Adap
         loss = plugin.loss(model, to_device(chunk, device), task_type) * (batch_len(chunk) / n)
         loss.backward()
         step_loss += float(loss.detach())
+    if proximal is not None:
+        proximal()
     optimizer.step()
     return step_loss, n
 
@@ -177,10 +206,13 @@ def train_local(
     start = time.perf_counter()
     bar = _progress(steps, desc)
     physical = cfg.train.physical_batch_size
+    proximal = proximal_term(params, cfg.train.proximal_mu)
     if noise_multiplier is not None:
         assert isinstance(seed, RoundRandomness)
         parts = make_private(model, optimizer, loader, noise_multiplier, cfg.privacy.clip, seed,
                              secure_mode=cfg.privacy.secure_mode)
+        if proximal is not None:  # after clipping and noise, before the update (proximal_term)
+            parts.optimizer.attach_step_hook(lambda _opt: proximal())
         sample_rate, stream = parts.sample_rate, _cycle(parts.loader)
         for _ in range(steps):
             step_loss, n = _dp_step(parts.module, parts.optimizer, plugin, task_type, dataset.as_batch(next(stream)),
@@ -194,7 +226,7 @@ def train_local(
         stream = _cycle(loader)
         for _ in range(steps):
             step_loss, n = _plain_step(model, optimizer, plugin, task_type, dataset.as_batch(next(stream)), physical,
-                                       device)
+                                       device, proximal)
             losses.append(step_loss)
             seen += n
             bar.update(1)

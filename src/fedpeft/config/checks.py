@@ -96,6 +96,8 @@ def _check_train(cfg: RunConfig) -> None:
     require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
     require(t.physical_batch_size >= 1, "train.physical_batch_size", t.physical_batch_size, "must be >= 1")
     require(t.lr > 0 and math.isfinite(t.lr), "train.lr", t.lr, "must be > 0")
+    require(t.proximal_mu >= 0 and math.isfinite(t.proximal_mu), "train.proximal_mu", t.proximal_mu,
+            "must be >= 0 (FedProx's mu; 0 = off)")
     require(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"allowed: {', '.join(OPTIMIZERS)}")
     require(0 <= t.clients_per_round <= t.clients, "train.clients_per_round", t.clients_per_round,
             f"must be in [0, {t.clients}] (0 = all)")

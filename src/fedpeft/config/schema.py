@@ -181,6 +181,9 @@ class TrainConfig:
     lr: float = 1e-2
     optimizer: str = "adam"
     clients_per_round: int = 0  # 0 = all
+    # FedProx (Li et al., MLSys 2020): mu/2 * ||w - w_round_start||^2 on the trainable tensors;
+    # its gradient is added after DP-SGD's clipping and noise (fedpeft.client.trainer); 0 = off
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
