@@ -325,3 +325,30 @@ def test_ffa_lora_linearity_fedavgm_on_b_is_fedavgm_on_delta_w() -> None:
             m = 0.9 * m + d
             w = w + 1.0 * m
         assert np.allclose(b @ a, w) is same
+
+
+def test_central_dp_reads_the_strategys_declared_capability_not_its_name() -> None:
+    """A runtime-registered strategy that keeps no un-noised state runs with central DP; one
+    that declares it cannot is refused, whatever its name; the error lists what is allowed."""
+    from fedpeft.strategies import registry
+    from fedpeft.strategies.adapter_avg import AdapterAvg
+    from fedpeft.strategies.server_opt_avg import ServerOptAvg
+
+    class PlainMean(AdapterAvg):
+        """A test-only alias of FedAvg (nothing across rounds but the release)."""
+
+    class Moments(ServerOptAvg):
+        """A test-only server optimiser under another name."""
+
+    layer = {"privacy.epsilon": "inf", "train.clients": 2, "data.partition": "iid", "central.mode": "server"}
+    registry.register("test_plain_mean", PlainMean)
+    registry.register("test_moments", Moments)
+    try:
+        assert parse_config({**layer, "strategy.name": "test_plain_mean"}).strategy.name == "test_plain_mean"
+        with pytest.raises(ConfigError, match="un-noised") as info:
+            parse_config({**layer, "strategy.name": "test_moments"})
+        assert "allowed with central DP: fedavg, test_plain_mean" in str(info.value)
+    finally:
+        for name in ("test_plain_mean", "test_moments"):
+            registry.STRATEGIES.pop(name, None)
+            registry.MULTITASK_STRATEGIES.pop(name, None)

@@ -29,6 +29,7 @@ from fedpeft.config import ConfigError, RunConfig, build_config
 from fedpeft.config import config_from_toml as structural_from_toml
 from fedpeft.config.schema import DATA_SUFFIXES
 from fedpeft.strategies.registry import names as strategy_names
+from fedpeft.strategies.registry import strategy_class
 from fedpeft.tasks import registry as task_registry
 
 __all__ = ["ROLES", "config_from_toml", "parse_config", "validate"]
@@ -67,6 +68,11 @@ def validate(cfg: RunConfig, role: str = "server") -> None:
     strategies = strategy_names()
     if cfg.strategy.name not in strategies:
         raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(strategies)}")
+    if cfg.central.enabled and not strategy_class(cfg.strategy.name).central_dp_compatible:
+        allowed = [n for n in strategies if strategy_class(n).central_dp_compatible]
+        raise ConfigError("strategy.name", cfg.strategy.name, "client-level central DP (central.mode = server) adds "
+                          "its noise after the base strategy, so this strategy's state would hold un-noised "
+                          f"aggregates; allowed with central DP: {', '.join(allowed)}")
     names = method_names()
     if cfg.adapter.method not in names:
         raise ConfigError("adapter.method", cfg.adapter.method, f"allowed: {', '.join(names)}")

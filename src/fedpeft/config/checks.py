@@ -124,9 +124,9 @@ def check_central(cfg: RunConfig) -> None:
 
 def check_strategy(cfg: RunConfig) -> None:
     """One-line ConfigError for a ``[strategy]`` option out of range, or set away from its
-    default for a strategy that does not read it (:data:`~fedpeft.config.schema.STRATEGY_OPTIONS`),
-    or a server optimiser under client-level central DP. Whether the name is registered needs
-    the registry: :func:`fedpeft.load.validate`."""
+    default for a strategy that does not read it (:data:`~fedpeft.config.schema.STRATEGY_OPTIONS`).
+    Whether the name is registered, and may run with client-level central DP, needs the
+    registry: :func:`fedpeft.load.validate`."""
     s = cfg.strategy
     require(math.isfinite(s.server_lr) and s.server_lr > 0, "strategy.server_lr", s.server_lr, "must be > 0")
     require(0.0 <= s.momentum < 1.0, "strategy.momentum", s.momentum, "must be in [0, 1)")
@@ -141,10 +141,6 @@ def check_strategy(cfg: RunConfig) -> None:
         if key not in used and getattr(s, key) != getattr(base, key):
             raise ConfigError(f"strategy.{key}", getattr(s, key), f"{s.name} does not read it; its options: "
                                                                    f"{', '.join(used) or 'none'}")
-    if s.name != "fedavg" and cfg.central.enabled:
-        raise ConfigError("strategy.name", s.name, "client-level central DP (central.mode = server) adds its noise "
-                          "after the base strategy, so a server optimiser's moments would hold un-noised aggregates; "
-                          "allowed with central DP: fedavg")
 
 
 def check_faults(cfg: RunConfig) -> None:

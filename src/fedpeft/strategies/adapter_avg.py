@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -94,6 +94,12 @@ class AdapterAvg(FedAvg):
     :meth:`defer_release` once and :meth:`keep_release` with each release, so the base never
     keeps an aggregate that was not released.
     """
+
+    # Client-level central DP (strategies.central_dp) noises what this strategy returns and
+    # keeps that release as the next round's state: sound only when nothing of the strategy
+    # holds an un-noised aggregate across rounds. A subclass that keeps such state (a server
+    # optimiser's moments) sets False; fedpeft.load refuses it with central DP.
+    central_dp_compatible: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -41,7 +41,8 @@ from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.server_opt_avg import SERVER_OPT_STRATEGIES, ServerOptAvg
 from fedpeft.strategies.validation import StateSpec
 
-__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "describe", "names", "register"]
+__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "describe", "names", "register",
+           "strategy_class"]
 
 STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg, **SERVER_OPT_STRATEGIES}
 """``strategy.name`` -> base strategy of a single-task run (:func:`register` adds one)."""
@@ -65,6 +66,12 @@ def register(name: str, single: type[AdapterAvg], multitask: type[AdapterAvg] | 
 def names() -> list[str]:
     """Registered base strategy names, in registration order."""
     return list(STRATEGIES)
+
+
+def strategy_class(name: str) -> type[AdapterAvg]:
+    """The single-task base strategy registered as ``name`` (KeyError if none): its class
+    attributes are the strategy's declared capabilities (``central_dp_compatible``)."""
+    return STRATEGIES[name]
 
 
 def describe(name: str) -> str:

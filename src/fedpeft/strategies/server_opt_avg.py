@@ -48,6 +48,7 @@ class ServerOptAvg(AdapterAvg):
     (:meth:`from_config`, by :attr:`rule`)."""
 
     rule: ClassVar[type[ServerOptimizer]]
+    central_dp_compatible: ClassVar[bool] = False  # its moments would hold un-noised aggregates
 
     def __init__(self, plugin: AdapterPlugin, spec: StateSpec, *, optimizer: ServerOptimizer,
                  **kwargs: Any) -> None:
