@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fedpeft-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint typecheck bench clean
+.PHONY: install demo test test-guarantees test-slow lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -29,9 +29,15 @@ demo: install
 test: install
 	$(PY) -m pytest -m "not slow and not deployment" $(PYTEST_ARGS)
 
+# The slow tests that guard a README guarantee (kill -9 + resume, real deployment, fault
+# retries, memory model vs measured RSS): CI runs these on every change, never skipped.
+test-guarantees: install
+	$(PY) -m pytest -m "guarantee" $(PYTEST_ARGS)
+
 # Long tests; exit code 5 (none selected) is not a failure here, anything else is.
+SLOW_SELECT ?= slow or deployment
 test-slow: install
-	$(PY) -m pytest -m "slow or deployment" $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest -m "$(SLOW_SELECT)" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no slow tests selected"; exit 0; fi; exit $$rc
 
 lint: install

@@ -43,7 +43,7 @@ from fedpeft.deploy.keys import make_keys
 from fedpeft.deploy.local import BIN, Cluster, free_port, node_host, start_cluster, wait_for
 from fedpeft.deploy.netns import LINK, NETNS_DIR, NetnsLab, make_network
 
-pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+pytestmark = [pytest.mark.deployment, pytest.mark.slow, pytest.mark.guarantee]
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "fedpeft-test"

@@ -107,6 +107,7 @@ def test_retries_and_skips_follow_the_seeded_draws(tiny_cfg, tmp_path: Path, pol
 
 
 @pytest.mark.slow
+@pytest.mark.guarantee
 @pytest.mark.parametrize("policy", ["retry", "skip"])
 def test_faulty_clients_are_retried_or_skipped(tiny_cfg, tmp_path: Path, policy: str) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg(tiny_cfg, policy)

@@ -186,7 +186,8 @@ def shaped_llama_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     }
 
 
-@pytest.mark.slow  # measures peak RSS in child processes, ~40-50 s on 2 cores: CI's slow step
+@pytest.mark.slow  # measures peak RSS in child processes, ~40-50 s on 2 cores
+@pytest.mark.guarantee  # the README's memory-model claim: CI always runs it
 def test_decoder_estimate_matches_measured_cpu_peak(tiny_llama_dir: Path, shaped_llama_dirs: dict[str, Path]) -> None:
     """The batch-dependent part (per-sample gradients + activations + logits + workspace)
     against the peak-RSS increase of one forward+backward+Adam step, with and without DP,

@@ -119,7 +119,8 @@ _MEASURE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # measures peak RSS in child processes, ~40-50 s on 2 cores: CI's slow step
+@pytest.mark.slow  # measures peak RSS in child processes, ~40-50 s on 2 cores
+@pytest.mark.guarantee  # the README's memory-model claim: CI always runs it
 def test_memory_estimate_matches_measured_cpu_peak(tmp_path: Path) -> None:
     """The batch-dependent part of the estimate (DP per-sample grads + activations + backward
     workspace) against the peak-RSS increase of one DP forward+backward+step on CPU.

@@ -23,7 +23,7 @@ from tiny_model import hetero_scenario
 
 from fedpeft.server.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.guarantee]
 
 ROUNDS = 3
 
