@@ -352,3 +352,20 @@ def test_central_dp_reads_the_strategys_declared_capability_not_its_name() -> No
         for name in ("test_plain_mean", "test_moments"):
             registry.STRATEGIES.pop(name, None)
             registry.MULTITASK_STRATEGIES.pop(name, None)
+
+
+def test_build_strategy_rechecks_central_dp_compatibility_without_validation() -> None:
+    """Defence in depth: a strategy chain built from a configuration that skipped
+    ``fedpeft.load`` validation (a library caller, a test) still refuses central DP on a
+    server optimiser or on a plugin whose aggregate is not a weighted mean."""
+    import dataclasses
+
+    def central(cfg: Any) -> Any:
+        return dataclasses.replace(cfg, central=dataclasses.replace(cfg.central, mode="server"))
+
+    strategy, hooks = build_strategy(central(_cfg("fedavg")), get("ffa_lora"), SPEC, "", "h")
+    assert hooks and type(strategy).__name__ == "CentralDPFixedClipping"
+    with pytest.raises(ConfigError, match="un-noised"):
+        build_strategy(central(_cfg("fedadam")), get("ffa_lora"), SPEC, "", "h")
+    with pytest.raises(ConfigError, match="weighted mean"):
+        build_strategy(central(_cfg("fedavg")), get("osft"), SPEC, "", "h")

@@ -28,8 +28,8 @@ from fedpeft.adapters import names as method_names
 from fedpeft.config import ConfigError, RunConfig, build_config
 from fedpeft.config import config_from_toml as structural_from_toml
 from fedpeft.config.schema import DATA_SUFFIXES
+from fedpeft.strategies.registry import check_central_dp, strategy_class
 from fedpeft.strategies.registry import names as strategy_names
-from fedpeft.strategies.registry import strategy_class
 from fedpeft.tasks import registry as task_registry
 
 __all__ = ["ROLES", "config_from_toml", "parse_config", "validate"]
@@ -68,20 +68,12 @@ def validate(cfg: RunConfig, role: str = "server") -> None:
     strategies = strategy_names()
     if cfg.strategy.name not in strategies:
         raise ConfigError("strategy.name", cfg.strategy.name, f"allowed: {', '.join(strategies)}")
-    if cfg.central.enabled and not strategy_class(cfg.strategy.name).central_dp_compatible:
-        allowed = [n for n in strategies if strategy_class(n).central_dp_compatible]
-        raise ConfigError("strategy.name", cfg.strategy.name, "client-level central DP (central.mode = server) adds "
-                          "its noise after the base strategy, so this strategy's state would hold un-noised "
-                          f"aggregates; allowed with central DP: {', '.join(allowed)}")
     names = method_names()
     if cfg.adapter.method not in names:
         raise ConfigError("adapter.method", cfg.adapter.method, f"allowed: {', '.join(names)}")
     plugin = get_plugin(cfg.adapter.method)
     plugin.validate_config(cfg)
-    if cfg.central.enabled and not plugin.central_dp_compatible:
-        raise ConfigError("central.mode", cfg.central.mode, f"{cfg.adapter.method} cannot run with client-level "
-                          "central DP: its aggregation is not a weighted mean of client states with an identity "
-                          "server_step, so clip + noise on the mean would not bound one client's influence; use off")
+    check_central_dp(cfg, strategy_class(cfg.strategy.name), plugin)
     if role == "server" and cfg.tasks.enabled:
         for spec in cfg.tasks.resolved():
             if spec.path:

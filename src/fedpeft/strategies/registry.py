@@ -41,8 +41,8 @@ from fedpeft.strategies.multitask_avg import MultiTaskAvg, MultiTaskSpec
 from fedpeft.strategies.server_opt_avg import SERVER_OPT_STRATEGIES, ServerOptAvg
 from fedpeft.strategies.validation import StateSpec
 
-__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "describe", "names", "register",
-           "strategy_class"]
+__all__ = ["MULTITASK_STRATEGIES", "STRATEGIES", "build_base", "build_strategy", "check_central_dp", "describe",
+           "names", "register", "strategy_class"]
 
 STRATEGIES: dict[str, type[AdapterAvg]] = {"fedavg": AdapterAvg, **SERVER_OPT_STRATEGIES}
 """``strategy.name`` -> base strategy of a single-task run (:func:`register` adds one)."""
@@ -72,6 +72,27 @@ def strategy_class(name: str) -> type[AdapterAvg]:
     """The single-task base strategy registered as ``name`` (KeyError if none): its class
     attributes are the strategy's declared capabilities (``central_dp_compatible``)."""
     return STRATEGIES[name]
+
+
+def check_central_dp(cfg: RunConfig, strategy: type[AdapterAvg], plugin: AdapterPlugin) -> None:
+    """Refuse client-level central DP (``central.mode = server``) unless both the base strategy
+    and the adapter plugin declare ``central_dp_compatible``: the noise is added to the base
+    strategy's weighted mean, so a strategy with its own state (a server optimiser's moments)
+    would keep un-noised aggregates, and a plugin whose aggregate is not a weighted mean with an
+    identity ``server_step`` would not have one client's influence bounded by the clip.
+    Called by :func:`fedpeft.load.validate` and again by :func:`build_strategy` (a strategy
+    chain built without validation must not get past it either)."""
+    if not cfg.central.enabled:
+        return
+    if not strategy.central_dp_compatible:
+        allowed = [n for n, c in STRATEGIES.items() if c.central_dp_compatible]
+        raise ConfigError("strategy.name", cfg.strategy.name, "client-level central DP (central.mode = server) adds "
+                          "its noise after the base strategy, so this strategy's state would hold un-noised "
+                          f"aggregates; allowed with central DP: {', '.join(allowed)}")
+    if not plugin.central_dp_compatible:
+        raise ConfigError("central.mode", cfg.central.mode, f"{cfg.adapter.method} cannot run with client-level "
+                          "central DP: its aggregation is not a weighted mean of client states with an identity "
+                          "server_step, so clip + noise on the mean would not bound one client's influence; use off")
 
 
 def describe(name: str) -> str:
@@ -114,7 +135,9 @@ def build_strategy(
     need (central DP: the client-level accountant)."""
     wanted = cfg.train.clients_per_round or cfg.train.clients
     selected = round_timer.policy.selection(wanted, cfg.train.clients) if round_timer is not None else wanted
-    strategy: Strategy = build_base(cfg, plugin, spec, config_toml, config_hash, extra_config, selected)
+    base = build_base(cfg, plugin, spec, config_toml, config_hash, extra_config, selected)
+    check_central_dp(cfg, type(base), plugin)
+    strategy: Strategy = base
     if round_timer is not None:
         strategy = DeadlineStrategy(strategy, round_timer.policy, wanted, round_timer)
     if extra is not None:
