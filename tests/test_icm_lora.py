@@ -280,3 +280,45 @@ def test_single_task_run_is_ffa_lora_and_learns(tiny_cfg) -> None:  # type: igno
     assert not hasattr(model, TV_MODULE)
     assert all(k.endswith(".lora_up.weight") or k.startswith("classifier") for k in plugin.trainable_state(model))
     adapter_alone_lowers_loss(model, plugin, cfg, data)  # asserts: by more than a random update of its size
+
+
+def test_server_learns_the_pairs_it_is_sent(tiny_model_dir: Path) -> None:
+    """The README's claim, played as a check that can fail: the server's CVAE learns the
+    (task vector -> B) map from the replies' pairs. Each task's replies carry that task's
+    vector and B (plus per-client jitter); after one round of eight pairs B generated from a trained task's
+    vector is close to that task's B (``icm_reconstruction_rel_error``) and nearer to it than
+    to the other task's. Control: replies whose B belongs to the other task (pairs mislabelled)
+    give a large error, so the metric measures the pairs, not the CVAE's prior."""
+    cfg = _cfg(tiny_model_dir, **{"adapter.options": {"cvae_steps": 150}})
+    setup = ServerSetup(cfg)
+    spec = setup.spec.task_specs
+    rng = np.random.default_rng(11)
+    truth = {t: {k: rng.normal(scale=0.2, size=s).astype(d) for k, (s, d) in spec[t].tensors.items()}
+             for t in ("rt", "bbc")}
+    for t in truth:  # unit task vectors, as the clients' normalised mean embeddings are
+        key = f"{TV_MODULE}.task_{t}"
+        truth[t][key] = (truth[t][key] / np.linalg.norm(truth[t][key])).astype(np.float32)
+    setup.set_state({**setup.state, **truth["rt"], **truth["bbc"]})
+
+    def run(swap: bool) -> tuple[dict[str, Any], IcmServer]:
+        server = IcmServer(setup, setup.plugin.settings(cfg))
+        replies = []
+        for task, other in (("rt", "bbc"), ("bbc", "rt")):
+            for _ in range(4):
+                state = {k: v + rng.normal(scale=0.01, size=v.shape).astype(v.dtype) for k, v in truth[task].items()}
+                if swap:  # the other task's B under this task's names
+                    for k in state:
+                        if not k.startswith(TV_MODULE):
+                            state[k] = truth[other][k.replace(f"task_{task}", f"task_{other}")].copy()
+                replies.append(SimpleNamespace(state=state))
+        return server.round_end(1, SimpleNamespace(accepted=replies, released=True)), server
+
+    row, server = run(swap=False)
+    assert row["icm_pairs"] == 8 and row["icm_reconstruction_rel_error"] < 0.35, row
+    cvae = server.fit()
+    for task, other in (("rt", "bbc"), ("bbc", "rt")):
+        gen = cvae.generate(torch.as_tensor(truth[task][f"{TV_MODULE}.task_{task}"])).numpy()
+        own, far = server.flat_b(truth[task], task), server.flat_b(truth[other], other)
+        assert np.linalg.norm(gen - own) < 0.5 * np.linalg.norm(gen - far), task
+    control, _ = run(swap=True)
+    assert control["icm_reconstruction_rel_error"] > 1.0, control
