@@ -6,18 +6,51 @@ adds fault injection and device emulation) with that node's own ``Context``, kep
 as a SuperNode keeps it. An exception the ClientApp raises becomes the error reply Flower's
 simulation engine makes of it (``flwr/server/superlink/fleet/vce/vce_api.py``), so the server
 sees what it would see in a simulation. Tests of the round loop (resume, retries, refusals) use
-it with :func:`fedpeft.server.loop.run_federation`.
+it with :func:`fedpeft.server.loop.run_federation`; :class:`Releases` is the round hook they use
+to read every round's released global state. :class:`NodeIds` is the one Grid call a
+strategy's ``configure_train`` makes, for tests that drive a strategy by hand.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import numpy as np
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
-__all__ = ["LocalGrid"]
+from fedpeft.server.loop import RoundHook
+
+__all__ = ["LocalGrid", "NodeIds", "Releases"]
+
+
+class NodeIds:
+    """A grid that only lists its nodes (what ``configure_train`` asks of a grid)."""
+
+    def __init__(self, *node_ids: int) -> None:
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+class Releases(RoundHook):
+    """Keeps every round's released global state; raises after round ``crash_after`` (if set),
+    as a server killed between rounds would stop."""
+
+    def __init__(self, crash_after: int = 0) -> None:
+        self.crash_after, self.setup = crash_after, None
+        self.released: dict[int, dict[str, np.ndarray]] = {}
+
+    def on_start(self, setup: Any, strategy: Any, run_dir: Any) -> None:
+        self.setup = setup
+
+    def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
+        self.released[server_round] = {k: v.copy() for k, v in self.setup.state.items()}  # type: ignore[union-attr]
+        if server_round == self.crash_after:
+            raise RuntimeError("server killed")
 
 
 class LocalGrid:

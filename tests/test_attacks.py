@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from inprocess_grid import NodeIds
 
 from fedpeft.client.app import handle_train
 from fedpeft.config import config_hash, config_to_toml
@@ -127,7 +128,7 @@ def test_a_node_capped_at_its_own_delta_refuses_a_large_delta_server(tiny_cfg, t
     assert "arrays" not in reply.content
     assert not (tmp_path / "ledger" / "client-0.json").exists()  # nothing trained, nothing stored, nothing spent
     # and the server counts it as a refusal, not as a bad reply
-    strategy.configure_train(1, state_to_arrayrecord(setup.state), ConfigRecord(), _Grid())
+    strategy.configure_train(1, state_to_arrayrecord(setup.state), ConfigRecord(), NodeIds(7, 8, 9))
     strategy.aggregate_train(1, [reply])
     assert set(strategy.report.refused) == {"0"} and not strategy.report.rejected and not strategy.report.accepted
 
@@ -141,13 +142,6 @@ def test_node_cap_at_the_nodes_delta_refuses_through_handle_train(tiny_cfg, tmp_
     assert not (tmp_path / "ledger" / "client-0.json").exists()  # a refused plan is not stored
     floor = handle_train(_message(setup, strategy, 1), _node(**{"min-noise-multiplier": 50.0}))
     assert "min-noise-multiplier" in str(floor.content["status"]["reason"])
-
-
-class _Grid:
-    """The two Grid calls AdapterAvg.configure_train makes."""
-
-    def get_node_ids(self) -> list[int]:
-        return [7, 8, 9]
 
 
 def test_data_errors_stay_on_the_node(tiny_cfg, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]

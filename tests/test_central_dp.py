@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from inprocess_grid import NodeIds
 
 from fedpeft.adapters import AdapterPlugin, get, plugins
 from fedpeft.config import ConfigError
@@ -26,16 +27,6 @@ from fedpeft.strategies.central_dp import with_central_dp
 from fedpeft.strategies.validation import StateSpec
 
 SPEC = StateSpec({"w": ((100, 100), "float32")}, frozen_hash="h")
-
-
-class FakeGrid:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
-
-
-class FakeGrid3:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3]
 
 
 def _cfg(**central: Any):  # type: ignore[no-untyped-def]
@@ -69,7 +60,7 @@ def _round(cfg, values: list[float], examples: list[float], grid: Any = None):  
     assert wrap is not None
     strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     global_state = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
-    strategy.configure_train(1, global_state, ConfigRecord(), grid or FakeGrid())
+    strategy.configure_train(1, global_state, ConfigRecord(), grid or NodeIds(1, 2))
     replies = [_reply(v, n, str(i)) for i, (v, n) in enumerate(zip(values, examples, strict=True))]
     arrays, _ = strategy.aggregate_train(1, replies)
     return strategy, hooks, arrays["w"].numpy()
@@ -188,7 +179,7 @@ def test_an_error_reply_drops_the_client_not_the_round(flwr_identity) -> None:  
     assert wrap is not None
     strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
-                             FakeGrid3())
+                             NodeIds(1, 2, 3))
     crashed = Message(Error(0, "Traceback ...\nRuntimeError: CUDA out of memory"), reply_to=_instruction())
     replies = [_reply(1e-12, 10.0, "0"), crashed, _reply(1e-12, 10.0, "2")]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -213,7 +204,7 @@ def test_replies_that_do_not_match_the_global_state_are_rejected_before_clipping
     assert wrap is not None
     strategy = wrap(AdapterAvg.from_config(get("ffa_lora"), cfg, SPEC, "", "h"))
     strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
-                             FakeGrid3())
+                             NodeIds(1, 2, 3))
     bad = _reply(1.0, 10.0, "1")
     bad.content["arrays"] = state_to_arrayrecord({"w": np.ones((100, 50), np.float32)})  # e.g. a rank-50 B
     arrays, _ = strategy.aggregate_train(1, [_reply(100.0, 10.0, "0"), bad, _reply(100.0, 10.0, "2")])
@@ -239,7 +230,7 @@ def _independent_epsilon(sigma: float, clip: float, m: int, w_max: float, releas
 
 def test_three_equal_clients_three_releases_match_an_independent_accountant(flwr_identity) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg3(mode="server", clip=0.5, noise_multiplier=1.0, delta=1e-3)
-    strategy, hooks, _ = _round(cfg, [1.0, 2.0, 3.0], [10.0, 10.0, 10.0], FakeGrid3())
+    strategy, hooks, _ = _round(cfg, [1.0, 2.0, 3.0], [10.0, 10.0, 10.0], NodeIds(1, 2, 3))
     report = inner_strategy(strategy).report
     rows: list[dict[str, Any]] = [{}, {}, {}]
     for i, row in enumerate(rows):

@@ -17,30 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.supercore.differential_privacy import compute_stdv
-from inprocess_grid import LocalGrid
+from inprocess_grid import LocalGrid, Releases
 from safetensors.numpy import load_file
 
 from fedpeft.load import parse_config
 from fedpeft.server.checkpoint import load_checkpoint
-from fedpeft.server.loop import RoundHook, run_federation
+from fedpeft.server.loop import run_federation
 
 CLIENTS, ROUNDS, SIGMA, CLIP = 3, 3, 1.0, 0.05
-
-
-class Releases(RoundHook):
-    """Keeps every round's released global state; raises after round ``crash_after`` (if set)."""
-
-    def __init__(self, crash_after: int = 0) -> None:
-        self.crash_after, self.setup = crash_after, None
-        self.released: dict[int, dict[str, np.ndarray]] = {}
-
-    def on_start(self, setup: Any, strategy: Any, run_dir: Any) -> None:
-        self.setup = setup
-
-    def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
-        self.released[server_round] = {k: v.copy() for k, v in self.setup.state.items()}  # type: ignore[union-attr]
-        if server_round == self.crash_after:
-            raise RuntimeError("server killed")
 
 
 class Aggregates:

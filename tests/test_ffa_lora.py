@@ -7,9 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from tiny_model import dp_rng
+from tiny_model import attach_method, dp_rng
 
-from fedpeft.adapters import get
 from fedpeft.adapters.lora import lora_a_tensors, lora_layers
 from fedpeft.client.trainer import build_loader, tensorize, train_local
 from fedpeft.data.sources import train_test_split_for
@@ -17,12 +16,10 @@ from fedpeft.privacy.dpsgd import loader_sample_rate, make_private
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 from fedpeft.tasks.model import load_tokenizer
 from fedpeft.tasks.registry import task_for
-from fedpeft.tasks.seq_cls import load_base_model
 
 
 def _model(cfg, method: str = "ffa_lora"):  # type: ignore[no-untyped-def]
-    plugin = get(method)
-    return plugin, plugin.attach(load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed), cfg)
+    return attach_method(cfg, method, num_classes=2)
 
 
 def test_a_is_generated_from_the_seed_and_identical_everywhere(tiny_cfg) -> None:  # type: ignore[no-untyped-def]

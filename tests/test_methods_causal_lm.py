@@ -23,6 +23,7 @@ import pytest
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from tiny_model import assert_learns_beyond_random, dp_rng
+from tiny_model import to_numpy as _numpy
 from torch import nn
 
 from fedpeft.adapters import get as get_plugin
@@ -83,10 +84,6 @@ def _batch(cfg: RunConfig, n: int) -> Batch:
     """``n`` training examples as one batch trimmed to its longest row."""
     tok = TASK.load_tokenizer(cfg.model)
     return TASK.chunks(TASK.encode(tok, _examples(cfg, n), cfg.model.max_length), n)[0]
-
-
-def _numpy(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
 def _frozen(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
+from tiny_model import attach_method as _model
 from tiny_model import dp_rng
+from tiny_model import to_numpy as _numpy
+from tiny_model import with_method as _cfg
 from torch import nn
 
 from fedpeft.adapters import get
@@ -26,27 +29,10 @@ from fedpeft.data.partition import client_partition
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.strategies.adapter_avg import state_nbytes
 from fedpeft.tasks.model import load_tokenizer
-from fedpeft.tasks.seq_cls import load_base_model
 
 METHODS = ("nola", "sara", "soka", "osft")
 # Direct trainable parameter names of each method's layers (besides the head).
 TRAINED = {"nola": {"beta"}, "sara": {"values"}, "soka": {"kron_b"}, "osft": {"u_low", "s_low", "v_low"}}
-
-
-def _cfg(tiny_cfg, method: str, **options):  # type: ignore[no-untyped-def]
-    adapter = dataclasses.replace(tiny_cfg.adapter, method=method, options=tuple(sorted(options.items())))
-    return dataclasses.replace(tiny_cfg, adapter=adapter)
-
-
-def _model(cfg):  # type: ignore[no-untyped-def]
-    pool, _ = train_test_split_for(cfg.data, cfg.seed)
-    plugin = get(cfg.adapter.method)
-    plugin.validate_config(cfg)
-    return plugin, plugin.attach(load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed), cfg)
-
-
-def _numpy(state):  # type: ignore[no-untyped-def]
-    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
 def _frozen(model: nn.Module) -> dict[str, torch.Tensor]:

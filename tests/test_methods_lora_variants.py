@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from tiny_model import attach_method as _model
 from tiny_model import dp_rng
+from tiny_model import to_numpy as _numpy
+from tiny_model import with_method as _cfg
 from torch import nn
 
-from fedpeft.adapters import get
 from fedpeft.adapters.abmll import LOCAL_NAMES, BayesLoraLinear
 from fedpeft.adapters.triadapt_lora import CORE, MASK, TriAdaptLinear
 from fedpeft.config import ConfigError, config_hash, config_to_toml
@@ -25,24 +27,8 @@ from fedpeft.strategies.adapter_avg import state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
 from fedpeft.tasks.model import load_tokenizer
 from fedpeft.tasks.registry import task_for
-from fedpeft.tasks.seq_cls import load_base_model
 
 METHODS = ("triadapt_lora", "abmll", "texforce")
-
-
-def _cfg(tiny_cfg, method: str, **options):  # type: ignore[no-untyped-def]
-    adapter = dataclasses.replace(tiny_cfg.adapter, method=method, options=tuple(sorted(options.items())))
-    return dataclasses.replace(tiny_cfg, adapter=adapter)
-
-
-def _model(cfg):  # type: ignore[no-untyped-def]
-    pool, _ = train_test_split_for(cfg.data, cfg.seed)
-    plugin = get(cfg.adapter.method)
-    return plugin, plugin.attach(load_base_model(cfg.model, pool.num_classes, head_seed=cfg.adapter.seed), cfg)
-
-
-def _numpy(state):  # type: ignore[no-untyped-def]
-    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
 def _adapted(model: nn.Module) -> dict[str, nn.Module]:

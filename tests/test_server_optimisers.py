@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from inprocess_grid import LocalGrid, NodeIds, Releases
 
 from fedpeft.adapters import get
 from fedpeft.config import STRATEGY_OPTIONS, ConfigError, config_from_toml, config_to_toml
@@ -30,11 +31,6 @@ SHAPES = {"b": (2, 3), "c": (4,)}
 SPEC = StateSpec({k: (s, "float32") for k, s in SHAPES.items()}, frozen_hash="h")
 WEIGHTS = (10.0, 30.0)
 RULES = ("fedavgm", "fedadagrad", "fedadam", "fedyogi")
-
-
-class Grid2:
-    def get_node_ids(self) -> list[int]:
-        return [1, 2]
 
 
 def _cfg(name: str = "fedavg", **options: Any):  # type: ignore[no-untyped-def]
@@ -98,7 +94,7 @@ def _run(strategy: Any, replies: list[list[dict[str, np.ndarray]]], x: dict[str,
     """Drive ``strategy`` through one round per entry of ``replies``, as the round loop does."""
     out = []
     for r, states in enumerate(replies, start=first_round):
-        list(strategy.configure_train(r, state_to_arrayrecord(x), ConfigRecord(), Grid2()))
+        list(strategy.configure_train(r, state_to_arrayrecord(x), ConfigRecord(), NodeIds(1, 2)))
         arrays, _ = strategy.aggregate_train(r, [_reply(st, w, str(i)) for i, (st, w)
                                                  in enumerate(zip(states, WEIGHTS, strict=True))])
         x = {k: v.numpy() for k, v in arrays.items()}
@@ -249,10 +245,8 @@ def _loop_cfg(model: Path, out: Path, rounds: int) -> Any:
 def test_fedadam_through_the_real_round_loop(tiny_model_dir: Path, tmp_path: Path, flwr_identity: Any) -> None:
     """2 rounds of FedAdam (no DP) through ``run_federation`` and the real ClientApp: the B
     matrices move, by the server optimiser's step; the moments are in the checkpoint."""
-    from inprocess_grid import LocalGrid
 
     from fedpeft.server.loop import run_federation
-    from tests.test_central_dp_resume import Releases
 
     hook = Releases()
     rows = run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, tmp_path, 2), tmp_path, hooks=[hook])  # type: ignore[arg-type]
@@ -271,10 +265,8 @@ def test_fedadam_through_the_real_round_loop_resumes_bit_identically(tiny_model_
                                                                        flwr_identity: Any) -> None:
     """3 clients, 3 rounds of FedAdam; the same run killed after round 2's aggregation and
     resumed ends with the uninterrupted run's global state, bit for bit (~25 s)."""
-    from inprocess_grid import LocalGrid
 
     from fedpeft.server.loop import run_federation
-    from tests.test_central_dp_resume import Releases
 
     reference = Releases()
     run_federation(LocalGrid(3), _loop_cfg(tiny_model_dir, tmp_path / "ref", 3), tmp_path / "ref",  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
+from inprocess_grid import NodeIds
 
 from fedpeft.adapters import get
 from fedpeft.config import ConfigError
@@ -32,11 +33,6 @@ from tests.test_hetero_models import HOOK_SCENARIO, MINILM, _dp_reply
 SPEC = StateSpec({"w": ((100, 100), "float32")}, frozen_hash="h")
 
 
-class Grid6:
-    def get_node_ids(self) -> list[int]:
-        return [11, 12, 13, 14, 15, 16]
-
-
 def _cfg(**extra: Any):  # type: ignore[no-untyped-def]
     return parse_config({"privacy.epsilon": "inf", "train.clients": 6, "train.clients_per_round": 2,
                          "data.partition": "iid", **extra})
@@ -52,7 +48,7 @@ def _through_file(tmp_path: Path, strategy: Any = None, hooks: tuple[Any, ...] =
 
 def _sampled(strategy: Any, rounds: range) -> list[list[int]]:
     zero = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
-    return [[m.metadata.dst_node_id for m in strategy.configure_train(r, zero, ConfigRecord(), Grid6())]
+    return [[m.metadata.dst_node_id for m in strategy.configure_train(r, zero, ConfigRecord(), NodeIds(11, 12, 13, 14, 15, 16))]
             for r in rounds]
 
 

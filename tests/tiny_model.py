@@ -1,4 +1,6 @@
-"""A tiny random BERT with MiniLM's tokenizer, for fast tests of the real code paths."""
+"""A tiny random BERT with MiniLM's tokenizer, for fast tests of the real code paths, and the
+helpers the test files share (one copy each: a method's config and model, tensors to NumPy,
+the learns-beyond-random check, test-only DP randomness, a small hetero scenario)."""
 
 from __future__ import annotations
 
@@ -67,6 +69,34 @@ def assert_learns_beyond_random(params, train, loss_of, label: str = "", draws: 
     assert drop > RANDOM_FACTOR * max(abs(d) for d in random_drops), (label, "no better than random", drop,
                                                                       random_drops)
     return before, after
+
+
+def with_method(cfg, method: str, **options):  # type: ignore[no-untyped-def]
+    """``cfg`` with ``adapter.method = method`` and these ``adapter.options``."""
+    import dataclasses
+
+    adapter = dataclasses.replace(cfg.adapter, method=method, options=tuple(sorted(options.items())))
+    return dataclasses.replace(cfg, adapter=adapter)
+
+
+def attach_method(cfg, method: str | None = None, num_classes: int | None = None):  # type: ignore[no-untyped-def]
+    """``(plugin, model)``: the base model of ``cfg`` (``num_classes`` labels; None: the
+    run's data) with ``method`` (None: ``cfg.adapter.method``) attached after its
+    ``validate_config``."""
+    from fedpeft.adapters import get
+    from fedpeft.data.sources import train_test_split_for
+    from fedpeft.tasks.seq_cls import load_base_model
+
+    if num_classes is None:
+        num_classes = train_test_split_for(cfg.data, cfg.seed)[0].num_classes
+    plugin = get(method or cfg.adapter.method)
+    plugin.validate_config(cfg)
+    return plugin, plugin.attach(load_base_model(cfg.model, num_classes, head_seed=cfg.adapter.seed), cfg)
+
+
+def to_numpy(state):  # type: ignore[no-untyped-def]
+    """A state dict of tensors as independent NumPy copies."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
 
 
 def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tuple[float, float]:  # type: ignore[no-untyped-def]
