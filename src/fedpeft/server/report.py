@@ -177,13 +177,19 @@ def _summary(run: RunFiles, names: tuple[str, ...], higher: bool) -> list[dict[s
         out.append(("privacy", "no DP (epsilon = inf)"))
     if "epsilon_client_level" in last:
         out.append(("central DP: epsilon (client-level)", number(last.get("epsilon_client_level"))))
-    out += [("bytes up (all rounds)", int(sum(number(r.get("bytes_up")) for r in rows if r.get("bytes_up")))),
-            ("bytes down (all rounds)", int(sum(number(r.get("bytes_down")) for r in rows if r.get("bytes_down")))),
+    out += [("bytes up (all rounds)", _bytes(sum(number(r.get("bytes_up")) for r in rows if r.get("bytes_up")))),
+            ("bytes down (all rounds)", _bytes(sum(number(r.get("bytes_down")) for r in rows if r.get("bytes_down")))),
             ("server wall time (s)", sum(number(r.get("seconds")) for r in rows if r.get("seconds") is not None)),
             ("skipped rounds", sum(1 for r in rows if r.get("skipped")))]
     if "sim_clock" in last:
         out.append(("simulated clock at the end (s)", number(last.get("sim_clock"))))
     return [{"what": k, "value": v} for k, v in out]
+
+
+def _bytes(n: float) -> str:
+    """``n`` bytes, exactly and in the largest binary unit that fits (``39240 (38.3 KiB)``)."""
+    scale, unit = rp.byte_unit(n)
+    return f"{int(n)}" if scale == 1 else f"{int(n)} ({n / scale:.1f} {unit})"
 
 
 def _cell(value: Any) -> Any:

@@ -27,7 +27,8 @@ import numpy as np
 
 from fedpeft.server.figures import plt, save_figure
 
-__all__ = ["DROPPED", "MAX_CLIENT_LINES", "MAX_TIMELINE_CLIENTS", "PHASES", "bytes_per_round", "client_timeline",
+__all__ = ["DROPPED", "MAX_CLIENT_LINES", "MAX_TIMELINE_CLIENTS", "PHASES", "byte_unit", "bytes_per_round",
+           "client_timeline",
            "epsilon_per_client", "metrics_per_round", "number"]
 
 # compute is the server's cost-model estimate scaled to the device (sim/hetero/timing.py), not a client measurement
@@ -140,7 +141,8 @@ def epsilon_per_client(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, 
     return save_figure(fig, out / "epsilon_per_client.png")
 
 
-def _byte_unit(largest: float) -> tuple[float, str]:
+def byte_unit(largest: float) -> tuple[float, str]:
+    """(divisor, name) of the largest binary unit not above ``largest`` bytes (bytes, KiB, MiB, GiB)."""
     for scale, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if largest >= scale:
             return float(scale), name
@@ -153,7 +155,7 @@ def bytes_per_round(rows: Sequence[Mapping[str, Any]], out: Path) -> Path:
     rounds = [int(r["round"]) for r in rows]
     up = [number(r.get("bytes_up")) for r in rows]
     down = [number(r.get("bytes_down")) for r in rows]
-    scale, unit = _byte_unit(max([v for v in up + down if math.isfinite(v)], default=0.0))
+    scale, unit = byte_unit(max([v for v in up + down if math.isfinite(v)], default=0.0))
     ax.bar([x - 0.2 for x in rounds], [v / scale for v in up], width=0.4, color="#31a354", label="up (all replies)")
     ax.bar([x + 0.2 for x in rounds], [v / scale for v in down], width=0.4, color="#9ecae1",
            label="down (all instructions)")
