@@ -171,8 +171,9 @@ def test_hetero_run_shows_the_client_timeline(tmp_path: Path) -> None:
     assert "client_timeline" in [alt for alt, _ in page.images]
 
 
-def test_causal_lm_reports_its_metric_round_zero_and_samples(tmp_path: Path) -> None:
-    rows = [_row(r, 2, metric="exact_match", perplexity=3.0) for r in (1, 2)]
+def test_causal_lm_reports_its_metric_per_task_round_zero_and_samples(tmp_path: Path) -> None:
+    rows = [_row(r, 2, metric="exact_match", perplexity=3.0, exact_match_per_task={"colour": 0.5, "count": 0.1 * r})
+            for r in (1, 2)]  # a multi-task run's strata: one more line each
     run = _hand_made(tmp_path / "run", rows, task_type="causal-lm")
     (run / "initial_eval.json").write_text(json.dumps({"round": 0, "exact_match": 0.1, "loss": 1.0}))
     (run / "samples").mkdir()

@@ -28,8 +28,7 @@ import numpy as np
 from fedpeft.server.figures import plt, save_figure
 
 __all__ = ["DROPPED", "MAX_CLIENT_LINES", "MAX_TIMELINE_CLIENTS", "PHASES", "byte_unit", "bytes_per_round",
-           "client_timeline",
-           "epsilon_per_client", "metrics_per_round", "number"]
+           "client_timeline", "epsilon_per_client", "metrics_per_round", "number"]
 
 # compute is the server's cost-model estimate scaled to the device (sim/hetero/timing.py), not a client measurement
 PHASES = (("download_s", "downloading", "#9ecae1"), ("compute_s", "computing (estimated)", "#3182bd"),
@@ -131,8 +130,8 @@ def epsilon_per_client(rows: Sequence[Mapping[str, Any]], targets: Mapping[str, 
         ax.axhline(default, ls="--", lw=1.2, color="k", label=f"target {default:g}")
     own_targets = {c: t for c, t in targets.items() if c != "*" and math.isfinite(t) and t != default}
     if own_targets and not few:
-        for t in sorted(set(own_targets.values())):
-            ax.axhline(t, ls=":", lw=0.8, color="k")
+        for i, t in enumerate(sorted(set(own_targets.values()))):
+            ax.axhline(t, ls=":", lw=0.8, color="k", label="clients' own targets" if i == 0 else None)
     ax.set_ylabel("epsilon spent (example-level)")
     ax.set_title("Epsilon per client per round (dashed: target)")
     _round_axis(ax, rounds)
