@@ -226,6 +226,19 @@ def test_a_failing_report_is_one_log_line(tmp_path: Path, caplog: pytest.LogCapt
         write_report(run)
 
 
+def test_the_loop_writes_the_report_unless_told_not_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpeft.server.loop import _write_report
+    from fedpeft.server.run_dir import RunDir
+
+    run = _hand_made(tmp_path / "run", [_row(1, 3)])
+    monkeypatch.setenv("FEDPEFT_REPORT", "0")
+    _write_report(RunDir(run))
+    assert not (run / REPORT_FILE).exists()
+    monkeypatch.delenv("FEDPEFT_REPORT")
+    _write_report(RunDir(run))
+    assert (run / REPORT_FILE).is_file()
+
+
 def test_matplotlib_builds_its_font_cache_quietly(tmp_path: Path) -> None:
     """On a fresh machine matplotlib logs "building the font cache" from a 5 s timer; the timer
     is made immediate here so the line would appear, and it must not."""

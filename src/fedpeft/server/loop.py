@@ -217,7 +217,10 @@ def _strategy_for(
 
 
 def _write_report(rd: RunDir) -> None:
-    """``report.html`` of the run; a failure (even to import matplotlib) is one log line, never the run's."""
+    """``report.html`` of the run; a failure (even to import matplotlib) is one log line, never the run's.
+    ``FEDPEFT_REPORT=0`` in the ServerApp's environment skips it (benchmarks timing the rounds alone)."""
+    if os.environ.get("FEDPEFT_REPORT", "1") == "0":
+        return
     try:
         from fedpeft.server.report import write_report_safely  # matplotlib: only now, after the last round
     except ImportError as exc:

@@ -291,10 +291,11 @@ def write_report(path: Path) -> Path:
 
 def write_report_safely(path: Path) -> Path | None:
     """:func:`write_report`, logging one line instead of raising: a report must never fail a run."""
+    t0 = time.perf_counter()
     try:
         out = write_report(path)
     except Exception as exc:  # noqa: BLE001 -- plotting must never hide the run's own result or error
         log.warning("report not written (%s: %s); the run directory is complete without it", type(exc).__name__, exc)
         return None
-    log.info("report: %s", out)
+    log.info("report: %s (%.1f s)", out, time.perf_counter() - t0)
     return out
