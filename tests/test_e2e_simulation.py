@@ -82,6 +82,7 @@ def test_run_directory_contract(tiny_run) -> None:  # type: ignore[no-untyped-de
         assert [e["round"] for e in entries] == [1, 2]
     log = (path / "server.log").read_text()
     assert "round 2/2: accuracy=" in log and "example-level" in log
+    assert (path / "report.html").is_file() and (path / "plots" / "epsilon_per_client.png").is_file()  # the report
 
 
 def test_no_message_ever_contains_lora_a(tiny_run) -> None:  # type: ignore[no-untyped-def]

@@ -82,3 +82,10 @@ def test_plots_written(hetero_run) -> None:  # type: ignore[no-untyped-def]
     for name in ("sim_time_per_round", "client_timeline", "accuracy_vs_sim_time", "participation"):
         png = path / "plots" / f"{name}.png"
         assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_report_shows_the_client_timeline(hetero_run) -> None:  # type: ignore[no-untyped-def]
+    """The end-of-run report of a simulated hetero run embeds the timeline the emulator drew."""
+    path, _, _ = hetero_run
+    html = (path / "report.html").read_text()
+    assert "id='timeline'" in html and 'alt="client_timeline"' in html and 'alt="participation"' in html

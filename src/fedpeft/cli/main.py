@@ -20,6 +20,7 @@ from fedpeft.cli import (  # noqa: F401
     generate,
     hetero,
     privacy,
+    report,
     simulate,  # noqa: F401  (first: simulate, methods)
 )
 from fedpeft.cli.common import COMMANDS, build_parser, config_from_args, resume_config

@@ -5,7 +5,8 @@ Flower's ``Strategy.start`` runs a fixed loop; fedpeft drives the same strategy 
 that every round ends with a central evaluation on the held-out test set, one
 ``metrics.jsonl`` row, one log summary line, and a checkpoint (:mod:`fedpeft.server.checkpoint`)
 that ``--resume`` continues from. A round with fewer than ``faults.min_clients`` valid
-replies is retried with the same global state or skipped (:mod:`fedpeft.sim.faults`).
+replies is retried with the same global state or skipped (:mod:`fedpeft.sim.faults`). The run
+ends with ``report.html`` and its PNGs (:mod:`fedpeft.server.report`).
 
 :func:`send_and_receive` is Flower's ``Grid.send_and_receive`` with two changes: it pulls
 replies every ``PULL_INTERVAL_S`` (Flower 1.42's deployed grid sleeps 3 s between pulls,
@@ -215,6 +216,19 @@ def _strategy_for(
     return strategy, list(wrapper_hooks)
 
 
+def _write_report(rd: RunDir) -> None:
+    """``report.html`` of the run; a failure (even to import matplotlib) is one log line, never the run's.
+    ``FEDPEFT_REPORT=0`` in the ServerApp's environment skips it (benchmarks timing the rounds alone)."""
+    if os.environ.get("FEDPEFT_REPORT", "1") == "0":
+        return
+    try:
+        from fedpeft.server.report import write_report_safely  # matplotlib: only now, after the last round
+    except ImportError as exc:
+        log.warning("report not written (%s)", exc)
+        return
+    write_report_safely(rd.path)
+
+
 def run_federation(
     grid: Grid,
     cfg: RunConfig,
@@ -293,6 +307,8 @@ def run_federation(
     finally:
         for hook in hooks:
             hook.on_end(rows)
+        if rows:  # also after a failure part-way: the rounds that finished
+            _write_report(rd)
         for name in ("fedpeft",):
             logging.getLogger(name).removeHandler(handler)
         handler.close()

@@ -7,6 +7,7 @@ DIR/ledger/         one privacy ledger per client (client-<id>.json)
 DIR/adapter/        final global adapter, a PEFT directory
 DIR/server.log      log with one summary line per round
 DIR/checkpoint.npz  server state after the last completed round (src/fedpeft/server/checkpoint.py)
+DIR/report.html     the run at a glance, PNGs embedded; DIR/plots/ the PNGs (src/fedpeft/server/report.py)
 ```
 
 A directory whose ledgers were charged under one configuration is never reused for

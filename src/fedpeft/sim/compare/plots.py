@@ -20,20 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from fedpeft.server.figures import plt
+from fedpeft.server.figures import save_figure as _save
 
 __all__ = ["write_plots"]
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _eps_positions(epsilons: Sequence[float]) -> dict[float, float]:

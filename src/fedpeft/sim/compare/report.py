@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from fedpeft.server.figures import fmt as _fmt
+from fedpeft.server.figures import html_table as _html_table
 from fedpeft.sim.compare.plots import write_plots
 from fedpeft.sim.compare.sweep import Cell, cell_is_finished
 from fedpeft.tasks.base import TaskType
@@ -133,23 +135,10 @@ def _reading(summary: Sequence[dict[str, Any]], baseline: float | None, task_typ
     return lines
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else ("" if math.isnan(v) else f"{v:.4g}")
-    return str(v)
-
-
 def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> list[str]:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return out
-
-
-def _html_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c, '')))}</td>" for c in cols) + "</tr>"
-                   for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def summary_cols(metric: str) -> tuple[str, ...]:

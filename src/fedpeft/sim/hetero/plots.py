@@ -4,7 +4,8 @@
   own wall time per round, the ``seconds`` of ``metrics.jsonl``);
 * ``client_timeline.png`` -- per client: download / compute / upload, idle, and the
   dropped ones (late, surplus, crashed, offline, declined), rounds laid end to end on the
-  simulated clock;
+  simulated clock (:func:`fedpeft.server.report_plots.client_timeline`, which the run's
+  ``report.html`` draws too);
 * ``<metric>_vs_sim_time.png`` -- the task type's primary metric (``accuracy`` for sequence
   classification) on the test set against the simulated clock;
 * ``participation.png`` -- outcomes per profile over the run.
@@ -14,29 +15,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from fedpeft.server.figures import plt
+from fedpeft.server.figures import save_figure as _save
+from fedpeft.server.report_plots import DROPPED, client_timeline
 
 __all__ = ["write_plots"]
-
-# compute is the server's cost-model estimate scaled to the device (timing.py), not a client measurement
-PHASES = (("download_s", "downloading", "#9ecae1"), ("compute_s", "computing (estimated)", "#3182bd"),
-          ("upload_s", "uploading", "#31a354"))
-DROPPED = {"late": "#fd8d3c", "surplus": "#bdbdbd", "crashed": "#de2d26", "offline": "#636363",
-           "declined": "#756bb1"}
-MAX_TIMELINE_CLIENTS = 60
-
-
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _sim_time(rows: Sequence[dict[str, Any]], out: Path) -> Path:
@@ -47,39 +34,6 @@ def _sim_time(rows: Sequence[dict[str, Any]], out: Path) -> Path:
     ax.set(xlabel="round", ylabel="seconds", title="Round time: simulated devices vs this host")
     ax.legend()
     return _save(fig, out / "sim_time_per_round.png")
-
-
-def _timeline(rows: Sequence[dict[str, Any]], timeline: Sequence[Any], out: Path) -> Path:
-    starts: dict[int, float] = {}
-    clock = 0.0
-    for r in rows:
-        starts[r["round"]] = clock
-        clock += r["sim_seconds"]
-    clients = sorted({e.client for e in timeline}, key=int)[:MAX_TIMELINE_CLIENTS]
-    ypos = {c: i for i, c in enumerate(clients)}
-    profile = {e.client: e.profile for e in timeline}
-    fig, ax = plt.subplots(figsize=(9, 0.8 + 0.28 * max(len(clients), 3)))
-    for e in timeline:
-        if e.client not in ypos or e.round not in starts:
-            continue
-        y, t0 = ypos[e.client], starts[e.round]
-        if e.status in DROPPED:
-            ax.broken_barh([(t0, max(e.end_s, clock * 0.004))], (y - 0.35, 0.7), color=DROPPED[e.status])
-            continue
-        t = t0
-        for attr, _, color in PHASES:
-            width = getattr(e, attr)
-            ax.broken_barh([(t, width)], (y - 0.35, 0.7), color=color)
-            t += width
-    for r in rows[1:]:
-        ax.axvline(starts[r["round"]], color="k", lw=0.6, ls=":")
-    ax.set_yticks(range(len(clients)), [f"{c} {profile[c]}" for c in clients], fontsize=7)
-    ax.set(xlabel="simulated seconds (white = idle)", title="Client timeline (rounds separated by dotted lines)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for _, _, c in PHASES] + \
-        [plt.Rectangle((0, 0), 1, 1, color=c) for c in DROPPED.values()]
-    labels = [n for _, n, _ in PHASES] + [f"dropped: {s}" for s in DROPPED]
-    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, out / "client_timeline.png")
 
 
 def _metric(rows: Sequence[dict[str, Any]], out: Path, metric: str) -> Path:
@@ -111,5 +65,5 @@ def _participation(timeline: Sequence[Any], out: Path) -> Path:
 def write_plots(rows: Sequence[dict[str, Any]], timeline: Sequence[Any], out: Path, metric: str) -> list[Path]:
     """Write the four PNGs into ``out`` (``metric``: the task type's primary metric); return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    return [_sim_time(rows, out), _timeline(rows, timeline, out), _metric(rows, out, metric),
+    return [_sim_time(rows, out), client_timeline(rows, [asdict(e) for e in timeline], out), _metric(rows, out, metric),
             _participation(timeline, out)]
