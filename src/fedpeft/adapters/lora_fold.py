@@ -103,17 +103,14 @@ class FoldedLoraPlugin(AdapterPlugin, FrozenDelta):
         return {delta_key(n): d for n, d in installed_delta(model).items()}
 
     def install_delta(self, model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        """Set every adapted layer's frozen weight to ``W0 + s * D`` with D from ``state``.
-
-        A state with no delta at all (a reply; a test's trainable state) leaves the installed
-        one as it is; one with only some layers' delta is an error."""
+        """Set every adapted layer's frozen weight to ``W0 + s * D`` with D from ``state``; a
+        state without every layer's D is an error (the cached model of a client process would
+        otherwise keep another run's or client's delta)."""
         layers = lora_layers(model)
-        given = [n for n, _ in layers if delta_key(n) in state]
-        if not given:
-            return
-        if len(given) != len(layers):
-            missing = next(n for n, _ in layers if delta_key(n) not in state)
-            raise KeyError(f"state lacks {delta_key(missing)!r} (it has the frozen delta of other layers)")
+        missing = [delta_key(n) for n, _ in layers if delta_key(n) not in state]
+        if missing:
+            raise KeyError(f"state lacks {len(missing)} frozen deltas, e.g. {missing[0]!r}: a {self.name} "
+                           "global state carries one per adapted layer")
         w0: dict[str, torch.Tensor] = getattr(model, _W0)
         current: dict[str, torch.Tensor] = getattr(model, _DELTA)
         with torch.no_grad():
@@ -129,7 +126,7 @@ class FoldedLoraPlugin(AdapterPlugin, FrozenDelta):
                 current[name] = d
 
     def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        """Install the frozen delta (if the state has it), then the trainable tensors."""
+        """Install the frozen delta, then the trainable tensors."""
         self.install_delta(model, state)
         super().load_state(model, {k: v for k, v in state.items() if not k.endswith(DELTA_SUFFIX)})
 
