@@ -6,10 +6,12 @@ autograd, and a small in-process federation that records what travels both ways.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 from inprocess_grid import LocalGrid
 
@@ -20,6 +22,9 @@ from fedpeft.client.trainer import tensorize, train_local
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.load import parse_config
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
+from fedpeft.server.checkpoint import load_checkpoint
+from fedpeft.server.loop import RoundHook, run_federation
+from fedpeft.server.setup import ServerSetup
 from fedpeft.tasks.model import load_tokenizer
 from fedpeft.tasks.registry import task_for
 from fedpeft.tasks.seq_cls import load_base_model
@@ -133,3 +138,48 @@ def federation_cfg(model_dir: Path, out: Path, method: str, rounds: int = 2, **e
         "train.lr": 0.05, "adapter.method": method, "adapter.rank": 4, "privacy.epsilon": "inf",
         "output_dir": str(out), **extra,
     })
+
+
+class Crash(RoundHook):
+    def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
+        if server_round == 2:
+            raise RuntimeError("server lost")
+
+
+def federate_and_resume(tiny_model_dir: Path, tmp_path: Path, method: str) -> dict[str, np.ndarray]:
+    """Two in-process rounds: replies carry exactly the reply spec, instructions the spec plus
+    every frozen delta, bytes are counted both ways, the checkpoint holds a non-zero delta, the
+    server's evaluation used it, and a run lost in round 2 and resumed ends with the same
+    state; returns the final global state."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    grid = RecordingGrid(2)
+    ref_rows = run_federation(grid, federation_cfg(tiny_model_dir, reference, method), reference)  # type: ignore[arg-type]
+    setup = ServerSetup(federation_cfg(tiny_model_dir, reference, method))
+    deltas = {k for k in setup.state if k.endswith(DELTA_SUFFIX)}
+    # what travels: replies carry exactly the spec; the server's instructions the spec plus every delta
+    assert grid.reply_keys and all(keys == set(setup.spec.tensors) for keys in grid.reply_keys)
+    assert all(set(m.content.array_records["arrays"].keys()) == set(setup.spec.tensors) | deltas for m in grid.sent)
+    delta_bytes = sum(setup.state[k].nbytes for k in deltas)
+    for row in ref_rows:
+        assert setup.spec.nbytes * 2 <= row["bytes_up"] <= (setup.spec.nbytes + 256 * len(setup.spec.tensors)) * 2
+        assert row["bytes_down"] >= 2 * (setup.spec.nbytes + delta_bytes)
+    final = load_checkpoint(reference / "checkpoint.npz").state
+    assert all(np.abs(final[k]).max() > 0 for k in deltas)  # a residual was folded and checkpointed
+    # the server's own model evaluated the folded weights: its loss is that of W0 + s (D + B A)
+    setup.set_state(final)
+    assert setup.evaluate()["loss"] == pytest.approx(ref_rows[-1]["loss"], rel=1e-6)
+    setup.set_state({**final, **{k: np.zeros_like(final[k]) for k in deltas}})
+    assert setup.evaluate()["loss"] != pytest.approx(ref_rows[-1]["loss"], rel=1e-6)  # the fold matters
+
+    cfg = federation_cfg(tiny_model_dir, run, method)
+    with pytest.raises(RuntimeError, match="server lost"):
+        run_federation(RecordingGrid(2), cfg, run, hooks=[Crash()])  # type: ignore[arg-type]
+    assert load_checkpoint(run / "checkpoint.npz").server_round == 1
+    rows = run_federation(RecordingGrid(2), cfg, run, resume=True)  # type: ignore[arg-type]
+    got = load_checkpoint(run / "checkpoint.npz").state
+    assert sorted(got) == sorted(final)
+    for k in final:  # same configuration apart from output_dir: the same releases, the same fold
+        np.testing.assert_array_equal(got[k], final[k], err_msg=k)
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 2
+    return final

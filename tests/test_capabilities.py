@@ -29,7 +29,9 @@ ADAPTERS = Path(__file__).resolve().parents[1] / "src" / "fedpeft" / "adapters"
 
 # What each shipped method can do beyond AdapterPlugin (a method not listed has no capability).
 EXPECTED = {
+    "fedex_lora": {"frozen_delta"},
     "ffa_lora_hetero": {"rank_tiers"},
+    "flora": {"rank_tiers", "frozen_delta"},
     "icm_lora": {"data_release", "server_round_work"},
     "meteora": {"reply_variants", "server_state", "multitask_aggregation", "server_round_work"},
     "smora": {"server_state", "public_step"},

@@ -5,19 +5,16 @@ Each test names the guarantee it checks; tests/lora_fold_helpers.py holds what F
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from lora_fold_helpers import (
-    RecordingGrid,
     attached,
     dp_step_matches_clipped_per_example_mean,
     effective_weights,
-    federation_cfg,
+    federate_and_resume,
     learns_beyond_random,
     random_global,
     reply_of,
@@ -29,8 +26,6 @@ from fedpeft.adapters.lora import lora_layers
 from fedpeft.adapters.lora_fold import DELTA_SUFFIX, delta_key, installed_delta
 from fedpeft.config import ConfigError
 from fedpeft.load import parse_config
-from fedpeft.server.checkpoint import load_checkpoint
-from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.setup import ServerSetup
 
 METHOD = "fedex_lora"
@@ -126,42 +121,6 @@ def test_refuses_server_optimisers_and_multi_task_runs(tiny_model_dir: Path) -> 
         parse_config({"model.path": str(tiny_model_dir), "adapter.method": METHOD, "central.mode": "server"})
 
 
-class Crash(RoundHook):
-    def on_round_end(self, server_round: int, row: dict[str, Any], report: Any) -> None:
-        if server_round == 2:
-            raise RuntimeError("server lost")
-
-
 def test_two_rounds_in_process_and_a_resume_restores_the_folded_residual(tiny_model_dir: Path, tmp_path: Path,
                                                                           flwr_identity) -> None:  # type: ignore[no-untyped-def]
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    grid = RecordingGrid(2)
-    ref_rows = run_federation(grid, federation_cfg(tiny_model_dir, reference, METHOD), reference)  # type: ignore[arg-type]
-    setup = ServerSetup(federation_cfg(tiny_model_dir, reference, METHOD))
-    deltas = {k for k in setup.state if k.endswith(DELTA_SUFFIX)}
-    # what travels: replies carry exactly the spec; the server's instructions the spec plus every delta
-    assert grid.reply_keys and all(keys == set(setup.spec.tensors) for keys in grid.reply_keys)
-    assert all(set(m.content.array_records["arrays"].keys()) == set(setup.spec.tensors) | deltas for m in grid.sent)
-    delta_bytes = sum(setup.state[k].nbytes for k in deltas)
-    for row in ref_rows:
-        assert setup.spec.nbytes * 2 <= row["bytes_up"] <= (setup.spec.nbytes + 256 * len(setup.spec.tensors)) * 2
-        assert row["bytes_down"] >= 2 * (setup.spec.nbytes + delta_bytes)
-    final = load_checkpoint(reference / "checkpoint.npz").state
-    assert all(np.abs(final[k]).max() > 0 for k in deltas)  # a residual was folded and checkpointed
-    # the server's own model evaluated the folded weights: its loss is that of W0 + s (D + B A)
-    setup.set_state(final)
-    assert setup.evaluate()["loss"] == pytest.approx(ref_rows[-1]["loss"], rel=1e-6)
-    setup.set_state({**final, **{k: np.zeros_like(final[k]) for k in deltas}})
-    assert setup.evaluate()["loss"] != pytest.approx(ref_rows[-1]["loss"], rel=1e-6)  # the fold matters
-
-    cfg = federation_cfg(tiny_model_dir, run, METHOD)
-    with pytest.raises(RuntimeError, match="server lost"):
-        run_federation(RecordingGrid(2), cfg, run, hooks=[Crash()])  # type: ignore[arg-type]
-    assert load_checkpoint(run / "checkpoint.npz").server_round == 1
-    rows = run_federation(RecordingGrid(2), cfg, run, resume=True)  # type: ignore[arg-type]
-    got = load_checkpoint(run / "checkpoint.npz").state
-    assert sorted(got) == sorted(final)
-    for k in final:  # same configuration apart from output_dir: the same releases, the same fold
-        np.testing.assert_array_equal(got[k], final[k], err_msg=k)
-    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
-    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 2
+    federate_and_resume(tiny_model_dir, tmp_path, METHOD)
