@@ -195,6 +195,8 @@ METHOD_MODULES = {"abmll", "ffa_lora", "ffa_lora_hetero", "icm_lora", "lora", "m
                   "sara", "smora", "soka", "texforce", "triadapt_lora"}
 BASES = {"ffa_lora": {"lora"}, "ffa_lora_hetero": {"ffa_lora", "lora"}, "texforce": {"lora"},
          "nola": {"delta_linear"}, "sara": {"delta_linear"}, "soka": {"delta_linear"}, "osft": {"delta_linear"}}
+METHOD_MODULES |= {"fedex_lora", "flora", "lora_fold"}  # lora_fold: the true base of both (on lora)
+BASES |= {"lora_fold": {"lora"}, "fedex_lora": {"lora_fold"}, "flora": {"lora", "lora_fold"}}
 
 
 def _adapter_imports(path: Path) -> set[str]:
