@@ -21,10 +21,10 @@ result cast back to float32; R is computed from the float32 means the clients wi
 the identity holds to float32 rounding of D). The head is averaged as in LoRA.
 
 What travels: up, every ``lora_A`` and ``lora_B`` plus the head (LoRA's upload, byte for byte);
-down, the same plus one ``<layer>.frozen_delta`` (d_out x d_in float32) per adapted layer -- for
-query/value of a 768-wide BERT-base that is 2 x 12 x 768 x 768 x 4 B = 56.6 MB per client per
-round against LoRA's 2 x 12 x 2 x 8 x 768 x 4 B = 1.2 MB at r = 8 (the paper, too, sends the
-full residual matrix down). R is post-processing of the DP releases: no privacy cost.
+down, the same plus one ``<layer>.frozen_delta`` (d_out x d_in float32) per adapted layer, which
+for the packaged MiniLM-L6 at r = 8 on query/value makes the download 24.75x LoRA's (sizes in
+docs/methods-fedex-flora.md; the paper, too, sends a full-size residual down). R is
+post-processing of the DP releases: no privacy cost.
 
 Deviations from the paper: the server sends the accumulated D, not the round's residual, so
 partial participation, fresh client processes and resumed runs stay exact
