@@ -118,14 +118,17 @@ def dp_step_matches_clipped_per_example_mean(cfg: Any, plugin: Any, make_model: 
 class RecordingGrid(LocalGrid):
     """A :class:`LocalGrid` that keeps every reply's tensor names and byte size."""
 
-    def __init__(self, clients: int) -> None:
-        super().__init__(clients)
+    def __init__(self, clients: int, app: Any = None) -> None:
+        super().__init__(clients, app=app)
         self.reply_keys: list[set[str]] = []
+        self.reply_shapes: list[dict[str, tuple[int, ...]]] = []
 
     def _answer(self, msg: Any) -> Any:
         reply = super()._answer(msg)
         if not reply.has_error():
-            self.reply_keys.extend(set(r.keys()) for r in reply.content.array_records.values())
+            for record in reply.content.array_records.values():
+                self.reply_keys.append(set(record.keys()))
+                self.reply_shapes.append({k: tuple(v.shape) for k, v in record.items()})
         return reply
 
 

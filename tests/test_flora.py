@@ -159,3 +159,55 @@ def test_two_rounds_in_process_and_a_resume_restores_the_folded_stack(tiny_model
                                                                       flwr_identity) -> None:  # type: ignore[no-untyped-def]
     final = federate_and_resume(tiny_model_dir, tmp_path, METHOD)
     assert all(not v.any() for k, v in final.items() if "lora_B" in k)  # the next round starts from B = 0
+
+
+HETERO = """name = "flora-ranks"
+host_profile = "Host-2core-CPU"
+rank_tiers = [4, 2]
+
+[clients]
+Big = 1
+Small = 1
+
+[ranks]
+Big = 4
+Small = 2
+
+[profiles.Big]
+tflops = 1000.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+[profiles.Small]
+tflops = 1000.0
+memory_gb = 80.0
+uplink_mbps = 1000.0
+downlink_mbps = 1000.0
+"""
+
+
+def test_heterogeneous_ranks_through_the_device_emulation_in_process(tiny_model_dir: Path, tmp_path: Path,
+                                                                     flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """The heterogeneous-rank machinery ffa_lora_hetero uses (fedpeft.sim.hetero): a rank-2 client
+    sends A[:2] and B[:, :2], the emulator zero-pads both, every reply is accepted and folded."""
+    from lora_fold_helpers import RecordingGrid, federation_cfg
+
+    from fedpeft.server.checkpoint import load_checkpoint
+    from fedpeft.server.loop import run_federation
+    from fedpeft.sim.hetero.hook import HeteroEmulator
+    from fedpeft.sim.hetero.scenario import load_scenario
+    from fedpeft.sim.hetero.timing import StepCost
+    from fedpeft.sim.mods import simulation_app
+
+    (tmp_path / "s.toml").write_text(HETERO)
+    scenario = load_scenario(str(tmp_path / "s.toml"))
+    cfg = federation_cfg(tiny_model_dir, tmp_path / "run", METHOD, rounds=1)
+    emulator = HeteroEmulator(scenario, cfg, step_cost=StepCost(seconds_per_example=0.01, batch=16, steps=1))
+    grid = RecordingGrid(2, app=simulation_app())
+    rows = run_federation(grid, cfg, tmp_path / "run", hooks=[emulator], round_timer=emulator)  # type: ignore[arg-type]
+    assert rows[0]["clients_accepted"] == 2 and not rows[0]["rejected"]
+    a_rows = sorted({shape[0] for shapes in grid.reply_shapes for k, shape in shapes.items() if "lora_A" in k})
+    b_cols = sorted({shape[1] for shapes in grid.reply_shapes for k, shape in shapes.items() if "lora_B" in k})
+    assert a_rows == b_cols == [2, RANK]  # one client at each rank
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.npz").state
+    assert all(np.abs(v).max() > 0 for k, v in state.items() if k.endswith(DELTA_SUFFIX))
