@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from inprocess_grid import LocalGrid
+from tiny_model import clipped_mean_gradient
 
 from fedpeft.adapters import get
 from fedpeft.adapters.lora import lora_layers
 from fedpeft.adapters.lora_fold import DELTA_SUFFIX, delta_key
-from fedpeft.client.trainer import tensorize, train_local
+from fedpeft.client.trainer import train_local
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.load import parse_config
 from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
@@ -26,7 +27,6 @@ from fedpeft.server.checkpoint import load_checkpoint
 from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.setup import ServerSetup
 from fedpeft.tasks.model import load_tokenizer
-from fedpeft.tasks.registry import task_for
 from fedpeft.tasks.seq_cls import load_base_model
 
 CPU = torch.device("cpu")
@@ -94,18 +94,7 @@ def dp_step_matches_clipped_per_example_mean(cfg: Any, plugin: Any, make_model: 
         for mod in m.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
-    params = [p for p in reference.parameters() if p.requires_grad]
-    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
-    clipped = []
-    for i in range(n):
-        ids, mask, label = ds[i]
-        width = int(mask.sum())
-        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width],
-                                       "labels": label[None]}, task_for(cfg))
-        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
-        assert float(g.norm()) > 10 * clip  # every example is really clipped
-        clipped.append(g * min(1.0, clip / float(g.norm())))
-    expected = -torch.stack(clipped).mean(0)
+    expected = -clipped_mean_gradient(plugin, reference, tok, data, cfg, clip)
     flat = lambda: torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])  # noqa: E731
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = flat()

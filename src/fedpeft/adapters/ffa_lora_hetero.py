@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedpeft.adapters.capabilities import RankTiers
-from fedpeft.adapters.common import NDArrays, hash_tensors
+from fedpeft.adapters.common import NDArrays, hash_tensors, rank_slice
 from fedpeft.adapters.ffa_lora import FfaLoraPlugin
 from fedpeft.adapters.lora import lora_a_tensors, lora_layers
 from fedpeft.config import RunConfig
@@ -110,9 +110,7 @@ class FfaLoraHeteroPlugin(FfaLoraPlugin, RankTiers):
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(model)
         rank = self.client_rank(model)
-        if rank < self.full_rank(model):
-            state = {k: (v[:, :rank] if "lora_B" in k else v) for k, v in state.items()}
-        return state
+        return rank_slice(state, rank) if rank < self.full_rank(model) else state
 
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(getattr(model, _FULL_A))

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from fedpeft.adapters.capabilities import RankTiers
-from fedpeft.adapters.common import NDArrays, weighted_mean
+from fedpeft.adapters.common import NDArrays, rank_slice, weighted_mean
 from fedpeft.adapters.lora import lora_layers
 from fedpeft.adapters.lora_fold import FoldedLoraPlugin, delta_key, lora_pairs
 from fedpeft.config import RunConfig
@@ -133,17 +133,15 @@ class FloraPlugin(FoldedLoraPlugin, RankTiers):
                 object.__setattr__(b_module, _MASK, mask)
         object.__setattr__(model, _RANK, rank)
 
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The client's rank components only (all of them at rank R)."""
+        rank, state = self.client_rank(model), super().trainable_state(model)
+        return state if rank == self.full_rank(model) else rank_slice(state, rank)
+
     def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        """Install a full-rank (global) state and reset the model to rank R."""
+        """Back to rank R (no mask), then the delta and the trainable tensors of the global state."""
         self.set_client_rank(model, self.full_rank(model))
         super().load_state(model, state)
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = super().trainable_state(model)
-        rank = self.client_rank(model)
-        if rank < self.full_rank(model):
-            state = {k: (v[:, :rank] if "lora_B" in k else v[:rank] if "lora_A" in k else v) for k, v in state.items()}
-        return state
 
     def aggregate(
         self, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], previous: Mapping[str, np.ndarray]
