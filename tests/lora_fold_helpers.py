@@ -175,3 +175,14 @@ def federate_and_resume(tiny_model_dir: Path, tmp_path: Path, method: str) -> di
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 2
     return final
+
+
+def one_dp_round(tiny_model_dir: Path, tmp_path: Path, method: str) -> dict[str, np.ndarray]:
+    """One DP-SGD round through the real round loop and ClientApp: both replies accepted, the
+    clients spent budget, their DP replies carry no training loss, a non-zero delta is folded."""
+    cfg = federation_cfg(tiny_model_dir, tmp_path / "dp", method, rounds=1, **{"privacy.epsilon": 6.0})
+    rows = run_federation(RecordingGrid(2), cfg, tmp_path / "dp")  # type: ignore[arg-type]
+    assert rows[0]["clients_accepted"] == 2 and 0 < rows[0]["epsilon"] <= 6.0 and rows[0]["train_loss"] is None
+    state = load_checkpoint(tmp_path / "dp" / "checkpoint.npz").state
+    assert all(np.abs(v).max() > 0 for k, v in state.items() if k.endswith(DELTA_SUFFIX))
+    return state

@@ -16,6 +16,7 @@ from lora_fold_helpers import (
     effective_weights,
     federate_and_resume,
     learns_beyond_random,
+    one_dp_round,
     random_global,
     reply_of,
     weighted,
@@ -124,3 +125,7 @@ def test_refuses_server_optimisers_and_multi_task_runs(tiny_model_dir: Path) -> 
 def test_two_rounds_in_process_and_a_resume_restores_the_folded_residual(tiny_model_dir: Path, tmp_path: Path,
                                                                           flwr_identity) -> None:  # type: ignore[no-untyped-def]
     federate_and_resume(tiny_model_dir, tmp_path, METHOD)
+
+
+def test_one_dp_sgd_round_in_process(tiny_model_dir: Path, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    one_dp_round(tiny_model_dir, tmp_path, METHOD)

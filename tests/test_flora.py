@@ -16,6 +16,7 @@ from lora_fold_helpers import (
     effective_weights,
     federate_and_resume,
     learns_beyond_random,
+    one_dp_round,
     random_global,
     weighted,
 )
@@ -211,3 +212,8 @@ def test_heterogeneous_ranks_through_the_device_emulation_in_process(tiny_model_
     assert a_rows == b_cols == [2, RANK]  # one client at each rank
     state = load_checkpoint(tmp_path / "run" / "checkpoint.npz").state
     assert all(np.abs(v).max() > 0 for k, v in state.items() if k.endswith(DELTA_SUFFIX))
+
+
+def test_one_dp_sgd_round_in_process(tiny_model_dir: Path, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    state = one_dp_round(tiny_model_dir, tmp_path, METHOD)
+    assert all(not v.any() for k, v in state.items() if "lora_B" in k)
