@@ -29,7 +29,9 @@ ADAPTERS = Path(__file__).resolve().parents[1] / "src" / "fedpeft" / "adapters"
 
 # What each shipped method can do beyond AdapterPlugin (a method not listed has no capability).
 EXPECTED = {
+    "fedex_lora": {"frozen_delta"},
     "ffa_lora_hetero": {"rank_tiers"},
+    "flora": {"rank_tiers", "frozen_delta"},
     "icm_lora": {"data_release", "server_round_work"},
     "meteora": {"reply_variants", "server_state", "multitask_aggregation", "server_round_work"},
     "smora": {"server_state", "public_step"},
@@ -193,6 +195,8 @@ METHOD_MODULES = {"abmll", "ffa_lora", "ffa_lora_hetero", "icm_lora", "lora", "m
                   "sara", "smora", "soka", "texforce", "triadapt_lora"}
 BASES = {"ffa_lora": {"lora"}, "ffa_lora_hetero": {"ffa_lora", "lora"}, "texforce": {"lora"},
          "nola": {"delta_linear"}, "sara": {"delta_linear"}, "soka": {"delta_linear"}, "osft": {"delta_linear"}}
+METHOD_MODULES |= {"fedex_lora", "flora", "lora_fold"}  # lora_fold: the true base of both (on lora)
+BASES |= {"lora_fold": {"lora"}, "fedex_lora": {"lora_fold"}, "flora": {"lora", "lora_fold"}}
 
 
 def _adapter_imports(path: Path) -> set[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import make_tiny_model
+from tiny_model import clipped_mean_gradient, make_tiny_model
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.trainer import build_loader, tensorize, train_local
@@ -81,19 +81,7 @@ def test_one_step_without_noise_is_minus_the_mean_clipped_per_example_gradient(t
     plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
     model = _fresh_model(cfg, plugin)
     before = _flat(model)
-    reference = _fresh_model(cfg, plugin)
-    params = [p for p in reference.parameters() if p.requires_grad]
-    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
-    clipped = []
-    for i in range(n):
-        ids, mask, label = ds[i]
-        width = int(mask.sum())
-        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width],
-                                       "labels": label[None]}, task_for(cfg))
-        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
-        assert float(g.norm()) > 10 * clip  # every example is really clipped
-        clipped.append(g * min(1.0, clip / float(g.norm())))
-    expected = -cfg.train.lr * torch.stack(clipped).mean(0)
+    expected = -cfg.train.lr * clipped_mean_gradient(plugin, _fresh_model(cfg, plugin), tok, data, cfg, clip)
     result = train_local(model, plugin, tok, data, cfg, 1, CPU, 0.0, _rng())
     assert result.sample_rate == 1.0
     update = _flat(model) - before

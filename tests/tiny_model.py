@@ -120,6 +120,30 @@ def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tupl
         lambda: float(evaluate(model, tok, data, 24, cpu)["loss"]), label=cfg.adapter.method)
 
 
+def clipped_mean_gradient(plugin, model, tok, data, cfg, clip: float):  # type: ignore[no-untyped-def]
+    """``mean_i clip_C(g_i)`` over ``data`` (flat, in ``model.parameters()`` order of the trainable
+    ones), each g_i by per-example autograd of the plugin's loss on its unpadded example; asserts
+    that every example is really clipped (norm > 10 C). What one DP-SGD step with q = 1, sigma = 0
+    applies (tests/test_dp_mechanism.py, tests/lora_fold_helpers.py)."""
+    import torch
+
+    from fedpeft.client.trainer import tensorize
+    from fedpeft.tasks.registry import task_for
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
+    clipped = []
+    for i in range(len(data)):
+        ids, mask, label = ds[i]
+        width = int(mask.sum())
+        loss = plugin.loss(model, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width],
+                                   "labels": label[None]}, task_for(cfg))
+        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
+        assert float(g.norm()) > 10 * clip  # every example is really clipped
+        clipped.append(g * min(1.0, clip / float(g.norm())))
+    return torch.stack(clipped).mean(0)
+
+
 def dp_rng(seed: int = 0):  # type: ignore[no-untyped-def]
     """Reproducible DP randomness for tests: a fixed test-only node secret per ``seed``.
 

@@ -30,7 +30,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.sources import TextDataset
 
 __all__ = [
-    "CAPABILITIES", "DataRelease", "MetricsRow", "MultiTaskAggregation", "PublicStep", "RankTiers", "ReleaseParams",
+    "CAPABILITIES", "DataRelease", "FrozenDelta", "MetricsRow", "MultiTaskAggregation", "PublicStep", "RankTiers", "ReleaseParams",
     "ReplyState", "ReplyVariants", "RoundOutcome", "ServerRoundContext", "ServerRoundHook", "ServerRoundWork",
     "ServerState", "TaskView", "capabilities_of",
 ]
@@ -89,6 +89,18 @@ class ServerState(Protocol):
     """Tensors the server sets and sends down but clients never send (SMoRA's routing bias)."""
 
     def server_state(self, model: nn.Module) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class FrozenDelta(Protocol):
+    """A server-computed delta of the frozen base weights (FedEx-LoRA's residual, FLoRA's folded
+    stack): part of the global state the server sends, never of a reply (the reply spec leaves it
+    out); ``aggregate`` returns it beside the trainable tensors and ``load_state`` adds it to the
+    frozen weights (server and clients)."""
+
+    def frozen_delta(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The delta now installed, by global-state name (zeros on a fresh model)."""
+        ...
 
 
 @runtime_checkable
@@ -190,7 +202,7 @@ class ServerRoundWork(Protocol):
 CAPABILITIES: dict[str, type] = {
     "reply_variants": ReplyVariants, "rank_tiers": RankTiers, "data_release": DataRelease,
     "server_state": ServerState, "public_step": PublicStep, "multitask_aggregation": MultiTaskAggregation,
-    "server_round_work": ServerRoundWork,
+    "server_round_work": ServerRoundWork, "frozen_delta": FrozenDelta,
 }
 
 

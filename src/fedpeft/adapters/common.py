@@ -5,7 +5,8 @@ here, so that no method module has to import another one for a helper (the only 
 between method modules are to a true base: ``ffa_lora`` builds on ``lora``, the DeltaLinear
 methods on ``delta_linear``). Nothing here imports another module of :mod:`fedpeft.adapters`.
 
-* state arithmetic: :func:`weighted_mean` (the default aggregation rule),
+* state arithmetic: :func:`weighted_mean` (the default aggregation rule), :func:`rank_slice`
+  (a heterogeneous-rank client's part of a LoRA state),
   :func:`grouped_aggregate` (a rule applied per group of clients that sent the same tensors:
   multi-task runs) and :func:`hash_tensors` (the frozen-tensor fingerprint);
 * model surgery: :func:`replace_submodule`, :func:`target_linears`, :func:`replace_targets`,
@@ -32,7 +33,7 @@ from fedpeft.tasks.registry import head_prefixes
 
 __all__ = [
     "NDArrays", "export_npz", "freeze_all_but_head", "grouped_aggregate", "hash_tensors",
-    "replace_submodule", "replace_targets", "seeded_normal", "single_threaded", "target_linears", "weighted_mean",
+    "rank_slice", "replace_submodule", "replace_targets", "seeded_normal", "single_threaded", "target_linears", "weighted_mean",
 ]
 
 NDArrays = dict[str, np.ndarray]
@@ -54,6 +55,13 @@ def weighted_mean(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[
             acc += wi * state[key].astype(np.float64)
         out[key] = acc.astype(states[0][key].dtype)
     return out
+
+
+def rank_slice(state: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """The first ``rank`` rank components of a LoRA state: ``lora_B[:, :rank]``, ``lora_A[:rank]``,
+    other tensors whole (what a heterogeneous-rank client sends; the server zero-pads it back,
+    :func:`fedpeft.adapters.ffa_lora_hetero.pad_state`)."""
+    return {k: (v[:, :rank] if "lora_B" in k else v[:rank] if "lora_A" in k else v) for k, v in state.items()}
 
 
 class Aggregator(Protocol):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from fedpeft.adapters.capabilities import RankTiers
-from fedpeft.adapters.common import NDArrays, hash_tensors
+from fedpeft.adapters.common import NDArrays, hash_tensors, rank_slice
 from fedpeft.adapters.ffa_lora import FfaLoraPlugin
 from fedpeft.adapters.lora import lora_a_tensors, lora_layers
 from fedpeft.config import RunConfig
@@ -42,21 +42,24 @@ _RANK = "_fedpeft_client_rank"
 
 
 def pad_state(state: Mapping[str, np.ndarray], full: Mapping[str, tuple[int, ...]]) -> NDArrays:
-    """Zero-pad every ``lora_B`` whose column count is below its full shape (server side).
+    """Zero-pad every ``lora_B`` whose column count and every ``lora_A`` whose row count is below
+    its full shape (server side; A travels only in methods that train it, e.g. ``flora``).
 
-    Other tensors, and B tensors already of full shape, pass unchanged; a B with MORE columns
-    or another row count is left as is, so validation rejects it.
+    Other tensors, and tensors already of full shape, pass unchanged; a B (A) with MORE columns
+    (rows) or another row (column) count is left as is, so validation rejects it.
     """
     out: NDArrays = {}
     for name, value in state.items():
         want = full.get(name)
-        if ("lora_B" in name and want is not None and value.ndim == 2 and len(want) == 2
-                and value.shape[0] == want[0] and value.shape[1] < want[1]):
-            padded = np.zeros(want, dtype=value.dtype)
-            padded[:, : value.shape[1]] = value
-            out[name] = padded
-        else:
-            out[name] = value
+        out[name] = value
+        if want is None or value.ndim != 2 or len(want) != 2:
+            continue
+        if "lora_B" in name and value.shape[0] == want[0] and value.shape[1] < want[1]:
+            out[name] = np.zeros(want, dtype=value.dtype)
+            out[name][:, : value.shape[1]] = value
+        elif "lora_A" in name and value.shape[1] == want[1] and value.shape[0] < want[0]:
+            out[name] = np.zeros(want, dtype=value.dtype)
+            out[name][: value.shape[0]] = value
     return out
 
 
@@ -107,9 +110,7 @@ class FfaLoraHeteroPlugin(FfaLoraPlugin, RankTiers):
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().trainable_state(model)
         rank = self.client_rank(model)
-        if rank < self.full_rank(model):
-            state = {k: (v[:, :rank] if "lora_B" in k else v) for k, v in state.items()}
-        return state
+        return rank_slice(state, rank) if rank < self.full_rank(model) else state
 
     def frozen_fingerprint(self, model: nn.Module) -> str:
         return hash_tensors(getattr(model, _FULL_A))

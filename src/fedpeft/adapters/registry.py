@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from fedpeft.adapters.abmll import AbmllPlugin
 from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.fedex_lora import FedExLoraPlugin
 from fedpeft.adapters.ffa_lora import FfaLoraPlugin
 from fedpeft.adapters.ffa_lora_hetero import FfaLoraHeteroPlugin
+from fedpeft.adapters.flora import FloraPlugin
 from fedpeft.adapters.icm_lora.plugin import IcmLoraPlugin
 from fedpeft.adapters.lora import LoraPlugin
 from fedpeft.adapters.meteora import MeteoraPlugin
@@ -62,5 +64,7 @@ SHIPPED: tuple[AdapterPlugin, ...] = (
     TriAdaptLoraPlugin(), AbmllPlugin(), TexForcePlugin(), MTLoraPlugin(), SmoraPlugin(), MeteoraPlugin(),
     IcmLoraPlugin(),
 )
+SHIPPED += (FedExLoraPlugin(),)
+SHIPPED += (FloraPlugin(),)
 for _plugin in SHIPPED:
     register(_plugin)

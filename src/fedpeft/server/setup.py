@@ -24,7 +24,7 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import get as get_plugin
-from fedpeft.adapters.capabilities import ServerRoundHook, ServerRoundWork
+from fedpeft.adapters.capabilities import FrozenDelta, ServerRoundHook, ServerRoundWork
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import Batch
 from fedpeft.data.sources import TextDataset
@@ -78,6 +78,8 @@ class ServerSetup:
         fingerprint = self.plugin.frozen_fingerprint(self.model)
         self.spec: StateSpec = PerTaskServer.spec(self.state, fingerprint, replies) if self.per_task is not None \
             else StateSpec.from_state(self.state, fingerprint)
+        if isinstance(self.plugin, FrozenDelta):  # goes down with the global state, never in a reply (spec above)
+            self.state = {**self.state, **numpy_state(self.plugin.frozen_delta(self.model))}
         self.last_eval: dict[str, Any] = {}  # per-task values of the last evaluation
         self.hooks: list[RoundHook] = [MultiTaskHook(self)] if self.per_task is not None else []
         if self.task_type.evaluates_initial_model:  # a generative task: round-0 score and samples
