@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dp_step import assert_dp_step_is_mean_clipped_gradient, flat_trainable
 from tiny_model import make_tiny_model
 
 from fedpeft.adapters import get as get_plugin
@@ -64,10 +65,6 @@ def _fresh_model(cfg, plugin):  # type: ignore[no-untyped-def]
     return model
 
 
-def _flat(model) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
-
-
 def _rng() -> RoundRandomness:
     return RoundRandomness.derived(NodeSecret.generate(), "test")
 
@@ -78,27 +75,8 @@ def test_one_step_without_noise_is_minus_the_mean_clipped_per_example_gradient(t
     clipping, or clips the batch instead of each example, fails)."""
     n, clip = 12, 1e-3
     cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
-    plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
-    model = _fresh_model(cfg, plugin)
-    before = _flat(model)
-    reference = _fresh_model(cfg, plugin)
-    params = [p for p in reference.parameters() if p.requires_grad]
-    ds = tensorize(tok, data, cfg.model.max_length, task_for(cfg))
-    clipped = []
-    for i in range(n):
-        ids, mask, label = ds[i]
-        width = int(mask.sum())
-        loss = plugin.loss(reference, {"input_ids": ids[None, :width], "attention_mask": mask[None, :width],
-                                       "labels": label[None]}, task_for(cfg))
-        g = torch.cat([x.reshape(-1) for x in torch.autograd.grad(loss, params)])
-        assert float(g.norm()) > 10 * clip  # every example is really clipped
-        clipped.append(g * min(1.0, clip / float(g.norm())))
-    expected = -cfg.train.lr * torch.stack(clipped).mean(0)
-    result = train_local(model, plugin, tok, data, cfg, 1, CPU, 0.0, _rng())
-    assert result.sample_rate == 1.0
-    update = _flat(model) - before
-    # float32 sums in another order: equal to ~1e-6 relative; unclipped or batch-clipped: O(1) off
-    assert float((update - expected).norm() / expected.norm()) < 1e-3
+    plugin = get_plugin(cfg.adapter.method)
+    assert_dp_step_is_mean_clipped_gradient(cfg, plugin, lambda: _fresh_model(cfg, plugin), _examples(cfg, n), clip)
 
 
 def test_noise_has_standard_deviation_sigma_clip_over_batch(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -108,9 +86,9 @@ def test_noise_has_standard_deviation_sigma_clip_over_batch(tiny_cfg, still_mode
     cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
     plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
     model = _fresh_model(cfg, plugin)
-    before = _flat(model)
+    before = flat_trainable(model)
     train_local(model, plugin, tok, data, cfg, 1, CPU, sigma, _rng())
-    update = (_flat(model) - before).numpy().astype(np.float64)
+    update = (flat_trainable(model) - before).numpy().astype(np.float64)
     expected_std = cfg.train.lr * sigma * clip / n
     d = update.size
     assert d > 500

@@ -75,8 +75,9 @@ class RoloraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregati
                                                                   "runs with fedavg only")
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
+        """LoRA with A from the seed, B = 0, set for round 1 (B trains, A frozen)."""
         peft_model = inject_lora(model, cfg, freeze_a=False)
-        setattr(peft_model, _ATTR, 0)
+        self.set_phase(peft_model, 0)
         return peft_model
 
     @staticmethod
@@ -92,9 +93,9 @@ class RoloraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregati
             layer.lora_B["default"].weight.requires_grad_(train == "B")  # type: ignore[index,union-attr]
 
     def _shared(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Every tensor of the global state but the round count: both factors and the head."""
-        heads = {n for n, p in model.named_parameters() if p.requires_grad and _factor(n) is None}
-        return {n: p.detach() for n, p in model.named_parameters() if _factor(n) is not None or n in heads}
+        """Every tensor of the global state but the round count: both factors and the head
+        (the trainable tensors that are no factor)."""
+        return {n: p.detach() for n, p in model.named_parameters() if _factor(n) is not None or p.requires_grad}
 
     def load_state(self, model: nn.Module, state: Mapping[str, np.ndarray | torch.Tensor]) -> None:
         """Install the factors and head; the round count (if sent) sets the phase."""
@@ -113,10 +114,6 @@ class RoloraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregati
         if count is not None:
             raw = count.detach().cpu().numpy() if isinstance(count, torch.Tensor) else np.asarray(count)
             self.set_phase(model, int(round(float(raw.reshape(-1)[0]))))
-
-    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The factor of the round's phase + the head (everything before the first ``load_state``)."""
-        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def reply_variants(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
         """``""``: an odd round's reply (B + head); ``"@A"``: an even round's (A + head)."""

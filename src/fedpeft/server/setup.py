@@ -76,7 +76,9 @@ class ServerSetup:
         self.model = self.plugin.attach(layout_base_model(cfg, self.layout), cfg).to(self.device)
         self.per_task = PerTaskServer(cfg, self.plugin, self.model, self.layout, self.tokenizer, self.device) \
             if self.layout.per_task else None
-        replies = self.per_task.reply_specs() if self.per_task is not None else self._reply_variants()
+        self.variants = self._reply_variants() if self.per_task is None else {}
+        replies = self.per_task.reply_specs() if self.per_task is not None else \
+            {k: StateSpec.from_state(v) for k, v in self.variants.items()}
         self.state = self._global_state()
         fingerprint = self.plugin.frozen_fingerprint(self.model)
         self.spec: StateSpec = PerTaskServer.spec(self.state, fingerprint, replies) if replies \
@@ -88,19 +90,22 @@ class ServerSetup:
 
             self.hooks.append(SamplesHook(self))  # type: ignore[arg-type]
 
-    def _reply_variants(self) -> dict[str, StateSpec]:
-        """A single-task plugin whose replies differ by round (RoLoRA: B rounds, A rounds) gets
-        one reply spec per variant (validated and aggregated as the per-task specs are); others none."""
+    def _reply_variants(self) -> dict[str, dict[str, np.ndarray]]:
+        """The replies of a single-task plugin whose replies differ by round (RoLoRA: B rounds,
+        A rounds), by suffix: each gets its reply spec (validated and aggregated as per-task
+        specs are); none for every other plugin."""
         if not isinstance(self.plugin, ReplyVariants):
             return {}
         variants = self.plugin.reply_variants(self.model)
-        return {k: StateSpec.from_state(numpy_state(v)) for k, v in variants.items()} if len(variants) > 1 else {}
+        return {k: numpy_state(v) for k, v in variants.items()} if len(variants) > 1 else {}
 
     def _global_state(self) -> dict[str, np.ndarray]:
         if self.per_task is not None:
             return self.per_task.global_state()
-        state = numpy_state(self.plugin.trainable_state(self.model))
-        if isinstance(self.plugin, ServerState) and self._reply_variants():  # down-only tensors (RoLoRA's round count)
+        if not self.variants:
+            return numpy_state(self.plugin.trainable_state(self.model))
+        state = {k: v for variant in self.variants.values() for k, v in variant.items()}  # every reply's tensors
+        if isinstance(self.plugin, ServerState):  # and the down-only ones (RoLoRA's round count)
             state.update(numpy_state(self.plugin.server_state(self.model)))
         return state
 
