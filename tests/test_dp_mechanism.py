@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from dp_step import assert_dp_step_is_mean_clipped_gradient, flat_trainable
-from tiny_model import make_tiny_model
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.trainer import build_loader, tensorize, train_local
@@ -29,12 +28,6 @@ from fedpeft.tasks.registry import task_for
 from fedpeft.tasks.seq_cls import load_base_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def still_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: per-example gradients are then exactly reproducible."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
 def _cfg(tiny_cfg, model_dir: Path, batch: int, clip: float):  # type: ignore[no-untyped-def]

@@ -22,7 +22,8 @@ import torch
 from dp_step import assert_dp_step_is_mean_clipped_gradient
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from inprocess_grid import LocalGrid
-from tiny_model import adapter_alone_lowers_loss, make_tiny_model
+from lora_helpers import assert_weighted_mean_delta_w, delta_w, method_cfg, method_model, numpy_state
+from tiny_model import adapter_alone_lowers_loss
 
 from fedpeft.adapters import get
 from fedpeft.adapters.fedsa_lora import FedSaLoraPlugin, is_local_b
@@ -33,21 +34,10 @@ from fedpeft.load import parse_config
 from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.strategies.adapter_avg import state_to_arrayrecord
 from fedpeft.strategies.validation import Rejected, StateSpec, validate_reply
-from fedpeft.tasks.seq_cls import load_base_model
 
 
 def _cfg(tiny_cfg, **train: Any):  # type: ignore[no-untyped-def]
-    return dataclasses.replace(tiny_cfg, adapter=dataclasses.replace(tiny_cfg.adapter, method="fedsa_lora"),
-                               train=dataclasses.replace(tiny_cfg.train, **train))
-
-
-def _model(cfg):  # type: ignore[no-untyped-def]
-    plugin = get("fedsa_lora")
-    return plugin, plugin.attach(load_base_model(cfg.model, 2, head_seed=cfg.adapter.seed), cfg)
-
-
-def _numpy(state):  # type: ignore[no-untyped-def]
-    return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+    return method_cfg(tiny_cfg, "fedsa_lora", **train)
 
 
 def _random_b(model, seed: int, std: float = 0.1) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -55,19 +45,8 @@ def _random_b(model, seed: int, std: float = 0.1) -> dict[str, np.ndarray]:  # t
     return {n: gen.normal(0, std, p.shape).astype(np.float32) for n, p in model.named_parameters() if is_local_b(n)}
 
 
-@torch.no_grad()
-def delta_w(model) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    """Effective update of every LoRA layer, layer(I) - base(I) (eval mode)."""
-    model.eval()
-    out = {}
-    for name, layer in lora_layers(model):
-        eye = torch.eye(layer.base_layer.in_features)
-        out[name] = (layer(eye) - layer.base_layer(eye)).numpy().astype(np.float64)
-    return out
-
-
 def test_a_and_head_travel_b_stays_all_three_train(tiny_cfg) -> None:  # type: ignore[no-untyped-def]
-    plugin, model = _model(_cfg(tiny_cfg))
+    plugin, model = method_model(_cfg(tiny_cfg))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     a = {n for n in trainable if ".lora_A." in n}
     b = {n for n in trainable if ".lora_B." in n}
@@ -78,7 +57,7 @@ def test_a_and_head_travel_b_stays_all_three_train(tiny_cfg) -> None:  # type: i
     assert set(plugin.local_state(model)) == b, "the local state is exactly every lora_B"
     assert plugin.frozen_fingerprint(model) == "", "A trains: no frozen-tensor hash"
     # the server's reply spec is the global state's: a reply that carries a B is rejected
-    state = _numpy(plugin.trainable_state(model))
+    state = numpy_state(plugin.trainable_state(model))
     spec = StateSpec.from_state(state)
     extra = {**state, sorted(b)[0]: plugin.local_state(model)[sorted(b)[0]]}
     content = RecordDict({"arrays": state_to_arrayrecord(extra), "metrics": MetricRecord({"num-examples": 10})})
@@ -89,12 +68,12 @@ def test_a_and_head_travel_b_stays_all_three_train(tiny_cfg) -> None:  # type: i
 
 
 def test_local_b_is_reset_for_a_fresh_client_and_restored(tiny_cfg) -> None:  # type: ignore[no-untyped-def]
-    plugin, model = _model(_cfg(tiny_cfg))
+    plugin, model = method_model(_cfg(tiny_cfg))
     mine = _random_b(model, 0)
     plugin.load_local_state(model, mine)
     got = plugin.local_state(model)
     assert all(np.array_equal(got[k], mine[k]) for k in mine)
-    plugin.load_state(model, _numpy(plugin.trainable_state(model)))  # the global state leaves B alone
+    plugin.load_state(model, numpy_state(plugin.trainable_state(model)))  # the global state leaves B alone
     assert all(np.array_equal(plugin.local_state(model)[k], mine[k]) for k in mine)
     plugin.load_local_state(model, {})
     assert all(not v.any() for v in plugin.local_state(model).values()), "a fresh client starts with B = 0"
@@ -107,8 +86,8 @@ def test_local_b_is_reset_for_a_fresh_client_and_restored(tiny_cfg) -> None:  # 
 def test_averaging_a_is_exact_for_every_clients_own_b(tiny_cfg) -> None:  # type: ignore[no-untyped-def]
     """The aggregate is the weighted mean of A (and head), and for each client's own B_k the
     update with the mean A equals the weighted mean of its updates with every client's A."""
-    plugin, model = _model(_cfg(tiny_cfg))
-    base = _numpy(plugin.trainable_state(model))
+    plugin, model = method_model(_cfg(tiny_cfg))
+    base = numpy_state(plugin.trainable_state(model))
     rng = np.random.default_rng(0)
     states = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in base.items()} for _ in range(3)]
     weights = [1.0, 2.0, 5.0]
@@ -125,18 +104,7 @@ def test_averaging_a_is_exact_for_every_clients_own_b(tiny_cfg) -> None:  # type
             plugin.load_state(model, s)
             deltas.append(delta_w(model))
         plugin.load_state(model, agg)
-        got = delta_w(model)
-        assert got
-        for name in got:
-            want = sum(wi * d[name] for wi, d in zip(w, deltas, strict=True))
-            assert np.abs(want).max() > 1e-4, "the perturbation must change dW"
-            np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def still_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: per-example gradients are then exactly reproducible."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+        assert_weighted_mean_delta_w(delta_w(model), deltas, weights)
 
 
 def test_dp_step_clips_each_example_over_a_b_and_head(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +115,7 @@ def test_dp_step_clips_each_example_over_a_b_and_head(tiny_cfg, still_model_dir)
     plugin = get("fedsa_lora")
 
     def fresh() -> torch.nn.Module:  # a non-zero B: every trainable tensor (A too) has a gradient
-        _, model = _model(cfg)
+        _, model = method_model(cfg)
         plugin.load_local_state(model, _random_b(model, 1))
         assert {n for n, p in model.named_parameters() if p.requires_grad} >= set(plugin.local_state(model))
         return model
@@ -158,7 +126,7 @@ def test_dp_step_clips_each_example_over_a_b_and_head(tiny_cfg, still_model_dir)
 
 def test_adapter_alone_learns_beyond_a_random_update(tiny_cfg) -> None:  # type: ignore[no-untyped-def]
     cfg = _cfg(tiny_cfg, batch_size=32, physical_batch_size=32, lr=3e-2)
-    plugin, model = _model(cfg)
+    plugin, model = method_model(cfg)
     pool, _ = train_test_split_for(cfg.data, cfg.seed)
     adapter_alone_lowers_loss(model, plugin, cfg, pool.subset(np.arange(32)), steps=20)
 
@@ -223,6 +191,6 @@ def test_federation_keeps_b_on_each_client_across_rounds_and_a_resume(tiny_model
     for client in (0, 1):
         assert all(np.array_equal(seen[client][k], round2[client][k]) for k in round2[client]), \
             "round 3 starts from the client's B of round 2"
-    names = set(get("fedsa_lora").trainable_state(_model(cfg)[1]))
+    names = set(get("fedsa_lora").trainable_state(method_model(cfg)[1]))
     assert replies and all(r == names for r in replies), "every reply is exactly A + head, never a B"
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)

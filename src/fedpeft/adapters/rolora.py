@@ -101,16 +101,7 @@ class RoloraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregati
         """Install the factors and head; the round count (if sent) sets the phase."""
         state = dict(state)
         count = state.pop(ROUND_KEY, None)
-        params = dict(model.named_parameters())
-        missing = set(self._shared(model)) - set(state)
-        if missing:
-            raise KeyError(f"state lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
-        with torch.no_grad():
-            for name, value in state.items():
-                if name not in params:
-                    raise KeyError(f"unknown tensor {name!r} for method {self.name}")
-                src = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
-                params[name].copy_(src.to(params[name].device, params[name].dtype))
+        super().load_state(model, state)
         if count is not None:
             raw = count.detach().cpu().numpy() if isinstance(count, torch.Tensor) else np.asarray(count)
             self.set_phase(model, int(round(float(raw.reshape(-1)[0]))))
