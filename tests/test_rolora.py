@@ -84,23 +84,29 @@ def test_server_holds_both_factors_and_checks_each_phase(tiny_cfg) -> None:  # t
 @pytest.mark.parametrize("done", [0, 1])
 def test_averaged_factor_gives_exactly_the_mean_client_delta_w(tiny_cfg, done: int) -> None:  # type: ignore[no-untyped-def]
     """Phase B (done = 0) and phase A (done = 1): the aggregate's dW is the weighted mean of the
-    clients' dW, and a reply's tensor of the other factor is ignored (its global value stays)."""
+    clients' dW; the other factor keeps its global value, and a reply of the other phase is
+    left out (its head too)."""
     plugin, model = method_model(_cfg(tiny_cfg))
     _with_random_b(plugin, model)
     current = {**numpy_state(plugin._shared(model)), ROUND_KEY: np.asarray([float(done)], dtype=np.float32)}
     plugin.load_state(model, current)
-    trains = "B" if done == 0 else "A"
+    trains, other = ("B", "A") if done == 0 else ("A", "B")
     rng = np.random.default_rng(0)
-    states = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in current.items() if k != ROUND_KEY}
-              for _ in range(3)]
+    replies = [{k: (v + rng.normal(0, 0.05, v.shape)).astype(v.dtype) for k, v in current.items()
+                if k != ROUND_KEY and f".lora_{other}." not in k} for _ in range(3)]
     weights = [1.0, 2.0, 5.0]
     deltas = []
-    for s in states:  # each client's model: its trained factor, the other one as sent out
-        plugin.load_state(model, {k: (s[k] if f".lora_{trains}." in k else v) for k, v in current.items()})
+    for s in replies:  # each client's model: its trained factor, the other one as sent out
+        plugin.load_state(model, {**current, **s})
         deltas.append(delta_w(model))
-    agg = plugin.aggregate_multitask(states, weights, {}, current)
-    other = "A" if trains == "B" else "B"
+    wrong = {k: (v + 1.0).astype(v.dtype) for k, v in current.items() if k != ROUND_KEY and f".lora_{trains}." not in k}
+    agg = plugin.aggregate_multitask([*replies, wrong], [*weights, 100.0], {}, current)
     assert all(np.array_equal(agg[k], current[k]) for k in current if f".lora_{other}." in k), "other factor kept"
+    heads = [k for k in current if k != ROUND_KEY and ".lora_" not in k]
+    for k in heads:  # the head: the mean of the phase's replies only
+        np.testing.assert_allclose(agg[k], sum(w * s[k].astype(np.float64) for w, s in zip(weights, replies,
+                                                                                          strict=True)) / 8.0,
+                                   rtol=1e-5, atol=1e-6)
     plugin.load_state(model, agg)
     assert_weighted_mean_delta_w(delta_w(model), deltas, weights)
 

@@ -15,7 +15,8 @@ and ``rolora.round`` (the number of finished rounds, set by the server's
 :meth:`RoloraPlugin.server_step`; a client derives the round's phase from it, so the phase
 follows the server's count and a resumed run continues it). The server checks each reply
 against the shape of its phase (:class:`~fedpeft.adapters.capabilities.ReplyVariants`: one
-reply spec per phase) and ignores the factor of the other phase if a reply carries it.
+reply spec per phase; a reply must match one of them) and leaves a reply of the other phase
+out of the round's average (:meth:`RoloraPlugin.aggregate_multitask`).
 Averaging: exact in every round, because only one factor changes: with A fixed
 ``s * mean_k(B_k) @ A == mean_k(s * B_k @ A)``, with B fixed ``s * B @ mean_k(A_k) ==
 mean_k(s * B @ A_k)`` -- the new global dW is exactly the example-weighted mean of the
@@ -125,10 +126,11 @@ class RoloraPlugin(AdapterPlugin, ReplyVariants, ServerState, MultiTaskAggregati
         self, states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], previous: Mapping[str, np.ndarray],
         current: Mapping[str, np.ndarray],
     ) -> NDArrays:
-        """The mean of the phase's factor and the head over the replies; the other factor (and
-        any tensor of it a reply carries) keeps ``current``'s value -- the state sent out,
-        whose round count says the phase."""
+        """The weighted mean of the phase's factor and the head over the replies of the phase;
+        the other factor keeps ``current``'s value (the state sent out, whose round count says
+        the phase). A reply of the other phase (valid in shape, not trained as this round asks)
+        is left out entirely, its head too."""
         done = int(round(float(np.asarray(current.get(ROUND_KEY, [0.0])).reshape(-1)[0])))
         other = "A" if phase(done) == "B" else "B"
-        kept = [{k: v for k, v in s.items() if _factor(k) != other} for s in states]
-        return grouped_aggregate(self, kept, weights, previous, current)
+        kept = [i for i, s in enumerate(states) if not any(_factor(k) == other for k in s)]
+        return grouped_aggregate(self, [states[i] for i in kept], [weights[i] for i in kept], previous, current)
