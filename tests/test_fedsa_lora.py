@@ -194,3 +194,15 @@ def test_federation_keeps_b_on_each_client_across_rounds_and_a_resume(tiny_model
     names = set(get("fedsa_lora").trainable_state(method_model(cfg)[1]))
     assert replies and all(r == names for r in replies), "every reply is exactly A + head, never a B"
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_real_flower_simulation_with_dp(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.sim.simulate import simulate
+
+    cfg = dataclasses.replace(_cfg(tiny_cfg), output_dir=str(tmp_path / "run"),
+                              privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=8.0))
+    path, rows = simulate(cfg, run_dir=tmp_path / "run")
+    assert len(rows) == 2 and all(r["clients_accepted"] == cfg.train.clients for r in rows)
+    assert all(r["bytes_up"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert list((path / "ledger").glob("client-*.local/*/round-2.npz")), "each client kept its B on its disk"

@@ -184,3 +184,15 @@ def test_federation_alternates_b_and_a_rounds(tiny_model_dir: Path, tmp_path: Pa
         assert after[ROUND_KEY].tolist() == [float(server_round)]
         assert all(np.array_equal(before[k], after[k]) for k in (a | b) - trained), f"round {server_round}: frozen"
         assert any(not np.array_equal(before[k], after[k]) for k in trained), f"round {server_round}: trained"
+
+
+@pytest.mark.slow
+def test_real_flower_simulation_with_dp(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from fedpeft.sim.simulate import simulate
+
+    cfg = dataclasses.replace(_cfg(tiny_cfg), output_dir=str(tmp_path / "run"),
+                              privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=8.0))
+    path, rows = simulate(cfg, run_dir=tmp_path / "run")
+    assert len(rows) == 2 and all(r["clients_accepted"] == cfg.train.clients for r in rows)
+    assert all(r["bytes_up"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert (path / "adapter").exists()
