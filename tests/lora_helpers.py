@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from fedpeft.adapters import get
 from fedpeft.adapters.lora import lora_layers
 from fedpeft.tasks.seq_cls import load_base_model
 
-__all__ = ["assert_weighted_mean_delta_w", "delta_w", "method_cfg", "method_model", "numpy_state"]
+__all__ = ["assert_mean_dw", "delta_w", "dp_simulation", "method_cfg", "method_model", "numpy_state"]
 
 
 def method_cfg(tiny_cfg: Any, method: str, **train: Any) -> Any:
@@ -44,7 +45,7 @@ def delta_w(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return out
 
 
-def assert_weighted_mean_delta_w(got: dict[str, np.ndarray], deltas: Sequence[dict[str, np.ndarray]],
+def assert_mean_dw(got: dict[str, np.ndarray], deltas: Sequence[dict[str, np.ndarray]],
                                  weights: Sequence[float]) -> None:
     """``got`` (the aggregate's dW) is the weighted mean of the clients' ``deltas``, to float precision."""
     w = np.asarray(weights) / sum(weights)
@@ -53,3 +54,16 @@ def assert_weighted_mean_delta_w(got: dict[str, np.ndarray], deltas: Sequence[di
         want = sum(wi * d[name] for wi, d in zip(w, deltas, strict=True))
         assert np.abs(want).max() > 1e-4, "the perturbation must change dW"
         np.testing.assert_allclose(got[name], want, rtol=1e-4, atol=1e-6)
+
+
+def dp_simulation(cfg: Any, tmp_path: Path, epsilon: float = 8.0) -> tuple[Path, list[dict[str, Any]]]:
+    """A real Flower simulation (Ray) of ``cfg`` with DP-SGD at ``epsilon``; asserts that every
+    round accepted every client and returns (run directory, rows)."""
+    from fedpeft.sim.simulate import simulate
+
+    cfg = dataclasses.replace(cfg, output_dir=str(tmp_path / "run"),
+                              privacy=dataclasses.replace(cfg.privacy, epsilon=epsilon))
+    path, rows = simulate(cfg, run_dir=tmp_path / "run")
+    assert len(rows) == cfg.train.rounds and all(r["clients_accepted"] == cfg.train.clients for r in rows)
+    assert all(r["bytes_up"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    return path, rows

@@ -22,7 +22,7 @@ import torch
 from dp_step import assert_dp_step_is_mean_clipped_gradient
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from inprocess_grid import LocalGrid
-from lora_helpers import assert_weighted_mean_delta_w, delta_w, method_cfg, method_model, numpy_state
+from lora_helpers import assert_mean_dw, delta_w, dp_simulation, method_cfg, method_model, numpy_state
 from tiny_model import adapter_alone_lowers_loss
 
 from fedpeft.adapters import get
@@ -104,7 +104,7 @@ def test_averaging_a_is_exact_for_every_clients_own_b(tiny_cfg) -> None:  # type
             plugin.load_state(model, s)
             deltas.append(delta_w(model))
         plugin.load_state(model, agg)
-        assert_weighted_mean_delta_w(delta_w(model), deltas, weights)
+        assert_mean_dw(delta_w(model), deltas, weights)
 
 
 def test_dp_step_clips_each_example_over_a_b_and_head(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -198,11 +198,5 @@ def test_federation_keeps_b_on_each_client_across_rounds_and_a_resume(tiny_model
 
 @pytest.mark.slow
 def test_real_flower_simulation_with_dp(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fedpeft.sim.simulate import simulate
-
-    cfg = dataclasses.replace(_cfg(tiny_cfg), output_dir=str(tmp_path / "run"),
-                              privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=8.0))
-    path, rows = simulate(cfg, run_dir=tmp_path / "run")
-    assert len(rows) == 2 and all(r["clients_accepted"] == cfg.train.clients for r in rows)
-    assert all(r["bytes_up"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    path, _ = dp_simulation(_cfg(tiny_cfg), tmp_path)
     assert list((path / "ledger").glob("client-*.local/*/round-2.npz")), "each client kept its B on its disk"

@@ -21,7 +21,7 @@ import torch
 from dp_step import assert_dp_step_is_mean_clipped_gradient
 from flwr.app import ArrayRecord
 from inprocess_grid import LocalGrid
-from lora_helpers import assert_weighted_mean_delta_w, delta_w, method_cfg, method_model, numpy_state
+from lora_helpers import assert_mean_dw, delta_w, dp_simulation, method_cfg, method_model, numpy_state
 from tiny_model import adapter_alone_lowers_loss
 
 from fedpeft.adapters import get
@@ -108,7 +108,7 @@ def test_averaged_factor_gives_exactly_the_mean_client_delta_w(tiny_cfg, done: i
                                                                                           strict=True)) / 8.0,
                                    rtol=1e-5, atol=1e-6)
     plugin.load_state(model, agg)
-    assert_weighted_mean_delta_w(delta_w(model), deltas, weights)
+    assert_mean_dw(delta_w(model), deltas, weights)
 
 
 @pytest.mark.parametrize("done", [0, 1])
@@ -188,11 +188,5 @@ def test_federation_alternates_b_and_a_rounds(tiny_model_dir: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_real_flower_simulation_with_dp(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from fedpeft.sim.simulate import simulate
-
-    cfg = dataclasses.replace(_cfg(tiny_cfg), output_dir=str(tmp_path / "run"),
-                              privacy=dataclasses.replace(tiny_cfg.privacy, epsilon=8.0))
-    path, rows = simulate(cfg, run_dir=tmp_path / "run")
-    assert len(rows) == 2 and all(r["clients_accepted"] == cfg.train.clients for r in rows)
-    assert all(r["bytes_up"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    path, _ = dp_simulation(_cfg(tiny_cfg), tmp_path)
     assert (path / "adapter").exists()
