@@ -24,6 +24,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def still_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT without dropout: per-example gradients are then exactly reproducible."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama decoder with a chat template (the causal-LM task type's test model)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_model import clipped_mean_gradient, make_tiny_model
+from dp_step import assert_dp_step_is_mean_clipped_gradient, flat_trainable
 
 from fedpeft.adapters import get as get_plugin
 from fedpeft.client.trainer import build_loader, tensorize, train_local
@@ -28,12 +28,6 @@ from fedpeft.tasks.registry import task_for
 from fedpeft.tasks.seq_cls import load_base_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def still_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny BERT without dropout: per-example gradients are then exactly reproducible."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-bert-nodrop"), dropout=0.0)
 
 
 def _cfg(tiny_cfg, model_dir: Path, batch: int, clip: float):  # type: ignore[no-untyped-def]
@@ -64,10 +58,6 @@ def _fresh_model(cfg, plugin):  # type: ignore[no-untyped-def]
     return model
 
 
-def _flat(model) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])
-
-
 def _rng() -> RoundRandomness:
     return RoundRandomness.derived(NodeSecret.generate(), "test")
 
@@ -78,15 +68,8 @@ def test_one_step_without_noise_is_minus_the_mean_clipped_per_example_gradient(t
     clipping, or clips the batch instead of each example, fails)."""
     n, clip = 12, 1e-3
     cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
-    plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
-    model = _fresh_model(cfg, plugin)
-    before = _flat(model)
-    expected = -cfg.train.lr * clipped_mean_gradient(plugin, _fresh_model(cfg, plugin), tok, data, cfg, clip)
-    result = train_local(model, plugin, tok, data, cfg, 1, CPU, 0.0, _rng())
-    assert result.sample_rate == 1.0
-    update = _flat(model) - before
-    # float32 sums in another order: equal to ~1e-6 relative; unclipped or batch-clipped: O(1) off
-    assert float((update - expected).norm() / expected.norm()) < 1e-3
+    plugin = get_plugin(cfg.adapter.method)
+    assert_dp_step_is_mean_clipped_gradient(cfg, plugin, lambda: _fresh_model(cfg, plugin), _examples(cfg, n), clip)
 
 
 def test_noise_has_standard_deviation_sigma_clip_over_batch(tiny_cfg, still_model_dir) -> None:  # type: ignore[no-untyped-def]
@@ -96,9 +79,9 @@ def test_noise_has_standard_deviation_sigma_clip_over_batch(tiny_cfg, still_mode
     cfg = _cfg(tiny_cfg, still_model_dir, batch=n, clip=clip)
     plugin, tok, data = get_plugin(cfg.adapter.method), load_tokenizer(cfg.model), _examples(cfg, n)
     model = _fresh_model(cfg, plugin)
-    before = _flat(model)
+    before = flat_trainable(model)
     train_local(model, plugin, tok, data, cfg, 1, CPU, sigma, _rng())
-    update = (_flat(model) - before).numpy().astype(np.float64)
+    update = (flat_trainable(model) - before).numpy().astype(np.float64)
     expected_std = cfg.train.lr * sigma * clip / n
     d = update.size
     assert d > 500

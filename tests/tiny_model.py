@@ -110,7 +110,7 @@ def adapter_alone_lowers_loss(model, plugin, cfg, data, steps: int = 10) -> tupl
     from fedpeft.tasks.seq_cls import evaluate
 
     for name, param in model.named_parameters():
-        if name.startswith("classifier"):
+        if "classifier" in name.split("."):  # a PEFT model nests it (base_model.model.classifier...)
             param.requires_grad_(False)
     tok, cpu = load_tokenizer(cfg.model), torch.device("cpu")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

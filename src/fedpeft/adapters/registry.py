@@ -11,6 +11,7 @@ from __future__ import annotations
 from fedpeft.adapters.abmll import AbmllPlugin
 from fedpeft.adapters.base import AdapterPlugin
 from fedpeft.adapters.fedex_lora import FedExLoraPlugin
+from fedpeft.adapters.fedsa_lora import FedSaLoraPlugin
 from fedpeft.adapters.ffa_lora import FfaLoraPlugin
 from fedpeft.adapters.ffa_lora_hetero import FfaLoraHeteroPlugin
 from fedpeft.adapters.flora import FloraPlugin
@@ -20,6 +21,7 @@ from fedpeft.adapters.meteora import MeteoraPlugin
 from fedpeft.adapters.mtlora import MTLoraPlugin
 from fedpeft.adapters.nola import NolaPlugin
 from fedpeft.adapters.osft import OsftPlugin
+from fedpeft.adapters.rolora import RoloraPlugin
 from fedpeft.adapters.sara import SaraPlugin
 from fedpeft.adapters.smora import SmoraPlugin
 from fedpeft.adapters.soka import SokaPlugin
@@ -62,9 +64,7 @@ def plugins() -> list[AdapterPlugin]:
 SHIPPED: tuple[AdapterPlugin, ...] = (
     LoraPlugin(), FfaLoraPlugin(), FfaLoraHeteroPlugin(), NolaPlugin(), SaraPlugin(), SokaPlugin(), OsftPlugin(),
     TriAdaptLoraPlugin(), AbmllPlugin(), TexForcePlugin(), MTLoraPlugin(), SmoraPlugin(), MeteoraPlugin(),
-    IcmLoraPlugin(),
+    IcmLoraPlugin(), FedSaLoraPlugin(), RoloraPlugin(), FedExLoraPlugin(), FloraPlugin(),
 )
-SHIPPED += (FedExLoraPlugin(),)
-SHIPPED += (FloraPlugin(),)
 for _plugin in SHIPPED:
     register(_plugin)

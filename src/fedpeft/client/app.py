@@ -58,7 +58,16 @@ from flwr.clientapp.typing import Mod
 import fedpeft.wire as wire
 from fedpeft.adapters.capabilities import RankTiers
 from fedpeft.client.limits import node_budget_refusal, node_delta_refusal
-from fedpeft.client.node_store import StoredRelease, data_digest, digest, load_release, node_secret, save_release
+from fedpeft.client.node_store import (
+    StoredRelease,
+    data_digest,
+    digest,
+    load_local,
+    load_release,
+    node_secret,
+    save_local,
+    save_release,
+)
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, Runtime, runtime_for
 from fedpeft.client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
 from fedpeft.config import RunConfig
@@ -75,6 +84,7 @@ log = logging.getLogger("fedpeft.client")
 
 LEDGER_STATE_KEY = "fedpeft-ledger"
 LOCAL_STATE_KEY = "fedpeft-local"
+LOCAL_ROUND_KEY = "fedpeft-local-round"  # the round after which Context.state's local state was kept
 
 
 @dataclass(frozen=True)
@@ -209,10 +219,7 @@ def _inputs(req: RoundRequest) -> RoundInputs:
             f"{expected[:12]}); the adapter seed or code differs from the server's"
         )
     incoming = wire.arrayrecord_to_state(req.msg.content.array_records[wire.ARRAYS])
-    # Client-local tensors (e.g. ABMLL's posterior): restored per client, since one cached
-    # model serves several virtual clients in simulation; empty = fresh client (reset).
-    local = req.context.state.get(LOCAL_STATE_KEY)
-    local_in = wire.arrayrecord_to_state(local) if isinstance(local, ArrayRecord) else {}
+    local_in = _local_before(req)
     steps = local_steps(req.cfg, len(req.data))
     # Everything this round's update is a function of (besides the node's secret and the plan's
     # sigma and q, added by the randomness): the verified configuration, round, client, steps, the
@@ -227,6 +234,27 @@ def _inputs(req: RoundRequest) -> RoundInputs:
     return RoundInputs(incoming, local_in, steps, replay_key, info)
 
 
+def _local_before(req: RoundRequest) -> dict[str, np.ndarray]:
+    """This client's local (never sent) tensors -- ABMLL's posterior, FedSA-LoRA's B -- as they
+    were after its latest round before this one: from ``Context.state`` (one cached model serves
+    several virtual clients in simulation), else from its own disk (a fresh process: a resumed
+    run, a restarted node); empty for its first round (the plugin resets them). A retried
+    round so starts from the same local state as its first try (and is replayed, not re-charged)."""
+    server_round, state = req.round.server_round, req.context.state
+    local, kept = state.get(LOCAL_STATE_KEY), state.get(LOCAL_ROUND_KEY)
+    kept_round = kept.get("round") if isinstance(kept, ConfigRecord) else None
+    if isinstance(local, ArrayRecord) and isinstance(kept_round, int) and kept_round < server_round:
+        return wire.arrayrecord_to_state(local)
+    return load_local(req.ident.ledger_dir, req.ident.client_id, req.round.config_hash, server_round)[1]
+
+
+def _keep_local(req: RoundRequest, local: Mapping[str, np.ndarray]) -> None:
+    """Keep the local state after this round in ``Context.state`` and on the node's disk."""
+    req.context.state[LOCAL_STATE_KEY] = wire.state_to_arrayrecord(dict(local))
+    req.context.state[LOCAL_ROUND_KEY] = ConfigRecord({"round": req.round.server_round})
+    save_local(req.ident.ledger_dir, req.ident.client_id, req.round.config_hash, req.round.server_round, local)
+
+
 def _replayed(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Message | None:
     """Step 3: the stored release of this round from these inputs, re-sent (no new privacy cost)."""
     ident, server_round = req.ident, req.round.server_round
@@ -236,7 +264,7 @@ def _replayed(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Message
     log.info("client %s: round %d was already released from these inputs; re-sending the stored "
              "release (no new privacy cost)", ident.client_id, server_round)
     if stored.local:
-        req.context.state[LOCAL_STATE_KEY] = wire.state_to_arrayrecord(stored.local)
+        _keep_local(req, stored.local)
     return _reply(req, stored.state, stored.metrics, {**inputs.info, wire.ACCOUNTANT: ledger.accountant})
 
 
@@ -298,8 +326,8 @@ def _store_release(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None
     if ledger is not None:
         save_release(ident.ledger_dir, ident.client_id,
                      StoredRelease(server_round, inputs.replay_key, output_hash, state, local_after, metrics))
-    if local_after:  # stays in this node's Context.state; never part of the reply
-        context.state[LOCAL_STATE_KEY] = wire.state_to_arrayrecord(local_after)
+    if local_after:  # stays on this node (Context.state and its disk); never part of the reply
+        _keep_local(req, local_after)
     return metrics
 
 

@@ -11,6 +11,12 @@
   per round and replay key (never overwritten), with its local (never sent) state. The
   replay key and a release's output hash are SHA-256 digests (:func:`digest`; the client's
   data enters through :func:`data_digest`).
+* ``client-<id>.local/<run>/round-<r>.npz`` -- the node's local (never sent) state after round
+  r of the run whose configuration hash starts with ``<run>`` (:func:`save_local`; FedSA-LoRA's
+  B, ABMLL's posterior): a client process that starts afresh -- a resumed run, a restarted
+  SuperNode -- continues from the state after its latest round before the one asked for
+  (:func:`load_local`), not from a reset one; another run on the same ledger directory never
+  sees it.
 
 Why keep releases. A round can be asked for again: a retry after too few replies, a
 resume after the server crashed, a late duplicate message. Re-sending what was already
@@ -37,8 +43,8 @@ from fedpeft.data.sources import TextDataset
 from fedpeft.io import load_array_groups, save_array_groups
 from fedpeft.privacy.randomness import NodeSecret
 
-__all__ = ["StoredRelease", "data_digest", "digest", "load_release", "node_secret", "save_release", "secret_home",
-           "secret_path"]
+__all__ = ["StoredRelease", "data_digest", "digest", "load_local", "load_release", "node_secret", "save_local",
+           "save_release", "secret_home", "secret_path"]
 
 _SECRETS: dict[Path, NodeSecret] = {}
 _STATE, _LOCAL = "state", "local"
@@ -142,3 +148,28 @@ def load_release(ledger_dir: Path, client_id: str, server_round: int, replay_key
         return None
     return StoredRelease(int(meta["round"]), replay_key, str(meta["output_hash"]), groups[_STATE], groups[_LOCAL],
                          dict(meta.get("metrics", {})))
+
+
+def _local_dir(ledger_dir: Path, client_id: str, run: str) -> Path:
+    if not run.isalnum():
+        raise ValueError("a run is named by its configuration hash (hex)")
+    return ledger_dir / f"client-{client_id}.local" / run[:32]
+
+
+def save_local(ledger_dir: Path, client_id: str, run: str, server_round: int, local: Mapping[str, np.ndarray]) -> None:
+    """Store the local state after ``server_round`` of run ``run`` (its configuration hash)
+    atomically, one file per round."""
+    save_array_groups(_local_dir(ledger_dir, client_id, run) / f"round-{int(server_round)}.npz",
+                      {"round": int(server_round)}, {_LOCAL: local})
+
+
+def load_local(ledger_dir: Path, client_id: str, run: str, before: int) -> tuple[int, dict[str, np.ndarray]]:
+    """``(round, local state)`` of run ``run``'s latest stored round before ``before``; ``(0, {})`` if none."""
+    folder = _local_dir(ledger_dir, client_id, run)
+    rounds = sorted(int(p.stem.split("-", 1)[1]) for p in folder.glob("round-*.npz")
+                    if p.stem.split("-", 1)[1].isdigit()) if folder.is_dir() else []
+    earlier = [r for r in rounds if r < before]
+    if not earlier:
+        return 0, {}
+    _, groups = load_array_groups(folder / f"round-{earlier[-1]}.npz", (_LOCAL,))
+    return earlier[-1], groups[_LOCAL]

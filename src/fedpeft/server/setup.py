@@ -8,7 +8,10 @@ heads), and only then does the setup compose the per-task part (:class:`fedpeft.
 plugin's server-side tensors, per-task evaluation and public data) and the
 :class:`MultiTaskHook` that adds the per-task fields to each round's row. The aggregation
 strategy follows from the spec (:func:`fedpeft.strategies.registry.build_base`): the multi-task
-variant of the configured strategy when there are per-task reply specs.
+variant of the configured strategy when there are per-task reply specs. A single-task plugin
+whose replies differ by round (:class:`~fedpeft.adapters.capabilities.ReplyVariants` with more
+than one variant: RoLoRA's B and A rounds) gets one reply spec per variant the same way, and
+its :class:`~fedpeft.adapters.capabilities.ServerState` tensors in the global state.
 
 :class:`RoundHook` is the round loop's extension point (:mod:`fedpeft.server.loop`); it lives
 here, beside the setup it is handed, so that the loop and the per-task hook both build on it.
@@ -24,7 +27,7 @@ import numpy as np
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import get as get_plugin
-from fedpeft.adapters.capabilities import FrozenDelta, ServerRoundHook, ServerRoundWork
+from fedpeft.adapters.capabilities import FrozenDelta, ReplyVariants, ServerRoundHook, ServerRoundWork, ServerState
 from fedpeft.config import RunConfig
 from fedpeft.data.batching import Batch
 from fedpeft.data.sources import TextDataset
@@ -73,10 +76,12 @@ class ServerSetup:
         self.model = self.plugin.attach(layout_base_model(cfg, self.layout), cfg).to(self.device)
         self.per_task = PerTaskServer(cfg, self.plugin, self.model, self.layout, self.tokenizer, self.device) \
             if self.layout.per_task else None
-        replies = self.per_task.reply_specs() if self.per_task is not None else {}
+        self.variants = self._reply_variants() if self.per_task is None else {}
+        replies = self.per_task.reply_specs() if self.per_task is not None else \
+            {k: StateSpec.from_state(v) for k, v in self.variants.items()}
         self.state = self._global_state()
         fingerprint = self.plugin.frozen_fingerprint(self.model)
-        self.spec: StateSpec = PerTaskServer.spec(self.state, fingerprint, replies) if self.per_task is not None \
+        self.spec: StateSpec = PerTaskServer.spec(self.state, fingerprint, replies) if replies \
             else StateSpec.from_state(self.state, fingerprint)
         if isinstance(self.plugin, FrozenDelta):  # goes down with the global state, never in a reply (spec above)
             self.state = {**self.state, **numpy_state(self.plugin.frozen_delta(self.model))}
@@ -87,10 +92,24 @@ class ServerSetup:
 
             self.hooks.append(SamplesHook(self))  # type: ignore[arg-type]
 
+    def _reply_variants(self) -> dict[str, dict[str, np.ndarray]]:
+        """The replies of a single-task plugin whose replies differ by round (RoLoRA: B rounds,
+        A rounds), by suffix: each gets its reply spec (validated and aggregated as per-task
+        specs are); none for every other plugin."""
+        if not isinstance(self.plugin, ReplyVariants):
+            return {}
+        variants = self.plugin.reply_variants(self.model)
+        return {k: numpy_state(v) for k, v in variants.items()} if len(variants) > 1 else {}
+
     def _global_state(self) -> dict[str, np.ndarray]:
         if self.per_task is not None:
             return self.per_task.global_state()
-        return numpy_state(self.plugin.trainable_state(self.model))
+        if not self.variants:
+            return numpy_state(self.plugin.trainable_state(self.model))
+        state = {k: v for variant in self.variants.values() for k, v in variant.items()}  # every reply's tensors
+        if isinstance(self.plugin, ServerState):  # and the down-only ones (RoLoRA's round count)
+            state.update(numpy_state(self.plugin.server_state(self.model)))
+        return state
 
     def set_state(self, state: dict[str, np.ndarray]) -> None:
         self.state = state
