@@ -34,6 +34,7 @@ EXPECTED = {
     "flora": {"rank_tiers", "frozen_delta"},
     "icm_lora": {"data_release", "server_round_work"},
     "meteora": {"reply_variants", "server_state", "multitask_aggregation", "server_round_work"},
+    "rolora": {"reply_variants", "server_state", "multitask_aggregation"},
     "smora": {"server_state", "public_step"},
 }
 
@@ -197,6 +198,8 @@ BASES = {"ffa_lora": {"lora"}, "ffa_lora_hetero": {"ffa_lora", "lora"}, "texforc
          "nola": {"delta_linear"}, "sara": {"delta_linear"}, "soka": {"delta_linear"}, "osft": {"delta_linear"}}
 METHOD_MODULES |= {"fedex_lora", "flora", "lora_fold"}  # lora_fold: the true base of both (on lora)
 BASES |= {"lora_fold": {"lora"}, "fedex_lora": {"lora_fold"}, "flora": {"lora", "lora_fold"}}
+METHOD_MODULES |= {"fedsa_lora", "rolora"}
+BASES |= {"fedsa_lora": {"lora"}, "rolora": {"lora"}}
 
 
 def _adapter_imports(path: Path) -> set[str]:
