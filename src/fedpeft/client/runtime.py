@@ -36,6 +36,7 @@ import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import DataRelease
+from fedpeft.client.errors import NodeRefusal
 from fedpeft.client.task_release import ensure_release
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
@@ -160,12 +161,6 @@ class Runtime:
 
 _RUNTIMES: dict[str, Runtime] = {}
 _GUARD = threading.Lock()
-
-
-class NodeRefusal(RuntimeError):
-    """A failure whose text is safe to send to the server (it names no data: no labels,
-    columns, file contents or paths). Every other exception is logged on the node and
-    answered with a generic text (``fedpeft.client.app.train``)."""
 
 
 def runtime_for(config_toml: str, config_hash: str) -> Runtime:
