@@ -111,15 +111,16 @@ def run_deployment(root: Path, model: Path, rounds: int, nodes: int, per_node: i
             raise RuntimeError(f"flwr run wrote no {metrics}: {cluster.procs.log('flwr-run')[-3000:]}")
     finally:
         problems = cluster.stop()
-    if problems:
-        raise RuntimeError(f"cleanup problems: {problems}")
+        if keep_logs is not None:
+            shutil.copytree(root / "cluster" / "logs", keep_logs, dirs_exist_ok=True)
+    if problems:  # killed by stop(); recorded, and the test suite's deployment tests fail on them
+        print(f"cleanup: {problems}", file=sys.stderr, flush=True)
     rows = _rows(metrics)
     logs = {n.client_id: cluster.procs.log(n.client_id) for n in specs}
-    if keep_logs is not None:
-        shutil.copytree(root / "cluster" / "logs", keep_logs, dirs_exist_ok=True)
     return {"network": net.describe(), "env": env, "cluster_startup_s": startup, "flwr_run_wall_s": wall,
             "round_seconds": [r["seconds"] for r in rows], "accuracy": rows[-1]["accuracy"],
             "epsilon": rows[-1]["epsilon"], "clients_accepted": [r["clients_accepted"] for r in rows],
+            "cleanup_problems": problems,
             **node_timeline(logs)}
 
 

@@ -38,8 +38,10 @@ from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import DataRelease
 from fedpeft.client.errors import NodeRefusal
 from fedpeft.client.task_release import ensure_release
+from fedpeft.client.token_cache import cached_encoding
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
+from fedpeft.data.batching import Batch
 from fedpeft.data.layout import TaskData, activate_task
 from fedpeft.data.sources import TextDataset
 from fedpeft.load import config_from_toml
@@ -141,6 +143,12 @@ class Runtime:
                 assert ident.partition_id is not None
                 self._data[ident.client_id] = task.client_data(self.cfg, ident.partition_id)
         return self._data[ident.client_id]
+
+    def encoded(self, ident: ClientIdentity, data: TextDataset) -> Batch:
+        """This client's examples encoded by the task type, cached (:mod:`fedpeft.client.token_cache`):
+        in memory, and for a deployed node also in ``<ledger-dir>/cache`` on its own disk."""
+        cache_dir = ident.ledger_dir / "cache" if ident.data_path else None
+        return cached_encoding(self.tokenizer, data, self.cfg.model.max_length, self.task_type, cache_dir)
 
     def _node_labels(self, data_cfg: DataConfig, task: TaskData, ident: ClientIdentity) -> TextDataset:
         """A deployed node's file with the federation's labels. A task of a multi-task layout
