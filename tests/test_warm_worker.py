@@ -165,3 +165,18 @@ def test_the_thin_app_imports_no_training_stack() -> None:
     names = [n.module for n in ast.walk(ast.parse(NODE_APP.read_text())) if isinstance(n, ast.ImportFrom)
              and n.col_offset == 0 and n.module]
     assert all(not n.startswith(("torch", "transformers", "peft", "opacus", "fedpeft.client.app")) for n in names)
+
+
+def test_a_warm_runtime_reads_a_changed_node_file_again(tiny_cfg, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The worker outlives rounds and runs: a node's edited data file is not served stale."""
+    from fedpeft.client.runtime import ClientIdentity, Runtime
+
+    path = tmp_path / "node.csv"
+    path.write_text("text,label\ngood,fresh\nbad,rotten\nfine,fresh\n")
+    rt = Runtime(tiny_cfg)
+    ident = ClientIdentity("n1", None, str(path), tmp_path / "ledger", ("fresh", "rotten"))
+    node = {wire.TEXT_COLUMN: "text", wire.LABEL_COLUMN: "label"}
+    first = rt.data_for(ident, node)
+    assert rt.data_for(ident, node) is first and len(first) == 3  # unchanged: cached
+    path.write_text("text,label\ngood,fresh\nbad,rotten\nfine,fresh\nawful,rotten\n")
+    assert len(rt.data_for(ident, node)) == 4

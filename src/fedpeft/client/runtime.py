@@ -43,7 +43,7 @@ from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
 from fedpeft.data.batching import Batch
 from fedpeft.data.layout import TaskData, activate_task
-from fedpeft.data.sources import TextDataset
+from fedpeft.data.sources import TextDataset, file_stamp
 from fedpeft.load import config_from_toml
 from fedpeft.tasks.heads import layout_base_model
 from fedpeft.tasks.model import pick_device
@@ -87,6 +87,7 @@ class Runtime:
         self.layout = self.task_type.task_layout(cfg)  # a single task's data: on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
+        self._stamps: dict[str, tuple[int, int, int]] = {}  # a deployed node's file: (inode, size, mtime)
         self._task: dict[str, TaskData] = {}
         # The federation's label vocabulary as a deployed single-task node was sent it (sizes the head).
         self._label_names: tuple[str, ...] = ()
@@ -129,7 +130,11 @@ class Runtime:
                            ident.ledger_dir, ident.client_id)
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
-        """This client's examples: its partition of its task's pool, or a deployed node's own file."""
+        """This client's examples: its partition of its task's pool, or a deployed node's own file
+        (read again when the file changed: a node's warm worker outlives rounds and runs)."""
+        if ident.data_path and self._stamps.get(ident.client_id) != (stamp := file_stamp(ident.data_path)):
+            self._data.pop(ident.client_id, None)
+            self._stamps[ident.client_id] = stamp
         if ident.client_id not in self._data:
             task = self.task_of(ident, node_config)
             if ident.data_path:
