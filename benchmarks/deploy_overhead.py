@@ -248,6 +248,37 @@ def tuning_text(pooled: dict[str, dict[str, float | None]], repeat: int) -> str:
     return text
 
 
+def measure(models: tuple[str, ...] = ("tiny", "minilm"), rounds: int = 4, nodes: int = 3, per_node: int = 48,
+            network: str = "auto", progress: Any = None) -> list[Any]:
+    """``fedpeft bench --only deploy_overhead``: per model, one tuned deployment then the
+    simulation of the same work in this run; the ratio of their mean rounds after round 1."""
+    from benchmarks.results import Measurement, Target
+    from fedpeft.deploy.commands import TUNED_ENV
+
+    sys.path.insert(0, str(REPO / "tests"))
+    out = []
+    for name in models:
+        with tempfile.TemporaryDirectory(prefix="fedpeft-deploy-bench-") as tmp:
+            root = Path(tmp)
+            model = model_dir(name, root)
+            (root / "d").mkdir()
+            dep = run_deployment(root / "d", model, rounds, nodes, per_node, dict(TUNED_ENV), network)
+            if progress:
+                progress(f"{name}: deployed rounds {[round(x, 1) for x in dep['round_seconds']]} s")
+            (root / "s").mkdir()
+            sim = run_simulation(root / "s", model, rounds, nodes, per_node)
+            if progress:
+                progress(f"{name}: simulated rounds {[round(x, 1) for x in sim['round_seconds']]} s")
+        ratio = _ratio(dep["round_seconds"], sim["round_seconds"])
+        detail = {"model": name, "nodes": nodes, "examples_per_node": per_node, "rounds": rounds, "deployment": dep,
+                  "simulation": sim, "ratios": ratio}
+        out.append(Measurement("deploy_overhead", f"deployed / simulated round after round 1, {name} model "
+                                                  f"(warm worker, {dep['network'].split(':')[0]})",
+                               ratio["mean_round_after_first"] or float("nan"), "x", Target("<=", 2.0),
+                               detail=detail))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)

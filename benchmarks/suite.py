@@ -121,6 +121,12 @@ def _causal_lm(plan: Plan, progress: Progress) -> list[Measurement]:
     return causal_lm(bench, plan.lm_reps, plan.lm_warmup, progress=progress)
 
 
+def _deploy_overhead(plan: Plan, progress: Progress) -> list[Measurement]:
+    from .deploy_overhead import measure
+
+    return measure(("tiny",) if plan.quick else ("tiny", "minilm"), rounds=2 if plan.quick else 4, progress=progress)
+
+
 def _methods(plan: Plan, progress: Progress) -> list[Measurement]:
     from .steps import method_matrix
 
@@ -134,11 +140,14 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Plan, Progress], list[Measurement]]]]
     "methods": ("every adapter method vs FFA-LoRA: step time, upload bytes", _methods),
     "sim_overhead": ("Flower simulation / bare loop wall time", _sim_overhead),
     "scale": ("10 -> 10,000 virtual clients: CPU, wall time and memory per round", _scale),
+    "deploy_overhead": ("deployed (SuperLink + 3 SuperNodes, TLS, warm workers) / simulated round, tiny and MiniLM",
+                        _deploy_overhead),
     "causal_lm": ("causal LM (SmolLM2) at 256 tokens: DP / non-DP, fedpeft / bare loop, tokens/s, memory, bytes",
                   _causal_lm),
 }
-OPT_IN = ("causal_lm",)
-"""Run only when named in ``--only`` (on 2 CPU cores one SmolLM2 step of 4 x 256 tokens takes ~0.5-2 min)."""
+OPT_IN = ("causal_lm", "deploy_overhead")
+"""Run only when named in ``--only`` (on 2 CPU cores one SmolLM2 step of 4 x 256 tokens takes ~0.5-2 min; a
+deployment starts a SuperLink and three SuperNodes, minutes per model)."""
 
 
 class BenchError(ValueError):
