@@ -5,9 +5,14 @@ quantised (1.46x, 1.49x and 1.07x in three runs of the same code). This one meas
 round, what a poll does not change, in every population size (default 10, 1,000 and 10,000
 virtual clients, always 10 sampled per round, the same work per round):
 
-* **CPU seconds per round of the whole process tree** (driver, ServerApp, simulation
-  workers; ``psutil``, user + system), read at each round's end -- a round ends when its
-  row lands in ``metrics.jsonl`` (:class:`RoundSampler`); sleeping in a poll costs none;
+* **CPU seconds per round of the ServerApp's thread** (found in this process by the frame of
+  :mod:`fedpeft.server.loop` on its stack; Linux per-thread times through ``psutil``), read at
+  each round's end -- a round ends when its row lands in ``metrics.jsonl``
+  (:class:`RoundSampler`); sleeping in a poll costs none. This is the cost that grows with the
+  population if anything does (sampling, bookkeeping, validation, checkpoints);
+* CPU seconds per round of the whole process tree (driver, ServerApp, simulation workers --
+  and Ray's own daemons, which spin all the time, so this figure grows with a round's wall
+  time on a loaded machine);
 * **wall seconds per round** (``seconds`` of ``metrics.jsonl``), with local training long
   enough (``local_steps``) that a round lasts seconds, not tenths;
 * **peak RSS** of the driver process alone and of the whole tree, while the rounds ran.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -49,6 +55,8 @@ class RoundSampler:
     def __init__(self, metrics: Path, period: float = 0.05) -> None:
         self.metrics, self.period = metrics, period
         self.cpu_at_row: list[float] = []  # cumulative tree CPU seconds when row i appeared
+        self.server_cpu_at_row: list[float | None] = []  # the ServerApp thread's CPU seconds then
+        self._server_tid: int | None = None
         self.tree_peak: list[int] = []  # peak tree RSS during round i
         self.driver_peak: list[int] = []
         self._stop = threading.Event()
@@ -69,6 +77,23 @@ class RoundSampler:
         cpu = self._gone_cpu + sum(alive.values())
         return cpu, rss, me.memory_info().rss
 
+    def _server_cpu(self) -> float | None:
+        """CPU seconds of the thread running fedpeft's server loop in this process (None: not here)."""
+        if self._server_tid is None:
+            frames = sys._current_frames()
+            for t in threading.enumerate():
+                frame = frames.get(t.ident or -1)
+                while frame is not None and "fedpeft/server/loop.py" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                if frame is not None:
+                    self._server_tid = t.native_id
+        if self._server_tid is None:
+            return None
+        for th in psutil.Process().threads():
+            if th.id == self._server_tid:
+                return float(th.user_time + th.system_time)
+        return None
+
     def _rows(self) -> int:
         try:
             return sum(1 for ln in self.metrics.read_text().splitlines() if ln.strip())
@@ -79,9 +104,11 @@ class RoundSampler:
         tree_peak = driver_peak = 0
         while not self._stop.is_set():
             cpu, rss, driver = self._tree_cpu_rss()
+            server = self._server_cpu()
             tree_peak, driver_peak = max(tree_peak, rss), max(driver_peak, driver)
             while self._rows() > len(self.cpu_at_row):
                 self.cpu_at_row.append(cpu)
+                self.server_cpu_at_row.append(server)
                 self.tree_peak.append(tree_peak)
                 self.driver_peak.append(driver_peak)
                 tree_peak = driver_peak = 0
@@ -96,8 +123,13 @@ class RoundSampler:
         self._thread.join()
 
     def cpu_per_round(self) -> list[float]:
-        """CPU seconds of rounds 2, 3, ... (round 1 has no start mark)."""
+        """Tree CPU seconds of rounds 2, 3, ... (round 1 has no start mark)."""
         return [b - a for a, b in zip(self.cpu_at_row, self.cpu_at_row[1:], strict=False)]
+
+    def server_cpu_per_round(self) -> list[float]:
+        """The ServerApp thread's CPU seconds of rounds 2, 3, ... (empty when it ran elsewhere)."""
+        marks = self.server_cpu_at_row
+        return [b - a for a, b in zip(marks, marks[1:], strict=False) if a is not None and b is not None]
 
 
 def synthetic_data(path: Path, rows: int) -> Path:
@@ -129,9 +161,11 @@ def _one(model_path: str, data: Path, n: int, rounds: int, per_round: int, local
     with RoundSampler(run_dir / "metrics.jsonl") as s:
         _, rows = simulate(cfg, run_dir)
     wall = [float(r["seconds"]) for r in rows]
-    cpu = s.cpu_per_round()
+    cpu, server = s.cpu_per_round(), s.server_cpu_per_round()
     return {"clients": n, "wall_s": round(time.perf_counter() - t0, 1), "round_s": [round(x, 2) for x in wall],
-            "round_cpu_s": [round(x, 2) for x in cpu], "median_round_s": statistics.median(wall[1:]),
+            "round_cpu_s": [round(x, 2) for x in cpu], "round_server_cpu_s": [round(x, 3) for x in server],
+            "median_round_server_cpu_s": statistics.median(server) if server else float("nan"),
+            "median_round_s": statistics.median(wall[1:]),
             "median_round_cpu_s": statistics.median(cpu) if cpu else float("nan"),
             "driver_peak_mb": round(max(s.driver_peak[1:] or s.driver_peak) / 1e6, 1),
             "tree_peak_mb": round(max(s.tree_peak[1:] or s.tree_peak) / 1e6, 1)}
@@ -151,8 +185,9 @@ def scale(model_path: str, sizes: tuple[int, ...], rounds: int, reps: int = 3, l
                 shutil.rmtree(tmp / f"run-{rep}-{n}", ignore_errors=True)
                 if progress:
                     r = runs[-1]
-                    progress(f"rep {rep + 1}/{reps}, {n} clients: {r['median_round_s']:.2f} s/round, "
-                             f"{r['median_round_cpu_s']:.2f} CPU s/round, driver {r['driver_peak_mb']:.0f} MB")
+                    progress(f"rep {rep + 1}/{reps}, {n} clients: {r['median_round_s']:.2f} s/round, server "
+                             f"{r['median_round_server_cpu_s']:.3f} CPU s/round, tree {r['median_round_cpu_s']:.2f} "
+                             f"CPU s/round, driver {r['driver_peak_mb']:.0f} MB")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     lo, hi = min(sizes), max(sizes)
@@ -161,7 +196,8 @@ def scale(model_path: str, sizes: tuple[int, ...], rounds: int, reps: int = 3, l
                                     "of rep k's largest / smallest"}
     name = f"{hi:,} / {lo:,} clients"
     out = []
-    for key, what in (("median_round_cpu_s", "CPU time per round (process tree)"),
+    for key, what in (("median_round_server_cpu_s", "ServerApp CPU time per round"),
+                      ("median_round_cpu_s", "CPU time per round (process tree, incl. Ray daemons)"),
                       ("median_round_s", "wall time per round"), ("driver_peak_mb", "peak driver memory"),
                       ("tree_peak_mb", "peak memory, process tree")):
         per_rep = [next(r[key] for r in runs if r["rep"] == k and r["clients"] == hi)
