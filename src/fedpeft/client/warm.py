@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -50,12 +49,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import fedpeft.wire as wire
 from fedpeft.client.errors import NodeRefusal
+from fedpeft.io import file_lock
 
 __all__ = ["DEFAULT_IDLE_S", "forward", "serve", "socket_path", "use_warm_worker"]
 
@@ -149,15 +149,9 @@ def _connect(path: Path) -> socket.socket | None:
     return conn
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One round at a time per node, and one worker start."""
-    with open(path.with_suffix(".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
+    """One lock file per ``path`` (``.lock`` beside it)."""
+    return file_lock(path.with_suffix(".lock"))
 
 
 def _spawn(path: Path, node_config: Mapping[str, Any]) -> socket.socket:

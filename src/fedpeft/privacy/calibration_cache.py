@@ -17,17 +17,16 @@ nothing the server sends is stored: the arguments are the run's public plan.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from fedpeft.io import atomic_write_text
+from fedpeft.io import atomic_write_text, file_lock
 
 __all__ = ["FORMAT", "cache_dir", "cached"]
 
@@ -74,14 +73,9 @@ def _read(path: Path, args: dict[str, Any]) -> dict[str, Any] | None:
     return dict(doc["result"])
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path.with_suffix(".lock"), "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
+    """One lock file per ``path`` (``.lock`` beside it)."""
+    return file_lock(path.with_suffix(".lock"))
 
 
 def cached(args: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
