@@ -43,11 +43,13 @@ import hashlib
 import logging
 import os
 import pickle
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -254,6 +256,8 @@ def serve(path: Path, watch_pid: int | None, idle_s: float) -> int:
     """The worker's loop: warm up (imports), listen, serve one round per connection, in turn."""
     import fedpeft.client.app  # noqa: F401 - the warm-up: torch, transformers, PEFT, Opacus, once
 
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (the SuperNode's group stopped):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through `finally`, removing the socket
     path.unlink(missing_ok=True)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(path))
