@@ -9,15 +9,13 @@ sigma, the plugin's aggregation and the server's evaluation. The two are run int
 rounds (all but the first, whose time includes each Ray actor loading the model) is reported
 separately, clearly labelled, as is the one-off start-up.
 
-*Scale* runs the simulation with 10, 100 and 1,000 virtual clients, 10 sampled per round,
-sampling the resident memory of the whole process tree with
-:class:`benchmarks.hetero_scale.PeakRss` (the approach of ``hetero_scale.py``, on the plain
-``simulate`` path rather than the heterogeneous scenario).
+*Scale* (10 to 10,000 virtual clients) is :mod:`benchmarks.scale`.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -28,7 +26,7 @@ from typing import Any
 
 from .results import Measurement, Target
 
-__all__ = ["bare_federation", "scale", "sim_overhead"]
+__all__ = ["bare_federation", "sim_overhead"]
 
 Progress = Callable[[str], None]
 
@@ -108,15 +106,23 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
                         "data.test_size": test_size, "output_dir": str(tmp)})
     bare: list[list[float]] = []
     sim: list[tuple[float, list[float]]] = []
+    previous = os.environ.get("FEDPEFT_CALIBRATION_CACHE")
     try:
         for rep in range(reps):
+            # each run calibrates its distinct plans once (fedpeft.privacy.calibration_cache), none from an earlier run
+            os.environ["FEDPEFT_CALIBRATION_CACHE"] = str(tmp / f"calibration-bare-{rep}")
             bare.append(bare_federation(cfg))
             if progress:
                 progress(f"bare loop {rep + 1}/{reps}: {sum(bare[-1]):.1f} s")
+            os.environ["FEDPEFT_CALIBRATION_CACHE"] = str(tmp / f"calibration-sim-{rep}")
             sim.append(_simulated(cfg, tmp / f"sim-{rep}"))
             if progress:
                 progress(f"simulation {rep + 1}/{reps}: {sim[-1][0]:.1f} s")
     finally:
+        if previous is None:
+            os.environ.pop("FEDPEFT_CALIBRATION_CACHE", None)
+        else:
+            os.environ["FEDPEFT_CALIBRATION_CACHE"] = previous
         shutil.rmtree(tmp, ignore_errors=True)
     bare_total = statistics.median(sum(b) for b in bare)
     sim_total = statistics.median(s[0] for s in sim)
@@ -131,48 +137,9 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
               "sim_wall_s": [s[0] for s in sim]}
     return [
         Measurement("sim_overhead", "simulated run / bare loop, wall time (incl. Ray start-up)",
-                    sim_total / bare_total, "x", Target("<=", 1.10), detail=detail),
+                    sim_total / bare_total, "x", Target("<=", 1.3), detail=detail),
         Measurement("sim_overhead", "simulated / bare, rounds after the first (start-up and model loads excluded)",
-                    sim_steady / bare_steady, "x", detail=detail),
+                    sim_steady / bare_steady, "x", Target("<=", 1.10), detail=detail),
         Measurement("sim_overhead", "one-off simulation start-up (Ray, ServerApp set-up) before round 1",
                     sim_total - sim_rounds, "s", detail=detail),
-    ]
-
-
-def scale(model_path: str, sizes: tuple[int, ...], rounds: int, per_round: int = 10,
-          progress: Progress | None = None) -> list[Measurement]:
-    """Peak memory and median time per round for each population size; ratios largest / smallest."""
-    from fedpeft.load import parse_config
-    from fedpeft.sim.simulate import simulate
-
-    from .hetero_scale import PeakRss
-
-    tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    runs: list[dict[str, Any]] = []
-    try:
-        for n in sizes:
-            cfg = parse_config({"model.path": model_path, "model.max_length": 24, "train.clients": n,
-                                "train.clients_per_round": per_round, "train.rounds": rounds, "train.local_steps": 1,
-                                "train.batch_size": 8, "data.examples_per_client": 8, "data.partition": "iid",
-                                "data.test_size": 64, "output_dir": str(tmp / f"run-{n}")})
-            t0 = time.perf_counter()
-            with PeakRss() as mem:
-                _, rows = simulate(cfg, tmp / f"run-{n}")
-            per = [float(r["seconds"]) for r in rows]
-            runs.append({"clients": n, "peak_rss_mb": round(mem.peak / 1e6, 1), "wall_s": round(time.perf_counter() - t0, 1),
-                         "round_s": [round(x, 2) for x in per],
-                         "median_round_s": statistics.median(per[1:] if len(per) > 1 else per)})
-            if progress:
-                progress(f"{n} clients: {runs[-1]['median_round_s']:.2f} s/round, {runs[-1]['peak_rss_mb']:.0f} MB")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    lo, hi = runs[0], runs[-1]
-    detail = {"model": model_path, "per_round": per_round, "rounds": rounds, "runs": runs,
-              "note": "median over rounds after the first; DP on (each newly sampled client calibrates sigma once)"}
-    name = f"{hi['clients']} / {lo['clients']} clients"
-    return [
-        Measurement("scale", f"peak memory, {name}", hi["peak_rss_mb"] / lo["peak_rss_mb"], "x", Target("<=", 1.2),
-                    detail=detail),
-        Measurement("scale", f"time per round, {name}", hi["median_round_s"] / lo["median_round_s"], "x",
-                    Target("<=", 1.2), detail=detail),
     ]

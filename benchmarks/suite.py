@@ -10,7 +10,7 @@ crashes is recorded as failed with its reason and the exit status is 1; bad opti
 Sizes of the full run (about 10 to 15 minutes on 2 shared CPU cores, see docs/benchmarks.md):
 MiniLM-L6 for step times (batch 32 x 64 tokens; the method matrix 8 x 32) and for the
 simulation overhead (3 clients, 3 rounds, 2 local steps); the scale benchmark always uses
-the tiny model unless ``--model`` is given (1,000 clients of MiniLM would measure the disk).
+the tiny model unless ``--model`` is given (10,000 clients of MiniLM would measure the disk).
 """
 
 from __future__ import annotations
@@ -54,8 +54,10 @@ class Plan:
     sim_local_steps: int = 2
     sim_examples: int = 96
     sim_test_size: int = 200
-    scale_sizes: tuple[int, ...] = (10, 100, 1000)
-    scale_rounds: int = 8  # 7 timed rounds of ~0.4 s: with 2, the median moved by 25 % between quiet runs
+    scale_sizes: tuple[int, ...] = (10, 1000, 10000)
+    scale_rounds: int = 5  # 4 measured rounds (round 1 starts the workers) of several seconds each
+    scale_reps: int = 3  # interleaved repetitions of every size: the ratio's spread
+    scale_local_steps: int = 8  # rounds of seconds, not tenths (the grid polls replies every 0.1 s)
     lm_model: str = ""  # causal_lm: "" = SmolLM2-135M-Instruct (--quick: the tests' tiny Llama)
     lm_batch: int = 4
     lm_seq: int = 256
@@ -67,7 +69,7 @@ class Plan:
 
 QUICK = Plan(step_batch=8, step_seq=32, step_reps=2, step_warmup=1, matrix_reps=2, sim_reps=1, sim_rounds=2,
              sim_clients=2, sim_local_steps=1, sim_examples=32, sim_test_size=64, scale_sizes=(10, 30),
-             scale_rounds=2, lm_batch=2, lm_seq=32, lm_completion=8, lm_reps=2, quick=True)
+             scale_rounds=2, scale_reps=1, scale_local_steps=1, lm_batch=2, lm_seq=32, lm_completion=8, lm_reps=2, quick=True)
 
 Progress = Callable[[str], None]
 
@@ -106,9 +108,10 @@ def _sim_overhead(plan: Plan, progress: Progress) -> list[Measurement]:
 
 
 def _scale(plan: Plan, progress: Progress) -> list[Measurement]:
-    from .simbench import scale
+    from .scale import scale
 
-    return scale(plan.scale_model, plan.scale_sizes, plan.scale_rounds, progress=progress)
+    return scale(plan.scale_model, plan.scale_sizes, plan.scale_rounds, plan.scale_reps, plan.scale_local_steps,
+                 progress=progress)
 
 
 def _causal_lm(plan: Plan, progress: Progress) -> list[Measurement]:
@@ -116,6 +119,12 @@ def _causal_lm(plan: Plan, progress: Progress) -> list[Measurement]:
 
     bench = LMBench.create(plan.lm_model, plan.lm_batch, plan.lm_seq, plan.lm_completion)
     return causal_lm(bench, plan.lm_reps, plan.lm_warmup, progress=progress)
+
+
+def _deploy_overhead(plan: Plan, progress: Progress) -> list[Measurement]:
+    from .deploy_overhead import measure
+
+    return measure(("tiny",) if plan.quick else ("tiny", "minilm"), rounds=2 if plan.quick else 4, progress=progress)
 
 
 def _methods(plan: Plan, progress: Progress) -> list[Measurement]:
@@ -130,12 +139,15 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Plan, Progress], list[Measurement]]]]
     "ffa_vs_lora": ("FFA-LoRA / LoRA DP step time", _ffa_vs_lora),
     "methods": ("every adapter method vs FFA-LoRA: step time, upload bytes", _methods),
     "sim_overhead": ("Flower simulation / bare loop wall time", _sim_overhead),
-    "scale": ("10 -> 1,000 virtual clients: memory, time per round", _scale),
+    "scale": ("10 -> 10,000 virtual clients: CPU, wall time and memory per round", _scale),
+    "deploy_overhead": ("deployed (SuperLink + 3 SuperNodes, TLS, warm workers) / simulated round, tiny and MiniLM",
+                        _deploy_overhead),
     "causal_lm": ("causal LM (SmolLM2) at 256 tokens: DP / non-DP, fedpeft / bare loop, tokens/s, memory, bytes",
                   _causal_lm),
 }
-OPT_IN = ("causal_lm",)
-"""Run only when named in ``--only`` (on 2 CPU cores one SmolLM2 step of 4 x 256 tokens takes ~0.5-2 min)."""
+OPT_IN = ("causal_lm", "deploy_overhead")
+"""Run only when named in ``--only`` (on 2 CPU cores one SmolLM2 step of 4 x 256 tokens takes ~0.5-2 min; a
+deployment starts a SuperLink and three SuperNodes, minutes per model)."""
 
 
 class BenchError(ValueError):

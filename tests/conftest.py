@@ -13,6 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FEDPEFT_PROGRESS", "0")
 # Simulated clients' node secrets (src/fedpeft/client/node_store.py): never in the user's home from tests.
 os.environ.setdefault("FEDPEFT_SECRET_HOME", tempfile.mkdtemp(prefix="fedpeft-test-secrets-"))
+# Calibrations are computed, not read from a disk cache (tests/test_calibration_cache.py switches it on).
+os.environ.setdefault("FEDPEFT_CALIBRATION_CACHE", "off")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_model import make_tiny_llama, make_tiny_model, write_instructions  # noqa: E402

@@ -51,6 +51,7 @@ __all__ = [
     "MIN_NOISE_MULTIPLIER", "NOISE_MULTIPLIER", "NUM_EXAMPLES", "PARTITION_ID", "PROFILE", "ProtocolError", "REASON",
     "REFUSED", "RoundConfig", "SAMPLES_SEEN", "SAMPLE_RATE", "SECONDS", "SERVER_ROUND", "SIMULATION_ENTRIES", "STATUS",
     "STEPS", "TASK", "TEXT_COLUMN", "TIMED_OUT", "TRAIN_LOSS", "TRAIN_LOSS_FIRST", "TRAIN_LOSS_LAST",
+    "WARM_IDLE_S", "WARM_WORKER",
     "arrayrecord_to_state", "check_dp_metrics", "decode_hetero_plan", "diagnostics", "encode_hetero_plan",
     "record_nbytes", "refusal", "reply_metrics", "round_config_of", "state_nbytes", "state_to_arrayrecord", "status_reply", "timed_out", "train_reply",
 ]
@@ -87,6 +88,7 @@ REFUSED, REASON, TIMED_OUT, HETERO_SKIP = "refused", "reason", "timed-out", "het
 PARTITION_ID, CLIENT_ID, DATA_PATH = "partition-id", "client-id", "data-path"
 TEXT_COLUMN, LABEL_COLUMN, TASK = "text-column", "label-column", "task"
 MAX_EPSILON, MAX_DELTA, MIN_NOISE_MULTIPLIER = "max-epsilon", "max-delta", "min-noise-multiplier"
+WARM_WORKER, WARM_IDLE_S = "warm-worker", "warm-idle-s"  # the node's warm worker (fedpeft.client.warm)
 
 # ---- Context.state (in-process, simulation only) ------------------------------------------
 DEVICE_STATE = "fedpeft-sim-device"

@@ -304,7 +304,8 @@ def _train(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None,
     plugin.load_local_state(model, inputs.local_in)
     sigma = ledger.noise_multiplier if ledger is not None else None
     result = train_local(model, plugin, req.rt.tokenizer, req.data, req.cfg, inputs.steps, req.rt.device, sigma, rng,
-                         desc=f"client {req.ident.client_id} round {req.round.server_round}")
+                         desc=f"client {req.ident.client_id} round {req.round.server_round}",
+                         encoded=req.rt.encoded(req.ident, req.data))
     state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
     return state, plugin.local_state(model), result
 
@@ -375,6 +376,6 @@ def client_app(mods: Sequence[Mod] = ()) -> ClientApp:
     return new
 
 
-app = client_app()  # pyproject's `clientapp`: what `flwr run .` and deployed SuperNodes run
+app = client_app()  # trains in this process; pyproject's `clientapp` is fedpeft.client.node_app (a node's warm worker)
 
 __all__ += ["NodeRefusal", "build_loader", "loader_sample_rate", "node_budget_refusal", "tensorize"]

@@ -36,11 +36,14 @@ import fedpeft.wire as wire
 from fedpeft.adapters import AdapterPlugin
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.capabilities import DataRelease
+from fedpeft.client.errors import NodeRefusal
 from fedpeft.client.task_release import ensure_release
+from fedpeft.client.token_cache import cached_encoding
 from fedpeft.config import ConfigError, DataConfig, RunConfig
 from fedpeft.config import config_hash as hash_of
+from fedpeft.data.batching import Batch
 from fedpeft.data.layout import TaskData, activate_task
-from fedpeft.data.sources import TextDataset
+from fedpeft.data.sources import TextDataset, file_stamp
 from fedpeft.load import config_from_toml
 from fedpeft.tasks.heads import layout_base_model
 from fedpeft.tasks.model import pick_device
@@ -84,6 +87,7 @@ class Runtime:
         self.layout = self.task_type.task_layout(cfg)  # a single task's data: on first use
         self._model: nn.Module | None = None
         self._data: dict[str, TextDataset] = {}
+        self._stamps: dict[str, tuple[int, int, int]] = {}  # a deployed node's file: (inode, size, mtime)
         self._task: dict[str, TaskData] = {}
         # The federation's label vocabulary as a deployed single-task node was sent it (sizes the head).
         self._label_names: tuple[str, ...] = ()
@@ -126,7 +130,11 @@ class Runtime:
                            ident.ledger_dir, ident.client_id)
 
     def data_for(self, ident: ClientIdentity, node_config: dict[str, Any]) -> TextDataset:
-        """This client's examples: its partition of its task's pool, or a deployed node's own file."""
+        """This client's examples: its partition of its task's pool, or a deployed node's own file
+        (read again when the file changed: a node's warm worker outlives rounds and runs)."""
+        if ident.data_path and self._stamps.get(ident.client_id) != (stamp := file_stamp(ident.data_path)):
+            self._data.pop(ident.client_id, None)
+            self._stamps[ident.client_id] = stamp
         if ident.client_id not in self._data:
             task = self.task_of(ident, node_config)
             if ident.data_path:
@@ -140,6 +148,12 @@ class Runtime:
                 assert ident.partition_id is not None
                 self._data[ident.client_id] = task.client_data(self.cfg, ident.partition_id)
         return self._data[ident.client_id]
+
+    def encoded(self, ident: ClientIdentity, data: TextDataset) -> Batch:
+        """This client's examples encoded by the task type, cached (:mod:`fedpeft.client.token_cache`):
+        in memory, and for a deployed node also in ``<ledger-dir>/cache`` on its own disk."""
+        cache_dir = ident.ledger_dir / "cache" if ident.data_path else None
+        return cached_encoding(self.tokenizer, data, self.cfg.model.max_length, self.task_type, cache_dir)
 
     def _node_labels(self, data_cfg: DataConfig, task: TaskData, ident: ClientIdentity) -> TextDataset:
         """A deployed node's file with the federation's labels. A task of a multi-task layout
@@ -160,12 +174,6 @@ class Runtime:
 
 _RUNTIMES: dict[str, Runtime] = {}
 _GUARD = threading.Lock()
-
-
-class NodeRefusal(RuntimeError):
-    """A failure whose text is safe to send to the server (it names no data: no labels,
-    columns, file contents or paths). Every other exception is logged on the node and
-    answered with a generic text (``fedpeft.client.app.train``)."""
 
 
 def runtime_for(config_toml: str, config_hash: str) -> Runtime:

@@ -183,18 +183,21 @@ def train_local(
     noise_multiplier: float | None,
     seed: int | RoundRandomness,
     desc: str = "local training",
+    encoded: Batch | None = None,
 ) -> LocalResult:
     """Run ``steps`` optimizer steps on ``data``; DP-SGD when ``noise_multiplier`` is set.
 
     ``model`` must already carry the adapter (``plugin.attach``) and the global state.
     ``seed`` is the node's :class:`RoundRandomness` for a DP round (required: a DP round
-    refuses a plain integer seed) and an integer without DP.
+    refuses a plain integer seed) and an integer without DP. ``encoded``: ``data`` already
+    encoded by the task type (:mod:`fedpeft.client.token_cache`); else it is encoded here.
     """
     if noise_multiplier is not None and not isinstance(seed, RoundRandomness):
         raise TypeError("DP-SGD needs the node's RoundRandomness, not an integer seed (the server may know it)")
     model.to(device).train()
     task_type = task_for(cfg)
-    dataset = tensorize(tokenizer, data, cfg.model.max_length, task_type)
+    dataset = BatchDataset(encoded) if encoded is not None else tensorize(tokenizer, data, cfg.model.max_length,
+                                                                           task_type)
     plain_seed = seed.dropout_seed if isinstance(seed, RoundRandomness) else int(seed)
     loader = build_loader(dataset, cfg.train.batch_size, plain_seed)
     params = [p for p in model.parameters() if p.requires_grad]

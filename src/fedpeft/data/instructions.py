@@ -38,7 +38,7 @@ import yaml
 from fedpeft.config import ConfigError, DataConfig
 from fedpeft.config.schema import SHIPPED_INSTRUCTION_TASKS  # name -> description (a [tasks] check needs the names)
 from fedpeft.data.layout import bbc_news, tweets
-from fedpeft.data.sources import TextDataset, _label_sort_key, _read_frame, load_dataset
+from fedpeft.data.sources import TextDataset, _label_sort_key, _read_frame, file_stamp, load_dataset
 
 __all__ = [
     "DEFAULT_PER_TASK", "MIX_TASKS", "MTBENCH_SOURCE", "SHIPPED_INSTRUCTION_TASKS", "InstructionDataset",
@@ -312,7 +312,9 @@ def default_instruction_mix(per_task: int = DEFAULT_PER_TASK, seed: int = 0) -> 
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, strata_column: str, per_task: int, seed: int) -> InstructionDataset:
+def _load_cached(path: str, strata_column: str, per_task: int, seed: int,
+                 stamp: tuple[int, int, int]) -> InstructionDataset:
+    del stamp  # cache key only: an edited file is read again (fedpeft.data.sources.file_stamp)
     return default_instruction_mix(per_task, seed) if not path else read_instructions(path, strata_column)
 
 
@@ -320,4 +322,4 @@ def load_instructions(cfg: DataConfig, per_task: int = DEFAULT_PER_TASK, seed: i
     """The instruction data ``cfg`` names (cached per process): ``cfg.path`` empty is the
     default mix (``per_task`` examples per task, drawn by ``seed``), else the user's file with
     strata from ``cfg.label_column`` where the file has that column."""
-    return _load_cached(cfg.path, cfg.label_column, per_task, seed)
+    return _load_cached(cfg.path, cfg.label_column, per_task, seed, file_stamp(cfg.path))

@@ -27,7 +27,7 @@ import pandas as pd
 
 from fedpeft.config import ConfigError, DataConfig
 
-__all__ = ["TextDataset", "load_dataset", "resolve_test_size", "rotten_tomatoes_path", "split_train_test",
+__all__ = ["TextDataset", "file_stamp", "load_dataset", "resolve_test_size", "rotten_tomatoes_path", "split_train_test",
            "train_test_split_for", "with_label_names"]
 
 log = logging.getLogger("fedpeft")
@@ -114,7 +114,8 @@ def _label_sort_key(name: str) -> tuple[int, float | str]:
 
 
 @lru_cache(maxsize=4)
-def _load_cached(path: str, text_col: str, label_col: str) -> TextDataset:
+def _load_cached(path: str, text_col: str, label_col: str, stamp: tuple[int, int, int]) -> TextDataset:
+    del stamp  # part of the cache key only: an edited file is read again (a node's warm worker outlives runs)
     if not path:
         frame = pd.read_csv(rotten_tomatoes_path())
         frame = frame[frame["category"].isin(RT_LABELS)]
@@ -128,8 +129,17 @@ def _load_cached(path: str, text_col: str, label_col: str) -> TextDataset:
 
 
 def load_dataset(cfg: DataConfig) -> TextDataset:
-    """Load the whole labelled dataset named by ``cfg`` (cached per process)."""
-    return _load_cached(cfg.path, cfg.text_column, cfg.label_column)
+    """Load the whole labelled dataset named by ``cfg`` (cached per process while the file is unchanged)."""
+    return _load_cached(cfg.path, cfg.text_column, cfg.label_column, file_stamp(cfg.path))
+
+
+def file_stamp(path: str) -> tuple[int, int, int]:
+    """(inode, size, mtime in ns) of ``path``; zeros when there is none (the shipped data, or a missing file)."""
+    try:
+        st = Path(path).stat() if path else None
+    except OSError:
+        st = None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else (0, 0, 0)
 
 
 AUTO_TEST_FRACTION, AUTO_TEST_MAX = 0.2, 1000

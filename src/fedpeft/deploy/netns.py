@@ -290,7 +290,8 @@ class NetnsLab:
             res = _ip("netns", "pids", ns, check=False)
             left = [int(x) for x in res.stdout.split() if x.isdigit()]
             if left:
-                problems.append(f"processes {left} were still running in {ns}; killed")
+                problems.append(f"processes {left} ({', '.join(_cmdline(p) for p in left)}) were still running in "
+                                f"{ns}; killed")
                 for pid in left:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
@@ -316,3 +317,12 @@ def make_network(peers: Sequence[str], want: str = "auto") -> Network:
     if want == "netns":
         raise NetnsError(f"network namespaces unavailable: {reason}")
     return Loopback(reason=reason)
+
+
+def _cmdline(pid: int) -> str:
+    """The command line of ``pid`` (for a problem report), or "?" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return "?"

@@ -31,6 +31,7 @@ tests/test_ledger.py): substituting an example moves the clipped sum by up to 2C
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -42,6 +43,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import Domain
+
+from fedpeft.privacy.calibration_cache import cached
 
 __all__ = ["ACCOUNTANTS", "DEFAULT_ACCOUNTANT", "DEFAULT_RELATION", "RELATIONS", "Calibration",
            "calibrate_noise", "check_accountant", "epsilon_for", "HistoryEntry", "merge_history",
@@ -200,13 +203,23 @@ def calibrate_noise(
     and counted in ``epsilon``. The result is re-checked with :func:`epsilon_for` (the
     figure clients will later report); if accountant noise puts it above the target, sigma
     is raised by 0.5 % steps until it is not. Under add-remove a failing PRV calibration
-    falls back to RDP and the Calibration names ``rdp``; ``pld`` never falls back.
+    falls back to RDP and the Calibration names ``rdp``; ``pld`` never falls back. Cached per
+    process and on disk (:mod:`fedpeft.privacy.calibration_cache`): once per distinct plan.
     """
     check_accountant(accountant, relation)
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    args = {"target_epsilon": float(target_epsilon), "delta": float(delta), "sample_rate": float(sample_rate),
+            "steps": int(steps), "accountant": accountant, "prior": [list(p) for p in prior], "relation": relation}
+    return Calibration(**cached(args, lambda: dataclasses.asdict(
+        _calibrate(target_epsilon, delta, sample_rate, steps, accountant, prior, relation))))
+
+
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+               prior: tuple[HistoryEntry, ...], relation: str) -> Calibration:
+    """:func:`calibrate_noise` without its caches."""
     used = accountant
     try:
         sigma = _search_sigma(target_epsilon, delta, sample_rate, steps, accountant, prior, relation)

@@ -25,7 +25,6 @@ from the GGUF file's own special-token ids and flags before it is saved.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -34,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ import torch
 from torch import nn
 
 from fedpeft.config import ConfigError, ModelConfig
-from fedpeft.io import atomic_write_text
+from fedpeft.io import atomic_write_text, file_lock
 from fedpeft.tasks.model import fresh_copy, quiet_transformers
 
 __all__ = ["DEFAULT_GGUF", "cache_root", "causal_lm_path", "convert_gguf", "default_causal_lm_file", "file_sha256",
@@ -146,20 +144,6 @@ def _complete(directory: Path, sha: str) -> bool:
     return marker.get("sha256") == sha and marker.get("format") == _FORMAT
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (blocks until free; released on exit or death)."""
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def convert_gguf(gguf: Path) -> Path:
     """The cached safetensors conversion of ``gguf``, converting it first if it is not cached.
 
@@ -171,7 +155,7 @@ def convert_gguf(gguf: Path) -> Path:
     final = root / sha[:16]
     if _complete(final, sha):
         return final
-    with _file_lock(root / f"{sha[:16]}.lock"):
+    with file_lock(root / f"{sha[:16]}.lock"):
         if _complete(final, sha):  # another process converted it while we waited
             return final
         log.info("converting GGUF %s to safetensors (once; cached at %s)", gguf, final)
