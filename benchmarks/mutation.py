@@ -33,9 +33,14 @@ REPORT = ROOT / "benchmarks" / "results" / "mutation.md"
 # module -> the fast test files that cover it. A test over ~20 s is deselected (``DESELECT``):
 # a mutant of a function it reaches would cost minutes; what it checks is named in the report.
 MODULES: dict[str, list[str]] = {
-    "src/fedpeft/privacy/plan.py": ["tests/test_privacy_audit.py", "tests/test_ledger.py", "tests/test_dp_mechanism.py"],
-    "src/fedpeft/privacy/releases.py": ["tests/test_icm_lora.py", "tests/test_central_dp.py",
-                                        "tests/test_strategy_state.py"],
+    "src/fedpeft/privacy/plan.py": ["tests/test_privacy_plan.py",
+                                    "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
+                                    "tests/test_privacy_audit.py::test_plan_cli"],
+    "src/fedpeft/privacy/releases.py": [
+        f"tests/test_icm_lora.py::test_{t}" for t in (
+            "clipped_noisy_mean_clips_and_adds_the_stated_noise", "release_epsilon_matches_the_analytic_gaussian_mechanism",
+            "calibration_after_a_release_fits_the_budget", "release_reaches_the_ledger",
+            "client_releases_once_and_its_ledger_composes_it")],
     "src/fedpeft/privacy/central.py": ["tests/test_central_dp.py", "tests/test_strategy_state.py"],
     "src/fedpeft/privacy/dpsgd.py": ["tests/test_dp_mechanism.py", "tests/test_ffa_lora.py"],
     "src/fedpeft/privacy/randomness.py": ["tests/test_dp_mechanism.py", "tests/test_ffa_lora.py",
@@ -69,22 +74,36 @@ def module_key(module: str) -> str:
     return module.removeprefix("src/fedpeft/").removesuffix(".py").replace("/", ".")
 
 
-def _run_one(module: str, max_children: int) -> dict[str, Any]:
-    """Run mutmut on ``module`` in this process (cwd: the repository root) and summarise it."""
+def workdir(module: str) -> Path:
+    """``runs/mutation/<module>/``: the module's own cwd for mutmut (its ``mutants/`` copy and
+    cache stay there, so ``--rerun-survivors`` can retest only what survived)."""
+    return ROOT / "runs" / "mutation" / module_key(module)
+
+
+def _run_one(module: str, max_children: int, rerun: list[str]) -> dict[str, Any]:
+    """Run mutmut on ``module`` in this process and summarise it: all mutants in a fresh
+    ``mutants/``, or (``rerun``) only the named ones against the current tests."""
+    work = workdir(module)
+    if not rerun:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "tests", "benchmarks", "pyproject.toml"):  # mutmut copies them into mutants/
+        if not (work / name).exists():
+            (work / name).symlink_to(ROOT / name)
+    os.chdir(work)
     from mutmut import configuration
 
     cfg = configuration.config()
     cfg.only_mutate = [module]
     cfg.pytest_add_cli_args_test_selection = list(MODULES[module])
     cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, *(f"--deselect={t}" for t in DESELECT)]
-    import mutmut.__main__ as mm  # after the config: it is read at import in some paths
+    import mutmut.__main__ as mm
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.stats import status_by_exit_code
 
-    shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     start = time.monotonic()
     try:
-        mm.cli(["run", "--max-children", str(max_children)], standalone_mode=False)
+        mm.cli(["run", "--max-children", str(max_children), *rerun], standalone_mode=False)
     except SystemExit as e:  # mutmut exits on a failed clean run or no covering tests
         if e.code not in (0, None):
             raise
@@ -96,15 +115,26 @@ def _run_one(module: str, max_children: int) -> dict[str, Any]:
     for name, code in sorted(data.exit_code_by_key.items()):
         status = status_by_exit_code[code]
         counts[status] = counts.get(status, 0) + 1
-        if status in ("survived", "no tests", "suspicious", "timeout"):
+        if status in ("survived", "no tests", "suspicious", "timeout", "not checked"):
             survivors[name] = f"{status}\n{mm.get_diff_for_mutant(name, path=module)}"
-    return {
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    result: dict[str, Any] = {
         "module": module, "tests": MODULES[module], "deselected": DESELECT,
         "counts": counts, "total": sum(counts.values()), "mutants_not_killed": survivors,
-        "seconds": round(elapsed, 1), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "seconds": round(elapsed, 1), "date": now,
         "load": os.getloadavg(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "mutmut": _mutmut_version(), "max_children": max_children,
     }
+    if rerun:  # the full run's figures stay; the counts are after the retest
+        old = json.loads(_result_path(module).read_text())
+        result.update({k: old[k] for k in ("seconds", "date", "load")})
+        result["rerun"] = {"mutants": len(rerun), "seconds": round(elapsed, 1), "date": now,
+                           "load": os.getloadavg()}
+    return result
+
+
+def _result_path(module: str) -> Path:
+    return RESULTS_DIR / f"{module_key(module)}.json"
 
 
 def _mutmut_version() -> str:
@@ -158,15 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", default="", help="comma-separated module paths (default: all of MODULES)")
     parser.add_argument("--max-children", type=int, default=1)
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from the stored results")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="retest only the mutants the last run of each module did not kill (after adding tests)")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the child process: one module
     args = parser.parse_args(argv)
     # One thread per mutant: 2 shared cores, and libgomp's pool is not fork-safe.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     if args.one:
-        result = _run_one(args.one, args.max_children)
+        rerun = []
+        if args.rerun_survivors:
+            rerun = sorted(json.loads(_result_path(args.one).read_text())["mutants_not_killed"])
+            if not rerun:
+                return 0
+        result = _run_one(args.one, args.max_children, rerun)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / f"{module_key(args.one)}.json").write_text(json.dumps(result, indent=1) + "\n")
+        _result_path(args.one).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
@@ -177,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         for module in modules:
             print(f"== mutation testing {module}", flush=True)
             rc = subprocess.call([sys.executable, "-m", "benchmarks.mutation", "--one", module,
-                                  "--max-children", str(args.max_children)], cwd=ROOT)
+                                  "--max-children", str(args.max_children),
+                                  *(["--rerun-survivors"] if args.rerun_survivors else [])], cwd=ROOT)
             if rc != 0:
                 print(f"mutmut failed on {module} (exit {rc})", file=sys.stderr)
                 return rc
-        shutil.rmtree(ROOT / "mutants", ignore_errors=True)
     REPORT.write_text(render())
     print(f"wrote {REPORT.relative_to(ROOT)}")
     return 0
