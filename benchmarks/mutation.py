@@ -80,11 +80,12 @@ def workdir(module: str) -> Path:
     return ROOT / "runs" / "mutation" / module_key(module)
 
 
-def _run_one(module: str, max_children: int, rerun: list[str]) -> dict[str, Any]:
+def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: bool = False) -> dict[str, Any]:
     """Run mutmut on ``module`` in this process and summarise it: all mutants in a fresh
-    ``mutants/``, or (``rerun``) only the named ones against the current tests."""
+    ``mutants/``, or (``rerun``) only the named ones against the current tests, or
+    (``summarise_only``) nothing: what an interrupted run had checked (the rest: not checked)."""
     work = workdir(module)
-    if not rerun:
+    if not rerun and not summarise_only:
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("src", "tests", "benchmarks", "pyproject.toml"):  # mutmut copies them into mutants/
@@ -102,11 +103,15 @@ def _run_one(module: str, max_children: int, rerun: list[str]) -> dict[str, Any]
     from mutmut.stats import status_by_exit_code
 
     start = time.monotonic()
-    try:
-        mm.cli(["run", "--max-children", str(max_children), *rerun], standalone_mode=False)
-    except SystemExit as e:  # mutmut exits on a failed clean run or no covering tests
-        if e.code not in (0, None):
-            raise
+    if summarise_only:  # wall time of the interrupted run: from its work dir to its last result
+        meta = Path("mutants") / f"{module}.meta"
+        start -= meta.stat().st_mtime - (work / "src").lstat().st_mtime
+    else:
+        try:
+            mm.cli(["run", "--max-children", str(max_children), *rerun], standalone_mode=False)
+        except SystemExit as e:  # mutmut exits on a failed clean run or no covering tests
+            if e.code not in (0, None):
+                raise
     elapsed = time.monotonic() - start
     data = SourceFileMutationData(path=Path(module))
     data.load()
@@ -147,15 +152,23 @@ def render() -> str:
     """The results table and every mutant not killed, with its reason if it is equivalent."""
     from benchmarks.mutation_equivalent import EQUIVALENT
 
-    rows, details = [], []
+    rows, details, notes = [], [], []
     for path in sorted(RESULTS_DIR.glob("*.json")):
         r = json.loads(path.read_text())
         c = r["counts"]
         listed = sum(1 for n in r["mutants_not_killed"] if n in EQUIVALENT)
         load = "/".join(f"{x:.1f}" for x in r["load"])
         rows.append(f"| `{r['module']}` | {c.get('killed', 0)} | {c.get('survived', 0)} | "
-                    f"{c.get('timeout', 0)} | {c.get('no tests', 0)} | {r['total']} | {listed} | "
+                    f"{c.get('timeout', 0)} | {c.get('no tests', 0)} | {c.get('not checked', 0)} | {r['total']} | {listed} | "
                     f"{r['seconds']:.0f} | {r['date']} | {load} |")
+        if "rerun" in r:
+            rr = r["rerun"]
+            notes.append(f"- `{r['module']}`: the {rr['mutants']} mutants the full run left alive were retested "
+                         f"against the new tests on {rr['date']} ({rr['seconds']:.0f} s, load "
+                         f"{'/'.join(f'{x:.1f}' for x in rr['load'])}); the counts are after that retest.")
+        if c.get("not checked"):
+            notes.append(f"- `{r['module']}`: the run was stopped before it had checked every mutant "
+                         f"({c['not checked']} not checked).")
         for name, diff in r["mutants_not_killed"].items():
             reason = EQUIVALENT.get(name, "**not explained: needs a test**")
             status, _, body = diff.partition("\n")
@@ -171,9 +184,11 @@ def render() -> str:
         "the slowest accounting tests deselected); load is the 1/5/15-min load average at the end "
         "of the module's run.",
         "",
-        "| module | killed | survived | timeout | no tests | total | survivors listed equivalent | seconds | date | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| module | killed | survived | timeout | no tests | not checked | total | survivors listed equivalent | seconds | date | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
+        "",
+        *notes,
         "",
         "## Mutants not killed",
         "",
@@ -190,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from the stored results")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="retest only the mutants the last run of each module did not kill (after adding tests)")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="write the results of an interrupted run as they stand (unrun mutants: not checked)")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the child process: one module
     args = parser.parse_args(argv)
     # One thread per mutant: 2 shared cores, and libgomp's pool is not fork-safe.
@@ -201,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             rerun = sorted(json.loads(_result_path(args.one).read_text())["mutants_not_killed"])
             if not rerun:
                 return 0
-        result = _run_one(args.one, args.max_children, rerun)
+        result = _run_one(args.one, args.max_children, rerun, args.summarise_only)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         _result_path(args.one).write_text(json.dumps(result, indent=1) + "\n")
         return 0
@@ -215,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== mutation testing {module}", flush=True)
             rc = subprocess.call([sys.executable, "-m", "benchmarks.mutation", "--one", module,
                                   "--max-children", str(args.max_children),
-                                  *(["--rerun-survivors"] if args.rerun_survivors else [])], cwd=ROOT)
+                                  *(["--rerun-survivors"] if args.rerun_survivors else []),
+                                  *(["--summarise-only"] if args.summarise_only else [])], cwd=ROOT)
             if rc != 0:
                 print(f"mutmut failed on {module} (exit {rc})", file=sys.stderr)
                 return rc

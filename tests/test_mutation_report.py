@@ -37,6 +37,6 @@ def test_report_counts_and_lists_each_survivor_with_its_reason(tmp_path: Path, m
         "mutmut": "3.8.1", "max_children": 1,
     }))
     text = mutation.render()
-    assert "| `src/fedpeft/m.py` | 8 | 2 | 0 | 0 | 10 | 1 | 12 | 2026-12-03 10:00 UTC | 1.0/2.0/3.0 |" in text
+    assert "| `src/fedpeft/m.py` | 8 | 2 | 0 | 0 | 0 | 10 | 1 | 12 | 2026-12-03 10:00 UTC | 1.0/2.0/3.0 |" in text
     assert "only a log message" in text and text.count("**not explained: needs a test**") == 1
     assert "mutmut 3.8.1" in text and "2 shared CPU cores" in text
