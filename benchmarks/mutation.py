@@ -80,12 +80,13 @@ def workdir(module: str) -> Path:
     return ROOT / "runs" / "mutation" / module_key(module)
 
 
-def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: bool = False) -> dict[str, Any]:
+def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: bool = False,
+             resume: bool = False) -> dict[str, Any]:
     """Run mutmut on ``module`` in this process and summarise it: all mutants in a fresh
     ``mutants/``, or (``rerun``) only the named ones against the current tests, or
     (``summarise_only``) nothing: what an interrupted run had checked (the rest: not checked)."""
     work = workdir(module)
-    if not rerun and not summarise_only:
+    if not (rerun or summarise_only or resume):
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     for name in ("src", "tests", "benchmarks", "pyproject.toml"):  # mutmut copies them into mutants/
@@ -130,6 +131,8 @@ def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: b
         "load": os.getloadavg(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
         "mutmut": _mutmut_version(), "max_children": max_children,
     }
+    if resume and _result_path(module).exists():  # the interrupted run's time counts too
+        result["seconds"] = round(result["seconds"] + json.loads(_result_path(module).read_text())["seconds"], 1)
     if rerun:  # the full run's figures stay; the counts are after the retest
         old = json.loads(_result_path(module).read_text())
         result.update({k: old[k] for k in ("seconds", "date", "load")})
@@ -205,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render-only", action="store_true", help="rewrite the report from the stored results")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="retest only the mutants the last run of each module did not kill (after adding tests)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the mutants an interrupted run of each module had not checked")
     parser.add_argument("--summarise-only", action="store_true",
                         help="write the results of an interrupted run as they stand (unrun mutants: not checked)")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the child process: one module
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             rerun = sorted(json.loads(_result_path(args.one).read_text())["mutants_not_killed"])
             if not rerun:
                 return 0
-        result = _run_one(args.one, args.max_children, rerun, args.summarise_only)
+        result = _run_one(args.one, args.max_children, rerun, args.summarise_only, args.resume)
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         _result_path(args.one).write_text(json.dumps(result, indent=1) + "\n")
         return 0
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             rc = subprocess.call([sys.executable, "-m", "benchmarks.mutation", "--one", module,
                                   "--max-children", str(args.max_children),
                                   *(["--rerun-survivors"] if args.rerun_survivors else []),
-                                  *(["--summarise-only"] if args.summarise_only else [])], cwd=ROOT)
+                                  *(["--summarise-only"] if args.summarise_only else []),
+                                  *(["--resume"] if args.resume else [])], cwd=ROOT)
             if rc != 0:
                 print(f"mutmut failed on {module} (exit {rc})", file=sys.stderr)
                 return rc
