@@ -172,7 +172,13 @@ def render() -> str:
         if c.get("not checked"):
             notes.append(f"- `{r['module']}`: the run was stopped before it had checked every mutant "
                          f"({c['not checked']} not checked).")
+        unchecked = [n for n, d in r["mutants_not_killed"].items() if d.startswith("not checked")]
+        if unchecked:
+            details.append(f"#### `{r['module']}`: {len(unchecked)} mutants not checked (run stopped)\n\n"
+                           + ", ".join(f"`{n.rpartition('.')[2]}`" for n in unchecked) + "\n")
         for name, diff in r["mutants_not_killed"].items():
+            if name in unchecked:
+                continue
             reason = EQUIVALENT.get(name, "**not explained: needs a test**")
             status, _, body = diff.partition("\n")
             details.append(f"#### `{name}` ({status})\n\n{reason}\n\n```diff\n{body.strip()}\n```\n")

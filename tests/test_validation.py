@@ -181,4 +181,6 @@ def test_spec_from_a_state_and_its_size() -> None:
     spec = StateSpec.from_state({"a": np.zeros((2, 5), np.float32), "b": np.zeros(3, np.float64)}, "h")
     assert spec.tensors == {"a": ((2, 5), "float32"), "b": ((3,), "float64")} and spec.frozen_hash == "h"
     assert spec.nbytes == 2 * 5 * 4 + 3 * 8
+    # without a hash (the multi-task server's per-task specs) a spec checks none
+    assert StateSpec.from_state({"a": np.zeros(1, np.float32)}).frozen_hash == ""
     assert reply_budget(spec) == spec.nbytes + 2 * HEADER_ALLOWANCE and HEADER_ALLOWANCE == 256
