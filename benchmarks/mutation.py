@@ -136,8 +136,9 @@ def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: b
     if rerun:  # the full run's figures stay; the counts are after the retest
         old = json.loads(_result_path(module).read_text())
         result.update({k: old[k] for k in ("seconds", "date", "load")})
-        result["rerun"] = {"mutants": len(rerun), "seconds": round(elapsed, 1), "date": now,
-                           "load": os.getloadavg()}
+        earlier = old.get("rerun", [])
+        result["rerun"] = [*(earlier if isinstance(earlier, list) else [earlier]),
+                           {"mutants": len(rerun), "seconds": round(elapsed, 1), "date": now, "load": os.getloadavg()}]
     return result
 
 
@@ -164,11 +165,11 @@ def render() -> str:
         rows.append(f"| `{r['module']}` | {c.get('killed', 0)} | {c.get('survived', 0)} | "
                     f"{c.get('timeout', 0)} | {c.get('no tests', 0)} | {c.get('not checked', 0)} | {r['total']} | {listed} | "
                     f"{r['seconds']:.0f} | {r['date']} | {load} |")
-        if "rerun" in r:
-            rr = r["rerun"]
-            notes.append(f"- `{r['module']}`: the {rr['mutants']} mutants the full run left alive were retested "
-                         f"against the new tests on {rr['date']} ({rr['seconds']:.0f} s, load "
-                         f"{'/'.join(f'{x:.1f}' for x in rr['load'])}); the counts are after that retest.")
+        reruns = r.get("rerun", [])
+        for rr in reruns if isinstance(reruns, list) else [reruns]:
+            notes.append(f"- `{r['module']}`: the {rr['mutants']} mutants still alive were retested against the "
+                         f"tests added since, on {rr['date']} ({rr['seconds']:.0f} s, load "
+                         f"{'/'.join(f'{x:.1f}' for x in rr['load'])}); the counts are after the last retest.")
         if c.get("not checked"):
             notes.append(f"- `{r['module']}`: the run was stopped before it had checked every mutant "
                          f"({c['not checked']} not checked).")

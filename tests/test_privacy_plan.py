@@ -39,10 +39,10 @@ def test_plan_refuses_what_is_out_of_range(kwargs: dict[str, float], message: st
 
 
 def test_one_round_of_one_step_is_a_valid_plan() -> None:
-    plan = make_plan(2.0, 1e-5, rounds=1, sample_rate=0.5, steps_per_round=1)
+    plan = make_plan(1.0, 1e-5, rounds=1, sample_rate=0.5, steps_per_round=1)  # epsilon <= 1 is allowed
     assert plan.rounds == 1 and plan.steps_per_round == 1 and plan.total_steps == 1
-    assert len(plan.epsilon_per_round) == 1 and 0 < plan.epsilon_per_round[0] <= 2.0
-    assert plan.sample_rate == 0.5 and plan.delta == 1e-5 and plan.target_epsilon == 2.0
+    assert len(plan.epsilon_per_round) == 1 and 0 < plan.epsilon_per_round[0] <= 1.0
+    assert plan.sample_rate == 0.5 and plan.delta == 1e-5 and plan.target_epsilon == 1.0
 
 
 def test_plan_table_states_every_figure_with_its_unit() -> None:
