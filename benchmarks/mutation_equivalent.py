@@ -9,3 +9,9 @@ from __future__ import annotations
 
 EQUIVALENT: dict[str, str] = {
 }
+
+KILLED_SINCE: dict[str, str] = {
+    # survived the run; the test named was added after it and fails with the mutant applied by
+    # hand (not yet retested by mutmut: `python -m benchmarks.mutation --modules M --rerun-survivors`)
+    "fedpeft.privacy.plan.x_make_plan__mutmut_5": "tests/test_privacy_plan.py::test_one_round_of_one_step_is_a_valid_plan",
+}

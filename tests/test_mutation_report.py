@@ -30,6 +30,7 @@ def test_unknown_module_is_one_line_naming_the_allowed(capsys: pytest.CaptureFix
 def test_report_counts_and_lists_each_survivor_with_its_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mutation, "RESULTS_DIR", tmp_path)
     monkeypatch.setattr("benchmarks.mutation_equivalent.EQUIVALENT", {"m.x_f__mutmut_1": "only a log message"})
+    monkeypatch.setattr("benchmarks.mutation_equivalent.KILLED_SINCE", {})
     (tmp_path / "m.json").write_text(json.dumps({
         "module": "src/fedpeft/m.py", "counts": {"killed": 8, "survived": 2}, "total": 10,
         "mutants_not_killed": {"m.x_f__mutmut_1": "survived\n-a\n+b", "m.x_f__mutmut_2": "survived\n-c\n+d"},
