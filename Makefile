@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fedpeft-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-guarantees test-slow lint typecheck bench clean
+.PHONY: install demo test test-guarantees test-slow lint typecheck bench mutation clean
 
 install: $(STAMP)
 
@@ -48,6 +48,13 @@ typecheck: install
 
 bench: install
 	$(PY) -m benchmarks
+
+# Mutation testing (mutmut) of the modules that carry the guarantees, each against its fast
+# tests; writes benchmarks/results/mutation.md. Hours for all of them on 2 cores: pass a subset,
+# e.g. `make mutation MUTATE=src/fedpeft/privacy/plan.py,src/fedpeft/strategies/validation.py`.
+MUTATE ?=
+mutation: install
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 nice $(PY) -m benchmarks.mutation --max-children 1 --modules "$(MUTATE)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -244,3 +244,33 @@ def test_three_equal_clients_three_releases_match_an_independent_accountant(flwr
                       ("epsilon_client_level_accountant", "rdp")]:
         assert text in rows[-1][key]
     assert rows[-1]["epsilon_client_level_delta"] == 1e-3
+
+
+# ---- the accountant's bookkeeping, exactly (found by `make mutation`) ------------------------------
+
+def test_m_is_the_clients_sampled_per_round_or_all_of_them() -> None:
+    from fedpeft.privacy.central import sampled_clients
+
+    assert sampled_clients(_cfg3(mode="server")) == 3
+    sampled = parse_config({"privacy.epsilon": "inf", "train.clients": 3, "train.clients_per_round": 2,
+                            "data.label_proportions": "0.5,0.5;0.5,0.5;0.5,0.5", "central.mode": "server"})
+    assert sampled_clients(sampled) == 2 and ClientLevelAccountant(sampled).sampled == 2
+    # sigma / (2 * m * w_max) with m = 2 sampled of 3, equal weights
+    assert ClientLevelAccountant(sampled).effective_noise_multiplier([5.0, 5.0]) == pytest.approx(1.0 / 2)
+
+
+def test_a_round_without_a_release_spends_nothing_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    from fedpeft.privacy.central import ACCOUNTANT, RELATION, UNIT
+
+    hook = ClientLevelAccountant(_cfg(mode="server", noise_multiplier=1.5, delta=1e-4))
+    report = type("Report", (), {"released": False, "accepted": []})()
+    row: dict[str, Any] = {}
+    hook.on_round_end(1, row, report)
+    assert np.isnan(row.pop("central_noise_multiplier_effective"))
+    assert row == {"epsilon_client_level": 0.0, "epsilon_client_level_unit": UNIT,
+                   "epsilon_client_level_relation": RELATION, "epsilon_client_level_delta": 1e-4,
+                   "epsilon_client_level_accountant": ACCOUNTANT, "central_releases": 0}
+    assert UNIT.startswith("client-level") and "sensitivity 2*w_max*clip" in RELATION and ACCOUNTANT.startswith("rdp")
+    with caplog.at_level("INFO", logger="fedpeft.server"):
+        hook.on_start(None, None, None)
+    assert "noise multiplier 1.5 over 2 sampled clients" in caplog.text and "delta=0.0001" in caplog.text

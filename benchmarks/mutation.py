@@ -1,0 +1,262 @@
+"""Mutation testing of the modules that carry fedpeft's guarantees (``make mutation``).
+
+mutmut (3.8) changes one thing at a time in a module (an operator, a constant, a call's
+argument, a ``return``) and runs the tests that reach the changed function; a mutant that no
+test notices ("survived") is a behaviour the suite does not pin down. Each module runs on its
+own, against only the fast tests that cover it (:data:`MODULES`), so that a mutant costs
+seconds: one ``mutmut run`` per module in a fresh ``mutants/`` copy of the repository, in a
+child process (mutmut's state is global). Per-module results go to
+``benchmarks/results/mutation/<module>.json``; :func:`render` joins them with the reasons in
+:mod:`benchmarks.mutation_equivalent` into ``benchmarks/results/mutation.md``.
+
+``python -m benchmarks.mutation [--modules src/fedpeft/privacy/plan.py,...] [--max-children 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results" / "mutation"
+REPORT = ROOT / "benchmarks" / "results" / "mutation.md"
+
+# module -> the fast test files that cover it. A test over ~20 s is deselected (``DESELECT``):
+# a mutant of a function it reaches would cost minutes; what it checks is named in the report.
+MODULES: dict[str, list[str]] = {
+    "src/fedpeft/privacy/plan.py": ["tests/test_privacy_plan.py",
+                                    "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
+                                    "tests/test_privacy_audit.py::test_plan_cli"],
+    "src/fedpeft/privacy/releases.py": [
+        f"tests/test_icm_lora.py::test_{t}" for t in (
+            "clipped_noisy_mean_clips_and_adds_the_stated_noise", "release_epsilon_matches_the_analytic_gaussian_mechanism",
+            "calibration_after_a_release_fits_the_budget", "release_reaches_the_ledger",
+            "client_releases_once_and_its_ledger_composes_it")],
+    "src/fedpeft/privacy/central.py": ["tests/test_central_dp.py", "tests/test_strategy_state.py"],
+    "src/fedpeft/privacy/dpsgd.py": ["tests/test_dp_mechanism.py", "tests/test_ffa_lora.py"],
+    "src/fedpeft/privacy/randomness.py": ["tests/test_dp_mechanism.py", "tests/test_ffa_lora.py",
+                                          "tests/test_attacks.py"],
+    "src/fedpeft/privacy/ledger.py": ["tests/test_ledger.py", "tests/test_privacy.py", "tests/test_reliability.py"],
+    "src/fedpeft/privacy/accounting.py": ["tests/test_privacy.py", "tests/test_ledger.py"],
+    "src/fedpeft/strategies/validation.py": ["tests/test_validation.py", "tests/test_server_replies.py",
+                                             "tests/test_fuzz.py::test_a_corrupted_reply_never_reaches_the_average"],
+    "src/fedpeft/strategies/adapter_avg.py": ["tests/test_strategy_state.py", "tests/test_validation.py",
+                                              "tests/test_server_replies.py", "tests/test_server_optimisers.py"],
+    "src/fedpeft/server/checkpoint.py": ["tests/test_strategy_state.py", "tests/test_reliability.py",
+                                         "tests/test_resume_inprocess.py"],
+    "src/fedpeft/data/partition.py": ["tests/test_data.py", "tests/test_task_layout.py"],
+    "src/fedpeft/client/trainer.py": ["tests/test_trainer.py", "tests/test_fedprox.py", "tests/test_dp_mechanism.py"],
+    "src/fedpeft/client/app.py": ["tests/test_client_app.py", "tests/test_client_mods.py"],
+}
+
+DESELECT: list[str] = [
+    # PLD/PRV accounting over many rounds (20-50 s each on 2 shared cores).
+    "tests/test_ledger.py::test_changed_batch_size_is_accounted_at_the_q_that_ran",
+    "tests/test_ledger.py::test_audit_refuses_an_under_reported_replace_one_epsilon",
+    "tests/test_ledger.py::test_run_dir_with_ledgers_of_another_config_is_not_reused",
+    "tests/test_privacy.py::test_grid_prv_accountant_matches_opacus_and_reuses_few_fft_lengths",
+    "tests/test_privacy.py::test_ledger_accumulates_and_survives_restarts",
+    "tests/test_privacy.py::test_calibration_agrees_with_opacus_bisection",
+]
+
+
+def module_key(module: str) -> str:
+    """``src/fedpeft/privacy/plan.py`` -> ``privacy.plan`` (the results file's name)."""
+    return module.removeprefix("src/fedpeft/").removesuffix(".py").replace("/", ".")
+
+
+def workdir(module: str) -> Path:
+    """``runs/mutation/<module>/``: the module's own cwd for mutmut (its ``mutants/`` copy and
+    cache stay there, so ``--rerun-survivors`` can retest only what survived)."""
+    return ROOT / "runs" / "mutation" / module_key(module)
+
+
+def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: bool = False,
+             resume: bool = False) -> dict[str, Any]:
+    """Run mutmut on ``module`` in this process and summarise it: all mutants in a fresh
+    ``mutants/``, or (``rerun``) only the named ones against the current tests, or
+    (``summarise_only``) nothing: what an interrupted run had checked (the rest: not checked)."""
+    work = workdir(module)
+    if not (rerun or summarise_only or resume):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("src", "tests", "benchmarks", "pyproject.toml"):  # mutmut copies them into mutants/
+        if not (work / name).exists():
+            (work / name).symlink_to(ROOT / name)
+    os.chdir(work)
+    from mutmut import configuration
+
+    cfg = configuration.config()
+    cfg.only_mutate = [module]
+    cfg.pytest_add_cli_args_test_selection = list(MODULES[module])
+    cfg.pytest_add_cli_args = [*cfg.pytest_add_cli_args, *(f"--deselect={t}" for t in DESELECT)]
+    import mutmut.__main__ as mm
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+
+    start = time.monotonic()
+    if summarise_only:  # wall time of the interrupted run: from its work dir to its last result
+        meta = Path("mutants") / f"{module}.meta"
+        start -= meta.stat().st_mtime - (work / "src").lstat().st_mtime
+    else:
+        try:
+            mm.cli(["run", "--max-children", str(max_children), *rerun], standalone_mode=False)
+        except SystemExit as e:  # mutmut exits on a failed clean run or no covering tests
+            if e.code not in (0, None):
+                raise
+    elapsed = time.monotonic() - start
+    data = SourceFileMutationData(path=Path(module))
+    data.load()
+    counts: dict[str, int] = {}
+    survivors: dict[str, str] = {}
+    for name, code in sorted(data.exit_code_by_key.items()):
+        status = status_by_exit_code[code]
+        counts[status] = counts.get(status, 0) + 1
+        if status in ("survived", "no tests", "suspicious", "timeout", "not checked"):
+            survivors[name] = f"{status}\n{mm.get_diff_for_mutant(name, path=module)}"
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    result: dict[str, Any] = {
+        "module": module, "tests": MODULES[module], "deselected": DESELECT,
+        "counts": counts, "total": sum(counts.values()), "mutants_not_killed": survivors,
+        "seconds": round(elapsed, 1), "date": now,
+        "load": os.getloadavg(), "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "mutmut": _mutmut_version(), "max_children": max_children,
+    }
+    if resume and _result_path(module).exists():  # the interrupted run's time counts too
+        result["seconds"] = round(result["seconds"] + json.loads(_result_path(module).read_text())["seconds"], 1)
+    if rerun:  # the full run's figures stay; the counts are after the retest
+        old = json.loads(_result_path(module).read_text())
+        result.update({k: old[k] for k in ("seconds", "date", "load")})
+        earlier = old.get("rerun", [])
+        result["rerun"] = [*(earlier if isinstance(earlier, list) else [earlier]),
+                           {"mutants": len(rerun), "seconds": round(elapsed, 1), "date": now, "load": os.getloadavg()}]
+    return result
+
+
+def _result_path(module: str) -> Path:
+    return RESULTS_DIR / f"{module_key(module)}.json"
+
+
+def _mutmut_version() -> str:
+    from importlib.metadata import version
+
+    return version("mutmut")
+
+
+def render() -> str:
+    """The results table and every mutant not killed, with its reason if it is equivalent."""
+    from benchmarks.mutation_equivalent import EQUIVALENT, KILLED_SINCE
+
+    rows, details, notes = [], [], []
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        r = json.loads(path.read_text())
+        c = r["counts"]
+        listed = sum(1 for n in r["mutants_not_killed"] if n in EQUIVALENT or n in KILLED_SINCE)
+        load = "/".join(f"{x:.1f}" for x in r["load"])
+        rows.append(f"| `{r['module']}` | {c.get('killed', 0)} | {c.get('survived', 0)} | "
+                    f"{c.get('timeout', 0)} | {c.get('no tests', 0)} | {c.get('not checked', 0)} | {r['total']} | {listed} | "
+                    f"{r['seconds']:.0f} | {r['date']} | {load} |")
+        reruns = r.get("rerun", [])
+        for rr in reruns if isinstance(reruns, list) else [reruns]:
+            notes.append(f"- `{r['module']}`: the {rr['mutants']} mutants still alive were retested against the "
+                         f"tests added since, on {rr['date']} ({rr['seconds']:.0f} s, load "
+                         f"{'/'.join(f'{x:.1f}' for x in rr['load'])}); the counts are after the last retest.")
+        if c.get("not checked"):
+            notes.append(f"- `{r['module']}`: the run was stopped before it had checked every mutant "
+                         f"({c['not checked']} not checked).")
+        unchecked = [n for n, d in r["mutants_not_killed"].items() if d.startswith("not checked")]
+        if unchecked:
+            details.append(f"#### `{r['module']}`: {len(unchecked)} mutants not checked (run stopped)\n\n"
+                           + ", ".join(f"`{n.rpartition('.')[2]}`" for n in unchecked) + "\n")
+        for name, diff in r["mutants_not_killed"].items():
+            if name in unchecked:
+                continue
+            reason = EQUIVALENT.get(name, "**not explained: needs a test**")
+            if name in KILLED_SINCE:
+                reason = (f"Killed since by `{KILLED_SINCE[name]}`, added after the run (fails with this "
+                          "mutant applied by hand; not yet retested by mutmut).")
+            status, _, body = diff.partition("\n")
+            details.append(f"#### `{name}` ({status})\n\n{reason}\n\n```diff\n{body.strip()}\n```\n")
+    first = json.loads(next(iter(sorted(RESULTS_DIR.glob("*.json")))).read_text()) if rows else {}
+    head = [
+        "# Mutation testing",
+        "",
+        "Written by `make mutation` (`benchmarks/mutation.py`); do not edit by hand. "
+        f"Tool: mutmut {first.get('mutmut', '?')}, `--max-children {first.get('max_children', '?')}`, "
+        f"{first.get('cpus', '?')} shared CPU cores, no GPU. Each module runs against only the "
+        "fast tests listed in `benchmarks/mutation.py` (`-m \"not slow and not deployment\"`, "
+        "the slowest accounting tests deselected); load is the 1/5/15-min load average at the end "
+        "of the module's run.",
+        "",
+        "| module | killed | survived | timeout | no tests | not checked | total | survivors explained | seconds | date | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        *notes,
+        "",
+        "## Mutants not killed",
+        "",
+        "Each is either equivalent (the reason says why no test can tell it apart) or needs a test.",
+        "",
+    ]
+    return "\n".join(head + details) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mutation", description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", default="", help="comma-separated module paths (default: all of MODULES)")
+    parser.add_argument("--max-children", type=int, default=1)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the report from the stored results")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="retest only the mutants the last run of each module did not kill (after adding tests)")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on with the mutants an interrupted run of each module had not checked")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="write the results of an interrupted run as they stand (unrun mutants: not checked)")
+    parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # the child process: one module
+    args = parser.parse_args(argv)
+    # One thread per mutant: 2 shared cores, and libgomp's pool is not fork-safe.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    if args.one:
+        rerun = []
+        if args.rerun_survivors:
+            rerun = sorted(json.loads(_result_path(args.one).read_text())["mutants_not_killed"])
+            if not rerun:
+                return 0
+        result = _run_one(args.one, args.max_children, rerun, args.summarise_only, args.resume)
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        _result_path(args.one).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()] or list(MODULES)
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        print(f"unknown module(s) {unknown}; allowed: {', '.join(MODULES)}", file=sys.stderr)
+        return 2
+    if not args.render_only:
+        for module in modules:
+            print(f"== mutation testing {module}", flush=True)
+            rc = subprocess.call([sys.executable, "-m", "benchmarks.mutation", "--one", module,
+                                  "--max-children", str(args.max_children),
+                                  *(["--rerun-survivors"] if args.rerun_survivors else []),
+                                  *(["--summarise-only"] if args.summarise_only else []),
+                                  *(["--resume"] if args.resume else [])], cwd=ROOT)
+            if rc != 0:
+                print(f"mutmut failed on {module} (exit {rc})", file=sys.stderr)
+                return rc
+    REPORT.write_text(render())
+    print(f"wrote {REPORT.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
