@@ -12,7 +12,11 @@ named by the app's single run-config key ``launch``:
   :class:`~fedpeft.sim.hetero.hook.HeteroEmulator` (round hook and deadline timer).
 
 :data:`server_app` reads it and runs :func:`fedpeft.server.loop.run_federation`; the
-ClientApp is :data:`fedpeft.sim.mods.app` (the real client plus the simulation-only mods).
+ClientApp is :data:`client_app` (the real client plus the simulation-only mods). Both live in
+this one module, which imports everything either needs at import time: Flower loads the
+ServerApp in a thread while its main thread loads the ClientApp, and two threads importing the
+same packages at once (Opacus) fail with a circular-import error; one module's import lock
+serialises them.
 The launch file is written by this package for its own child processes, in the run's private
 runtime directory, and read once by the ServerApp.
 """
@@ -28,11 +32,16 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpeft.config import RunConfig
+from fedpeft.server.app import configure_logging
+from fedpeft.server.loop import run_federation
+from fedpeft.sim.hetero.hook import HeteroEmulator
+from fedpeft.sim.mods import simulation_app
 
-__all__ = ["CLIENT_APP", "SERVER_APP", "Launch", "read_launch", "server_app", "write_app_dir", "write_launch"]
+__all__ = ["CLIENT_APP", "SERVER_APP", "Launch", "client_app", "read_launch", "server_app", "write_app_dir",
+           "write_launch"]
 
 SERVER_APP = "fedpeft.sim.apps:server_app"
-CLIENT_APP = "fedpeft.sim.mods:app"
+CLIENT_APP = "fedpeft.sim.apps:client_app"
 
 
 @dataclass(frozen=True)
@@ -87,21 +96,20 @@ launch = ""
     return app_dir
 
 
+client_app = simulation_app()
+"""The real client plus the simulation-only mods (:mod:`fedpeft.sim.mods`)."""
+
 server_app = ServerApp()
+"""Runs the launch file's federation (module doc)."""
 
 
 @server_app.main()
 def _main(grid: Grid, context: Context) -> None:
-    from fedpeft.server.app import configure_logging
-    from fedpeft.server.loop import run_federation
-
     configure_logging()
     launch = read_launch(str(context.run_config["launch"]))
     hooks: list[Any] = []
     timer = None
     if launch.scenario is not None:
-        from fedpeft.sim.hetero.hook import HeteroEmulator
-
         timer = HeteroEmulator(launch.scenario, launch.cfg)
         hooks.append(timer)
     run_federation(grid, launch.cfg, Path(launch.run_dir), hooks=hooks, resume=launch.resume, round_timer=timer)

@@ -31,7 +31,7 @@ from fedpeft.client.app import client_app
 from fedpeft.client.runtime import ClientIdentity, runtime_for
 from fedpeft.sim.faults import InjectedCrash, draw_fault
 
-__all__ = ["SIMULATION_MODS", "app", "fault_mod", "hetero_mod", "simulation_app"]
+__all__ = ["SIMULATION_MODS", "fault_mod", "hetero_mod", "simulation_app"]
 
 
 def hetero_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -79,7 +79,3 @@ SIMULATION_MODS: tuple[Mod, ...] = (hetero_mod, fault_mod)  # outermost first: a
 def simulation_app() -> ClientApp:
     """The ClientApp the simulator runs: the real client with :data:`SIMULATION_MODS`."""
     return client_app(SIMULATION_MODS)
-
-
-app = simulation_app()
-"""The simulator's ClientApp by name (``fedpeft.sim.mods:app``), for Flower's runtime to load."""
