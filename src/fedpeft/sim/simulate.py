@@ -146,54 +146,73 @@ def simulate(
     if chosen == "superlink" and live:
         raise ConfigError("runtime", chosen, "hooks, wrap_strategy and round_timer are Python objects of this "
                                              "process; they need runtime='inprocess'")
-    preflight(cfg)
-    cfg = task_for(cfg).resolve_config(cfg)  # as the server loop will, so a resume's hash matches config.toml
     path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
     if not resume and (path / "metrics.jsonl").exists():
         raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
-    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
-    (path / "progress.json").unlink(missing_ok=True)  # a crashed run's round in flight is not this run's
-    backend = backend if backend is not None else backend_config(cfg)
-    watcher = RunWatcher(path, progress)
-    if progress is not None:
-        progress.started(cfg, path, chosen)
-    if chosen == "superlink":
-        _run_superlink(cfg, path, resume, scenario, backend, watcher, verbose)
-    else:
-        if scenario is not None:
-            from fedpeft.sim.hetero.hook import HeteroEmulator
+    link = None
+    if chosen == "superlink":  # it gets ready while this process checks the data and the model
+        from fedpeft.sim.superlink import LocalSuperLink
 
-            emulator = HeteroEmulator(scenario, cfg)
-            hooks, round_timer = [*hooks, emulator], emulator
-        with watcher.background():
-            _run_inprocess(cfg, path, hooks, wrap_strategy, backend, resume, round_timer)
+        link = LocalSuperLink(verbose=verbose)
+    try:
+        if link is not None:
+            link.launch()
+        cfg = _prepare(cfg, path)
+        backend = backend if backend is not None else backend_config(cfg)
+        watcher = RunWatcher(path, progress)
+        if progress is not None:
+            progress.started(cfg, path, chosen)
+        if link is not None:
+            link.keep_log = path / "flower.log"
+            _run_superlink(link, cfg, path, resume, scenario, backend, watcher, verbose)
+        else:
+            if scenario is not None:
+                from fedpeft.sim.hetero.hook import HeteroEmulator
+
+                emulator = HeteroEmulator(scenario, cfg)
+                hooks, round_timer = [*hooks, emulator], emulator
+            with watcher.background():
+                _run_inprocess(cfg, path, hooks, wrap_strategy, backend, resume, round_timer)
+    finally:
+        if link is not None:
+            link.stop()
     rows = RunDir(path).read_metrics()
     if len(rows) != cfg.train.rounds:
         raise RuntimeError(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
     return path, rows
 
 
-def _run_superlink(cfg: RunConfig, path: Path, resume: bool, scenario: Any, backend: dict[str, Any],
-                   watcher: Any, verbose: bool) -> None:
-    """The run through ``flwr run`` on a private local SuperLink (module doc); everything it
-    starts is stopped before this returns or raises (also on Ctrl-C and SIGTERM)."""
-    from fedpeft.sim.apps import Launch, write_app_dir, write_launch
-    from fedpeft.sim.superlink import LocalSuperLink, RuntimeFailed, federation_config, terminate_as_interrupt
+def _prepare(cfg: RunConfig, path: Path) -> RunConfig:
+    """Check data, model and run directory (one-line errors before any round); the resolved configuration."""
+    preflight(cfg)
+    cfg = task_for(cfg).resolve_config(cfg)  # as the server loop will, so a resume's hash matches config.toml
+    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
+    (path / "progress.json").unlink(missing_ok=True)  # a crashed run's round in flight is not this run's
+    return cfg
 
-    log_path = path / "flower.log"
-    watcher.tail(log_path if verbose else None)
-    with terminate_as_interrupt(), LocalSuperLink(log_path, verbose=verbose) as link:
+
+def _run_superlink(link: Any, cfg: RunConfig, path: Path, resume: bool, scenario: Any, backend: dict[str, Any],
+                   watcher: Any, verbose: bool) -> None:
+    """The run through ``flwr run`` on the launched private SuperLink ``link`` (module doc); the
+    caller stops it (and everything it started) whatever happens, Ctrl-C and SIGTERM included."""
+    from fedpeft.sim.apps import Launch, write_app_dir, write_launch
+    from fedpeft.sim.superlink import RuntimeFailed, federation_config, terminate_as_interrupt
+
+    watcher.tail(link.live_log if verbose else None)
+    with terminate_as_interrupt():
+        link.wait_ready()
         home = link.home_path
         launch = write_launch(home / "launch.pickle", Launch(cfg, str(path.resolve()), resume, scenario))
         app_dir = write_app_dir(home / "app")
         try:
             link.run(app_dir, f'launch="{launch}"', federation_config(cfg.train.clients, backend), poll=watcher.poll)
         except RuntimeFailed as exc:
-            raise RuntimeFailed(f"{exc}{_last_error(log_path)}") from None
+            raise RuntimeFailed(f"{exc}{_last_error(link.live_log)}") from None
+    log_path = link.log_path
     rows = RunDir(path).read_metrics()
     if len(rows) != cfg.train.rounds:
         raise RuntimeFailed(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds"
-                            f"{_last_error(log_path)}; see {log_path}")
+                            f"{_last_error(link.live_log)}; see {log_path}")
 
 
 def _last_error(log_path: Path) -> str:
