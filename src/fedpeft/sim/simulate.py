@@ -178,7 +178,9 @@ def simulate(
             link.stop()
     rows = RunDir(path).read_metrics()
     if len(rows) != cfg.train.rounds:
-        raise RuntimeError(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
+        from fedpeft.sim.superlink import RuntimeFailed  # a RuntimeError: one line on the command line
+
+        raise RuntimeFailed(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
     return path, rows
 
 
