@@ -207,3 +207,29 @@ def test_a_real_run_prints_no_noise_and_quiet_only_the_result(tiny_model_dir: Pa
     assert quiet.stdout.splitlines() == [quiet.stdout.strip()] and quiet.stdout.startswith("fedpeft: 1 rounds done")
     assert quiet.stderr == ""
     assert not _ours_alive(), "processes of the run left running"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_round_stops_everything_the_run_started(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to the command while a round is in flight: exit status 130, one line on stderr,
+    and no process it started (SuperLink, SuperExec, flwr-simulation, Ray) is left."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", FEDPEFT_TEST_MARK=MARK)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedpeft.cli.main", *_cli(tiny_model_dir, out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "progress.json").is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before a round was in flight"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fedpeft: interrupted", err[-2000:]
+    assert not _ours_alive(), "processes of the run left running"
