@@ -38,6 +38,9 @@ from typing import IO, Any
 __all__ = ["LocalSuperLink", "RuntimeFailed", "federation_config", "free_port", "runtime_env", "terminate_as_interrupt"]
 
 READY_TIMEOUT_S = 60.0
+SIMULATION_GONE_S = 90.0
+"""``flwr run --stream`` returns once the run's logs are all in; if Flower's simulation process
+died without reporting (killed from outside), it would wait forever: give up this long after."""
 
 
 class RuntimeFailed(RuntimeError):
@@ -195,10 +198,12 @@ class LocalSuperLink:
         except OSError:
             return False
 
-    def track(self) -> None:
-        """Remember the PIDs of every process below the SuperLink (and ``flwr run``) now."""
+    def track(self) -> bool:
+        """Remember the PIDs of every process below the SuperLink (and ``flwr run``) now; whether
+        Flower's ``flwr-simulation`` process is among them."""
         import psutil
 
+        simulating = False
         for proc in (self.proc, self.run_proc):
             if proc is None:
                 continue
@@ -206,6 +211,8 @@ class LocalSuperLink:
                 for child in psutil.Process(proc.pid).children(recursive=True):
                     with contextlib.suppress(psutil.Error):
                         self.known.setdefault(child.pid, child.create_time())
+                        simulating = simulating or any("flwr-simulation" in a for a in child.cmdline()[:3])
+        return simulating
 
     def run(self, app_dir: Path, run_config: str, federation: str,
             poll: Callable[[], None] | None = None, poll_s: float = 0.5) -> None:
@@ -215,8 +222,14 @@ class LocalSuperLink:
                "--run-config", run_config, "--federation-config", federation]
         self.run_proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
+        seen, gone_since = False, 0.0
         while self.run_proc.poll() is None:
-            self.track()
+            simulating = self.track()
+            seen = seen or simulating
+            gone_since = 0.0 if simulating else (gone_since or time.monotonic())
+            if seen and gone_since and time.monotonic() - gone_since > SIMULATION_GONE_S:
+                raise RuntimeFailed(f"flwr-simulation exited {SIMULATION_GONE_S:.0f} s ago but the run did not end; "
+                                    f"see {self.log_path}")
             if poll is not None:
                 poll()
             if self.proc is not None and self.proc.poll() is not None:
