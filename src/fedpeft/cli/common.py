@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from fedpeft.config import ConfigError, RunConfig, load_config_file
 
-__all__ = ["COMMANDS", "add_run_options", "add_simulate_options", "build_parser", "config_from_args", "register_command",
+__all__ = ["COMMANDS", "add_output_options", "add_run_options", "add_simulate_options", "build_parser", "config_from_args", "register_command",
            "resume_config"]
 
 # flag -> config key
@@ -147,11 +147,24 @@ def config_from_args(args: argparse.Namespace, *base: dict[str, Any]) -> RunConf
     return parse_config(*layers)
 
 
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """``-q`` / ``-v`` after the command too (``fedpeft simulate -q``); SUPPRESS keeps a flag
+    given before the command (``fedpeft -q simulate``) from being reset by the sub-command."""
+    g = p.add_argument_group("output")
+    g.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="print only the result")
+    g.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="also the details: fedpeft's and Flower's log, Ray's, per-client progress")
+
+
 def add_simulate_options(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
+    add_output_options(p)
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue RUN_DIR from its last completed round (its config.toml is the base layer; "
                         "a flag that changes the configuration is refused)")
+    p.add_argument("--runtime", choices=("superlink", "inprocess"), default=None,
+                   help="superlink (default): `flwr run` on a private local SuperLink, Flower 1.42's supported "
+                        "path; inprocess: the ServerApp in this process (Flower's deprecated run_simulation)")
 
 
 def resume_config(args: argparse.Namespace) -> RunConfig:
@@ -211,7 +224,8 @@ def register_command(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedpeft", description="Federated parameter-efficient fine-tuning with DP (FFA-LoRA).")
-    parser.add_argument("-q", "--quiet", action="store_true", help="less logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="less logging (simulate: only the result)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more logging (simulate: Flower's and Ray's too)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     first = [n for n in ORDER if n in COMMANDS]
     for name in first + [n for n in COMMANDS if n not in first]:

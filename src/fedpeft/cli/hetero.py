@@ -19,6 +19,7 @@ from fedpeft.cli.common import add_simulate_options as _ADD
 from fedpeft.cli.common import config_from_args, register_command, resume_config
 from fedpeft.cli.simulate import SIMULATE_HELP as _HELP
 from fedpeft.cli.simulate import cmd_simulate as _RUN
+from fedpeft.cli.simulate import run_with_console
 from fedpeft.config import ConfigError
 
 
@@ -67,10 +68,10 @@ def _run(args: argparse.Namespace) -> int:
         if HeteroEmulator(scenario, cfg).fingerprint() != resumed["fingerprint"]:
             raise ConfigError("--scenario", args.scenario, f"differs from the scenario the run emulated "
                                                            f"({resumed['scenario']}); resume with that one")
-        path, rows = run_scenario(scenario, cfg, resume=True)
+        path, rows = run_with_console(args, lambda c, **kw: run_scenario(scenario, c, resume=True, **kw), cfg)
     else:
         cfg = config_from_args(args, scenario.config)
-        path, rows = run_scenario(scenario, cfg)
+        path, rows = run_with_console(args, lambda c, **kw: run_scenario(scenario, c, **kw), cfg)
     last = rows[-1]
     metric = task_for(cfg).primary_metric
     print(f"fedpeft: {len(rows)} rounds of scenario {scenario.name}: {metric}={last[metric]:.4f}, "

@@ -24,8 +24,10 @@ from fedpeft.cli import (  # noqa: F401
     simulate,  # noqa: F401  (first: simulate, methods)
 )
 from fedpeft.cli.common import COMMANDS, build_parser, config_from_args, resume_config
+from fedpeft.cli.console import quiet_libraries
 from fedpeft.config import ConfigError
 from fedpeft.server.run_dir import RunDirReused
+from fedpeft.sim.superlink import RuntimeFailed
 
 __all__ = ["build_parser", "config_from_args", "main", "resume_config"]
 
@@ -36,15 +38,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    quiet_run = args.command == "simulate" and not args.verbose  # its console prints the run (cli/console.py)
+    level = logging.ERROR if (args.quiet and quiet_run) else logging.WARNING if (args.quiet or quiet_run) \
+        else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedpeft").setLevel(level)
     for noisy in ("alembic", "filelock", "urllib3"):  # Flower's state DB migrations log every plugin at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "simulate":
+        quiet_libraries(bool(args.verbose))
     try:
         return COMMANDS[args.command][2](args)
     except (ConfigError, RunDirReused) as exc:
         print(f"fedpeft: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeFailed as exc:
+        print(f"fedpeft: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedpeft: interrupted", file=sys.stderr)
         return 130

@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from fedpeft.cli.common import add_simulate_options, config_from_args, register_command, resume_config
+from fedpeft.config import RunConfig
+
+
+def run_with_console(args: argparse.Namespace, run: Callable[..., tuple[Path, list[dict[str, Any]]]],
+                     cfg: RunConfig) -> tuple[Path, list[dict[str, Any]]]:
+    """``run(cfg, **options)`` with ``fedpeft simulate``'s output (:mod:`fedpeft.cli.console`):
+    header, a progress bar and a line per round, the final table (none of it with ``-q``)."""
+    from fedpeft.cli.console import Console
+    from fedpeft.tasks.registry import task_for
+
+    verbose, quiet = bool(getattr(args, "verbose", False)), bool(getattr(args, "quiet", False))
+    console = Console(tuple(task_for(cfg).metric_names), quiet=quiet)
+    try:
+        path, rows = run(cfg, progress=console, verbose=verbose, runtime=getattr(args, "runtime", None))
+    finally:
+        console.close()
+    console.table(rows)
+    return path, rows
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.cli.console import result_line
     from fedpeft.sim.simulate import simulate
     from fedpeft.tasks.registry import task_for
 
-    if getattr(args, "resume", None):
-        cfg = resume_config(args)
-        path, rows = simulate(cfg, resume=True)
-    else:
-        cfg = config_from_args(args)
-        path, rows = simulate(cfg)
-    last = rows[-1]
-    eps = (f"epsilon={last['epsilon']:.3f} ({last['epsilon_unit']}, {last.get('epsilon_relation', '?')} neighbours, "
-           f"delta={last['delta']:g}, {last['accountant']}; check: fedpeft privacy audit {path})"
-           if cfg.privacy.enabled else "no DP")
-    metric = task_for(cfg).primary_metric
-    print(f"fedpeft: {len(rows)} rounds done: {metric}={last[metric]:.4f} {eps}; run directory: {path}")
+    resume = bool(getattr(args, "resume", None))
+    cfg = resume_config(args) if resume else config_from_args(args)
+    path, rows = run_with_console(args, lambda c, **kw: simulate(c, resume=resume, **kw), cfg)
+    print(result_line(cfg, path, rows, task_for(cfg).primary_metric))
     return 0
 
 
@@ -60,7 +74,7 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-SIMULATE_HELP = "run a federation on this machine (Flower simulation engine)"
+SIMULATE_HELP = "run a federation on this machine (Flower simulation engine, through a local SuperLink)"
 register_command("simulate", SIMULATE_HELP, add_simulate_options, cmd_simulate)
 register_command("methods", "list the adapter methods", lambda p: None, _cmd_methods)
 register_command("strategies", "list the server strategies ([strategy] name) and their options", lambda p: None,

@@ -23,7 +23,7 @@ from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.run_dir import default_run_dir
 from fedpeft.strategies.deadlines import RoundTimer
 
-__all__ = ["app", "config_from_run_config", "make_server_app"]
+__all__ = ["app", "config_from_run_config", "configure_logging", "make_server_app"]
 
 
 def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
@@ -40,7 +40,8 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     return parse_config(file_layer, raw)
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """fedpeft's log lines on the ServerApp process's stderr (Flower's runtime collects them)."""
     logger = logging.getLogger("fedpeft")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -65,7 +66,7 @@ def make_server_app(
 
     @server.main()
     def _main(grid: Grid, context: Context) -> None:
-        _configure_logging()
+        configure_logging()
         run_federation(grid, cfg, default_run_dir(cfg) if run_dir is None else Path(run_dir), timeout=timeout,
                        hooks=hooks, wrap_strategy=wrap_strategy, resume=resume, round_timer=round_timer)
 
@@ -77,6 +78,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    _configure_logging()
+    configure_logging()
     cfg = config_from_run_config(dict(context.run_config))
     run_federation(grid, cfg, default_run_dir(cfg))  # central DP, if configured, is part of the strategy chain

@@ -153,18 +153,24 @@ def _pull_interval(grid: Grid) -> float:
 
 
 def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float,
-                     pull_interval: float | None = None) -> list[Message]:
+                     pull_interval: float | None = None,
+                     on_reply: Callable[[int, int], None] | None = None) -> list[Message]:
     """Push ``messages``, then pull replies every ``pull_interval`` seconds until each has
     one or ``timeout`` passes (as Flower's ``Grid.send_and_receive``); error replies are
-    attributed to their node (:func:`attribute_reply`)."""
+    attributed to their node (:func:`attribute_reply`). ``on_reply(received, sent)`` is called
+    once after the push and whenever more replies arrived (progress)."""
     interval = _pull_interval(grid) if pull_interval is None else pull_interval
     pending = {i for i in grid.push_messages(messages) if i}  # the grid sets each message's id
     sent = {m.metadata.message_id: m for m in messages}
     end = time.monotonic() + timeout
     replies: list[Message] = []
+    if on_reply is not None:
+        on_reply(0, len(sent))
     while pending:
         got = list(grid.pull_messages(pending))
         replies.extend(got)
+        if got and on_reply is not None:
+            on_reply(len(replies), len(sent))
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= end:
             break
@@ -172,8 +178,13 @@ def send_and_receive(grid: Grid, messages: Sequence[Message], timeout: float,
     return [attribute_reply(m, sent) for m in replies]
 
 
+def _progress_writer(rd: RunDir, server_round: int, attempt: int) -> Callable[[int, int], None]:
+    return lambda got, sent: rd.write_progress(server_round, attempt, got, sent)
+
+
 def _train_round(
     grid: Grid, cfg: RunConfig, setup: ServerSetup, strategy: Strategy, server_round: int, timeout: float,
+    rd: RunDir | None = None,
 ) -> tuple[RoundReport, list[Any]]:
     """Send, receive and aggregate one round; retry it (same global state) while too few
     valid replies came back and ``faults.on_too_few = retry`` allows."""
@@ -183,7 +194,8 @@ def _train_round(
     for attempt in range(max_attempts):
         messages = list(strategy.configure_train(server_round, state_to_arrayrecord(setup.state),
                                                  ConfigRecord({wire.ATTEMPT: attempt}), grid))
-        replies = send_and_receive(grid, messages, timeout)
+        progress = None if rd is None else _progress_writer(rd, server_round, attempt)
+        replies = send_and_receive(grid, messages, timeout, on_reply=progress)
         received.extend(replies)
         arrays, _ = strategy.aggregate_train(server_round, replies)
         report = inner.round_report()
@@ -271,7 +283,7 @@ def run_federation(
                  cfg.train.clients, cfg.train.rounds, dp, setup.spec.nbytes)
         for server_round in range(first, cfg.train.rounds + 1):
             t0 = time.perf_counter()
-            report, replies = _train_round(grid, cfg, setup, strategy, server_round, timeout)
+            report, replies = _train_round(grid, cfg, setup, strategy, server_round, timeout, rd)
             # Every client that trained has spent, whether its reply was then used, rejected,
             # cut off as late by a wrapper or lost to a timeout: read each reply received.
             for msg in replies:

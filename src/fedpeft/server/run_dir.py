@@ -8,6 +8,7 @@ DIR/adapter/        final global adapter, a PEFT directory
 DIR/server.log      log with one summary line per round
 DIR/checkpoint.npz  server state after the last completed round (src/fedpeft/server/checkpoint.py)
 DIR/report.html     the run at a glance, PNGs embedded; DIR/plots/ the PNGs (src/fedpeft/server/report.py)
+DIR/progress.json   the round in flight: replies received of instructions sent
 ```
 
 A directory whose ledgers were charged under one configuration is never reused for
@@ -115,6 +116,16 @@ class RunDir:
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(jsonable(row)) + "\n")
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path / "progress.json"
+
+    def write_progress(self, server_round: int, attempt: int, replies: int, sent: int) -> None:
+        """The round in flight and how many of its instructions have a reply (what a progress bar
+        in another process reads; overwritten as replies arrive)."""
+        atomic_write_text(self.progress_path, json.dumps({"round": server_round, "attempt": attempt,
+                                                          "replies": replies, "sent": sent}))
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():

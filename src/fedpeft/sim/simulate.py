@@ -3,11 +3,21 @@
 :func:`preflight` loads and checks everything that can fail on bad input (data file,
 columns, classes, partitions, model directory) *before* Ray starts, so a mistake ends
 with a one-line message and exit status 2 instead of a traceback from a worker.
-:func:`simulate` then runs the real ``ServerApp`` + ``ClientApp`` with
-``flwr.simulation.run_simulation`` (one Ray actor per concurrent client; each actor
-caches the base model and reuses it for every round and client it serves). The ClientApp
-is the deployed one plus the simulation-only mods of :mod:`fedpeft.sim.mods` (fault
-injection, device emulation); a deployed node runs it without them.
+:func:`simulate` then runs the real ``ServerApp`` + ``ClientApp`` (one Ray actor per
+concurrent client; each actor caches the base model and reuses it for every round and
+client it serves) on one of two runtimes:
+
+* ``superlink`` (the default): Flower 1.42's supported path, ``flwr run`` against a private
+  local SuperLink in simulation mode (:mod:`fedpeft.sim.superlink`); the apps are loaded by
+  name in Flower's ``flwr-simulation`` process (:mod:`fedpeft.sim.apps`), so only what
+  pickles crosses: the configuration, the run directory, resume, a hetero scenario.
+* ``inprocess``: the ServerApp runs in this process (``flwr.simulation.run_simulation``,
+  deprecated in Flower 1.42, its warning silenced). Only for callers that hand the server
+  loop live Python objects (``hooks``, ``wrap_strategy``, ``round_timer``: tests and
+  benchmarks that observe the loop); chosen automatically when they are given.
+
+The ClientApp is the deployed one plus the simulation-only mods of :mod:`fedpeft.sim.mods`
+(fault injection, device emulation); a deployed node runs it without them.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.serverapp.strategy import Strategy
 
@@ -29,9 +39,21 @@ from fedpeft.strategies.deadlines import RoundTimer
 from fedpeft.tasks.model import pick_device
 from fedpeft.tasks.registry import task_for
 
-__all__ = ["backend_config", "concurrent_clients", "preflight", "simulate"]
+__all__ = ["RUNTIMES", "Progress", "backend_config", "concurrent_clients", "preflight", "simulate"]
 
 log = logging.getLogger("fedpeft")
+
+RUNTIMES = ("superlink", "inprocess")
+
+
+class Progress(Protocol):
+    """What a console shows of a run (``fedpeft simulate``'s, in :mod:`fedpeft.cli.console`)."""
+
+    def started(self, cfg: RunConfig, run_dir: Path, runtime: str) -> None: ...
+
+    def update(self, server_round: int, attempt: int, replies: int, sent: int) -> None: ...
+
+    def round_done(self, row: dict[str, Any]) -> None: ...
 
 
 def preflight(cfg: RunConfig) -> list[int]:
@@ -99,25 +121,124 @@ def simulate(
     backend: dict[str, Any] | None = None,
     resume: bool = False,
     round_timer: RoundTimer | None = None,
+    scenario: Any = None,
+    runtime: str | None = None,
+    progress: Progress | None = None,
+    verbose: bool = False,
 ) -> tuple[Path, list[dict[str, Any]]]:
     """Run the federation; return the run directory and its metrics rows.
 
     ``hooks`` / ``wrap_strategy`` / ``round_timer`` are passed to the server loop
-    (:func:`fedpeft.server.loop.run_federation`); ``backend`` overrides
-    :func:`backend_config` (e.g. GPU fractions per client); ``resume`` continues the run in
-    ``run_dir`` from its checkpoint (see :mod:`fedpeft.server.checkpoint`).
+    (:func:`fedpeft.server.loop.run_federation`) and need ``runtime="inprocess"`` (the default
+    when any is given); ``scenario`` (a :class:`~fedpeft.sim.hetero.scenario.Scenario`) emulates
+    heterogeneous devices on either runtime; ``backend`` overrides :func:`backend_config` (e.g.
+    GPU fractions per client); ``resume`` continues the run in ``run_dir`` from its checkpoint
+    (see :mod:`fedpeft.server.checkpoint`); ``progress`` is told of each round as it runs;
+    ``verbose`` copies the runtime's own log to stderr. ``runtime`` (default: the
+    ``FEDPEFT_RUNTIME`` environment variable, else ``superlink``) is one of :data:`RUNTIMES`.
     """
+    from fedpeft.sim.watch import RunWatcher
+
+    live = bool(hooks) or wrap_strategy is not None or round_timer is not None
+    chosen = runtime or os.environ.get("FEDPEFT_RUNTIME") or ("inprocess" if live else "superlink")
+    if chosen not in RUNTIMES:
+        raise ConfigError("runtime", chosen, f"allowed: {', '.join(RUNTIMES)}")
+    if chosen == "superlink" and live:
+        raise ConfigError("runtime", chosen, "hooks, wrap_strategy and round_timer are Python objects of this "
+                                             "process; they need runtime='inprocess'")
+    path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
+    if not resume and (path / "metrics.jsonl").exists():
+        raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
+    link = None
+    if chosen == "superlink":  # it gets ready while this process checks the data and the model
+        from fedpeft.sim.superlink import LocalSuperLink
+
+        link = LocalSuperLink(verbose=verbose)
+    try:
+        if link is not None:
+            link.launch()
+        cfg = _prepare(cfg, path)
+        backend = backend if backend is not None else backend_config(cfg)
+        watcher = RunWatcher(path, progress)
+        if progress is not None:
+            progress.started(cfg, path, chosen)
+        if link is not None:
+            link.keep_log = path / "flower.log"
+            _run_superlink(link, cfg, path, resume, scenario, backend, watcher, verbose)
+        else:
+            if scenario is not None:
+                from fedpeft.sim.hetero.hook import HeteroEmulator
+
+                emulator = HeteroEmulator(scenario, cfg)
+                hooks, round_timer = [*hooks, emulator], emulator
+            with watcher.background():
+                _run_inprocess(cfg, path, hooks, wrap_strategy, backend, resume, round_timer)
+    finally:
+        if link is not None:
+            link.stop()
+    rows = RunDir(path).read_metrics()
+    if len(rows) != cfg.train.rounds:
+        from fedpeft.sim.superlink import RuntimeFailed  # a RuntimeError: one line on the command line
+
+        raise RuntimeFailed(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
+    return path, rows
+
+
+def _prepare(cfg: RunConfig, path: Path) -> RunConfig:
+    """Check data, model and run directory (one-line errors before any round); the resolved configuration."""
+    preflight(cfg)
+    cfg = task_for(cfg).resolve_config(cfg)  # as the server loop will, so a resume's hash matches config.toml
+    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
+    (path / "progress.json").unlink(missing_ok=True)  # a crashed run's round in flight is not this run's
+    return cfg
+
+
+def _run_superlink(link: Any, cfg: RunConfig, path: Path, resume: bool, scenario: Any, backend: dict[str, Any],
+                   watcher: Any, verbose: bool) -> None:
+    """The run through ``flwr run`` on the launched private SuperLink ``link`` (module doc); the
+    caller stops it (and everything it started) whatever happens, Ctrl-C and SIGTERM included."""
+    from fedpeft.sim.apps import Launch, write_app_dir, write_launch
+    from fedpeft.sim.superlink import RuntimeFailed, federation_config, terminate_as_interrupt
+
+    watcher.tail(link.live_log if verbose else None)
+    with terminate_as_interrupt():
+        link.wait_ready()
+        home = link.home_path
+        launch = write_launch(home / "launch.pickle", Launch(cfg, str(path.resolve()), resume, scenario))
+        app_dir = write_app_dir(home / "app")
+        try:
+            link.run(app_dir, f'launch="{launch}"', federation_config(cfg.train.clients, backend), poll=watcher.poll)
+        except RuntimeFailed as exc:
+            raise RuntimeFailed(f"{exc}{_last_error(link.live_log)}") from None
+    log_path = link.log_path
+    rows = RunDir(path).read_metrics()
+    if len(rows) != cfg.train.rounds:
+        raise RuntimeFailed(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds"
+                            f"{_last_error(link.live_log)}; see {log_path}")
+
+
+def _last_error(log_path: Path) -> str:
+    """``: <the last exception line>`` of the runtime's log, or ``""``."""
+    import re
+
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    found = re.findall(r"^(?:\S+\.)?[A-Z]\w*(?:Error|Exception|Crash): .+$", text, flags=re.MULTILINE)
+    return f": {found[-1].strip()[:300]}" if found else ""
+
+
+def _run_inprocess(cfg: RunConfig, path: Path, hooks: Sequence[RoundHook],
+                   wrap_strategy: Callable[[Strategy], Strategy] | None, backend: dict[str, Any], resume: bool,
+                   round_timer: RoundTimer | None) -> None:
+    """The ServerApp in this process, through Flower 1.42's deprecated ``run_simulation``."""
     from flwr.simulation import run_simulation
 
     from fedpeft.server.app import make_server_app
     from fedpeft.sim.mods import simulation_app
 
-    preflight(cfg)
-    cfg = task_for(cfg).resolve_config(cfg)  # as the server loop will, so a resume's hash matches config.toml
-    path = Path(run_dir) if run_dir is not None else default_run_dir(cfg)
-    if not resume and (path / "metrics.jsonl").exists():
-        raise ConfigError("output_dir", str(path), "already holds a run; choose another --output-dir")
-    RunDir(path).check_reuse(cfg)  # ledgers of another configuration: refused here, before Ray starts
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -126,9 +247,5 @@ def simulate(
                                        round_timer=round_timer),
             client_app=simulation_app(),  # the real client + the simulation-only mods (fedpeft.sim.mods)
             num_supernodes=cfg.train.clients,
-            backend_config=backend if backend is not None else backend_config(cfg),
+            backend_config=backend,
         )
-    rows = RunDir(path).read_metrics()
-    if len(rows) != cfg.train.rounds:
-        raise RuntimeError(f"simulation ended after {len(rows)} of {cfg.train.rounds} rounds; see {path}/server.log")
-    return path, rows
