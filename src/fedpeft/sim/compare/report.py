@@ -29,7 +29,7 @@ import numpy as np
 from fedpeft.sim.compare.plots import write_plots
 from fedpeft.sim.compare.stats import paired_rows
 from fedpeft.sim.compare.sweep import Cell, cell_is_finished
-from fedpeft.sim.compare.tuning import choose_lrs, tuning_rows, write_tuning_csv
+from fedpeft.sim.compare.tuning import choose_lrs, tuning_rows
 from fedpeft.tasks.base import TaskType
 from fedpeft.tasks.registry import DEFAULT, get, task_for
 
@@ -216,8 +216,9 @@ def write_report(cells: Sequence[Cell], out: Path, title: str = "fedpeft compare
     choices = choose_lrs(tuning)
     tune_rows = tuning_rows(tuning, choices)
     paths = {"csv": out / "results.csv", "paired": out / "paired.csv"}
-    if tuning:
-        paths["tuning"] = write_tuning_csv(tune_rows, out)
+    if tune_rows:
+        paths["tuning"] = out / "tuning.csv"
+        _write_csv(paths["tuning"], list(tune_rows[0]), tune_rows)
     plots = write_plots(results, curves, out / "plots", metric)
     summary = _summary(results, metric, reference)
     reading = _reading(summary, baseline, task_type) + _paired_reading(paired, metric)

@@ -24,7 +24,6 @@ reruns exactly them.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -46,8 +45,7 @@ from fedpeft.sim.compare.sweep import (
 )
 from fedpeft.tasks.registry import task_for
 
-__all__ = ["TUNE_DIR", "Choice", "choose_lrs", "lr_label", "plan_tuning_cells", "run_compare", "tuning_rows",
-           "write_tuning_csv"]
+__all__ = ["TUNE_DIR", "Choice", "choose_lrs", "lr_label", "plan_tuning_cells", "run_compare", "tuning_rows"]
 
 TUNE_DIR = "tune"
 
@@ -127,18 +125,6 @@ def tuning_rows(cells: Sequence[Cell], choices: dict[tuple[str, float], Choice])
                      "status": "finished" if done else "not finished",
                      "chosen": bool(choice and choice.lr == c.cfg.train.lr), "run_dir": f"{TUNE_DIR}/{c.name}"})
     return rows
-
-
-def write_tuning_csv(rows: Sequence[dict[str, Any]], out: Path) -> Path:
-    """``tuning.csv``: :func:`tuning_rows` as CSV (inf written as ``inf``)."""
-    path = Path(out) / "tuning.csv"
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        if rows:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()})
-    return path
 
 
 def _seed_major(cells: Sequence[Cell]) -> list[Cell]:
