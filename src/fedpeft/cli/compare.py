@@ -3,7 +3,10 @@
 Defaults: ``ffa_lora,lora`` x ``inf,6,3,1`` x 3 seeds, with run sizes chosen so that the
 24 runs of the default sweep finish in tens of minutes on 2 CPU cores (docs/compare.md has
 the measured time). Any method of the plugin registry is accepted. Finished cells are never
-rerun; ``--report-only`` rewrites the report from what is on disk.
+rerun; ``--report-only`` rewrites the report from what is on disk. ``--lr-grid`` (and
+``--lr-grid-for METHOD=LRS``) chooses the learning rate per method and epsilon on a
+validation split first (:mod:`fedpeft.sim.compare.tuning`); the report then carries the
+chosen rates, and paired tests against ffa_lora per epsilon in any case.
 
 ``--task`` picks the task type; runs are judged by its primary metric. A task type with
 defaults of its own (``config.schema.TASK_TYPE_DEFAULTS``: causal-lm's lengths, batches and

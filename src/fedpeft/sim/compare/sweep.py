@@ -10,7 +10,9 @@ rerun, so an interrupted sweep continues where it stopped and a changed setting 
 the cells it changes. An unfinished cell's directory (partial metrics, and a ledger that
 would otherwise carry its spent budget into the rerun) is deleted before the cell runs again.
 After each cell, ``cell.json`` records the wall time and status; a failed cell is recorded
-and the sweep goes on (it is retried on the next invocation).
+and the sweep goes on (it is retried on the next invocation). A sweep with a learning-rate
+grid (``SweepSpec.lr_grid``) also has tuning cells under ``OUTPUT/tune/``, bookkept the same
+way (:mod:`fedpeft.sim.compare.tuning`).
 """
 
 from __future__ import annotations
