@@ -178,3 +178,17 @@ def test_cli_lr_grid_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert cli_main([*common, "--lr-grid", "1e-3", "--lr-grid-for", "lora=5e-4", "--epsilons", "inf",
                      "--seeds", "1"]) == 0  # nothing finished yet: an empty report
     assert "0 of 0 runs finished" in (tmp_path / "report.md").read_text()
+
+
+def test_cli_report_only_reads_a_tuning_sweep(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The CLI's flags build the same cells as the spec (else nothing would count as finished)."""
+    base = {**_base(tiny_model_dir), "train.physical_batch_size": 64}
+    spec = SweepSpec(("ffa_lora",), (math.inf,), (0,), base, {"ffa_lora": (VAL_BEST, TEST_BEST)})
+    run_compare(spec, tmp_path, SplitAwareRunner())
+    assert cli_main(["-q", "compare", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path),
+                     "--rounds", "2", "--max-length", "24", "--examples-per-client", "96", "--test-size", "64",
+                     "--batch-size", "32", "--local-steps", "2", "--methods", "ffa_lora", "--epsilons", "inf",
+                     "--seeds", "1", "--lr-grid", f"{TEST_BEST},{VAL_BEST}", "--report-only"]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "1 of 1 runs finished" in md and "| ffa_lora | inf | 100 |" not in md
+    assert "| ffa_lora | inf | 1 | 0.001 |" in md  # summary: 1 seed, the rate chosen on validation
