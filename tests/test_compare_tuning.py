@@ -88,8 +88,10 @@ def test_an_unfinished_grid_chooses_nothing_and_its_cells_wait(tiny_model_dir: P
 
     chosen = {k: v.lr for k, v in choose_lrs(tune).items()}
     assert (tune[0].method, tune[0].epsilon) not in chosen
-    assert all((c.method, c.epsilon) != (tune[0].method, tune[0].epsilon)
-               for c in plan_cells(_spec(tiny_model_dir), tmp_path, chosen))
+    cells = plan_cells(_spec(tiny_model_dir), tmp_path, chosen)
+    assert all((c.method, c.epsilon) != (tune[0].method, tune[0].epsilon) for c in cells)
+    md = write_report(cells, tmp_path, tuning=tune)["md"].read_text()
+    assert "waiting for every tuning cell of their grid to finish: the evaluation runs of ffa_lora at epsilon inf." in md
 
 
 def _csv_file(tmp_path: Path, n: int = 400) -> Path:

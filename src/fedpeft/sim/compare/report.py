@@ -231,7 +231,10 @@ def write_report(cells: Sequence[Cell], out: Path, title: str = "fedpeft compare
              "they have little power (the exact sign-flip test cannot give p below 2/2^n), and they are not "
              "corrected for the number of comparisons; a p above 0.05 means these seeds cannot tell the "
              "methods apart, not that they are equal.") if paired else ""
-    notes = [*notes, *([TUNING_NOTE.format(metric=metric, seed=tuning[0].seed)] if tuning else [])]
+    waiting = sorted({(c.method, c.epsilon) for c in tuning} - set(choices), key=lambda k: (k[0], -k[1]))
+    notes = [*notes, *([TUNING_NOTE.format(metric=metric, seed=tuning[0].seed)] if tuning else []),
+             *(["Not run yet, waiting for every tuning cell of their grid to finish: the evaluation runs of "
+                + ", ".join(f"{m} at epsilon {_fmt(e)}" for m, e in waiting) + "."] if waiting else [])]
     tune_cols = list(tune_rows[0]) if tune_rows else []
     sections: list[tuple[str, str, list[str]]] = [  # (title, html, markdown lines)
         ("Reading", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in reading) + "</ul>",
