@@ -58,6 +58,12 @@ def _check_model_data(cfg: RunConfig) -> None:
     require(1 <= m.max_new_tokens <= 4096, "model.max_new_tokens", m.max_new_tokens, "must be in [1, 4096]")
     require(d.test_size == 0 or d.test_size >= 10, "data.test_size", d.test_size,
             "must be >= 10, or 0 (auto: 20 % of the data, at most 1000)")
+    require(d.validation_size == 0 or d.validation_size >= 10, "data.validation_size", d.validation_size,
+            "must be >= 10, or 0 (no validation split)")
+    require(d.evaluate_on in ("test", "validation"), "data.evaluate_on", d.evaluate_on, "allowed: test, validation")
+    require(d.evaluate_on == "test" or d.validation_size > 0, "data.evaluate_on", d.evaluate_on,
+            "validation needs data.validation_size > 0")
+    require(d.split_seed >= -1, "data.split_seed", d.split_seed, "must be >= 0, or -1 (the run's seed)")
     require(d.examples_per_client >= 0, "data.examples_per_client", d.examples_per_client, "must be >= 0 (0 = all)")
     require(d.partition in PARTITIONS, "data.partition", d.partition, f"allowed: {', '.join(PARTITIONS)}")
     require(d.dirichlet_alpha > 0 and math.isfinite(d.dirichlet_alpha), "data.dirichlet_alpha", d.dirichlet_alpha,

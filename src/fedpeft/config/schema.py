@@ -128,6 +128,14 @@ class DataConfig:
     label_column: str = "label"
     test_size: int = 0  # 0 = auto: 20 % of the data, at most 1000 (data.sources.resolve_test_size)
     examples_per_client: int = 0  # 0 = the client's whole partition
+    # Model selection (``fedpeft compare --lr-grid``): ``validation_size`` examples are held out
+    # from the training pool (never given to a client); ``evaluate_on = "validation"`` makes the
+    # server score them instead of the test split. ``split_seed`` fixes the test/validation split
+    # for every seed of a sweep (-1 = the run's ``seed``), so no cell's validation set overlaps
+    # another cell's test set. (data.sources.carve_validation)
+    validation_size: int = 0
+    evaluate_on: str = "test"  # test | validation
+    split_seed: int = -1
     partition: str = "label-proportions"  # iid | dirichlet | label-proportions | by-column (groups = label values)
     dirichlet_alpha: float = 0.5
     # One row per client: the fraction of that client's data drawn from each class.

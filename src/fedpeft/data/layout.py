@@ -25,6 +25,10 @@ rest is split between the task's clients with flwr-datasets partitioners (``task
 iid or Dirichlet). Clients are numbered task by task: with ``rt:2, bbc:1`` partitions 0 and 1
 hold ``rt`` and partition 2 holds ``bbc``. Everything is a pure function of the configuration
 and seed, so the server and every client process derive the same layout independently.
+With ``data.validation_size`` a label-balanced validation split also leaves each pool before
+anything is partitioned (:func:`fedpeft.data.sources.carve_validation`); ``data.evaluate_on =
+"validation"`` makes it the set the server scores, and ``data.split_seed`` fixes the test and
+validation splits across run seeds (the splits use it instead of ``seed``; partitions do not).
 
 Heads. For a task type with a head (classification) the model's final classification layer
 is replaced by one ``nn.Linear`` per task (``classifier.task_<name>`` in a BERT classifier;
@@ -60,8 +64,10 @@ from fedpeft.data.sources import (
     TextDataset,
     _from_frame,
     _read_frame,
+    carve_validation,
     load_dataset,
     resolve_test_size,
+    split_seed,
     split_train_test,
     train_test_split_for,
 )
@@ -231,13 +237,13 @@ Load = Callable[[TaskSpec], TextDataset]
 
 def _split(cfg: RunConfig, spec: TaskSpec, index: int, load: Load) -> Splits:
     data = load(spec)
-    seed = cfg.seed * 7919 + index
+    seed = split_seed(cfg.data, cfg.seed) * 7919 + index
     test_size = resolve_test_size(cfg.data.test_size, len(data))
     if test_size + cfg.tasks.public_size + 2 * spec.clients > len(data):
         raise ConfigError("data.test_size", cfg.data.test_size,
                           f"task {spec.name} has {len(data)} examples: too few for the test split, "
                           f"tasks.public_size={cfg.tasks.public_size} and {spec.clients} client(s)")
-    pool, test = split_train_test(data, test_size, seed)
+    pool, test = carve_validation(*split_train_test(data, test_size, seed), cfg.data, seed)
     n_public = cfg.tasks.public_size
     public, pool = pool.subset(np.arange(n_public)), pool.subset(np.arange(n_public, len(pool)))
     return pool, test, public
@@ -251,7 +257,8 @@ def _single_task(cfg: RunConfig, split: Split) -> TaskData:
     """The one task of a single-task run: ``[data]`` split by the task type (``split``) and
     partitioned as it always was."""
     def load() -> Splits:
-        pool, test = split(cfg.data, cfg.seed)
+        seed = split_seed(cfg.data, cfg.seed)
+        pool, test = carve_validation(*split(cfg.data, seed), cfg.data, seed)
         return pool, test, pool.subset(np.arange(0))
 
     d = cfg.data

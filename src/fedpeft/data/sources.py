@@ -27,8 +27,8 @@ import pandas as pd
 
 from fedpeft.config import ConfigError, DataConfig
 
-__all__ = ["TextDataset", "file_stamp", "load_dataset", "resolve_test_size", "rotten_tomatoes_path", "split_train_test",
-           "train_test_split_for", "with_label_names"]
+__all__ = ["TextDataset", "carve_validation", "file_stamp", "load_dataset", "resolve_test_size",
+           "rotten_tomatoes_path", "split_seed", "split_train_test", "train_test_split_for", "with_label_names"]
 
 log = logging.getLogger("fedpeft")
 
@@ -183,6 +183,32 @@ def split_train_test(data: TextDataset, test_size: int, seed: int) -> tuple[Text
 def train_test_split_for(cfg: DataConfig, seed: int) -> tuple[TextDataset, TextDataset]:
     """The run's (training pool, held-out test set); identical in every process."""
     return split_train_test(load_dataset(cfg), cfg.test_size, seed)
+
+
+def split_seed(cfg: DataConfig, run_seed: int) -> int:
+    """The seed of the test (and validation) split: ``data.split_seed``, or the run's seed when -1."""
+    return cfg.split_seed if cfg.split_seed >= 0 else run_seed
+
+
+VALIDATION_SEED_OFFSET = 104729  # the validation draw's stream differs from the test draw's
+
+
+def carve_validation(pool: TextDataset, test: TextDataset, cfg: DataConfig,
+                     seed: int) -> tuple[TextDataset, TextDataset]:
+    """(training pool, the set the server scores) once ``data.validation_size`` is applied.
+
+    ``validation_size`` examples (label-balanced, like the test split) leave the training
+    pool -- so no client ever trains on them -- whichever split the server scores; with
+    ``evaluate_on = "validation"`` the server scores them and the test split is not used at
+    all, so a choice made on such runs (``fedpeft compare``'s learning rate) never saw the
+    test set. Without a validation size the split is returned unchanged."""
+    if cfg.validation_size <= 0:
+        return pool, test
+    if cfg.validation_size >= len(pool) // 2:
+        raise ConfigError("data.validation_size", cfg.validation_size,
+                          f"must be smaller than half of the training pool ({len(pool)} examples)")
+    rest, validation = split_train_test(pool, cfg.validation_size, seed + VALIDATION_SEED_OFFSET)
+    return rest, (validation if cfg.evaluate_on == "validation" else test)
 
 
 def with_label_names(data: TextDataset, names: tuple[str, ...], source: str = "data") -> TextDataset:

@@ -66,7 +66,8 @@ def preflight(cfg: RunConfig) -> list[int]:
 
         task_type.load_tokenizer(cfg.model)
         return preflight_tasks(cfg, task_type.task_layout(cfg))
-    pool, test = task_type.train_test_split(cfg.data, cfg.seed)
+    data = task_type.task_layout(cfg)[0]  # the split every process uses (validation held out)
+    pool, test = data.pool, data.test
     sizes = partition_sizes(pool, cfg.data, cfg.train.clients, cfg.seed)
     empty = [i for i, n in enumerate(sizes) if n < 2]
     if empty:

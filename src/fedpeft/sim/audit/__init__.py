@@ -205,7 +205,7 @@ def audit_target(target: Path | str, *, canaries: int = 1000, beta: float = 0.05
     if not cfg.privacy.enabled:
         raise ValueError("the configuration has no DP-SGD (privacy.epsilon is off): nothing to audit")
     task_type = task_for(cfg)
-    pool, _ = task_type.train_test_split(cfg.data, cfg.seed)
+    pool = task_type.task_layout(cfg)[0].pool  # the clients' pool (a validation split held out)
     ledgers = sorted((path / "ledger").glob("client-*.json")) if path.is_dir() else []
     partition = 0
     if ledgers:

@@ -51,7 +51,7 @@ def _metric_vs_epsilon(results: Sequence[dict[str, Any]], out: Path, metric: str
                 by_eps[r["epsilon_target"]].append(r[f"final_{metric}"])
         xs = sorted(by_eps, key=lambda e: pos[e])
         means = [float(np.mean(by_eps[e])) for e in xs]
-        stds = [float(np.std(by_eps[e])) for e in xs]
+        stds = [float(np.std(by_eps[e], ddof=1)) if len(by_eps[e]) > 1 else 0.0 for e in xs]  # sample std
         line = ax.errorbar([pos[e] + shift for e in xs], means, yerr=stds, marker="o", capsize=4, label=method)
         for e in xs:
             ax.scatter([pos[e] + shift] * len(by_eps[e]), by_eps[e], s=12, alpha=0.5, color=line[0].get_color())

@@ -29,16 +29,18 @@ import numpy as np
 from fedpeft.server.figures import fmt as _fmt
 from fedpeft.server.figures import html_table as _html_table
 from fedpeft.sim.compare.plots import write_plots
+from fedpeft.sim.compare.stats import paired_rows
 from fedpeft.sim.compare.sweep import Cell, cell_is_finished
+from fedpeft.sim.compare.tuning import choose_lrs, tuning_rows
 from fedpeft.tasks.base import TaskType
 from fedpeft.tasks.registry import DEFAULT, get, task_for
 
-__all__ = ["CSV_FIELDS", "collect", "csv_fields", "summary_cols", "write_report"]
+__all__ = ["CSV_FIELDS", "PAIRED_COLS", "collect", "csv_fields", "summary_cols", "write_report"]
 
 
 def csv_fields(metric: str) -> tuple[str, ...]:
     """Columns of results.csv for runs judged by ``metric``."""
-    return ("method", "epsilon_target", "epsilon_spent", "delta", "seed", f"final_{metric}", f"best_{metric}",
+    return ("method", "epsilon_target", "epsilon_spent", "delta", "seed", "lr", f"final_{metric}", f"best_{metric}",
             "rounds", "bytes_up", "wall_s", "accountant", "epsilon_client_level", "run_dir")
 
 
@@ -74,7 +76,7 @@ def collect(cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], dict[tuple[str
         results.append({
             "method": cell.method, "epsilon_target": cell.epsilon,
             "epsilon_spent": _f(last.get("epsilon")) if math.isfinite(cell.epsilon) else math.inf,
-            "delta": _f(last.get("delta")), "seed": cell.seed,
+            "delta": _f(last.get("delta")), "seed": cell.seed, "lr": cell.cfg.train.lr,
             f"final_{metric}": _f(last[metric]), f"best_{metric}": best(_f(r[metric]) for r in rows),
             "rounds": len(rows), "bytes_up": int(sum(int(r.get("bytes_up", 0)) for r in rows)), "wall_s": wall,
             "accountant": last.get("accountant", ""),
@@ -85,19 +87,25 @@ def collect(cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], dict[tuple[str
     return results, dict(curves), missing
 
 
-def _summary(results: Sequence[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Mean and std over seeds per (method, epsilon target)."""
+def _summary(results: Sequence[dict[str, Any]], metric: str, reference: str) -> list[dict[str, Any]]:
+    """Mean and std over seeds per (method, epsilon target); the learning rate(s) used; upload
+    bytes per run and their ratio to ``reference``'s at the same epsilon."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = defaultdict(list)
     for r in results:
         groups[(r["method"], r["epsilon_target"])].append(r)
     out = []
     for (method, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         final = [r[f"final_{metric}"] for r in rs]
+        ref = [r["bytes_up"] for r in groups.get((reference, eps), [])]
         out.append({"method": method, "epsilon_target": eps, "seeds": len(rs),
-                    f"{metric}_mean": float(np.mean(final)), f"{metric}_std": float(np.std(final)),
+                    "lr": ",".join(f"{lr:g}" for lr in sorted({r["lr"] for r in rs})),
+                    f"{metric}_mean": float(np.mean(final)), f"{metric}_std": float(np.std(final, ddof=1))
+                    if len(final) > 1 else math.nan,
                     "best_mean": float(np.mean([r[f"best_{metric}"] for r in rs])),
                     "epsilon_spent_max": max(r["epsilon_spent"] for r in rs),
                     "bytes_up_mean": float(np.mean([r["bytes_up"] for r in rs])),
+                    f"upload_vs_{reference}": float(np.mean([r["bytes_up"] for r in rs]) / np.mean(ref))
+                    if ref and np.mean(ref) > 0 else math.nan,
                     "wall_s_mean": float(np.mean([r["wall_s"] for r in rs]))})
     return out
 
@@ -118,7 +126,7 @@ def _reading(summary: Sequence[dict[str, Any]], baseline: float | None, task_typ
             continue
         best, runner = sorted(here, key=lambda s: -sign * s[mean])[:2]
         gap = sign * (best[mean] - runner[mean])
-        spread = max(best[std], runner[std])
+        spread = max((x for x in (best[std], runner[std]) if math.isfinite(x)), default=0.0)
         where = "without DP" if math.isinf(eps) else f"at epsilon = {eps:g}"
         verdict = ("a difference larger than the spread over seeds" if gap > spread
                    else f"within the spread over seeds ({spread:.3f}), so not a clear win")
@@ -141,42 +149,99 @@ def _md_table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> list[str]:
     return out
 
 
-def summary_cols(metric: str) -> tuple[str, ...]:
+def summary_cols(metric: str, reference: str = "ffa_lora") -> tuple[str, ...]:
     """Columns of the report's summary table for runs judged by ``metric``."""
-    return ("method", "epsilon_target", "seeds", f"{metric}_mean", f"{metric}_std", "best_mean",
-            "epsilon_spent_max", "bytes_up_mean", "wall_s_mean")
+    return ("method", "epsilon_target", "seeds", "lr", f"{metric}_mean", f"{metric}_std", "best_mean",
+            "epsilon_spent_max", "bytes_up_mean", f"upload_vs_{reference}", "wall_s_mean")
+
+
+PAIRED_COLS = ("epsilon_target", "method", "reference", "pairs", "diff_mean", "diff_std", "p_t", "p_sign_flip",
+               "p_sign_flip_min", "better")
+TUNING_NOTE = ("The learning rate of each (method, epsilon) was chosen from its grid by the final {metric} on a "
+               "validation split held out of the training pool (no client trains on it), in tuning runs with "
+               "seed {seed}; the test split never took part. Every evaluation seed then ran with the chosen rate.")
+
+
+def _paired_reading(paired: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """One sentence per paired comparison, naming the winner only when p < 0.05."""
+    lines = []
+    for r in paired:
+        where = "without DP" if math.isinf(r["epsilon_target"]) else f"at epsilon = {r['epsilon_target']:g}"
+        significant = r["p_t"] < 0.05 or r["p_sign_flip"] < 0.05
+        verdict = (f"{r['better']} is better (p < 0.05)" if significant and r["better"] != "tie"
+                   else "no significant difference")
+        lines.append(f"{where[0].upper() + where[1:]}: {r['method']} - {r['reference']} = {r['diff_mean']:+.3f} "
+                     f"{metric} over {r['pairs']} paired seeds (paired t p = {_fmt(r['p_t'])}, exact sign-flip "
+                     f"p = {_fmt(r['p_sign_flip'])}, smallest possible {_fmt(r['p_sign_flip_min'])}): {verdict}.")
+    return lines
+
+
+def _md_section(title: str, body: Sequence[str]) -> list[str]:
+    return ["", f"## {title}", "", *body]
 
 
 def write_report(cells: Sequence[Cell], out: Path, title: str = "fedpeft compare",
-                 baseline: float | None = None, notes: Sequence[str] = ()) -> dict[str, Path]:
-    """Write results.csv, the plots, report.md and report.html into ``out``; return their paths.
+                 baseline: float | None = None, notes: Sequence[str] = (), tuning: Sequence[Cell] = (),
+                 reference: str = "ffa_lora") -> dict[str, Path]:
+    """Write results.csv, paired.csv, tuning.csv (a tuning sweep), the plots, report.md and
+    report.html into ``out``; return their paths.
 
     ``baseline``: the primary metric of a model that learned nothing (the task type's
-    :meth:`~fedpeft.tasks.base.TaskType.baseline`), named in the reading when given."""
+    :meth:`~fedpeft.tasks.base.TaskType.baseline`), named in the reading when given;
+    ``tuning``: the sweep's tuning cells (:mod:`fedpeft.sim.compare.tuning`); ``reference``:
+    the method every other is tested against (paired by seed, per epsilon), the first
+    method of the cells when it has none."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     task_type = _task_type(cells)
     metric = task_type.primary_metric
-    fields, cols = csv_fields(metric), summary_cols(metric)
     results, curves, missing = collect(cells)
-    with (out / "results.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(fields))
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()})
+    if cells and reference not in {c.method for c in cells}:
+        reference = cells[0].method
+    fields, cols = csv_fields(metric), summary_cols(metric, reference)
+    _write_csv(out / "results.csv", fields, results)
+    paired = paired_rows(results, metric, reference, task_type.higher_is_better)
+    _write_csv(out / "paired.csv", PAIRED_COLS, paired)
+    choices = choose_lrs(tuning)
+    tune_rows = tuning_rows(tuning, choices)
+    paths = {"csv": out / "results.csv", "paired": out / "paired.csv"}
+    if tune_rows:
+        paths["tuning"] = out / "tuning.csv"
+        _write_csv(paths["tuning"], list(tune_rows[0]), tune_rows)
     plots = write_plots(results, curves, out / "plots", metric)
-    summary = _summary(results, metric)
-    reading = _reading(summary, baseline, task_type)
+    summary = _summary(results, metric, reference)
+    reading = _reading(summary, baseline, task_type) + _paired_reading(paired, metric)
     unit = ("epsilon is example-level (one training example of one client), replace-one neighbours (each "
             "client's example count is public), the max over clients, at the delta in results.csv; accountant as "
-            "named")
-    md = [f"# {title}", "", f"{len(results)} of {len(cells)} runs finished. {unit}.", *[f"{n}" for n in notes], "",
-          "## Reading", "", *[f"- {x}" for x in reading], "", "## Summary (over seeds)", "",
-          *_md_table(summary, cols), "", "## Plots", ""]
-    md += [f"![{p.stem}](plots/{p.name})" for p in plots]
-    md += ["", "## All runs", "", *_md_table(results, fields)]
+            "named; std is the sample standard deviation over seeds; bytes_up is what all clients uploaded in "
+            "one run")
+    n_seeds = sorted({r["pairs"] for r in paired})
+    power = (f"Paired tests against {reference} over {', '.join(map(str, n_seeds))} seeds: with so few seeds "
+             "they have little power (the exact sign-flip test cannot give p below 2/2^n), and they are not "
+             "corrected for the number of comparisons; a p above 0.05 means these seeds cannot tell the "
+             "methods apart, not that they are equal.") if paired else ""
+    waiting = sorted({(c.method, c.epsilon) for c in tuning} - set(choices), key=lambda k: (k[0], -k[1]))
+    notes = [*notes, *([TUNING_NOTE.format(metric=metric, seed=tuning[0].seed)] if tuning else []),
+             *(["Not run yet, waiting for every tuning cell of their grid to finish: the evaluation runs of "
+                + ", ".join(f"{m} at epsilon {_fmt(e)}" for m, e in waiting) + "."] if waiting else [])]
+    tune_cols = list(tune_rows[0]) if tune_rows else []
+    sections: list[tuple[str, str, list[str]]] = [  # (title, html, markdown lines)
+        ("Reading", "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in reading) + "</ul>",
+         [f"- {x}" for x in reading]),
+        ("Summary (over seeds)", _html_table(summary, cols), _md_table(summary, cols)),
+        (f"Paired comparison with {reference} (per epsilon, by seed)",
+         f"<p>{html.escape(power)}</p>" + _html_table(paired, PAIRED_COLS), [power, "", *_md_table(paired, PAIRED_COLS)]),
+    ]
+    if tuning:
+        sections.append(("Learning rate chosen on the validation split", _html_table(tune_rows, tune_cols),
+                         _md_table(tune_rows, tune_cols)))
+    md = [f"# {title}", "", f"{len(results)} of {len(cells)} runs finished. {unit}.", *notes]
+    for name, _, lines in sections:
+        md += _md_section(name, lines)
+    md += _md_section("Plots", [f"![{p.stem}](plots/{p.name})" for p in plots])
+    md += _md_section("All runs", _md_table(results, fields))
     if missing:
-        md += ["", "## Not finished", "", *[f"- {c.name}" for c in missing]]
+        md += _md_section("Not finished", [f"- {c.name}" for c in missing])
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     imgs = "".join(
         f'<figure><img alt="{p.stem}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
@@ -187,13 +252,18 @@ def write_report(cells: Sequence[Cell], out: Path, title: str = "fedpeft compare
             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"
             f"<p>{len(results)} of {len(cells)} runs finished. {html.escape(unit)}.</p>"
             + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-            + "<h2>Reading</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in reading) + "</ul>"
-            + "<h2>Summary (over seeds)</h2>" + _html_table(summary, cols) + "<h2>Plots</h2>" + imgs
-            + "<h2>All runs</h2>" + _html_table(results, fields)
+            + "".join(f"<h2>{html.escape(name)}</h2>{body}" for name, body, _ in sections)
+            + "<h2>Plots</h2>" + imgs + "<h2>All runs</h2>" + _html_table(results, fields)
             + ("<h2>Not finished</h2><ul>" + "".join(f"<li>{html.escape(c.name)}</li>" for c in missing) + "</ul>"
                if missing else "")
             + "</body></html>")
     (out / "report.html").write_text(page, encoding="utf-8")
-    return {"csv": out / "results.csv", "md": out / "report.md", "html": out / "report.html",
-            **{p.stem: p for p in plots}}
+    return {**paths, "md": out / "report.md", "html": out / "report.html", **{p.stem: p for p in plots}}
 
+
+def _write_csv(path: Path, fields: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fields))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()})

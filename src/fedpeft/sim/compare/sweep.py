@@ -10,7 +10,9 @@ rerun, so an interrupted sweep continues where it stopped and a changed setting 
 the cells it changes. An unfinished cell's directory (partial metrics, and a ledger that
 would otherwise carry its spent budget into the rerun) is deleted before the cell runs again.
 After each cell, ``cell.json`` records the wall time and status; a failed cell is recorded
-and the sweep goes on (it is retried on the next invocation).
+and the sweep goes on (it is retried on the next invocation). A sweep with a learning-rate
+grid (``SweepSpec.lr_grid``) also has tuning cells under ``OUTPUT/tune/``, bookkept the same
+way (:mod:`fedpeft.sim.compare.tuning`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from fedpeft.config import ConfigError, RunConfig, config_hash
 from fedpeft.load import config_from_toml, parse_config
 from fedpeft.tasks.registry import task_for
 
-__all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "eps_label", "plan_cells", "run_sweep"]
+__all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "check_methods", "eps_label",
+           "make_cell", "plan_cells", "run_sweep"]
 
 log = logging.getLogger("fedpeft.compare")
 
@@ -51,6 +54,25 @@ class SweepSpec:
     epsilons: tuple[float, ...] = (math.inf, 6.0, 3.0, 1.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     base: dict[str, Any] = field(default_factory=dict)  # flat dotted keys shared by all cells
+    # Learning-rate tuning (:mod:`fedpeft.sim.compare.tuning`): a grid per method (empty = no
+    # tuning, every cell uses the base train.lr), the tuning runs' seed, the validation split's
+    # size, and the split seed every cell shares (one test and one validation set for all seeds).
+    lr_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    tune_seed: int = 100
+    validation_size: int = 200
+    split_seed: int = 0
+
+    @property
+    def tunes(self) -> bool:
+        return bool(self.lr_grid)
+
+    def selection_layer(self, evaluate_on: str) -> dict[str, Any]:
+        """Keys every cell of a tuning sweep shares: the same validation split held out of the
+        training pool, the same split seed; ``evaluate_on`` says which split the server scores."""
+        if not self.tunes:
+            return {}
+        return {"data.validation_size": self.validation_size, "data.split_seed": self.split_seed,
+                "data.evaluate_on": evaluate_on}
 
 
 @dataclass(frozen=True)
@@ -78,27 +100,43 @@ class CellResult:
     error: str = ""
 
 
-def plan_cells(spec: SweepSpec, output_dir: Path) -> list[Cell]:
-    """Resolve and validate every cell's configuration (a bad value fails before anything runs)."""
+def check_methods(methods: Sequence[str]) -> None:
+    """Every method must be registered (one-line error naming the registered ones)."""
     from fedpeft.adapters import registry
 
     known = registry.names()
-    for m in spec.methods:
+    for m in methods:
         if m not in known:
             raise ConfigError("--methods", m, f"unknown method; registered: {', '.join(known)}")
+
+
+def make_cell(spec: SweepSpec, method: str, eps: float, seed: int, path: Path, extra: dict[str, Any]) -> Cell:
+    """One cell: the base layer, then the cell's method, epsilon, seeds, paths and ``extra``."""
+    cfg = parse_config(spec.base, {
+        "adapter.method": method, "privacy.epsilon": eps, "seed": seed, "adapter.seed": seed,
+        "name": path.name, "output_dir": str(path), **extra,
+    })
+    # host-dependent "auto"s made concrete now, as the server loop will: the cell's
+    # config is then the one its config.toml is written with (finished = same hash)
+    return Cell(method, eps, seed, task_for(cfg).resolve_config(cfg), path)
+
+
+def plan_cells(spec: SweepSpec, output_dir: Path, lrs: dict[tuple[str, float], float] | None = None) -> list[Cell]:
+    """Resolve and validate every evaluation cell's configuration (a bad value fails before
+    anything runs). In a tuning sweep (``spec.lr_grid``) a cell gets the learning rate chosen
+    for its (method, epsilon) in ``lrs``; one without a choice yet is left out."""
+    check_methods(spec.methods)
     cells = []
     for method in spec.methods:
         for eps in spec.epsilons:
+            if spec.tunes and (method, eps) not in (lrs or {}):
+                continue
+            extra = spec.selection_layer("test")
+            if spec.tunes:
+                extra["train.lr"] = (lrs or {})[(method, eps)]
             for seed in spec.seeds:
                 path = Path(output_dir) / f"{method}_eps-{eps_label(eps)}_seed-{seed}"
-                cfg = parse_config(spec.base, {
-                    "adapter.method": method, "privacy.epsilon": eps, "seed": seed, "adapter.seed": seed,
-                    "name": path.name, "output_dir": str(path),
-                })
-                # host-dependent "auto"s made concrete now, as the server loop will: the cell's
-                # config is then the one its config.toml is written with (finished = same hash)
-                cfg = task_for(cfg).resolve_config(cfg)
-                cells.append(Cell(method, eps, seed, cfg, path))
+                cells.append(make_cell(spec, method, eps, seed, path, extra))
     return cells
 
 
