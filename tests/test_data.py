@@ -166,3 +166,40 @@ def test_default_test_size_adapts_to_small_data_and_an_explicit_one_must_fit(
     with pytest.raises(ConfigError, match="smaller than the dataset"):
         split_train_test(load_dataset(cfg.data), 600, seed=0)
     assert main(["simulate", "--data", str(rows), "--test-size", "5", "--rounds", "1"]) == 2  # below 10: refused
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "label-proportions"])
+def test_partitions_are_a_function_of_the_seed_and_subsample_without_replacement(partition: str) -> None:
+    """The same seed gives the same partition in a fresh process (cache cleared), another seed
+    another Dirichlet draw; with ``examples_per_client`` each client keeps exactly that many distinct
+    examples of its own full partition (a subsample drawn with replacement, or from another
+    client's share, would fail)."""
+    from fedpeft.data import partition as part_mod
+
+    def parts(seed: int, per_client: int = 0) -> list[np.ndarray]:
+        part_mod._CACHE.clear()
+        cfg = DataConfig(test_size=200, partition=partition, dirichlet_alpha=0.3, examples_per_client=per_client)
+        pool, _ = train_test_split_for(cfg, 0)
+        return [np.sort(ix) for ix in _partition_indices(cfg, 3, seed, pool)]
+
+    first, again, other = parts(5), parts(5), parts(6)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    if partition == "dirichlet":  # iid: contiguous shards of the (seeded) pool; label mixes: fixed
+        assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    small = parts(5, per_client=40)
+    for full, sub in zip(first, small, strict=True):
+        assert len(sub) == min(40, len(full)) and len(set(sub.tolist())) == len(sub)
+        if partition != "label-proportions":  # its partitioner caps each client itself (max_size)
+            assert set(sub.tolist()) <= set(full.tolist())
+    assert all(np.array_equal(a, b) for a, b in zip(small, parts(5, per_client=40), strict=True))
+
+
+def test_a_partition_id_outside_the_federation_is_refused_in_one_line() -> None:
+    cfg = DataConfig(test_size=200, partition="iid")
+    pool, _ = train_test_split_for(cfg, 0)
+    assert len(client_partition(pool, cfg, 3, 2, 0)) > 2
+    for bad in (3, -1):
+        with pytest.raises(ConfigError) as info:
+            client_partition(pool, cfg, 3, bad, 0)
+        assert info.value.key == "partition-id" and "must be in [0, 3)" in str(info.value)
+        assert "\n" not in str(info.value)
