@@ -180,7 +180,8 @@ def test_federation_keeps_b_on_each_client_across_rounds_and_a_resume(tiny_model
             "round 2 starts from the client's own B after round 1"
     assert any(not np.array_equal(kept[0][k], kept[1][k]) for k in kept[0]), "each client has its own B"
     round2 = kept[2:4]
-    seen.clear(), kept.clear()
+    seen.clear()
+    kept.clear()
     rows = run_federation(LocalGrid(2, app=app), cfg, tmp_path, resume=True)  # type: ignore[arg-type]
     assert [r["round"] for r in rows] == [1, 2, 3]
     ledgers = [json.loads(p.read_text()) for p in sorted((tmp_path / "ledger").glob("client-*.json"))]

@@ -238,7 +238,8 @@ class Replay:
     draws back in its single-example pass (ABMLL's weight samples, TexForce's actions)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, rows: Callable[[int], slice]) -> None:
-        self.real, self.rows, self.calls = getattr(torch, name), rows, []  # type: list[torch.Tensor]
+        self.real, self.rows = getattr(torch, name), rows
+        self.calls: list[torch.Tensor] = []
         self.example: int | None = None
         self.index = 0
         monkeypatch.setattr(torch, name, self)
@@ -375,7 +376,7 @@ def test_the_export_reloads_to_the_same_model(base: dict[str, Any], method: str,
         if "adapter_model.safetensors" in files:
             from safetensors.numpy import load_file
 
-            state: dict[str, np.ndarray] = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+            state = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
             meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
             assert meta["method"] == method and meta["frozen_fingerprint"] == plugin.frozen_fingerprint(model)
             assert meta["target_modules"] == ["q_proj", "v_proj"] and len(meta["layers"]) == 4
