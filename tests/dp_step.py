@@ -22,13 +22,13 @@ def flat_trainable(model: torch.nn.Module) -> torch.Tensor:
 
 
 def assert_dp_step_is_mean_clipped_gradient(cfg: Any, plugin: Any, fresh_model: Callable[[], torch.nn.Module],
-                                            data: Any, clip: float) -> None:
+                                            data: Any, clip: float) -> torch.nn.Module:
     """q = 1 (``cfg.train.batch_size`` = ``len(data)``), sigma = 0, SGD with ``cfg.train.lr``, one
     step of :func:`fedpeft.client.trainer.train_local`: the update of every trainable tensor
     must equal ``-lr * mean_i clip_C(g_i)``, g_i the per-example gradient over all of them
     (per-example autograd on a second copy from ``fresh_model()``; use a dropout-free model).
     A DP path that stops clipping, clips the batch instead of each example, or leaves a
-    trainable tensor out of the clipping fails."""
+    trainable tensor out of the clipping fails. Returns the trained model."""
     tok = load_tokenizer(cfg.model)
     model, reference = fresh_model(), fresh_model()
     before = flat_trainable(model)
@@ -39,3 +39,4 @@ def assert_dp_step_is_mean_clipped_gradient(cfg: Any, plugin: Any, fresh_model: 
     update = flat_trainable(model) - before
     # float32 sums in another order: equal to ~1e-6 relative; unclipped or batch-clipped: O(1) off
     assert float((update - expected).norm() / expected.norm()) < 1e-3
+    return model

@@ -13,20 +13,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from dp_step import assert_dp_step_is_mean_clipped_gradient
 from inprocess_grid import LocalGrid
-from tiny_model import clipped_mean_gradient
 
 from fedpeft.adapters import get
 from fedpeft.adapters.lora import lora_layers
 from fedpeft.adapters.lora_fold import DELTA_SUFFIX, delta_key
-from fedpeft.client.trainer import train_local
 from fedpeft.data.sources import train_test_split_for
 from fedpeft.load import parse_config
-from fedpeft.privacy.randomness import NodeSecret, RoundRandomness
 from fedpeft.server.checkpoint import load_checkpoint
 from fedpeft.server.loop import RoundHook, run_federation
 from fedpeft.server.setup import ServerSetup
-from fedpeft.tasks.model import load_tokenizer
 from fedpeft.tasks.seq_cls import load_base_model
 
 CPU = torch.device("cpu")
@@ -88,19 +85,16 @@ def dp_step_matches_clipped_per_example_mean(cfg: Any, plugin: Any, make_model: 
                                                              batch_size=n, physical_batch_size=4),
                               privacy=dataclasses.replace(cfg.privacy, clip=clip))
     pool, _ = train_test_split_for(cfg.data, cfg.seed)
-    data, tok = pool.subset(list(range(n))), load_tokenizer(cfg.model)
-    model, reference = make_model(cfg), make_model(cfg)
-    for m in (model, reference):
+
+    def fresh() -> torch.nn.Module:
+        m = make_model(cfg)
         for mod in m.modules():
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
-    expected = -clipped_mean_gradient(plugin, reference, tok, data, cfg, clip)
-    flat = lambda: torch.cat([p.detach().reshape(-1).clone() for p in model.parameters() if p.requires_grad])  # noqa: E731
-    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    before = flat()
-    train_local(model, plugin, tok, data, cfg, 1, CPU, 0.0, RoundRandomness.derived(NodeSecret.generate(), "t"))
-    update = flat() - before
-    assert float((update - expected).norm() / expected.norm()) < 1e-3
+        return m
+
+    frozen_before = {n: p.detach().clone() for n, p in fresh().named_parameters() if not p.requires_grad}
+    model = assert_dp_step_is_mean_clipped_gradient(cfg, plugin, fresh, pool.subset(list(range(n))), clip)
     assert all(torch.equal(p, frozen_before[n]) for n, p in model.named_parameters() if not p.requires_grad)
 
 
