@@ -507,7 +507,7 @@ def test_compare_on_the_causal_lm_task_type(tiny_llama_dir: Path, instructions_f
     md = (out / "report.md").read_text()
     assert f"The initial model (round 0: the base model for adapters that start at zero) scores " \
            f"{float(np.mean(initial)):.3f}." in md
-    assert "| method | epsilon_target | seeds | exact_match_mean |" in md
+    assert "| method | epsilon_target | seeds | lr | exact_match_mean |" in md
     assert all(0 < float(r["epsilon_spent"]) <= 8.0 for r in rows)
 
 

@@ -11,7 +11,8 @@ SuperLink started with ``--simulation``. The SuperLink's SuperExec then starts o
   install) so nothing of the user's ``~/.flwr`` is read or written, and two runs never meet;
 * readiness: ``GET /health`` on that port;
 * every process it starts (SuperLink, SuperExec, ``flwr-simulation``, Ray's) is tracked by PID
-  while it runs and stopped in :meth:`LocalSuperLink.stop` -- on success, on failure, on
+  while it runs, and found afterwards by the private ``FLWR_HOME`` in its environment (what was
+  re-parented or started between checks), and stopped in :meth:`LocalSuperLink.stop` -- on success, on failure, on
   Ctrl-C and on SIGTERM (:func:`terminate_as_interrupt`); the SuperLink also gets SIGTERM when
   this process dies (Linux ``PR_SET_PDEATHSIG``), whose SuperExec follows its parent.
 
@@ -241,6 +242,26 @@ class LocalSuperLink:
         if self.run_proc.returncode != 0:
             raise RuntimeFailed(f"flwr run exited with status {self.run_proc.returncode}; see {self.log_path}")
 
+    def _kill_marked(self, passes: int = 3) -> None:
+        """SIGKILL every process whose environment names this run's private FLWR_HOME: what Ray or
+        the SuperExec started after the last :meth:`track`, or re-parented to init when its parent
+        died, is no longer below the SuperLink but still carries the environment it inherited."""
+        import psutil
+
+        if self.home is None:
+            return
+        for _ in range(passes):
+            found = []
+            for p in psutil.process_iter():
+                with contextlib.suppress(psutil.Error):
+                    if (p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE
+                            and p.environ().get("FLWR_HOME") == self.home.name):
+                        p.kill()
+                        found.append(p)
+            if not found:
+                return
+            psutil.wait_procs(found, timeout=5)
+
     def stop(self) -> None:
         """Stop everything started: ``flwr run``, the SuperLink (SIGTERM, then SIGKILL), and every
         process seen below them (SIGKILL by PID); remove the private FLWR_HOME."""
@@ -265,6 +286,7 @@ class LocalSuperLink:
                     p.kill()
                     alive.append(p)
         psutil.wait_procs(alive, timeout=5)
+        self._kill_marked()
         if self._log is not None:
             self._log.close()
             self._log = None
