@@ -1,13 +1,16 @@
 """Simulation benchmarks: Flower's overhead over a bare loop, and scale in virtual clients.
 
-*Overhead* compares :func:`fedpeft.sim.simulate.simulate` (real ``run_simulation``: Ray,
-ServerApp, ClientApp, ledgers, validation, checkpoints) with :func:`bare_federation`, one
+*Overhead* compares :func:`fedpeft.sim.simulate.simulate` (the supported runtime: a local
+SuperLink, ``flwr run``, Ray, ServerApp, ClientApp, ledgers, validation, checkpoints) with :func:`bare_federation`, one
 process doing the same work with no Flower: per round, every client's
 :func:`fedpeft.client.trainer.train_local` call with the same data, steps, seed and calibrated
 sigma, the plugin's aggregation and the server's evaluation. The two are run interleaved
 (bare, simulated, bare, ...) and compared by median wall time; the ratio of the steady
 rounds (all but the first, whose time includes each Ray actor loading the model) is reported
-separately, clearly labelled, as is the one-off start-up.
+separately, clearly labelled, as is the one-off start-up. Wall time on a shared machine moves
+with its load, so CPU seconds are reported too, per process kind of the simulation
+(:func:`_cpu_by_kind`: SuperLink, SuperExec, ServerApp, client actors, Ray's daemons) against
+the bare loop's: where the overhead goes, in a unit that load does not inflate.
 
 *Scale* (10 to 10,000 virtual clients) is :mod:`benchmarks.scale`.
 """
@@ -19,6 +22,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,12 +91,65 @@ def bare_federation(cfg: Any) -> list[float]:
     return seconds
 
 
-def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float]]:
+KINDS = (("flower-superlink", "SuperLink"), ("flower-superexec", "SuperExec"), ("flwr run", "flwr run"),
+         ("flwr-simulation", "ServerApp (flwr-simulation)"), ("ClientAppActor", "client actors"))
+
+
+def _kind(cmdline: list[str]) -> str:
+    """Which part of the runtime a process of the simulation is (by its command line)."""
+    text = " ".join(cmdline[:4])
+    return next((label for key, label in KINDS if key in text), "Ray daemons and other")
+
+
+def _cpu_by_kind(run: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """``run()``, sampling every process below this one every 0.3 s; the CPU seconds (user +
+    system) each had when last seen, summed by :func:`_kind`, with this process's own as
+    ``driver``. A process that ends between samples loses at most its last 0.3 s."""
+    import psutil
+
+    me = psutil.Process()
+    seen: dict[tuple[int, float], tuple[str, float]] = {}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for p in me.children(recursive=True):
+                try:
+                    with p.oneshot():
+                        t = p.cpu_times()
+                        seen[(p.pid, p.create_time())] = (_kind(p.cmdline()), t.user + t.system)
+                except psutil.Error:
+                    pass
+            done.wait(0.3)
+
+    before = me.cpu_times()
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        out = run()
+    finally:
+        done.set()
+        watcher.join()
+    after = me.cpu_times()
+    cpu = {"driver": (after.user - before.user) + (after.system - before.system)}
+    for kind, seconds in seen.values():
+        cpu[kind] = cpu.get(kind, 0.0) + seconds
+    return out, {k: round(v, 1) for k, v in cpu.items()}
+
+
+def _bare_cpu(cfg: Any) -> tuple[list[float], float]:
+    """:func:`bare_federation` and the CPU seconds this process spent on it."""
+    t = time.process_time()
+    seconds = bare_federation(cfg)
+    return seconds, time.process_time() - t
+
+
+def _simulated(cfg: Any, run_dir: Path) -> tuple[float, list[float], dict[str, float]]:
     from fedpeft.sim.simulate import simulate
 
     t0 = time.perf_counter()
-    _, rows = simulate(cfg, run_dir)
-    return time.perf_counter() - t0, [float(r["seconds"]) for r in rows]
+    (_, rows), cpu = _cpu_by_kind(lambda: simulate(cfg, run_dir))
+    return time.perf_counter() - t0, [float(r["seconds"]) for r in rows], cpu
 
 
 def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_steps: int, examples: int,
@@ -105,13 +162,16 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
                         "train.local_steps": local_steps, "train.batch_size": 32, "data.examples_per_client": examples,
                         "data.test_size": test_size, "output_dir": str(tmp)})
     bare: list[list[float]] = []
-    sim: list[tuple[float, list[float]]] = []
+    bare_cpu: list[float] = []
+    sim: list[tuple[float, list[float], dict[str, float]]] = []
     previous = os.environ.get("FEDPEFT_CALIBRATION_CACHE")
     try:
         for rep in range(reps):
             # each run calibrates its distinct plans once (fedpeft.privacy.calibration_cache), none from an earlier run
             os.environ["FEDPEFT_CALIBRATION_CACHE"] = str(tmp / f"calibration-bare-{rep}")
-            bare.append(bare_federation(cfg))
+            seconds, cpu = _bare_cpu(cfg)
+            bare.append(seconds)
+            bare_cpu.append(cpu)
             if progress:
                 progress(f"bare loop {rep + 1}/{reps}: {sum(bare[-1]):.1f} s")
             os.environ["FEDPEFT_CALIBRATION_CACHE"] = str(tmp / f"calibration-sim-{rep}")
@@ -134,7 +194,8 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
               "dp": f"epsilon={cfg.privacy.epsilon:g}", "reps": reps, "bare_total_s": bare_total,
               "sim_total_s": sim_total, "bare_steady_s": bare_steady, "sim_steady_s": sim_steady,
               "sim_startup_s": sim_total - sim_rounds, "bare_round_s": bare, "sim_round_s": [s[1] for s in sim],
-              "sim_wall_s": [s[0] for s in sim]}
+              "sim_wall_s": [s[0] for s in sim], "bare_cpu_s": bare_cpu, "sim_cpu_s_by_process": [s[2] for s in sim]}
+    sim_cpu = statistics.median(sum(s[2].values()) for s in sim)
     return [
         Measurement("sim_overhead", "simulated run / bare loop, wall time (incl. Ray start-up)",
                     sim_total / bare_total, "x", Target("<=", 1.3), detail=detail),
@@ -142,4 +203,6 @@ def sim_overhead(model_path: str, reps: int, rounds: int, clients: int, local_st
                     sim_steady / bare_steady, "x", Target("<=", 1.10), detail=detail),
         Measurement("sim_overhead", "one-off simulation start-up (Ray, ServerApp set-up) before round 1",
                     sim_total - sim_rounds, "s", detail=detail),
+        Measurement("sim_overhead", "simulated run / bare loop, CPU seconds (every process of the runtime; "
+                    "by process in the JSON)", sim_cpu / statistics.median(bare_cpu), "x", detail=detail),
     ]

@@ -174,3 +174,20 @@ def test_ghost_clipping_on_a_peft_llama_clips_like_the_hooks(tiny_llama_dir: Pat
     assert 0 < moved <= 1e-3 * 1.0001  # clipped: 4 examples of norm <= 1e-3, averaged
     for n in before:
         assert torch.allclose(after["hooks"][n], after["ghost"][n], atol=1e-8, rtol=1e-5), n
+
+
+def test_cpu_by_kind_counts_the_processes_below_by_what_they_are() -> None:
+    """The sim-overhead benchmark's CPU breakdown: a child that burns CPU is counted under its
+    kind (named by its command line), the caller's own time under ``driver``."""
+    import subprocess
+    import sys
+
+    from benchmarks.simbench import _cpu_by_kind, _kind
+
+    assert _kind(["python", "/venv/bin/flower-superlink", "--insecure"]) == "SuperLink"
+    assert _kind(["ray::ClientAppActor"]) == "client actors"
+    assert _kind(["python", "-u", "ray/_private/log_monitor.py"]) == "Ray daemons and other"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
+    rc, cpu = _cpu_by_kind(lambda: subprocess.run([sys.executable, "-c", burn, "flwr-simulation"]).returncode)
+    assert rc == 0 and 0.5 <= cpu["ServerApp (flwr-simulation)"] <= 5.0  # its argv names it
+    assert "driver" in cpu
