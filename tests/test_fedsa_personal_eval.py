@@ -22,9 +22,11 @@ import torch
 from flwr.app import Message, MetricRecord
 from inprocess_grid import LocalGrid, Releases
 from lora_helpers import method_model
+from tiny_model import to_numpy as _numpy
 
 import fedpeft.client.app as client_app
 import fedpeft.wire as wire
+from fedpeft.adapters.fedsa_lora import FedSaLoraPlugin
 from fedpeft.client.node_store import load_local
 from fedpeft.client.personal_eval import check_accounted, release_digest, split_held_out
 from fedpeft.load import parse_config
@@ -125,21 +127,29 @@ def test_personal_metric_is_global_a_and_head_with_own_b_and_differs_from_the_se
 
     def spy(task_type, model, tokenizer, data, cfg_, device, sigma):  # type: ignore[no-untyped-def]
         value = real(task_type, model, tokenizer, data, cfg_, device, sigma)
-        held[str(len(held))] = (data, value)
+        plugin_ = FedSaLoraPlugin()
+        installed = {**_numpy(plugin_.trainable_state(model)), **plugin_.local_state(model)}  # what was scored
+        held[str(len(held))] = (data, value, installed)
         return value
 
     monkeypatch.setattr(client_app, "personal_accuracy", spy)
     rows, replies, hook = _run(cfg, tmp_path)
     values = {str(r.content[wire.INFO][wire.CLIENT]): float(r.content[wire.METRICS][wire.PERSONAL_ACCURACY])
               for rnd, r in replies if rnd == 2 and r is not None}
-    assert len(values) == 2 and sorted(v for _, v in held.values()) == sorted(values.values())
+    assert len(values) == 2 and sorted(v for _, v, _ in held.values()) == sorted(values.values())
     plugin, model = method_model(cfg)
     differs = []
     for client, value in values.items():
-        data = next(d for d, v in held.values() if v == value)
         run = next((tmp_path / "ledger" / f"client-{client}.local").iterdir()).name
         _, own_b = load_local(tmp_path / "ledger", client, run, 2)
-        assert own_b, "the client's B after round 1 is on its disk"
+        assert own_b and any(v.any() for v in own_b.values()), "the client's B after round 1 is on its disk"
+        want = {**hook.released[1], **own_b}
+        scored = next(((d, m) for d, _, m in held.values() if all(np.array_equal(m[k], own_b[k]) for k in own_b)),
+                      None)
+        assert scored is not None, f"client {client}'s scored model does not carry its own B after round 1"
+        data, installed = scored
+        assert set(installed) == set(want) and all(np.array_equal(installed[k], want[k]) for k in want), \
+            "the scored model is the server's state after round 1 with the client's own B after round 1"
         plugin.load_state(model, hook.released[1])
         plugin.load_local_state(model, own_b)
         again = evaluate(model, _tokenizer(tiny_model_dir), data, cfg.model.max_length, torch.device("cpu"))
