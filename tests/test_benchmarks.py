@@ -174,3 +174,18 @@ def test_ghost_clipping_on_a_peft_llama_clips_like_the_hooks(tiny_llama_dir: Pat
     assert 0 < moved <= 1e-3 * 1.0001  # clipped: 4 examples of norm <= 1e-3, averaged
     for n in before:
         assert torch.allclose(after["hooks"][n], after["ghost"][n], atol=1e-8, rtol=1e-5), n
+
+
+def test_method_matrix_only_times_the_named_methods_and_ffa_lora(tiny_model_dir: Path) -> None:
+    """``--methods``: only the named methods and FFA-LoRA (every ratio's reference) are built and
+    timed; an unknown name is an error before anything is built."""
+    from benchmarks.steps import StepBench, method_matrix
+
+    bench = StepBench.create(str(tiny_model_dir), 4, 16)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        method_matrix(bench, 1, 0, only=("nope",))
+    rows = method_matrix(bench, 1, 0, only=("rolora",))
+    assert {r.name.split(":")[0] for r in rows} == {"rolora", "ffa_lora"}
+    assert all(r.error is None and r.value is not None and r.value > 0 for r in rows)
+    upload = next(r for r in rows if r.name == "rolora: upload bytes / FFA-LoRA")
+    assert upload.value == pytest.approx(1.0), "a B round uploads what FFA-LoRA does"
