@@ -245,8 +245,10 @@ def _is_head(name: str) -> bool:
     return any(p in parts for p in head_prefixes())
 
 
-def method_matrix(bench: StepBench, reps: int, warmup: int, progress: Progress | None = None) -> list[Measurement]:
-    """Every registered method: DP step time and upload bytes relative to FFA-LoRA (same batch).
+def method_matrix(bench: StepBench, reps: int, warmup: int, progress: Progress | None = None,
+                  only: tuple[str, ...] = ()) -> list[Measurement]:
+    """Every registered method (or those in ``only``, plus FFA-LoRA, the reference): DP step
+    time and upload bytes relative to FFA-LoRA (same batch).
 
     A method that cannot run DP-SGD (``supports_dp`` False) is timed without DP against FFA-LoRA
     without DP, and says so.
@@ -255,7 +257,11 @@ def method_matrix(bench: StepBench, reps: int, warmup: int, progress: Progress |
     plain_steps: dict[str, Step] = {}
     sizes: dict[str, int] = {}
     failed: dict[str, str] = {}
-    for plugin in plugins():
+    chosen = [p for p in plugins() if not only or p.name in only or p.name == "ffa_lora"]
+    unknown = set(only) - {p.name for p in plugins()}
+    if unknown:
+        raise ValueError(f"unknown method {sorted(unknown)[0]!r} for the method matrix")
+    for plugin in chosen:
         name = plugin.name
         try:
             p, model, _ = bench.model(name, dp=False)
@@ -282,7 +288,7 @@ def method_matrix(bench: StepBench, reps: int, warmup: int, progress: Progress |
                                **{f"plain:{k}": v for k, v in plain_steps.items()}}, reps, warmup, progress)
     out: list[Measurement] = []
     ffa_bytes = sizes.get("ffa_lora")
-    for plugin in plugins():
+    for plugin in chosen:
         name = plugin.name
         detail: dict[str, Any] = {"upload_bytes": sizes.get(name), "reps": reps,
                                   "shape": f"batch {len(bench.labels)} x seq {bench.batch['input_ids'].shape[1]}"}

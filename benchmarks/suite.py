@@ -48,6 +48,7 @@ class Plan:
     matrix_batch: int = 8
     matrix_seq: int = 32
     matrix_reps: int = 5
+    matrix_methods: tuple[str, ...] = ()  # the method matrix's methods (and ffa_lora, its reference); () = all
     sim_reps: int = 2
     sim_rounds: int = 3
     sim_clients: int = 3
@@ -130,7 +131,8 @@ def _deploy_overhead(plan: Plan, progress: Progress) -> list[Measurement]:
 def _methods(plan: Plan, progress: Progress) -> list[Measurement]:
     from .steps import method_matrix
 
-    return method_matrix(_step_bench(plan, matrix=True), plan.matrix_reps, 1, progress=progress)
+    return method_matrix(_step_bench(plan, matrix=True), plan.matrix_reps, 1, progress=progress,
+                         only=plan.matrix_methods)
 
 
 BENCHMARKS: dict[str, tuple[str, Callable[[Plan, Progress], list[Measurement]]]] = {
@@ -164,6 +166,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"({QUICK_OUTPUT.relative_to(ROOT)} with --quick)")
     p.add_argument("--model", metavar="DIR", default="", help="model directory for every benchmark "
                    "(default: MiniLM-L6; the scale benchmark: the tiny random BERT)")
+    p.add_argument("--methods", metavar="M[,M]", default="",
+                   help="the methods benchmark times only these methods (and ffa_lora, the reference); default all")
     p.add_argument("--lm-model", metavar="PATH", default="", help="causal LM (directory or .gguf) of the causal_lm "
                    "benchmark (default: SmolLM2-135M-Instruct; with --quick: the tests' tiny Llama)")
 
@@ -199,6 +203,8 @@ def plan_from_args(args: argparse.Namespace) -> tuple[Plan, list[str], Path]:
         plan = replace(plan, model=tiny, scale_model=tiny)
     elif "scale" in names:
         plan = replace(plan, scale_model=_tiny_model())
+    if args.methods:
+        plan = replace(plan, matrix_methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     if args.lm_model:
         plan = replace(plan, lm_model=args.lm_model)
     elif args.quick and "causal_lm" in names:

@@ -191,3 +191,18 @@ def test_cpu_by_kind_counts_the_processes_below_by_what_they_are() -> None:
     rc, cpu = _cpu_by_kind(lambda: subprocess.run([sys.executable, "-c", burn, "flwr-simulation"]).returncode)
     assert rc == 0 and 0.5 <= cpu["ServerApp (flwr-simulation)"] <= 5.0  # its argv names it
     assert "driver" in cpu
+
+
+def test_method_matrix_only_times_the_named_methods_and_ffa_lora(tiny_model_dir: Path) -> None:
+    """``--methods``: only the named methods and FFA-LoRA (every ratio's reference) are built and
+    timed; an unknown name is an error before anything is built."""
+    from benchmarks.steps import StepBench, method_matrix
+
+    bench = StepBench.create(str(tiny_model_dir), 4, 16)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        method_matrix(bench, 1, 0, only=("nope",))
+    rows = method_matrix(bench, 1, 0, only=("rolora",))
+    assert {r.name.split(":")[0] for r in rows} == {"rolora", "ffa_lora"}
+    assert all(r.error is None and r.value is not None and r.value > 0 for r in rows)
+    upload = next(r for r in rows if r.name == "rolora: upload bytes / FFA-LoRA")
+    assert upload.value == pytest.approx(1.0), "a B round uploads what FFA-LoRA does"

@@ -30,6 +30,7 @@ ADAPTERS = Path(__file__).resolve().parents[1] / "src" / "fedpeft" / "adapters"
 # What each shipped method can do beyond AdapterPlugin (a method not listed has no capability).
 EXPECTED = {
     "fedex_lora": {"frozen_delta"},
+    "fedsa_lora": {"personal_eval"},
     "ffa_lora_hetero": {"rank_tiers"},
     "flora": {"rank_tiers", "frozen_delta"},
     "icm_lora": {"data_release", "server_round_work"},

@@ -7,7 +7,8 @@ aggregation on the effective weights where the plugin claims it; Opacus's per-ex
 gradients (a sequence axis in every Linear input) equal to per-example autograd and clipped on
 the trainer's DP path; exports that reload; a bfloat16 base. Also: methods that cannot apply
 are refused in one line, TexForce's token-level surrogate, and ``fedpeft compare --task
-causal-lm``.
+causal-lm``. The federated-LoRA baselines (FedSA-LoRA, RoLoRA, FedEx-LoRA, FLoRA) run the same checks;
+a fold method's global state carries its frozen delta, and its exactness is measured against W0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from torch import nn
 from fedpeft.adapters import get as get_plugin
 from fedpeft.adapters.abmll import LOCAL_NAMES, BayesLoraLinear
 from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.capabilities import FrozenDelta
 from fedpeft.adapters.delta_linear import DeltaLinear
+from fedpeft.adapters.fedsa_lora import FedSaLoraPlugin
 from fedpeft.adapters.ffa_lora_hetero import pad_state
 from fedpeft.adapters.lora import LoraPlugin
 from fedpeft.adapters.registry import plugins
@@ -44,8 +47,10 @@ from fedpeft.tasks.registry import get as get_task
 
 TASK = get_task("causal-lm")
 CPU = torch.device("cpu")
-METHODS = ("ffa_lora", "lora", "nola", "sara", "soka", "osft", "triadapt_lora", "abmll", "ffa_lora_hetero", "texforce")
-PEFT_METHODS = {"ffa_lora", "lora", "ffa_lora_hetero", "texforce"}  # exported with save_pretrained
+METHODS = ("ffa_lora", "lora", "nola", "sara", "soka", "osft", "triadapt_lora", "abmll", "ffa_lora_hetero", "texforce",
+           "fedsa_lora", "rolora", "fedex_lora", "flora")
+PEFT_METHODS = {"ffa_lora", "lora", "ffa_lora_hetero", "texforce",  # exported with save_pretrained
+                "fedsa_lora", "rolora", "fedex_lora", "flora"}
 ADAPTED = (DeltaLinear, TriAdaptLinear, BayesLoraLinear, LoraLinear)
 
 
@@ -100,16 +105,36 @@ def _adapted(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTED)}
 
 
+def _base(layer: nn.Module) -> nn.Module:
+    return layer.base_layer if hasattr(layer, "base_layer") else layer.base  # type: ignore[return-value]
+
+
 @torch.no_grad()
-def _delta_w(model: nn.Module) -> dict[str, np.ndarray]:
-    """Effective weight update of every adapted layer, probed in eval mode: layer(I) - base(I)."""
+def _base_outputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    """base(I) of every adapted layer now (before a fold method moves its frozen weight)."""
+    model.eval()
+    return {n: _base(m)(torch.eye(_base(m).in_features)) for n, m in _adapted(model).items()}  # type: ignore[operator]
+
+
+@torch.no_grad()
+def _delta_w(model: nn.Module, ref: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
+    """Effective weight update of every adapted layer, probed in eval mode: layer(I) - base(I), or
+    layer(I) - ``ref`` (the base outputs before a fold method's server folded a delta into it)."""
     model.eval()
     out = {}
     for name, layer in _adapted(model).items():
-        lin = layer.base_layer if hasattr(layer, "base_layer") else layer.base
-        eye = torch.eye(lin.in_features)
-        out[name] = (layer(eye) - lin(eye)).double().numpy()
+        lin = _base(layer)
+        eye = torch.eye(lin.in_features)  # type: ignore[arg-type]
+        out[name] = (layer(eye) - (lin(eye) if ref is None else ref[name])).double().numpy()
     return out
+
+
+def _global(plugin: AdapterPlugin, model: nn.Module) -> dict[str, np.ndarray]:
+    """The model's global state: its reply, plus a fold method's frozen delta (sent down only)."""
+    state = _numpy(plugin.trainable_state(model))
+    if isinstance(plugin, FrozenDelta):
+        state.update(_numpy(plugin.frozen_delta(model)))
+    return state
 
 
 @torch.no_grad()
@@ -125,11 +150,17 @@ def _eval_loss(model: nn.Module, batch: Batch) -> float:
 
 
 def _perturb(plugin: AdapterPlugin, model: nn.Module, scale: float = 0.1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Install the trainable state plus Gaussian noise (B != 0: every path is exercised)."""
+    """Install the trainable state plus Gaussian noise (B != 0: every path is exercised). FedSA-LoRA's
+    B is local state, not in the reply: it gets one fixed random B (the same for every ``seed``:
+    its exactness claim is for a client's own fixed B)."""
     gen = np.random.default_rng(seed)
     state = {k: (v + scale * gen.standard_normal(v.shape)).astype(v.dtype)
              for k, v in _numpy(plugin.trainable_state(model)).items()}
-    plugin.load_state(model, state)
+    plugin.load_state(model, {**_global(plugin, model), **state})  # a fold method's delta kept
+    if isinstance(plugin, FedSaLoraPlugin):
+        fixed = np.random.default_rng(1000)
+        plugin.load_local_state(model, {k: (scale * fixed.standard_normal(v.shape)).astype(v.dtype)
+                                        for k, v in plugin.local_state(model).items()})
     return state
 
 
@@ -147,6 +178,11 @@ def test_attach_adapts_the_targets_and_freezes_the_rest(base: dict[str, Any], me
     state = plugin.trainable_state(model)
     assert set(state) <= set(trainable) and state
     assert not any(k.rsplit(".", 1)[-1] in LOCAL_NAMES for k in state)
+    if method == "rolora":  # round 1 trains B alone (with B = 0, A's gradient is zero)
+        assert trainable and all(".lora_B." in n for n in trainable), sorted(trainable)
+    if method == "fedsa_lora":  # A and B train; B is local state and never in the reply
+        b = {n for n in trainable if ".lora_B." in n}
+        assert b and b == set(plugin.local_state(model)) and not b & set(state) and len(state) == len(b)
     plain = TASK.build_model(cfg.model, 0)  # every method starts at the base model
     batch = _batch(cfg, 3)
     torch.testing.assert_close(_logits(model, batch), _logits(plain, batch), rtol=1e-4, atol=1e-4)
@@ -286,7 +322,7 @@ def test_per_example_gradients_equal_autograd_and_dp_clips_each(base: dict[str, 
     with torch.no_grad():  # every trainable tensor, ABMLL's local posterior included, away from its start
         for p in params.values():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    plugin.load_state(model, plugin.trainable_state(model))  # TexForce: pi_old = this policy
+    plugin.load_state(model, _global(plugin, model))  # TexForce: pi_old = this policy
     batch = _batch(cfg, 3)
     n = 3
     replay = _replay(monkeypatch, method, batch)
@@ -326,8 +362,9 @@ def test_aggregation_is_exact_on_the_effective_weights(base: dict[str, Any], met
     """The aggregated (and server-stepped) global state's dW equals the weighted mean of the
     clients' dW; ffa_lora_hetero's clients have ranks 8, 4 and 2 (zero-padded by the server)."""
     cfg, plugin, model = _setup(base, method)
-    start = _numpy(plugin.trainable_state(model))
-    full = {k: v.shape for k, v in start.items()}
+    start = _global(plugin, model)
+    ref = _base_outputs(model)  # W0: a fold method's server moves the frozen weight
+    full = {k: v.shape for k, v in _numpy(plugin.trainable_state(model)).items()}
     states, deltas = [], []
     for k, rank in enumerate((8, 4, 2)):
         plugin.load_state(model, start)
@@ -340,11 +377,11 @@ def test_aggregation_is_exact_on_the_effective_weights(base: dict[str, Any], met
             _perturb(plugin, model, 0.05, seed=k)
         sent = _numpy(plugin.trainable_state(model))  # what the client replies
         states.append(pad_state(sent, full) if method == "ffa_lora_hetero" else sent)
-        deltas.append(_delta_w(model))
+        deltas.append(_delta_w(model, ref))
     weights = [10.0, 30.0, 60.0]
     merged = plugin.server_step(1, plugin.aggregate(states, weights, start), cfg)
     plugin.load_state(model, merged)
-    got = _delta_w(model)
+    got = _delta_w(model, ref)
     w = np.asarray(weights) / sum(weights)
     assert len(got) == 4
     for name, value in got.items():

@@ -48,7 +48,8 @@ __all__ = [
     "ACCOUNTANT", "ARRAYS", "ATTEMPT", "BYTES_UP", "CLIENT", "CLIENT_ID", "CONFIG", "CONFIG_HASH", "CONFIG_TOML",
     "DATA_PATH", "DELTA", "DEVICE_STATE", "DP_METRICS", "DeviceDirective", "EPSILON", "FROZEN_HASH", "HETERO_PLAN",
     "HETERO_SKIP", "INFO", "LABEL_COLUMN", "LABEL_NAMES", "LEDGER_DIR", "MAX_DELTA", "MAX_EPSILON", "METRICS",
-    "MIN_NOISE_MULTIPLIER", "NOISE_MULTIPLIER", "NUM_EXAMPLES", "PARTITION_ID", "PROFILE", "ProtocolError", "REASON",
+    "MIN_NOISE_MULTIPLIER", "NOISE_MULTIPLIER", "NUM_EXAMPLES", "PARTITION_ID", "PERSONAL_ACCURACY",
+    "PERSONAL_EXAMPLES", "PERSONAL_METRICS", "PROFILE", "ProtocolError", "REASON",
     "REFUSED", "RoundConfig", "SAMPLES_SEEN", "SAMPLE_RATE", "SECONDS", "SERVER_ROUND", "SIMULATION_ENTRIES", "STATUS",
     "STEPS", "TASK", "TEXT_COLUMN", "TIMED_OUT", "TRAIN_LOSS", "TRAIN_LOSS_FIRST", "TRAIN_LOSS_LAST",
     "WARM_IDLE_S", "WARM_WORKER",
@@ -79,6 +80,11 @@ SAMPLES_SEEN, SECONDS = "samples-seen", "seconds"
 # replace-one), the mechanism's own parameters and its epsilon, the upload size. Training
 # loss, Poisson batch sizes and wall time are functions of the private data: they stay on the node.
 DP_METRICS = frozenset({NUM_EXAMPLES, STEPS, BYTES_UP, EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE})
+# A personalised evaluation's last-round values (fedpeft.client.personal_eval): the accuracy of
+# the client's own model on its held-out split -- under DP a Gaussian release recorded in the
+# client's ledger, which the client checks before sending -- and the public held-out count.
+PERSONAL_ACCURACY, PERSONAL_EXAMPLES = "personal-accuracy", "personal-examples"
+PERSONAL_METRICS = frozenset({PERSONAL_ACCURACY, PERSONAL_EXAMPLES})
 
 # ---- a release's INFO and a refusal's STATUS (client -> server) ---------------------------
 CLIENT, ACCOUNTANT, PROFILE = "client", "accountant", "profile"

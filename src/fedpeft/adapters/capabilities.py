@@ -30,7 +30,8 @@ from fedpeft.config import RunConfig
 from fedpeft.data.sources import TextDataset
 
 __all__ = [
-    "CAPABILITIES", "DataRelease", "FrozenDelta", "MetricsRow", "MultiTaskAggregation", "PublicStep", "RankTiers", "ReleaseParams",
+    "CAPABILITIES", "DataRelease", "FrozenDelta", "MetricsRow", "MultiTaskAggregation", "PersonalEval", "PersonalEvalParams",
+    "PublicStep", "RankTiers", "ReleaseParams",
     "ReplyState", "ReplyVariants", "RoundOutcome", "ServerRoundContext", "ServerRoundHook", "ServerRoundWork",
     "ServerState", "TaskView", "capabilities_of",
 ]
@@ -64,6 +65,23 @@ class ReleaseParams(NamedTuple):
     tag: str
     clip: float
     sigma: float
+
+
+class PersonalEvalParams(NamedTuple):
+    """A personalised client-side evaluation: the share of each client's data held out for it
+    (0: none) and the noise multiplier of its DP release (:mod:`fedpeft.client.personal_eval`)."""
+
+    fraction: float
+    sigma: float
+
+
+@runtime_checkable
+class PersonalEval(Protocol):
+    """Clients keep part of the model (FedSA-LoRA's B), so the server's model is not the
+    method's: in the last round each client evaluates its personalised model on a held-out
+    split of its own data and releases the metric, noised and accounted in its ledger."""
+
+    def personal_eval_params(self, cfg: RunConfig) -> PersonalEvalParams: ...
 
 
 @runtime_checkable
@@ -202,7 +220,7 @@ class ServerRoundWork(Protocol):
 CAPABILITIES: dict[str, type] = {
     "reply_variants": ReplyVariants, "rank_tiers": RankTiers, "data_release": DataRelease,
     "server_state": ServerState, "public_step": PublicStep, "multitask_aggregation": MultiTaskAggregation,
-    "server_round_work": ServerRoundWork, "frozen_delta": FrozenDelta,
+    "server_round_work": ServerRoundWork, "frozen_delta": FrozenDelta, "personal_eval": PersonalEval,
 }
 
 

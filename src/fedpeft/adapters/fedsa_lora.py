@@ -25,9 +25,12 @@ Server evaluation (``metrics.jsonl``'s accuracy): the server never holds a B, so
 W0 + s * 0 @ A + the averaged head -- the adapter contributes nothing there, and the number
 measures the shared head alone, a lower bound that is **not** the method's score (as for
 MTLoRA's ``task_modules = "local"``). The paper evaluates each client's personalised model on
-that client's own test data; fedpeft has no client-side evaluation, and a metric a client
-sent would be a release of its data that the ledger does not account for, so no client
-metric is sent: the personalised models are measured only in tests (in process).
+that client's own test data: option ``eval_fraction`` > 0 (seq-cls only) does that
+(:class:`~fedpeft.adapters.capabilities.PersonalEval`, :mod:`fedpeft.client.personal_eval`):
+each client holds that share of its data out of training, and in the last round, before
+training, evaluates the global A and head with its own B on it; under DP the accuracy is a
+Gaussian release at noise multiplier ``eval_sigma``, planned into the client's ledger from
+round 1 and recorded there before it is sent (``personal_accuracy`` in the last round's row).
 
 Deviations from the paper: the head is shared and averaged like A (the paper's NLU heads are
 not discussed as local; sharing it gives the server a usable model), no LoRA dropout, A is
@@ -38,17 +41,29 @@ DP-SGD is added (the paper trains without it).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedpeft.adapters.base import AdapterPlugin
+from fedpeft.adapters.capabilities import PersonalEval, PersonalEvalParams
 from fedpeft.adapters.common import NDArrays
 from fedpeft.adapters.lora import inject_lora, lora_layers
-from fedpeft.config import RunConfig
+from fedpeft.adapters.options import option, parse_options
+from fedpeft.config import ConfigError, RunConfig
 
-__all__ = ["FedSaLoraPlugin", "is_local_b"]
+__all__ = ["FedSaLoraOptions", "FedSaLoraPlugin", "is_local_b"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedSaLoraOptions:
+    """``eval_fraction``: share of each client's data held out of training for its personalised
+    evaluation (0: none); ``eval_sigma``: noise multiplier of that accuracy's DP release."""
+
+    eval_fraction: float = option(0.0, low=0.0, high=0.5)
+    eval_sigma: float = option(8.0, low=0.5, high=1e4)
 
 
 def is_local_b(name: str) -> bool:
@@ -56,7 +71,7 @@ def is_local_b(name: str) -> bool:
     return ".lora_B." in name
 
 
-class FedSaLoraPlugin(AdapterPlugin):
+class FedSaLoraPlugin(AdapterPlugin, PersonalEval):
     """FedSA-LoRA: A and B train; A (and the head) travel and average; B stays on the client."""
 
     name = "fedsa_lora"
@@ -64,6 +79,21 @@ class FedSaLoraPlugin(AdapterPlugin):
     travels = "lora_A + head (B stays on the client: local state)"
     exact_average = True  # averaging A is exact for every client's own B (module doc)
     central_dp_compatible = True  # default aggregate (weighted mean), identity server_step
+    options_type = FedSaLoraOptions
+
+    def validate_config(self, cfg: RunConfig) -> None:
+        super().validate_config(cfg)
+        if self.personal_eval_params(cfg).fraction > 0 and cfg.task_type != "seq-cls":
+            raise ConfigError("adapter.options.eval_fraction", self.personal_eval_params(cfg).fraction,
+                              "the personalised evaluation releases an accuracy (a mean of 0/1 per example): "
+                              "task_type seq-cls only")
+
+    def settings(self, cfg: RunConfig) -> FedSaLoraOptions:
+        return parse_options(self.name, FedSaLoraOptions, cfg)
+
+    def personal_eval_params(self, cfg: RunConfig) -> PersonalEvalParams:
+        opts = self.settings(cfg)
+        return PersonalEvalParams(opts.eval_fraction, opts.eval_sigma)
 
     def attach(self, model: nn.Module, cfg: RunConfig) -> nn.Module:
         return inject_lora(model, cfg, freeze_a=False)

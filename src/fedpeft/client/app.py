@@ -25,7 +25,9 @@
 What a DP reply carries (the server is the adversary DP protects against): the DP-trained
 state and only values that are public by design or derived from public values
 (:data:`fedpeft.wire.DP_METRICS`: ``num-examples`` is public as the neighbouring relation is
-replace-one, see README). Training loss, Poisson batch sizes and wall time stay on the node
+replace-one, see README). A personalised evaluation's accuracy (last round,
+:mod:`fedpeft.client.personal_eval`) is the one data-dependent value, sent only as a release
+that the ledger planned and recorded. Training loss, Poisson batch sizes and wall time stay on the node
 (debug log). Without DP those diagnostics are sent as before. A failure on the node is
 logged on the node; the reply says only what kind of failure it was (:class:`NodeRefusal`
 texts are written to carry no data).
@@ -56,7 +58,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 import fedpeft.wire as wire
-from fedpeft.adapters.capabilities import RankTiers
+from fedpeft.adapters.capabilities import PersonalEvalParams, RankTiers
 from fedpeft.client.limits import node_budget_refusal, node_delta_refusal
 from fedpeft.client.node_store import (
     StoredRelease,
@@ -67,6 +69,14 @@ from fedpeft.client.node_store import (
     node_secret,
     save_local,
     save_release,
+)
+from fedpeft.client.personal_eval import (
+    check_accounted,
+    eval_params,
+    personal_accuracy,
+    record_eval,
+    reserved,
+    split_held_out,
 )
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, Runtime, runtime_for
 from fedpeft.client.trainer import LocalResult, build_loader, local_steps, tensorize, train_local
@@ -97,8 +107,15 @@ class RoundRequest:
     cfg: RunConfig  # the run's, with a simulated device's physical batch applied
     ident: ClientIdentity
     round: wire.RoundConfig
-    data: TextDataset
+    data: TextDataset  # what trains (less the held-out split of a personalised evaluation)
     device: wire.DeviceDirective | None  # simulation only (module doc)
+    personal: PersonalEvalParams | None = None  # fedpeft.client.personal_eval
+    held: TextDataset | None = None  # its held-out split
+
+    @property
+    def evaluates(self) -> bool:
+        """This round releases the personalised evaluation (the last round, before training)."""
+        return self.personal is not None and self.round.server_round == self.cfg.train.rounds
 
 
 @dataclass(frozen=True)
@@ -169,7 +186,10 @@ def _parse(msg: Message, context: Context) -> RoundRequest | Message:
     device = wire.DeviceDirective.read(context.state) if ident.partition_id is not None else None
     if device is not None:  # smaller physical batch = Opacus virtual steps; the logical batch (and DP) is unchanged
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, physical_batch_size=device.physical_batch))
-    return RoundRequest(msg, context, rt, cfg, ident, rc, data, device)
+    personal, held = eval_params(rt.plugin, cfg), None
+    if personal is not None:
+        data, held = split_held_out(data, personal.fraction, cfg.seed, ident.client_id)
+    return RoundRequest(msg, context, rt, cfg, ident, rc, data, device, personal, held)
 
 
 def handle_train(msg: Message, context: Context) -> Message:
@@ -202,9 +222,10 @@ def _train_round(req: RoundRequest) -> Message:
         return wire.refusal(req.msg, req.ident.client_id, reason)
     else:
         rng = int(hashlib.sha256(inputs.replay_key.encode()).hexdigest()[:15], 16)  # no DP: nothing to protect
-    state, local_after, result = _train(req, inputs, ledger, rng)
-    metrics = _store_release(req, inputs, ledger, state, local_after, result)
-    return _reply(req, state, metrics, {**inputs.info, wire.ACCOUNTANT: ledger.accountant if ledger else "none"})
+    state, local_after, result, personal = _train(req, inputs, ledger, rng)
+    metrics = _store_release(req, inputs, ledger, state, local_after, result, personal)
+    return _reply(req, state, metrics, {**inputs.info, wire.ACCOUNTANT: ledger.accountant if ledger else "none"},
+                  ledger)
 
 
 def _inputs(req: RoundRequest) -> RoundInputs:
@@ -227,7 +248,8 @@ def _inputs(req: RoundRequest) -> RoundInputs:
     # the key also keys the round's randomness, so two different computations never share noise
     # or batches (the server could otherwise subtract one release from the other).
     replay_key = digest(req.round.config_hash, f"{req.round.server_round}|{ident.client_id}|{steps}",
-                         req.device.replay_part() if req.device else "{}", incoming, local_in, data_digest(req.data))
+                         req.device.replay_part() if req.device else "{}", incoming, local_in, data_digest(req.data),
+                         *(() if req.held is None else (data_digest(req.held),)))
     info: dict[str, Any] = {wire.CLIENT: ident.client_id, wire.FROZEN_HASH: local_hash}
     if req.device is not None:
         info[wire.PROFILE] = req.device.profile
@@ -265,7 +287,7 @@ def _replayed(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Message
              "release (no new privacy cost)", ident.client_id, server_round)
     if stored.local:
         _keep_local(req, stored.local)
-    return _reply(req, stored.state, stored.metrics, {**inputs.info, wire.ACCOUNTANT: ledger.accountant})
+    return _reply(req, stored.state, stored.metrics, {**inputs.info, wire.ACCOUNTANT: ledger.accountant}, ledger)
 
 
 def _plan_budget(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Ledger | Message:
@@ -282,7 +304,7 @@ def _plan_budget(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Ledg
         note = trial.ensure_plan(target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
                                  sample_rate=sample_rate_for(len(req.data), cfg.train.batch_size),
                                  planned_steps=inputs.steps * (cfg.train.rounds - server_round + 1),
-                                 accountant=cfg.privacy.accountant)
+                                 accountant=cfg.privacy.accountant, reserved=reserved(cfg, req.personal))
         log.debug("%s", note)
         trial.check_budget(inputs.steps)
         capped = node_budget_refusal(node_config, cfg, trial, inputs.steps, server_round)
@@ -294,25 +316,31 @@ def _plan_budget(req: RoundRequest, inputs: RoundInputs, ledger: Ledger) -> Ledg
     return trial
 
 
-def _train(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None,
-           rng: RoundRandomness | int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], LocalResult]:
-    """Step 5: load the global and local state, train, and read back (state, local state, result)."""
+def _train(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None, rng: RoundRandomness | int
+           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], LocalResult, float | None]:
+    """Step 5: load the global and local state, (last round of a personalised evaluation: evaluate
+    that model on the held-out split), train, and read back (state, local state, result, accuracy)."""
     plugin, model, device = req.rt.plugin, req.rt.model, req.device
     plugin.load_state(model, inputs.incoming)
     if device is not None and isinstance(plugin, RankTiers):
         plugin.set_client_rank(model, device.rank)
     plugin.load_local_state(model, inputs.local_in)
     sigma = ledger.noise_multiplier if ledger is not None else None
+    personal = None
+    if req.evaluates and req.personal is not None and req.held is not None:
+        personal = personal_accuracy(req.rt.task_type, model, req.rt.tokenizer, req.held, req.cfg, req.rt.device,
+                                     req.personal.sigma if ledger is not None else None)
     result = train_local(model, plugin, req.rt.tokenizer, req.data, req.cfg, inputs.steps, req.rt.device, sigma, rng,
                          desc=f"client {req.ident.client_id} round {req.round.server_round}",
                          encoded=req.rt.encoded(req.ident, req.data))
     state = {k: v.detach().cpu().numpy().copy() for k, v in plugin.trainable_state(model).items()}
-    return state, plugin.local_state(model), result
+    return state, plugin.local_state(model), result, personal
 
 
 def _store_release(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None, state: dict[str, np.ndarray],
-                   local_after: dict[str, np.ndarray], result: LocalResult) -> dict[str, Any]:
-    """Step 6: record the spending, store the release and the local state; return the reply's metrics.
+                   local_after: dict[str, np.ndarray], result: LocalResult, personal: float | None) -> dict[str, Any]:
+    """Step 6: record the spending (and a personalised evaluation's release), store the release and
+    the local state; return the reply's metrics.
 
     Record first, then store: a crash in between can only over-count, never under-count.
     """
@@ -322,8 +350,12 @@ def _store_release(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None
     if ledger is not None:
         epsilon = ledger.record(server_round, result.steps, inputs.replay_key, output_hash,
                                 noise_multiplier=float(sigma or 0.0), sample_rate=result.sample_rate)
+        if personal is not None and req.personal is not None:
+            epsilon = record_eval(ledger, server_round, inputs.replay_key, personal, req.personal.sigma)
         _save_ledger(ledger, ident, context)
     metrics = _metrics(req.cfg, result, epsilon, sigma, wire.state_nbytes(state), ident.client_id, server_round)
+    if personal is not None and req.held is not None:
+        metrics.update({wire.PERSONAL_ACCURACY: personal, wire.PERSONAL_EXAMPLES: len(req.held)})
     if ledger is not None:
         save_release(ident.ledger_dir, ident.client_id,
                      StoredRelease(server_round, inputs.replay_key, output_hash, state, local_after, metrics))
@@ -344,10 +376,11 @@ def _metrics(cfg: RunConfig, result: LocalResult, epsilon: float, sigma: float |
 
 
 def _reply(req: RoundRequest, state: Mapping[str, np.ndarray], metrics: Mapping[str, Any],
-           info: Mapping[str, Any]) -> Message:
-    """The release reply; under DP its metrics are checked against what DP replies may carry."""
+           info: Mapping[str, Any], ledger: Ledger | None = None) -> Message:
+    """The release reply; under DP its metrics are checked against what DP replies may carry
+    (a personalised accuracy only as a release recorded in ``ledger``)."""
     if req.cfg.privacy.enabled:
-        wire.check_dp_metrics(metrics)
+        check_accounted(metrics, ledger, req.round.server_round)
     return wire.train_reply(req.msg, state, metrics, info)
 
 

@@ -89,7 +89,8 @@ def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: 
     if not isinstance(cap, float):
         return ""
     remaining = steps * (cfg.train.rounds - server_round + 1)
-    planned, acc = epsilon_for([*ledger.history, (ledger.noise_multiplier, ledger.sample_rate, remaining)],
+    planned, acc = epsilon_for([*ledger.history, (ledger.noise_multiplier, ledger.sample_rate, remaining),
+                                *ledger.reserved_history],
                                node_delta, ledger.accountant, relation=ledger.relation)
     if planned > cap:
         return (f"client {ledger.client}: the run's plan (rounds {server_round}..{cfg.train.rounds}, {remaining} steps "

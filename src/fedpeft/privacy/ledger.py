@@ -8,7 +8,10 @@ recomputed from the whole history by :mod:`fedpeft.privacy.accounting`, under th
 neighbouring relation (``replace-one``: a client's example count is public).
 
 The *plan* (``noise_multiplier``, ``sample_rate``, ``planned_steps``, ``plan_offset``) is
-the sigma calibrated for the steps the client still intends to take. The client calls
+the sigma calibrated for the steps the client still intends to take -- and for the one-off
+releases it still intends to make (``reserved``: ``(sigma, 1, 1)`` entries of a release not yet
+recorded, e.g. FedSA-LoRA's personalised evaluation in the last round,
+:mod:`fedpeft.client.personal_eval`), so that those releases fit the target too. The client calls
 :meth:`Ledger.ensure_plan` every round with its current parameters; a changed sample rate,
 budget or step plan re-calibrates sigma with the recorded history as prior, so a stale
 plan can never make the budget check (or a recorded epsilon) use a q that did not run.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -104,6 +108,8 @@ class Ledger:
     entries: list[LedgerEntry] = field(default_factory=list)
     relation: str = DEFAULT_RELATION
     plan_offset: int = 0  # ... after this many recorded steps
+    # releases the plan also covers, not recorded yet ([sigma, q, steps] each; module doc)
+    reserved: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_accountant(self.accountant, self.relation)
@@ -131,13 +137,20 @@ class Ledger:
         """(epsilon spent so far, accountant) from the whole history."""
         return epsilon_for(self.history, self.delta, self.accountant, self.relation)
 
+    @property
+    def reserved_history(self) -> list[HistoryEntry]:
+        """The reserved (planned, not yet recorded) releases as history entries."""
+        return [(float(s), float(q), int(n)) for s, q, n in self.reserved]
+
     def epsilon_if(self, steps: int) -> tuple[float, str]:
-        """Epsilon the client would have spent after ``steps`` more steps at the plan's sigma and q."""
+        """Epsilon the client would have spent after ``steps`` more steps at the plan's sigma and q
+        and the reserved releases."""
         extra = [(self.noise_multiplier, self.sample_rate, steps)] if steps > 0 else []
-        return epsilon_for(self.history + extra, self.delta, self.accountant, self.relation)
+        return epsilon_for(self.history + extra + self.reserved_history, self.delta, self.accountant, self.relation)
 
     def check_budget(self, steps: int) -> float:
-        """Raise BudgetExceeded if ``steps`` more would exceed the target; else the new epsilon."""
+        """Raise BudgetExceeded if ``steps`` more (and the reserved releases) would exceed the
+        target; else the new epsilon."""
         if steps > 0 and self.noise_multiplier <= 0:
             raise BudgetExceeded(f"client {self.client}: no privacy plan (call ensure_plan before training)")
         eps, acc = self.epsilon_if(steps)
@@ -151,7 +164,8 @@ class Ledger:
         return eps
 
     def ensure_plan(self, *, target_epsilon: float, delta: float, sample_rate: float, planned_steps: int,
-                    accountant: str, relation: str = DEFAULT_RELATION) -> str:
+                    accountant: str, relation: str = DEFAULT_RELATION,
+                    reserved: Sequence[HistoryEntry] = ()) -> str:
         """Make the plan fit this run's parameters; a one-line description of what was done.
 
         Called every round before training with the run's budget, delta, accountant, the
@@ -159,10 +173,10 @@ class Ledger:
         rounds x steps per round; for a round that replays a recorded entry, the steps
         after it). A new ledger is calibrated. A plan with the same q and target that still
         covers ``planned_steps`` holds (fewer steps than planned keep it: it is then only
-        conservative). Otherwise -- q, target changed, or more steps than it covers --
-        sigma is re-calibrated for ``planned_steps`` with the whole recorded history as
-        prior. PlanMismatch when delta / accountant / relation differ from the ledger's
-        (fixed for its life) or the history alone already reaches the target.
+        conservative). Otherwise -- q, target or ``reserved`` (the releases still to come, module
+        doc) changed, or more steps than it covers -- sigma is re-calibrated for ``planned_steps``
+        with the whole recorded history and the reserved releases as prior. PlanMismatch when
+        delta / accountant / relation differ from the ledger's (fixed for its life) or the history alone already reaches the target.
         """
         fixed = (("delta", self.delta, delta), ("accountant", self.accountant, accountant),
                  ("relation", self.relation, relation))
@@ -177,6 +191,8 @@ class Ledger:
             changed = [f"{n} {old:g} -> {new:g}" for n, old, new in (
                 ("q", self.sample_rate, sample_rate), ("target epsilon", self.target_epsilon, target_epsilon))
                 if old != new]
+            if [list(map(float, r)) for r in reserved] != [list(map(float, r)) for r in self.reserved]:
+                changed.append(f"reserved releases {len(self.reserved)} -> {len(reserved)}")
             if planned_steps > self.plan_steps_left:
                 changed.append(f"planned steps {planned_steps} > {self.plan_steps_left} the plan still covers")
             if not changed:
@@ -186,12 +202,14 @@ class Ledger:
         else:
             why = "new ledger"
         prior = tuple(self.history)
+        self.reserved = [[float(s), float(q), int(n)] for s, q, n in reserved]
         if prior:
             spent, acc = self.epsilon()
             if spent >= target_epsilon:
                 raise PlanMismatch(f"client {self.client}: recorded history already spends epsilon={spent:.3f} >= "
                                    f"target {target_epsilon:g} ({self._unit()}, {acc}); cannot plan more steps")
-        plan = calibrate_noise(target_epsilon, delta, sample_rate, planned_steps, accountant, prior, relation)
+        plan = calibrate_noise(target_epsilon, delta, sample_rate, planned_steps, accountant,
+                               prior + tuple(self.reserved_history), relation)
         self.target_epsilon, self.noise_multiplier, self.sample_rate = target_epsilon, plan.noise_multiplier, sample_rate
         self.planned_steps, self.plan_offset = planned_steps, self.total_steps
         msg = (f"client {self.client}: sigma={plan.noise_multiplier:.4f} calibrated for {planned_steps} steps at "
@@ -283,6 +301,11 @@ class Ledger:
                 raise ValueError(f"{where}, entry {i}: unknown accountant {e['accountant']!r}")
             entries.append(LedgerEntry(**e))
         raw["entries"] = entries
+        reserved = raw.get("reserved", [])
+        if not isinstance(reserved, list) or not all(isinstance(r, list) and len(r) == 3 for r in reserved):
+            raise ValueError(f"{where}: reserved must be a list of [sigma, q, steps]")
+        for i, (sig, q_r, n_r) in enumerate(reserved):
+            _valid_mechanism(sig, q_r, n_r, f"{where}, reserved {i}")
         try:
             return cls(**raw)
         except ValueError as exc:

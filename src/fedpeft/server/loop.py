@@ -70,6 +70,7 @@ def _round_row(
     train_losses = [r.metrics[wire.TRAIN_LOSS] for r in used if wire.TRAIN_LOSS in r.metrics]
     first_losses = [r.metrics[wire.TRAIN_LOSS_FIRST] for r in used if wire.TRAIN_LOSS_FIRST in r.metrics]
     return {
+        **_personal(used),
         "round": report.server_round,
         **{name: ev[name] for name in task_for(cfg).metric_names},  # seq-cls: accuracy, loss
         **{k: v for k, v in ev.items() if k.endswith("_per_task")},  # a task type's strata (causal-lm's tasks)
@@ -93,6 +94,19 @@ def _round_row(
         "failed": report.failed,
         "method": cfg.adapter.method,
     }
+
+
+def _personal(used: Sequence[Any]) -> dict[str, Any]:
+    """The clients' personalised evaluation (:mod:`fedpeft.client.personal_eval`), if this round
+    carries one: the held-out-count-weighted mean of their accuracies (under DP each a noised
+    release, left unclipped so the mean stays unbiased), the count and the clients."""
+    got = [(float(r.metrics[wire.PERSONAL_ACCURACY]), float(r.metrics.get(wire.PERSONAL_EXAMPLES, 1.0)))
+           for r in used if wire.PERSONAL_ACCURACY in r.metrics]
+    if not got:
+        return {}
+    weight = sum(n for _, n in got)
+    return {"personal_accuracy": sum(a * n for a, n in got) / weight, "personal_examples": int(weight),
+            "personal_clients": len(got)}
 
 
 def reported_epsilon(msg: Message) -> tuple[str, float] | None:

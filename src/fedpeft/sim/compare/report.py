@@ -9,7 +9,11 @@ exceeds the spread over seeds.
 
 Runs are judged by their task type's primary metric (:mod:`fedpeft.tasks`; sequence
 classification: ``accuracy``, higher is better): the columns are ``final_<metric>``,
-``best_<metric>`` and ``<metric>_mean`` / ``<metric>_std``.
+``best_<metric>`` and ``<metric>_mean`` / ``<metric>_std``. A method whose clients keep part
+of the model (FedSA-LoRA's B) is judged by ``personal_<metric>`` of its last round instead --
+the clients' accounted evaluation of their own models on held-out splits of their data
+(:mod:`fedpeft.client.personal_eval`); ``judged_by`` in ``results.csv`` names the metric of
+every run (its ``best_`` is then its final value: there is one such evaluation per run).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ __all__ = ["CSV_FIELDS", "PAIRED_COLS", "collect", "csv_fields", "summary_cols",
 def csv_fields(metric: str) -> tuple[str, ...]:
     """Columns of results.csv for runs judged by ``metric``."""
     return ("method", "epsilon_target", "epsilon_spent", "delta", "seed", "lr", f"final_{metric}", f"best_{metric}",
-            "rounds", "bytes_up", "wall_s", "accountant", "epsilon_client_level", "run_dir")
+            "rounds", "bytes_up", "wall_s", "accountant", "epsilon_client_level", "judged_by", "run_dir")
 
 
 CSV_FIELDS = csv_fields(get(DEFAULT).primary_metric)  # of the default task type (accuracy)
@@ -73,14 +77,19 @@ def collect(cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], dict[tuple[str
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
         wall = _f(info.get("wall_s")) if info.get("status") == "finished" else sum(_f(r.get("seconds")) for r in rows)
         last = rows[-1]
+        # a method whose clients keep part of the model is judged by their accounted personalised
+        # evaluation of the last round (fedpeft.client.personal_eval), not by the server's model
+        judged = f"personal_{metric}" if last.get(f"personal_{metric}") is not None else metric
         results.append({
             "method": cell.method, "epsilon_target": cell.epsilon,
             "epsilon_spent": _f(last.get("epsilon")) if math.isfinite(cell.epsilon) else math.inf,
             "delta": _f(last.get("delta")), "seed": cell.seed, "lr": cell.cfg.train.lr,
-            f"final_{metric}": _f(last[metric]), f"best_{metric}": best(_f(r[metric]) for r in rows),
+            f"final_{metric}": _f(last[judged]),
+            f"best_{metric}": _f(last[judged]) if judged != metric else best(_f(r[metric]) for r in rows),
             "rounds": len(rows), "bytes_up": int(sum(int(r.get("bytes_up", 0)) for r in rows)), "wall_s": wall,
             "accountant": last.get("accountant", ""),
             "epsilon_client_level": _f(last.get("epsilon_client_level")) if "epsilon_client_level" in last else "",
+            "judged_by": judged if judged == metric else f"{judged} (clients' held-out splits, last round)",
             "run_dir": cell.path.name,
         })
         curves[(cell.method, cell.epsilon)].append(rows)

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.adapters import registry
+from fedpeft.adapters.capabilities import PersonalEval
 from fedpeft.config import ConfigError, RunConfig, config_hash
 from fedpeft.load import config_from_toml, parse_config
 from fedpeft.tasks.registry import task_for
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "check_methods", "eps_label",
-           "make_cell", "plan_cells", "run_sweep"]
+           "make_cell", "personal_layer", "plan_cells", "run_sweep"]
 
 log = logging.getLogger("fedpeft.compare")
 
@@ -110,11 +112,22 @@ def check_methods(methods: Sequence[str]) -> None:
             raise ConfigError("--methods", m, f"unknown method; registered: {', '.join(known)}")
 
 
+PERSONAL_EVAL_FRACTION = 0.2
+"""Share of each client's data a method with a personalised evaluation (FedSA-LoRA) holds out
+for it in a sweep: its cells are judged by ``personal_<metric>``, the clients' accounted release
+(:mod:`fedpeft.client.personal_eval`), not by the server's model, which lacks their local parts."""
+
+
+def personal_layer(method: str) -> dict[str, Any]:
+    """The configuration entries that turn on ``method``'s personalised evaluation (none without one)."""
+    return {"adapter.options.eval_fraction": PERSONAL_EVAL_FRACTION} if isinstance(registry.get(method), PersonalEval) else {}
+
+
 def make_cell(spec: SweepSpec, method: str, eps: float, seed: int, path: Path, extra: dict[str, Any]) -> Cell:
     """One cell: the base layer, then the cell's method, epsilon, seeds, paths and ``extra``."""
     cfg = parse_config(spec.base, {
         "adapter.method": method, "privacy.epsilon": eps, "seed": seed, "adapter.seed": seed,
-        "name": path.name, "output_dir": str(path), **extra,
+        "name": path.name, "output_dir": str(path), **personal_layer(method), **extra,
     })
     # host-dependent "auto"s made concrete now, as the server loop will: the cell's
     # config is then the one its config.toml is written with (finished = same hash)
