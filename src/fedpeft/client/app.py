@@ -64,9 +64,11 @@ from fedpeft.client.node_store import (
     StoredRelease,
     data_digest,
     digest,
+    load_ledger,
     load_local,
     load_release,
     node_secret,
+    save_ledger,
     save_local,
     save_release,
 )
@@ -92,7 +94,6 @@ __all__ = ["app", "client_app", "handle_train", "train"]
 
 log = logging.getLogger("fedpeft.client")
 
-LEDGER_STATE_KEY = "fedpeft-ledger"
 LOCAL_STATE_KEY = "fedpeft-local"
 LOCAL_ROUND_KEY = "fedpeft-local-round"  # the round after which Context.state's local state was kept
 
@@ -127,21 +128,6 @@ class RoundInputs:
     steps: int
     replay_key: str
     info: dict[str, Any]  # the reply's INFO record, less the accountant
-
-
-def _ledger(cfg: RunConfig, ident: ClientIdentity, context: Context) -> Ledger:
-    state = context.state.get(LEDGER_STATE_KEY)
-    state_json = str(state["json"]) if isinstance(state, ConfigRecord) and "json" in state else None
-    return Ledger.load_or_new(
-        ident.ledger_dir / f"client-{ident.client_id}.json", state_json,
-        client=ident.client_id, target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
-        accountant=cfg.privacy.accountant,
-    )
-
-
-def _save_ledger(ledger: Ledger, ident: ClientIdentity, context: Context) -> None:
-    ledger.save(ident.ledger_dir / f"client-{ident.client_id}.json")
-    context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
 
 
 def _identity(conf: ConfigRecord, context: Context) -> ClientIdentity:
@@ -207,7 +193,7 @@ def _train_round(req: RoundRequest) -> Message:
     ledger: Ledger | None = None
     rng: RoundRandomness | int
     if req.cfg.privacy.enabled:
-        ledger = _ledger(req.cfg, req.ident, req.context)
+        ledger = load_ledger(req.cfg, req.ident.ledger_dir, req.ident.client_id, req.context)
         if (replayed := _replayed(req, inputs, ledger)) is not None:
             return replayed
         planned = _plan_budget(req, inputs, ledger)
@@ -352,7 +338,7 @@ def _store_release(req: RoundRequest, inputs: RoundInputs, ledger: Ledger | None
                                 noise_multiplier=float(sigma or 0.0), sample_rate=result.sample_rate)
         if personal is not None and req.personal is not None:
             epsilon = record_eval(ledger, server_round, inputs.replay_key, personal, req.personal.sigma)
-        _save_ledger(ledger, ident, context)
+        save_ledger(ledger, ident.ledger_dir, ident.client_id, context)
     metrics = _metrics(req.cfg, result, epsilon, sigma, wire.state_nbytes(state), ident.client_id, server_round)
     if personal is not None and req.held is not None:
         metrics.update({wire.PERSONAL_ACCURACY: personal, wire.PERSONAL_EXAMPLES: len(req.held)})

@@ -35,13 +35,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from flwr.app import ConfigRecord, Context
 
 from fedpeft.data.sources import TextDataset
 from fedpeft.io import load_array_groups, save_array_groups
+from fedpeft.privacy.ledger import Ledger
 from fedpeft.privacy.randomness import NodeSecret
+
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
 
 __all__ = ["StoredRelease", "data_digest", "digest", "load_local", "load_release", "node_secret", "save_local",
            "save_release", "secret_home", "secret_path"]
@@ -173,3 +178,25 @@ def load_local(ledger_dir: Path, client_id: str, run: str, before: int) -> tuple
         return 0, {}
     _, groups = load_array_groups(folder / f"round-{earlier[-1]}.npz", (_LOCAL,))
     return earlier[-1], groups[_LOCAL]
+
+
+LEDGER_STATE_KEY = "fedpeft-ledger"
+"""Where a client keeps its ledger's JSON in ``Context.state`` (beside its file on disk)."""
+
+
+def load_ledger(cfg: RunConfig, ledger_dir: Path, client: str, context: Context) -> Ledger:
+    """The client's ledger: its file in ``ledger_dir`` and the copy in ``context.state`` (the
+    newer wins, :meth:`Ledger.load_or_new`), or a new one for this run's target."""
+    state = context.state.get(LEDGER_STATE_KEY)
+    state_json = str(state["json"]) if isinstance(state, ConfigRecord) and "json" in state else None
+    return Ledger.load_or_new(
+        ledger_dir / f"client-{client}.json", state_json,
+        client=client, target_epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+    )
+
+
+def save_ledger(ledger: Ledger, ledger_dir: Path, client: str, context: Context) -> None:
+    """Write the ledger to its file and to ``context.state`` (what :func:`load_ledger` reads)."""
+    ledger.save(ledger_dir / f"client-{client}.json")
+    context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
