@@ -71,6 +71,8 @@ def test_a_checkpoint_whose_hooks_are_not_the_runs_is_refused_with_their_names(t
     with pytest.raises(ValueError, match=r"^the checkpoint holds no state for Clock#2, Timer#2, which the run did "
                                          r"not have; resume the run as it was started$"):
         restore(ckpt, object(), [Clock(), Clock(), Timer(), Timer()])
+    with pytest.raises(ValueError, match=r"^the checkpoint holds the state of Clock, Timer, which"):
+        restore(ckpt, object(), [Plain()])
     clock = Clock()
     with pytest.raises(ValueError, match="holds the state of Timer"):
         restore(ckpt, object(), [clock])
