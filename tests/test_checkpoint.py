@@ -162,3 +162,14 @@ def test_an_unreadable_file_is_refused_with_its_path_and_cause(tmp_path: Path) -
     np.savez(path, x=np.zeros(1))  # an npz, but not one of ours (no meta)
     with pytest.raises(ValueError, match=rf"^{path}: not a readable fedpeft checkpoint \(.+\)$"):
         load_checkpoint(path)
+
+
+def test_round_checkpoint_keeps_a_copy_of_what_the_loop_gives_it() -> None:
+    state, rows, epsilon, accountants = {"w": np.ones(2)}, [{"round": 1}], {"0": 0.5}, ["prv"]
+    ckpt = round_checkpoint(2, "h", state, object(), rows, epsilon, accountants, [Clock({"t": 1.0})])
+    state["x"], epsilon["1"] = np.zeros(1), 1.0  # the loop goes on with its own objects
+    rows.append({"round": 2})
+    accountants.append("rdp")
+    assert ckpt.server_round == 2 and ckpt.config_hash == "h" and set(ckpt.state) == {"w"}
+    assert ckpt.rows == [{"round": 1}] and ckpt.epsilon == {"0": 0.5} and ckpt.accountants == ["prv"]
+    assert ckpt.strategy == [["object", None]] and ckpt.hooks == {"Clock": {"t": 1.0}}
