@@ -241,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         rerun = []
         if args.rerun_survivors:
-            rerun = sorted(json.loads(_result_path(args.one).read_text())["mutants_not_killed"])
+            # the mutants a run checked and did not kill; those it never reached are --resume's
+            rerun = sorted(n for n, d in json.loads(_result_path(args.one).read_text())["mutants_not_killed"].items()
+                           if not d.startswith("not checked"))
             if not rerun:
                 return 0
         result = _run_one(args.one, args.max_children, rerun, args.summarise_only, args.resume)
