@@ -8,6 +8,14 @@ the function's source is unchanged). A survivor not listed here is shown as need
 from __future__ import annotations
 
 EQUIVALENT: dict[str, str] = {
+    # --- strategies.adapter_avg ---
+    "fedpeft.strategies.adapter_avg.x__client_order__mutmut_5":
+        "(2, name) instead of (1, name): only the order of the tags matters, and numeric ids (0) still sort "
+        "before names (2); every name keeps its place among names, so the sort is the same for every input.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁload_state_dict__mutmut_21":
+        "np.array(v) without copy=: numpy's default is copy=True, the same call.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁstate_dict__mutmut_6":
+        "np.array(v) without copy=: numpy's default is copy=True, the same call.",
 }
 
 KILLED_SINCE: dict[str, str] = {

@@ -274,3 +274,15 @@ def test_a_round_without_a_release_spends_nothing_and_says_so(caplog: pytest.Log
     with caplog.at_level("INFO", logger="fedpeft.server"):
         hook.on_start(None, None, None)
     assert "noise multiplier 1.5 over 2 sampled clients" in caplog.text and "delta=0.0001" in caplog.text
+
+
+def test_the_start_line_states_the_mechanism_with_its_unit_relation_and_accountant(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from fedpeft.privacy.central import ACCOUNTANT, RELATION, UNIT
+
+    hook = ClientLevelAccountant(_cfg(mode="server", clip=0.25, noise_multiplier=1.5, delta=1e-4))
+    with caplog.at_level("INFO", logger="fedpeft.server"):
+        hook.on_start(None, None, None)
+    assert [r.getMessage() for r in caplog.records if r.name == "fedpeft.server"] == [
+        "central DP: server-side clipping of client updates to 0.25, noise multiplier 1.5 over 2 sampled clients; "
+        f"{UNIT} epsilon, relation {RELATION}, at delta=0.0001, accountant {ACCOUNTANT}"]

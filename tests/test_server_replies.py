@@ -4,6 +4,12 @@ Regression: when a deployed node went offline mid-round, the SuperLink answered 
 instruction with an error reply whose sender is the SuperLink itself (node ID 1), and the
 server logged and recorded ``node-1 failed`` -- a node that did not fail (or does not
 exist). Error replies are now attributed to the node the instruction went to.
+
+Then AdapterAvg's own contract, each part found unpinned by ``make mutation``
+(``benchmarks/results/mutation.md``): its checkpointed state is a copy both ways, a malformed
+state is refused with its reason, the plugin's ``aggregate`` sees the last release, a reply
+names its sender only through its info record, and under a wrapper that defers the release
+(central DP) the base never keeps its un-noised aggregate, not even when the noising fails.
 """
 
 from __future__ import annotations
@@ -12,18 +18,26 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from inprocess_grid import NodeIds
 
+import fedpeft.wire as wire
+from fedpeft.adapters import get
 from fedpeft.load import parse_config
 from fedpeft.server.loop import attribute_reply, send_and_receive
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
+from fedpeft.strategies.registry import build_strategy
+from fedpeft.strategies.state import strategy_chain
 from fedpeft.strategies.validation import StateSpec
+from tests.test_central_dp import _instruction, _reply
 
 SPEC = StateSpec({"w": ((4, 4), "float32")}, frozen_hash="h")
+SPEC100 = StateSpec({"w": ((100, 100), "float32")}, frozen_hash="h")  # test_central_dp's replies
 SUPERLINK_NODE_ID = 1
 
 
@@ -113,3 +127,140 @@ def test_replies_pass_through_and_the_wait_is_bounded() -> None:
     assert len(replies) == 1 and replies[0].metadata.src_node_id == 5 and not replies[0].has_error()
     sent = {m.metadata.message_id: m for m in messages}
     assert attribute_reply(replies[0], sent) is replies[0]  # a good reply is never rebuilt
+
+
+# ---- AdapterAvg's own contract (module doc) ------------------------------------------------
+
+
+class RecordingPlugin(MeanPlugin):
+    """The weighted mean, remembering the ``previous`` each ``aggregate`` was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def aggregate(self, states: list[dict[str, np.ndarray]], weights: list[float],
+                  previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.seen.append(previous if previous is None else {k: v.copy() for k, v in previous.items()})
+        return super().aggregate(states, weights, previous)
+
+
+def _strategy_of(plugin: Any = None, **extra: Any) -> AdapterAvg:
+    cfg = parse_config({"privacy.epsilon": "inf", "train.clients": 2, **extra})
+    return AdapterAvg.from_config(plugin or MeanPlugin(), cfg, SPEC100, "", "h")
+
+
+def _round(strategy: Any, server_round: int, values: tuple[float, float]) -> ArrayRecord:
+    strategy.configure_train(server_round, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}),
+                             ConfigRecord(), NodeIds(1, 2))
+    arrays, _ = strategy.aggregate_train(server_round, [_reply(v, 10.0, str(i)) for i, v in enumerate(values)])
+    assert arrays is not None
+    return arrays
+
+
+def test_the_state_dict_is_a_copy_both_ways(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    strategy = _strategy_of()
+    _round(strategy, 1, (1.0, 3.0))
+    out = strategy.state_dict()
+    out["previous"]["w"][:] = 99.0  # a caller writing into what it was given ...
+    assert np.all(strategy.previous["w"] == 2.0)  # ... does not reach the strategy
+    given = {"previous": {"w": np.full((100, 100), 5.0, np.float32)}, "sampler": out["sampler"]}
+    other = _strategy_of()
+    other.load_state_dict(given)
+    given["previous"]["w"][:] = -1.0  # nor does writing into what it was loaded from
+    assert np.all(other.previous["w"] == 5.0)
+
+
+@pytest.mark.parametrize("previous", [[np.zeros(2)], {"w": [1.0, 2.0]}, {"w": np.zeros(2), "b": 3.0}])
+def test_a_malformed_previous_is_refused_with_its_reason(previous: Any) -> None:
+    strategy = _strategy_of()
+    sampler = strategy.state_dict()["sampler"]
+    with pytest.raises(ValueError, match=r"^AdapterAvg state: previous must map names to arrays$"):
+        strategy.load_state_dict({"previous": previous, "sampler": sampler})
+    assert strategy.previous == {}  # nothing half-loaded
+
+
+def test_the_plugin_aggregates_with_the_last_release(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    plugin = RecordingPlugin()
+    strategy = _strategy_of(plugin)
+    _round(strategy, 1, (1.0, 3.0))
+    _round(strategy, 2, (5.0, 7.0))
+    assert plugin.seen[0] == {}  # nothing released before round 1
+    assert set(plugin.seen[1]) == {"w"} and np.all(plugin.seen[1]["w"] == 2.0)  # round 1's release
+
+
+def test_only_the_info_record_names_a_sender(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """A tensor or a metric called ``client`` is not the sender's name: the reply, rejected for its
+    extra tensor, is logged and recorded under the node it came from."""
+    strategy = _strategy_of()
+    strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
+                             NodeIds(1, 2))
+    content = RecordDict({
+        "arrays": state_to_arrayrecord({"w": np.zeros((100, 100), np.float32), "client": np.zeros(1, np.float32)}),
+        "metrics": MetricRecord({"num-examples": 10.0, "client": 7.0}),
+    })
+    reply = Message(content=content, reply_to=_instruction())
+    assert strategy.aggregate_train(1, [reply]) == (None, None)
+    assert list(strategy.report.rejected) == [f"node-{reply.metadata.src_node_id}"]
+
+
+def test_the_summary_names_the_plugin_the_clients_and_exactness(caplog: pytest.LogCaptureFixture) -> None:
+    strategy = _strategy_of(**{"train.clients_per_round": 2})
+    with caplog.at_level(logging.INFO, logger="fedpeft.server"):
+        strategy.summary()
+    assert [r.getMessage() for r in caplog.records if r.name == "fedpeft.server"] == ["AdapterAvg(mean): 2 clients per round, exact averaging: True"]
+
+
+def test_a_deferred_release_keeps_nothing_when_the_noising_fails(flwr_identity,  # type: ignore[no-untyped-def]
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_config({"privacy.epsilon": "inf", "train.clients": 2, "central.mode": "server", "central.clip": 0.5,
+                        "central.noise_multiplier": 2.0})
+    strategy, _ = build_strategy(cfg, get("ffa_lora"), SPEC100, "", "h")
+    base = strategy_chain(strategy)[-1]
+    _round(strategy, 1, (1e-3, 1e-3))
+    released = base.previous["w"].copy()
+
+    class Broken:
+        def normal(self, *args: Any, **kwargs: Any) -> np.ndarray:
+            raise RuntimeError("no entropy")
+
+    monkeypatch.setattr(strategy, "_noise", Broken())
+    with pytest.raises(RuntimeError, match="no entropy"):
+        _round(strategy, 2, (1e-3, 1e-3))
+    assert np.array_equal(base.previous["w"], released)  # still round 1's noised release, not round 2's clean mean
+
+
+def _sent_to(node: int) -> Message:
+    return Message(content=RecordDict({"arrays": state_to_arrayrecord({"x": np.zeros(1)})}), dst_node_id=node,
+                   message_type="train")
+
+
+def test_failed_timed_out_and_refused_replies_are_recorded_with_their_reason(  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    strategy = _strategy_of()
+    strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
+                             NodeIds(1, 2))
+    last = "RuntimeError: " + "x" * 400  # only the traceback's last line, cut to 300 characters
+    replies = [Message(Error(0, f"Traceback (most recent call last):\n  File ...\n{last}\n"), reply_to=_sent_to(5)),
+               wire.timed_out(_sent_to(6), "c3", "deadline 5 s", 1.0),
+               wire.status_reply(_sent_to(7), {wire.TIMED_OUT: True}),  # no client, no reason given
+               wire.refusal(_sent_to(8), "c4", "budget: epsilon 1.2 > 1.0"),
+               wire.status_reply(_sent_to(9), {wire.REFUSED: True}), _reply(1.0, 10.0, "0")]
+    with caplog.at_level(logging.WARNING, logger="fedpeft.server"):
+        arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and [r.client for r in strategy.report.accepted] == ["0"]
+    assert strategy.report.failed == {"node-5": last[:300], "c3": "deadline 5 s", "node-7": "timed out"}
+    assert strategy.report.refused == {"c4": "budget: epsilon 1.2 > 1.0", "node-9": "budget"}
+    assert strategy.report.rejected == {}
+    assert [r.getMessage() for r in caplog.records if r.name == "fedpeft.server"] == [
+        f"round 1: node-5 failed: {last[:300]}", "round 1: client c3 timed out: deadline 5 s",
+        "round 1: client node-7 timed out: timed out", "round 1: client c4 refused: budget: epsilon 1.2 > 1.0",
+        "round 1: client node-9 refused: budget"]
+
+
+def test_replies_are_averaged_in_client_id_order(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """Numeric ids in numeric order, then names: the float sum does not depend on arrival."""
+    strategy = _strategy_of(**{"train.clients": 4})
+    strategy.configure_train(1, state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)}), ConfigRecord(),
+                             NodeIds(1, 2, 3, 4))
+    strategy.aggregate_train(1, [_reply(1.0, 10.0, c) for c in ("b", "10", "a", "9")])
+    assert [r.client for r in strategy.report.accepted] == ["9", "10", "a", "b"]
