@@ -36,11 +36,14 @@ MODULES: dict[str, list[str]] = {
     "src/fedpeft/privacy/plan.py": ["tests/test_privacy_plan.py",
                                     "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
                                     "tests/test_privacy_audit.py::test_plan_cli"],
+    # test_releases.py checks what releases hands the calibration with a recorder in its place; the
+    # ICM-LoRA tests that calibrate for real are left out (calibration-after-a-release-fits-the-budget
+    # 134 s, release-reaches-the-ledger 35 s, client-releases-once 40 s on the loaded 2 cores).
     "src/fedpeft/privacy/releases.py": [
-        f"tests/test_icm_lora.py::test_{t}" for t in (
-            "clipped_noisy_mean_clips_and_adds_the_stated_noise", "release_epsilon_matches_the_analytic_gaussian_mechanism",
-            "calibration_after_a_release_fits_the_budget", "release_reaches_the_ledger",
-            "client_releases_once_and_its_ledger_composes_it")],
+        "tests/test_releases.py",
+        *(f"tests/test_icm_lora.py::test_{t}" for t in (
+            "clipped_noisy_mean_clips_and_adds_the_stated_noise",
+            "release_epsilon_matches_the_analytic_gaussian_mechanism"))],
     "src/fedpeft/privacy/central.py": ["tests/test_central_dp.py", "tests/test_strategy_state.py"],
     "src/fedpeft/privacy/dpsgd.py": ["tests/test_dp_mechanism.py", "tests/test_ffa_lora.py"],
     # test_randomness.py pins the module directly; of the DP tests over ~10 s, these are left out:
