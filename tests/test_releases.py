@@ -142,3 +142,11 @@ def test_a_release_under_add_remove_is_planned_and_recorded_under_add_remove(
     assert ledger.relation == "add-remove"
     assert fake_calibration == [(6.0, DELTA, Q, STEPS, "pld", (release_entry(4.0),), "add-remove")]
     assert ledger.entries[0].epsilon_after == epsilon_for([(4.0, 1.0, 1)], DELTA, "pld", "add-remove")[0]
+
+
+def test_release_epsilon_is_accounted_under_the_relation_asked() -> None:
+    from fedpeft.privacy.releases import release_epsilon
+
+    add_remove = release_epsilon(2.0, DELTA, "pld", "add-remove")
+    assert add_remove == epsilon_for([release_entry(2.0)], DELTA, "pld", "add-remove")
+    assert add_remove[0] < release_epsilon(2.0, DELTA)[0]  # replace-one (the default): sensitivity 2
