@@ -57,7 +57,7 @@ MODULES: dict[str, list[str]] = {
     "src/fedpeft/privacy/ledger.py": [
         "tests/test_ledger.py", "tests/test_privacy.py::test_budget_refusal_before_exceeding",
         "tests/test_reliability.py::test_ledger_counts_a_replay_once_and_anything_else_again"],
-    "src/fedpeft/privacy/accounting.py": ["tests/test_privacy.py", "tests/test_ledger.py"],
+    "src/fedpeft/privacy/accounting.py": ["tests/test_accounting.py", "tests/test_privacy.py", "tests/test_ledger.py"],
     "src/fedpeft/strategies/validation.py": ["tests/test_validation.py", "tests/test_server_replies.py",
                                              "tests/test_fuzz.py::test_a_corrupted_reply_never_reaches_the_average"],
     "src/fedpeft/strategies/adapter_avg.py": ["tests/test_strategy_state.py", "tests/test_validation.py",

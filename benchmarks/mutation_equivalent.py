@@ -8,6 +8,21 @@ the function's source is unchanged). A survivor not listed here is shown as need
 from __future__ import annotations
 
 EQUIVALENT: dict[str, str] = {
+    # --- privacy.randomness ---
+    "fedpeft.privacy.randomness.xǁNodeSecretǁgenerate__mutmut_2": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
+    "fedpeft.privacy.randomness.xǁNodeSecretǁload_or_create__mutmut_14": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
+    "fedpeft.privacy.randomness.xǁRoundRandomnessǁfresh_keys__mutmut_9": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
+    "fedpeft.privacy.randomness.xǁRoundRandomnessǁfresh_keys__mutmut_11": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
+    "fedpeft.privacy.randomness.xǁRoundRandomnessǁderived__mutmut_6": (
+        "Drops `byteorder=\"big\"` from `int.from_bytes`, whose default is \"big\" since Python 3.11 "
+        "(pyproject: requires-python >= 3.11): the same dropout seed."),
+    # --- privacy.releases ---
+    "fedpeft.privacy.releases.x_clipped_noisy_mean__mutmut_31": (
+        "`sigma >= 0` instead of `sigma > 0`: at sigma = 0 the added term is `randn * 0` = +-0, which leaves "
+        "every entry of the sum unchanged (the default generator it then seeds is never seen)."),
+    "fedpeft.privacy.releases.x_clipped_noisy_mean__mutmut_37": (
+        "The default generator is seeded with 64 instead of 63 secret bits: torch.Generator.manual_seed "
+        "accepts both, and either seed is unknown to the server; the noise has the same distribution."),
 }
 
 KILLED_SINCE: dict[str, str] = {

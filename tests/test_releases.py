@@ -41,7 +41,7 @@ def fake_calibration(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 
 def test_clipped_noisy_mean_refuses_what_is_not_a_non_empty_matrix() -> None:
     for bad in (torch.ones(3), torch.ones(0, 3), torch.ones(2, 2, 2)):
-        with pytest.raises(ValueError, match=r"non-empty \(n, d\) matrix"):
+        with pytest.raises(ValueError, match=r"^expected a non-empty \(n, d\) matrix of per-example vectors$"):
             clipped_noisy_mean(bad, clip=1.0, sigma=1.0)
     one = clipped_noisy_mean(torch.tensor([[0.3, 0.4]]), clip=1.0, sigma=0.0)  # a single example is a matrix
     torch.testing.assert_close(one, torch.tensor([0.3, 0.4]))
@@ -52,15 +52,16 @@ def test_clipped_noisy_mean_is_the_clipped_sum_plus_sigma_clip_noise_over_n() ->
     z the generator's float64 standard normals; C = 2 and sigma < 1 so that neither a
     sigma-only nor a sigma/C noise scale, nor a threshold at sigma = 1, passes."""
     gen = torch.Generator().manual_seed(5)
-    v = torch.randn(5, 3, generator=gen, dtype=torch.float32) * torch.tensor([[0.1], [1.0], [3.0], [10.0], [1.9]])
+    v = torch.randn(5, 64, generator=gen, dtype=torch.float32) * torch.tensor([[0.1], [1.0], [3.0], [10.0], [1.9]])
     clip, sigma = 2.0, 0.5
     v64 = v.double()
     norms = v64.norm(dim=1, keepdim=True)
     clipped = torch.where(norms > clip, v64 * clip / norms, v64).sum(0)
-    z = torch.randn(3, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    # 64 dims: torch draws float32 and float64 normals alike below 16 elements, differently above
+    z = torch.randn(64, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     expected = ((clipped + z * sigma * clip) / 5).float()
     got = clipped_noisy_mean(v, clip, sigma, torch.Generator().manual_seed(11))
-    assert got.dtype == torch.float32 and got.shape == (3,)
+    assert got.dtype == torch.float32 and got.shape == (64,)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     clean = clipped_noisy_mean(v, clip, 0.0)
     torch.testing.assert_close(clean, (clipped / 5).float(), rtol=1e-6, atol=1e-7)
@@ -150,3 +151,33 @@ def test_release_epsilon_is_accounted_under_the_relation_asked() -> None:
     add_remove = release_epsilon(2.0, DELTA, "pld", "add-remove")
     assert add_remove == epsilon_for([release_entry(2.0)], DELTA, "pld", "add-remove")
     assert add_remove[0] < release_epsilon(2.0, DELTA)[0]  # replace-one (the default): sensitivity 2
+
+
+def test_the_clipped_sum_is_computed_in_float64_and_leaves_tiny_vectors_alone() -> None:
+    """257 unit vectors in bfloat16 sum to 257 only if the sum is not taken in bfloat16 (8
+    significant bits: 256); a vector far below the clip norm (here 5e-13 < the 1e-12 guard
+    against a zero norm) is scaled by 1, not flipped or blown up."""
+    v = torch.zeros(257, 2, dtype=torch.bfloat16)
+    v[:, 0] = 1.0
+    assert clipped_noisy_mean(v, clip=2.0, sigma=0.0).tolist() == [1.0, 0.0]
+    tiny = clipped_noisy_mean(torch.tensor([[5e-13, 0.0]], dtype=torch.float64), clip=1.0, sigma=0.0)
+    torch.testing.assert_close(tiny, torch.tensor([5e-13, 0.0]), rtol=1e-6, atol=0.0)
+
+
+def test_a_release_refuses_the_ledger_of_another_client(tmp_path: Path,
+                                                        fake_calibration: list[tuple[Any, ...]]) -> None:
+    from fedpeft.privacy.ledger import LedgerConflict
+
+    path = tmp_path / "client-7.json"
+    Ledger("8", 6.0, DELTA).save(path)
+    with pytest.raises(LedgerConflict, match="belongs to client '8', not '7'"):
+        _release(path, np.ones(3, np.float32))
+    assert Ledger.from_json(path.read_text()).entries == []
+
+
+def test_a_new_ledger_of_a_release_keeps_the_accountant_asked(tmp_path: Path,
+                                                              fake_calibration: list[tuple[Any, ...]]) -> None:
+    ledger = _release(tmp_path / "client-7.json", np.ones(3, np.float32), relation="add-remove", accountant="rdp")
+    assert ledger.accountant == "rdp" and ledger.entries[0].accountant == "rdp"
+    assert fake_calibration[0][4] == "rdp"
+    assert Ledger.from_json((tmp_path / "client-7.json").read_text()).accountant == "rdp"
