@@ -23,6 +23,9 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.privacy.releases.x_clipped_noisy_mean__mutmut_37": (
         "The default generator is seeded with 64 instead of 63 secret bits: torch.Generator.manual_seed "
         "accepts both, and either seed is unknown to the server; the noise has the same distribution."),
+    "fedpeft.privacy.releases.x_record_release__mutmut_46": (
+        "The new entry's placeholder epsilon_after 0.0 becomes None; the next statement overwrites it with "
+        "ledger.epsilon() (which reads only sigma, q and steps) before anything reads or saves it."),
 }
 
 KILLED_SINCE: dict[str, str] = {

@@ -250,3 +250,11 @@ def test_secret_file_is_created_without_group_or_other_bits_even_under_a_lax_uma
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "d" / "secret").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+
+
+def test_gaussian_like_is_placed_on_the_reference_device() -> None:
+    """The noise is made on the CPU and moved to the reference's device (on a GPU node: the
+    gradient's); the meta device stands in for an accelerator here."""
+    ref = torch.empty(2, 3, dtype=torch.float16, device="meta")
+    noise = ChaChaStream(KEY).gaussian_like(ref, std=1.0)
+    assert noise.device.type == "meta" and noise.dtype == torch.float16 and noise.shape == (2, 3)
