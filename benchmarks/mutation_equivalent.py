@@ -26,6 +26,9 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.privacy.releases.x_record_release__mutmut_46": (
         "The new entry's placeholder epsilon_after 0.0 becomes None; the next statement overwrites it with "
         "ledger.epsilon() (which reads only sigma, q and steps) before anything reads or saves it."),
+    "fedpeft.privacy.releases.x_record_release__mutmut_60": (
+        "The placeholder epsilon_after 0.0 becomes 1.0: overwritten by ledger.epsilon() on the next line, as in "
+        "mutant 46."),
 }
 
 KILLED_SINCE: dict[str, str] = {

@@ -51,6 +51,10 @@ def test_node_secret_is_exactly_32_bytes_and_hides_itself() -> None:
     for bad in (b"\0" * 31, b"\0" * 33, b"", "0" * 32):
         with pytest.raises(ValueError, match="a node secret is 32 bytes"):
             NodeSecret(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"got 31$"):  # a key of the wrong length: its length, never its bytes
+        NodeSecret(b"\x07" * 31)
+    with pytest.raises(ValueError, match=r"got 'abc'$"):  # not bytes at all: what it is
+        NodeSecret("abc")  # type: ignore[arg-type]
     secret = NodeSecret(KEY)
     assert repr(secret) == "NodeSecret(<hidden>)" and KEY.hex() not in repr(secret)
     one, two = NodeSecret.generate(), NodeSecret.generate()
