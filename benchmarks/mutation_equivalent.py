@@ -16,6 +16,13 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.privacy.randomness.xǁRoundRandomnessǁderived__mutmut_6": (
         "Drops `byteorder=\"big\"` from `int.from_bytes`, whose default is \"big\" since Python 3.11 "
         "(pyproject: requires-python >= 3.11): the same dropout seed."),
+    "fedpeft.privacy.randomness.xǁChaChaStreamǁ__init____mutmut_4": (
+        "Error-message wording only (\"XX...XX\"): the refusal of a key that is not 32 bytes is tested "
+        "(test_stream_is_the_chacha20_keystream_with_a_zero_nonce)."),
+    "fedpeft.privacy.randomness.xǁChaChaStreamǁ__init____mutmut_5": (
+        "Error-message wording only (\"chacha20\" lower-cased); the refusal itself is tested."),
+    "fedpeft.privacy.randomness.xǁChaChaStreamǁuniform__mutmut_11": (
+        "`.astype(None)` is numpy's default dtype, float64: the same array as `.astype(np.float64)`."),
     # --- privacy.releases ---
     "fedpeft.privacy.releases.x_clipped_noisy_mean__mutmut_31": (
         "`sigma >= 0` instead of `sigma > 0`: at sigma = 0 the added term is `randn * 0` = +-0, which leaves "
