@@ -55,7 +55,7 @@ MODULES: dict[str, list[str]] = {
     # test_reliability's rerun-round-is-not-charged-twice trains a client (minutes per mutant here):
     # left out, its replay rule is covered by ledger-counts-a-replay-once.
     "src/fedpeft/privacy/ledger.py": [
-        "tests/test_ledger.py", "tests/test_privacy.py::test_budget_refusal_before_exceeding",
+        "tests/test_ledger.py", "tests/test_ledger_plan.py", "tests/test_privacy.py::test_budget_refusal_before_exceeding",
         "tests/test_reliability.py::test_ledger_counts_a_replay_once_and_anything_else_again"],
     "src/fedpeft/privacy/accounting.py": ["tests/test_accounting.py", "tests/test_privacy.py", "tests/test_ledger.py"],
     "src/fedpeft/strategies/validation.py": ["tests/test_validation.py", "tests/test_server_replies.py",
