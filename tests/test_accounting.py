@@ -1,0 +1,212 @@
+"""The accounting module's own logic with the accountant replaced by closed forms: the sigma
+search and its bracket, the re-check loop, the PRV fallback, argument checks and the history
+merge (``fedpeft.privacy.accounting``). The figures of the real accountants against Opacus and
+dp-accounting are in tests/test_privacy.py and tests/test_ledger.py; these run in a second, so
+the mutation run can afford them per mutant."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from opacus.accountants import PRVAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+import fedpeft.privacy.accounting as accounting
+from fedpeft.privacy.accounting import (
+    EPSILON_TOLERANCE,
+    Calibration,
+    GridPRVAccountant,
+    calibrate_noise,
+    check_accountant,
+    epsilon_for,
+    merge_history,
+)
+
+DELTA = 1e-5
+
+
+@pytest.fixture
+def closed_form(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """``accounting.epsilon_for`` replaced by eps = scale * q * sqrt(steps) / sigma of the last
+    entry (plus ``prior_eps`` if a prior is composed): monotone in sigma like the real ones."""
+    state: dict[str, Any] = {"scale": 1.0, "calls": [], "prior_eps": 0.0}
+
+    def fake(history: list[tuple[float, float, int]], delta: float, accountant: str = "pld",
+             relation: str = "replace-one") -> tuple[float, str]:
+        state["calls"].append((list(history), delta, accountant, relation))
+        sigma, q, steps = history[-1]
+        extra = state["prior_eps"] if len(history) > 1 else 0.0
+        return extra + state["scale"] * q * math.sqrt(steps) / sigma, accountant + "-used"
+
+    monkeypatch.setattr(accounting, "epsilon_for", fake)
+    yield state
+    calibrate_noise.cache_clear()
+
+
+@pytest.mark.parametrize("sigma_star", [0.02, 0.3, 1.0, 1.7, 3.7, 40.0, 900.0])
+def test_search_finds_the_smallest_sigma_within_the_tolerance(closed_form: dict[str, Any], sigma_star: float) -> None:
+    target = 2.0
+    closed_form["scale"] = target * sigma_star / (0.5 * math.sqrt(16))  # eps(sigma_star) = target at q=0.5, 16 steps
+    sigma = accounting._search_sigma(target, DELTA, 0.5, 16, "pld")
+    eps = closed_form["scale"] * 0.5 * 4 / sigma
+    assert target - EPSILON_TOLERANCE <= eps <= target, (sigma, eps)
+    assert sigma >= sigma_star * (1 - 1e-12)
+    bracket = math.ceil(abs(math.log2(sigma_star))) + 2
+    assert len(closed_form["calls"]) <= bracket + 8  # regula falsi: a handful past the bracket
+
+
+def test_search_hands_the_prior_and_the_run_to_the_accountant(closed_form: dict[str, Any]) -> None:
+    prior = ((3.0, 1.0, 1),)
+    closed_form["prior_eps"] = 0.5
+    accounting._search_sigma(2.0, 1e-6, 0.25, 9, "prv", prior, "add-remove")
+    for history, delta, accountant, relation in closed_form["calls"]:
+        assert history[:-1] == [(3.0, 1.0, 1)] and history[-1][1:] == (0.25, 9)
+        assert (delta, accountant, relation) == (1e-6, "prv", "add-remove")
+
+
+def test_search_survives_infinite_and_zero_epsilons(closed_form: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    def steep(history: list[tuple[float, float, int]], *_a: object) -> tuple[float, str]:
+        sigma = history[-1][0]
+        return (math.inf if sigma < 10.0 else 11.0 / sigma), "pld"  # the bracket's low end is infinite
+
+    monkeypatch.setattr(accounting, "epsilon_for", steep)
+    sigma = accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+    assert 1.0 - EPSILON_TOLERANCE <= 11.0 / sigma <= 1.0, sigma
+    monkeypatch.setattr(accounting, "epsilon_for", lambda *_a: (0.0, "pld"))  # noise never matters
+    with pytest.raises(RuntimeError, match="found no bracket"):
+        accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+    monkeypatch.setattr(accounting, "epsilon_for", lambda *_a: (math.inf, "pld"))  # no noise is enough
+    with pytest.raises(RuntimeError, match=r"no bracket for epsilon=1\.0 \(q=0\.1, steps=10\)"):
+        accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+
+
+def test_calibrate_raises_sigma_until_the_accountant_agrees(closed_form: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accounting, "_search_sigma", lambda *a, **k: 1.0)
+    closed_form["scale"] = 2.0 * 1.012 / (0.5 * 4)  # eps(1.0) = 1.012 * target: three 0.5 % steps needed
+    plan = accounting._calibrate(2.0, DELTA, 0.5, 16, "pld", (), "add-remove")
+    assert plan.noise_multiplier == pytest.approx(1.005 ** 3)
+    assert plan == Calibration(plan.noise_multiplier, 0.5, 16, plan.epsilon, "pld-used", "add-remove")
+    assert plan.epsilon <= 2.0
+    closed_form["scale"] = 1e6  # never within the target
+    with pytest.raises(RuntimeError, match=r"could not calibrate sigma for epsilon=2\.0"):
+        accounting._calibrate(2.0, DELTA, 0.5, 16, "pld", (), "replace-one")
+    assert len(closed_form["calls"]) == 4 + 200
+
+
+def test_only_a_failing_prv_calibration_falls_back_to_rdp(closed_form: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+
+    def search(target: float, delta: float, q: float, steps: int, accountant: str, *_a: object) -> float:
+        asked.append(accountant)
+        if accountant != "rdp":
+            raise OverflowError("numerically broken")
+        return 10.0
+
+    monkeypatch.setattr(accounting, "_search_sigma", search)
+    plan = accounting._calibrate(2.0, DELTA, 0.5, 16, "prv", (), "add-remove")
+    assert asked == ["prv", "rdp"] and plan.accountant == "rdp-used"
+    with pytest.raises(OverflowError):  # pld has no fallback
+        accounting._calibrate(2.0, DELTA, 0.5, 16, "pld", (), "add-remove")
+    assert asked == ["prv", "rdp", "pld"]
+
+
+def test_calibrate_noise_checks_its_arguments_and_hands_them_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    def fake(*args: Any) -> Calibration:
+        seen.append(args)
+        return Calibration(1.5, args[2], args[3], args[0] - 0.001, args[4], args[6])
+
+    monkeypatch.setattr(accounting, "_calibrate", fake)
+    calibrate_noise.cache_clear()
+    try:
+        for q, steps, word in ((0.0, 3, "sample_rate"), (1.5, 3, "sample_rate"), (0.5, 0, "steps must be >= 1")):
+            with pytest.raises(ValueError, match=word):
+                calibrate_noise(3.25, DELTA, q, steps)
+        with pytest.raises(ValueError, match="replace-one needs 'pld'"):
+            calibrate_noise(3.25, DELTA, 0.5, 3, "prv")
+        plan = calibrate_noise(3.25, DELTA, 1.0, 1, "pld", ((2.0, 1.0, 1),), "add-remove")  # the boundaries
+        assert seen == [(3.25, DELTA, 1.0, 1, "pld", ((2.0, 1.0, 1),), "add-remove")]
+        assert plan == Calibration(1.5, 1.0, 1, 3.249, "pld", "add-remove")
+        assert calibrate_noise(3.25, DELTA, 0.5, 2) == Calibration(1.5, 0.5, 2, 3.249, "pld", "replace-one")
+    finally:
+        calibrate_noise.cache_clear()
+
+
+def test_check_accountant_names_what_is_allowed() -> None:
+    check_accountant("pld", "replace-one")
+    for accountant in ("pld", "prv", "rdp"):
+        check_accountant(accountant, "add-remove")
+    with pytest.raises(ValueError, match=r"unknown neighbouring relation 'add-one'; allowed: replace-one, add-remove"):
+        check_accountant("pld", "add-one")
+    with pytest.raises(ValueError, match=r"unknown accountant 'moments'; allowed: pld, prv, rdp"):
+        check_accountant("moments", "add-remove")
+    for accountant in ("prv", "rdp"):
+        with pytest.raises(ValueError, match=rf"accountant '{accountant}' \(Opacus\) accounts add/remove neighbours "
+                                             r"only; replace-one needs 'pld'"):
+            check_accountant(accountant, "replace-one")
+
+
+def test_merge_history_sums_the_steps_of_one_mechanism_and_drops_empty_phases() -> None:
+    merged = merge_history([(1, 0.5, 2), (1.0, 0.5, 3), (2.0, 0.5, 0), (2.0, 0.25, 1), (2.0, 0.25, -1)])
+    assert merged == [(1.0, 0.5, 5), (2.0, 0.25, 1)]
+    assert all(type(s) is float and type(q) is float and type(n) is int for s, q, n in merged)
+    assert merge_history([(1.0, 0.5, 2.0)]) == [(1.0, 0.5, 2)]  # type: ignore[list-item]
+
+
+def test_an_empty_history_spends_nothing() -> None:
+    assert epsilon_for([], DELTA) == (0.0, "pld")
+    assert epsilon_for([(1.0, 0.5, 0)], DELTA, "rdp", "add-remove") == (0.0, "rdp")
+    assert accounting.pld_epsilon([(1.0, 0.5, 0)], DELTA) == 0.0
+    with pytest.raises(ValueError, match="unknown neighbouring relation"):
+        accounting.pld_epsilon([(1.0, 0.5, 1)], DELTA, "add-one")
+
+
+@pytest.mark.parametrize("broken", [math.nan, -1.0, math.inf, RuntimeError("x"), OverflowError("x"), ValueError("x")])
+def test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure(monkeypatch: pytest.MonkeyPatch, broken: object) -> None:
+    def get_epsilon(self: object, delta: float) -> float:
+        if isinstance(broken, BaseException):
+            raise broken
+        return broken  # type: ignore[return-value]
+
+    monkeypatch.setattr(GridPRVAccountant, "get_epsilon", get_epsilon)
+    accounting._epsilon_of.cache_clear()
+    try:
+        eps, used = epsilon_for([(1.0, 0.1, 7)], DELTA, "prv", "add-remove")
+        assert used == "rdp" and eps == epsilon_for([(1.0, 0.1, 7)], DELTA, "rdp", "add-remove")[0]
+    finally:
+        accounting._epsilon_of.cache_clear()
+
+
+def test_prv_gives_its_own_figure_when_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(GridPRVAccountant, "get_epsilon", lambda self, delta: 0.0)  # 0 is a valid figure
+    accounting._epsilon_of.cache_clear()
+    try:
+        assert epsilon_for([(1.0, 0.1, 7)], DELTA, "prv", "add-remove") == (0.0, "prv")
+        assert epsilon_for([(1.0, 1.0, 7)], DELTA, "prv", "add-remove") == (0.0, "prv")  # q = 1
+    finally:
+        accounting._epsilon_of.cache_clear()
+
+
+def test_prv_is_handed_the_merged_history() -> None:
+    acc = accounting._opacus("prv", [(1.0, 0.1, 3), (1.0, 0.1, 4), (2.0, 0.2, 0)])
+    assert isinstance(acc, GridPRVAccountant) and acc.history == [(1.0, 0.1, 7)]
+    rdp = accounting._opacus("rdp", [(1.0, 0.1, 3)])
+    assert not isinstance(rdp, PRVAccountant) and rdp.history == [(1.0, 0.1, 3)]
+
+
+@pytest.mark.parametrize("steps", [3, 40, 151])
+def test_grid_prv_domain_is_a_power_of_two_grid_at_least_as_fine_and_wide(steps: int) -> None:
+    prvs = [PoissonSubsampledGaussianPRV(1 / 3, 3.26)]
+    ours = GridPRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+    theirs = PRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+    assert ours.size & (ours.size - 1) == 0
+    assert math.log2(ours.dt) == round(math.log2(ours.dt)) and ours.dt <= theirs.dt < 2 * ours.dt
+    assert ours.t_min <= theirs.t_min and ours.t_max >= theirs.t_max
+    widest = max(abs(theirs.t_min), abs(theirs.t_max))
+    assert ours.t_max - ours.t_min <= 4 * widest + 6 * ours.dt  # rounded up to a power of two, no more
