@@ -53,7 +53,7 @@ MODULES: dict[str, list[str]] = {
                                               "tests/test_server_replies.py", "tests/test_server_optimisers.py"],
     "src/fedpeft/server/checkpoint.py": ["tests/test_strategy_state.py", "tests/test_reliability.py",
                                          "tests/test_resume_inprocess.py"],
-    "src/fedpeft/data/partition.py": ["tests/test_data.py", "tests/test_task_layout.py"],
+    "src/fedpeft/data/partition.py": ["tests/test_data.py", "tests/test_task_layout.py", "tests/test_partition.py"],
     "src/fedpeft/client/trainer.py": ["tests/test_trainer.py", "tests/test_fedprox.py", "tests/test_dp_mechanism.py"],
     "src/fedpeft/client/app.py": ["tests/test_client_app.py", "tests/test_client_mods.py"],
 }
