@@ -53,6 +53,8 @@ def test_the_partition_cache_tells_pools_apart_and_computes_once() -> None:
     assert partition_sizes(small, cfg, 2, 0) == [15, 15]
     first = _partition_indices(cfg, 2, 0, small)
     assert _partition_indices(cfg, 2, 0, small) is first  # computed once
+    assert partition_sizes(small, cfg, 3, 0) == [10, 10, 10]  # same pool, another configuration
+    assert partition_sizes(small, DataConfig(partition="iid", examples_per_client=5), 2, 0) == [5, 5]
     del big, small, first
     for n in range(20, 40):  # CPython hands a freed object's memory to the next one of its size
         pool = _pool(np.arange(n) % 2)
