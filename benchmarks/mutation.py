@@ -75,7 +75,7 @@ MODULES: dict[str, list[str]] = {
                                              "resume_refuses_missing_or_finished_runs")),
                                          "tests/test_server_optimisers.py", "tests/test_central_dp.py",
                                          "tests/test_resume_inprocess.py"],
-    "src/fedpeft/data/partition.py": ["tests/test_data.py", "tests/test_task_layout.py"],
+    "src/fedpeft/data/partition.py": ["tests/test_data.py", "tests/test_task_layout.py", "tests/test_partition.py"],
     "src/fedpeft/client/trainer.py": ["tests/test_trainer.py", "tests/test_fedprox.py", "tests/test_dp_mechanism.py"],
     "src/fedpeft/client/app.py": ["tests/test_client_app.py", "tests/test_client_mods.py"],
 }
@@ -208,12 +208,14 @@ def render() -> str:
                           "mutant applied by hand; not yet retested by mutmut).")
             status, _, body = diff.partition("\n")
             details.append(f"#### `{name}` ({status})\n\n{reason}\n\n```diff\n{body.strip()}\n```\n")
-    first = json.loads(next(iter(sorted(RESULTS_DIR.glob("*.json")))).read_text()) if rows else {}
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    first = results[0] if results else {}
+    children = "/".join(str(n) for n in sorted({r.get("max_children", "?") for r in results}, key=str)) or "?"
     head = [
         "# Mutation testing",
         "",
         "Written by `make mutation` (`benchmarks/mutation.py`); do not edit by hand. "
-        f"Tool: mutmut {first.get('mutmut', '?')}, `--max-children {first.get('max_children', '?')}`, "
+        f"Tool: mutmut {first.get('mutmut', '?')}, `--max-children` {children} (per module in its JSON), "
         f"{first.get('cpus', '?')} shared CPU cores, no GPU. Each module runs against only the "
         "fast tests listed in `benchmarks/mutation.py` (`-m \"not slow and not deployment\"`, "
         "the slowest accounting tests deselected); load is the 1/5/15-min load average at the end "

@@ -103,6 +103,7 @@ def test_audit_of_a_directory_without_ledgers_fails(tmp_path: Path) -> None:
 
 def test_plan_matches_the_ledger_the_clients_keep() -> None:
     q = sample_rate_for(96, 32)
+    assert q == 1 / 3  # before calibrating: a wrong q (1/3072 for 96 * 32) makes the calibration run for minutes
     plan = make_plan(4.0, 1e-5, rounds=3, sample_rate=q, steps_per_round=2)
     assert plan.epsilon_per_round[-1] <= 4.0 and plan.epsilon_per_round == sorted(plan.epsilon_per_round)
     assert plan.relation == "replace-one" and plan.accountant == "pld"

@@ -10,6 +10,8 @@ import math
 
 import pytest
 
+from fedpeft.privacy import plan as plan_mod
+from fedpeft.privacy.accounting import calibrate_noise, epsilon_for
 from fedpeft.privacy.plan import PrivacyPlan, make_plan, sample_rate_for
 
 
@@ -32,7 +34,14 @@ def test_sample_rate_is_one_over_the_number_of_batches() -> None:
     ({"rounds": 0}, "rounds and steps per round must be >= 1, got 0 and 1"),
     ({"steps_per_round": 0}, "rounds and steps per round must be >= 1, got 1 and 0"),
 ])
-def test_plan_refuses_what_is_out_of_range(kwargs: dict[str, float], message: str) -> None:
+def test_plan_refuses_what_is_out_of_range(kwargs: dict[str, float], message: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused before any calibration (a delta of 1 let through makes the calibration run for
+    minutes: the mutation run's delta <= 1 mutant timed out instead of failing)."""
+    def no_calibration(*_: object, **__: object) -> None:
+        raise AssertionError("an out-of-range plan reached the calibration")
+
+    monkeypatch.setattr(plan_mod, "calibrate_noise", no_calibration)
     args = {"epsilon": 2.0, "delta": 1e-5, "rounds": 1, "sample_rate": 0.5, "steps_per_round": 1, **kwargs}
     with pytest.raises(ValueError, match=f"^{message}$"):
         make_plan(**args)  # type: ignore[arg-type]
@@ -43,6 +52,19 @@ def test_one_round_of_one_step_is_a_valid_plan() -> None:
     assert plan.rounds == 1 and plan.steps_per_round == 1 and plan.total_steps == 1
     assert len(plan.epsilon_per_round) == 1 and 0 < plan.epsilon_per_round[0] <= 1.0
     assert plan.sample_rate == 0.5 and plan.delta == 1e-5 and plan.target_epsilon == 1.0
+
+
+def test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given() -> None:
+    """Not the defaults (pld, replace-one): rdp under add/remove neighbours, the calibration's
+    sigma and every round's epsilon under exactly that pair, and the pair in the plan's table. Full
+    batches (q = 1): the defaults' PLD calibration, which a mutant falls back to, takes seconds, not
+    the minutes that made such a mutant time out instead of fail."""
+    plan = make_plan(2.0, 1e-5, rounds=2, sample_rate=1.0, steps_per_round=1, accountant="rdp", relation="add-remove")
+    assert (plan.accountant, plan.relation) == ("rdp", "add-remove")
+    assert plan.noise_multiplier == calibrate_noise(2.0, 1e-5, 1.0, 2, "rdp", relation="add-remove").noise_multiplier
+    sigma = plan.noise_multiplier
+    assert plan.epsilon_per_round == [epsilon_for([(sigma, 1.0, 1)] * r, 1e-5, "rdp", "add-remove")[0] for r in (1, 2)]
+    assert "add-remove neighbours, rdp accountant" in plan.lines()[0]
 
 
 def test_plan_table_states_every_figure_with_its_unit() -> None:

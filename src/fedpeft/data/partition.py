@@ -164,14 +164,21 @@ def make_partitioner(cfg: DataConfig, num_clients: int, seed: int) -> Partitione
     )
 
 
-_CACHE: dict[tuple[DataConfig, int, int, int], tuple[np.ndarray, ...]] = {}
+# key -> (the pool itself, its partitions). Holding the pool keeps its id() from being reused by
+# another pool while the entry lives (an id alone matched a freed pool's successor: stale indices).
+_CACHE: dict[tuple[DataConfig, int, int, int], tuple[TextDataset, tuple[np.ndarray, ...]]] = {}
 
 
 def _partition_indices(cfg: DataConfig, num_clients: int, seed: int, pool: TextDataset) -> tuple[np.ndarray, ...]:
-    """Indices of every partition (computed once per process and configuration)."""
+    """Indices of every partition (computed once per process, configuration and pool).
+
+    With ``examples_per_client`` a client holding more keeps a subsample drawn without
+    replacement by ``numpy.random.default_rng(seed + 1)``, one draw per such client in client
+    order (a client at or under the cap keeps its partition as it is)."""
     key = (cfg, num_clients, seed, id(pool))
-    if key in _CACHE:
-        return _CACHE[key]
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is pool:
+        return hit[1]
     ds = datasets.Dataset.from_dict({"label": pool.labels.tolist(), "idx": list(range(len(pool)))})
     partitioner = make_partitioner(cfg, num_clients, seed)
     partitioner.dataset = ds
@@ -183,8 +190,8 @@ def _partition_indices(cfg: DataConfig, num_clients: int, seed: int, pool: TextD
             idx = rng.choice(idx, size=cfg.examples_per_client, replace=False)
         out.append(idx)
     _CACHE.clear()  # one configuration at a time is enough; keeps memory flat
-    _CACHE[key] = tuple(out)
-    return _CACHE[key]
+    _CACHE[key] = (pool, tuple(out))
+    return _CACHE[key][1]
 
 
 def client_partition(pool: TextDataset, cfg: DataConfig, num_clients: int, partition_id: int, seed: int) -> TextDataset:
