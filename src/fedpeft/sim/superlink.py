@@ -264,7 +264,8 @@ class LocalSuperLink:
 
     def stop(self) -> None:
         """Stop everything started: ``flwr run``, the SuperLink (SIGTERM, then SIGKILL), and every
-        process seen below them (SIGKILL by PID); remove the private FLWR_HOME."""
+        process seen below them (SIGKILL by PID), then every process that still carries the run's
+        FLWR_HOME in its environment (:meth:`_kill_marked`); remove the private FLWR_HOME."""
         import psutil
 
         self.track()
