@@ -125,6 +125,9 @@ def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: b
     from mutmut.mutation.data import SourceFileMutationData
     from mutmut.stats import status_by_exit_code
 
+    seeded = 0
+    if resume and not (Path("mutants") / f"{module}.meta").exists() and _result_path(module).exists():
+        seeded = _seed_from_results(module, mm)
     start = time.monotonic()
     if summarise_only:  # wall time of the interrupted run: from its work dir to its last result
         meta = Path("mutants") / f"{module}.meta"
@@ -154,7 +157,10 @@ def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: b
         "mutmut": _mutmut_version(), "max_children": max_children,
     }
     if resume and _result_path(module).exists():  # the interrupted run's time counts too
-        result["seconds"] = round(result["seconds"] + json.loads(_result_path(module).read_text())["seconds"], 1)
+        old = json.loads(_result_path(module).read_text())
+        result["seconds"] = round(result["seconds"] + old["seconds"], 1)
+        if seeded or old.get("seeded"):
+            result["seeded"] = [*old.get("seeded", []), *([{"killed": seeded, "from": old["date"]}] if seeded else [])]
     if rerun:  # the full run's figures stay; the counts are after the retest
         old = json.loads(_result_path(module).read_text())
         result.update({k: old[k] for k in ("seconds", "date", "load")})
@@ -162,6 +168,44 @@ def _run_one(module: str, max_children: int, rerun: list[str], summarise_only: b
         result["rerun"] = [*(earlier if isinstance(earlier, list) else [earlier]),
                            {"mutants": len(rerun), "seconds": round(elapsed, 1), "date": now, "load": os.getloadavg()}]
     return result
+
+
+def _seed_from_results(module: str, mm: Any) -> int:
+    """Rebuild a lost ``mutants/`` cache from the module's stored results so ``--resume`` goes on
+    where the interrupted run stopped (``runs/`` is not kept between machines).
+
+    The mutants are generated afresh; a mutant the stored run killed is marked killed (exit 1),
+    every other one (survived, timed out, not checked) is left to be tested again. Refused unless
+    the module is unchanged since that run (same commit-time content: its mutants, numbered per
+    function, must be the same ones) and the generated names match the stored ones exactly.
+    Returns how many verdicts were carried over (the result JSON records it under ``seeded``).
+    """
+    from mutmut.mutation.data import SourceFileMutationData
+
+    old = json.loads(_result_path(module).read_text())
+    changed = subprocess.run(["git", "log", "--since", old["date"].replace(" UTC", "Z"), "--format=%h", "--", module],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", module], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    if changed or dirty:
+        raise SystemExit(f"cannot resume {module}: it changed since its stored run of {old['date']} "
+                         f"({', '.join(changed) or 'uncommitted edits'}); run it afresh without --resume")
+    Path("mutants").mkdir(exist_ok=True)
+    mm.set_mutant_under_test("mutant_generation")
+    mm.copy_src_dir()
+    mm.copy_also_copy_files()
+    mm.setup_source_paths()
+    mm.store_lines_covered_by_tests()
+    mm.create_mutants(1)
+    data = SourceFileMutationData(path=Path(module))
+    data.load()
+    names, alive = set(data.exit_code_by_key), set(old["mutants_not_killed"])
+    if len(names) != old["total"] or not alive <= names:
+        raise SystemExit(f"cannot resume {module}: {len(names)} mutants generated, the stored run had "
+                         f"{old['total']} ({len(alive - names)} of its names missing); run it afresh")
+    data.exit_code_by_key = {n: None if n in alive else 1 for n in sorted(names)}
+    data.save()
+    return len(names) - len(alive)
 
 
 def _result_path(module: str) -> Path:

@@ -16,6 +16,19 @@ EQUIVALENT: dict[str, str] = {
         "np.array(v) without copy=: numpy's default is copy=True, the same call.",
     "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁstate_dict__mutmut_6":
         "np.array(v) without copy=: numpy's default is copy=True, the same call.",
+    # --- server.checkpoint ---
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_14": (
+        "The top-level prefix of the checkpoint's array members ('strategy' -> None) is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_19": (
+        "The top-level prefix of the checkpoint's array members ('strategy' -> 'XXstrategyXX') is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_20": (
+        "The top-level prefix of the checkpoint's array members ('strategy' -> 'STRATEGY') is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_24": (
+        "The top-level prefix of the checkpoint's array members ('hooks' -> None) is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_29": (
+        "The top-level prefix of the checkpoint's array members ('hooks' -> 'XXhooksXX') is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
+    "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_30": (
+        "The top-level prefix of the checkpoint's array members ('hooks' -> 'HOOKS') is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),
     # --- privacy.randomness ---
     "fedpeft.privacy.randomness.xǁNodeSecretǁgenerate__mutmut_2": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
     "fedpeft.privacy.randomness.xǁNodeSecretǁload_or_create__mutmut_14": ("`secrets.token_bytes(None)` draws `secrets.DEFAULT_ENTROPY` = 32 bytes, exactly the 32 the code asks for: the same distribution of keys, so no test can tell them apart."),
@@ -45,6 +58,20 @@ EQUIVALENT: dict[str, str] = {
         "The placeholder epsilon_after 0.0 becomes 1.0: overwritten by ledger.epsilon() on the next line, as in "
         "mutant 46."),
     # --- data.partition ---
+    "fedpeft.data.partition.x__partition_indices__mutmut_2": (
+        "The cache key's id(pool) replaced by id(None): the cache holds one entry (cleared before each store) and a hit also needs `hit[0] is pool`, so another pool never hits whatever the key; the id in the key is redundant with that identity check (test_partition's freed-pool test pins the check itself)."),
+    "fedpeft.data.partition.x__partition_indices__mutmut_34": (
+        "np.asarray(idx, dtype=None) instead of int64: the partition's idx column holds Python ints, which numpy >= 2 (pinned) stores as int64 on every 64-bit platform; the same array."),
+    "fedpeft.data.partition.x__partition_indices__mutmut_36": (
+        "np.asarray(idx) without dtype: the partition's idx column holds Python ints, which numpy >= 2 (pinned) stores as int64 on every 64-bit platform; the same array."),
+    "fedpeft.data.partition.x__partition_indices__mutmut_45": (
+        "rng.choice(..., replace=None) instead of replace=False: Generator.choice only tests the flag's truth, and None is false: the same draw without replacement."),
+    "fedpeft.data.partition.x_make_partitioner__mutmut_8": (
+        'ByColumnPartitioner without partition_by="label": its default is "label", the same call.'),
+    "fedpeft.data.partition.x_make_partitioner__mutmut_40": (
+        'LabelProportionsPartitioner without partition_by="label": its default is "label", the same call.'),
+    "fedpeft.data.partition.xǁLabelProportionsPartitionerǁ__init____mutmut_9": (
+        'np.asarray(proportions) without dtype=float64: the configuration parses data.label_proportions into floats (parse_proportions), so the array is float64 either way; integer fractions given directly would give the same counts (every use multiplies or divides by floats) and differ only in how an error message prints them.'),
     'fedpeft.data.partition.xǁByColumnPartitionerǁ_build__mutmut_24':
         "The placeholder is never read: `out` is built only with more clients than groups, and every client i of range(n) is in `range(i % g, n, g)`, the clients of group i % g, so each slot is overwritten by its share before `out` is returned; the placeholder's dtype and length cannot show.",
     'fedpeft.data.partition.xǁByColumnPartitionerǁ_build__mutmut_26':

@@ -104,9 +104,16 @@ def _kind(cmdline: list[str]) -> str:
 def _cpu_by_kind(run: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     """``run()``, sampling every process below this one every 0.3 s; the CPU seconds (user +
     system) each had when last seen, summed by :func:`_kind`, with this process's own as
-    ``driver``. A process that ends between samples loses at most its last 0.3 s."""
+    ``driver``. A process that ends between samples loses at most its last 0.3 s.
+
+    A process keeps the first specific kind it was seen with: a Ray worker starts as
+    ``ray::IDLE`` before it becomes a client actor, and an exiting process's command line
+    reads empty, so the kind of its last sample alone would book an actor's whole CPU time
+    under Ray's daemons (it did, before 2026-12-03 20:00 UTC: 44 s of "Ray daemons" were
+    mostly actors)."""
     import psutil
 
+    fallback = _kind([])
     me = psutil.Process()
     seen: dict[tuple[int, float], tuple[str, float]] = {}
     done = threading.Event()
@@ -117,7 +124,11 @@ def _cpu_by_kind(run: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
                 try:
                     with p.oneshot():
                         t = p.cpu_times()
-                        seen[(p.pid, p.create_time())] = (_kind(p.cmdline()), t.user + t.system)
+                        key = (p.pid, p.create_time())
+                        kind = _kind(p.cmdline())
+                        if kind == fallback and key in seen:
+                            kind = seen[key][0]
+                        seen[key] = (kind, t.user + t.system)
                 except psutil.Error:
                     pass
             done.wait(0.3)

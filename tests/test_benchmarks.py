@@ -191,6 +191,14 @@ def test_cpu_by_kind_counts_the_processes_below_by_what_they_are() -> None:
     rc, cpu = _cpu_by_kind(lambda: subprocess.run([sys.executable, "-c", burn, "flwr-simulation"]).returncode)
     assert rc == 0 and 0.5 <= cpu["ServerApp (flwr-simulation)"] <= 5.0  # its argv names it
     assert "driver" in cpu
+    # a Ray worker renames itself to its actor, and an exiting process's command line reads
+    # empty: its CPU time stays the actor's, not Ray's daemons'
+    pytest.importorskip("setproctitle")
+    actor = ("import time, setproctitle\nsetproctitle.setproctitle('ray::ClientAppActor')\n"
+             "t = time.process_time()\nwhile time.process_time() - t < 0.8: pass\n"
+             "setproctitle.setproctitle('')\ntime.sleep(1.0)\n")
+    rc, cpu = _cpu_by_kind(lambda: subprocess.run([sys.executable, "-c", actor]).returncode)
+    assert rc == 0 and 0.5 <= cpu.get("client actors", 0.0) <= 5.0, cpu
 
 
 def test_method_matrix_only_times_the_named_methods_and_ffa_lora(tiny_model_dir: Path) -> None:

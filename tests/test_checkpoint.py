@@ -128,6 +128,21 @@ def test_a_long_strategy_chain_keeps_its_order(tmp_path: Path) -> None:
     assert load_checkpoint(path).strategy == chain
 
 
+def test_strategy_names_and_lists_of_arrays_come_back_exactly(tmp_path: Path) -> None:
+    """A component's name is any string (a plugin's dotted name stays whole), and every array of
+    a list keeps its own place in the file (they must not share one member name)."""
+    first, second = np.arange(3, dtype=np.float32), np.full(3, 7.0, np.float32)
+    chain = [["acme.fedx.v2", {"moments": [first, second]}], ["plain", {"n": 1}]]
+    hooks = {"Clock": [np.ones(2), np.zeros(2)]}
+    path = tmp_path / "checkpoint.npz"
+    save_checkpoint(path, Checkpoint(1, "h", {"w": np.zeros(1)}, chain, hooks))
+    got = load_checkpoint(path)
+    assert [name for name, _ in got.strategy] == ["acme.fedx.v2", "plain"]
+    moments = got.strategy[0][1]["moments"]
+    assert np.array_equal(moments[0], first) and np.array_equal(moments[1], second)
+    assert np.array_equal(got.hooks["Clock"][0], np.ones(2)) and np.array_equal(got.hooks["Clock"][1], np.zeros(2))
+
+
 def test_epsilon_accountants_and_rows_come_back_typed_and_sorted(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.npz"
     save_checkpoint(path, Checkpoint(4, "h", {"w": np.zeros(1)}, [], {}, [{"round": 1, "eps": float("-inf")}],
