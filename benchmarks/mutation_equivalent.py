@@ -104,6 +104,32 @@ EQUIVALENT: dict[str, str] = {
     #     "numpy's Generator.choice tests `if replace:`; None is falsy, so replace=None draws without replacement exactly as replace=False (same draw from the same generator state, checked).",
     # 'fedpeft.data.partition.x_make_partitioner__mutmut_40':
     #     'Drops partition_by="label", the class\'s default (pinned by tests/test_partition.py::test_partitioners_default_to_the_label_column_and_seed_42): the same call.',
+
+    # --- privacy.dpsgd --- (opacus 1.6.0)
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_14':
+        "PrivacyEngine(secure_mode=None): Opacus only truth-tests secure_mode (`if self.secure_mode`, `noise_generator and self.secure_mode`), None is falsy like False, and the only other use, the discarded DPOptimizer's secure_mode, is never read: the same engine. fedpeft's own secure_mode goes to SecretNoise.",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_15':
+        'Drops accountant="prv", PrivacyEngine\'s default (opacus 1.6: `accountant: str = "prv"`); the engine\'s accountant is unused anyway (the Ledger records what was spent).',
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_16':
+        "Drops secure_mode=False, PrivacyEngine's default (opacus 1.6: `secure_mode: bool = False`): the same call.",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_24':
+        "Of the engine's make_private only the wrapped module and dp_opt.original_optimizer, .expected_batch_size and .loss_reduction are used (its DPOptimizer, accountant hook and DPDataLoader are discarded); noise_multiplier only reaches that discarded DPOptimizer (stored, never validated), and SecretNoise's optimizer gets the real one. As for ghost modes: grad_sample_mode 'ghost' makes engine.make_private return 4 values, so the 3-name unpacking raises ValueError before this line, and 'ghost_fsdp' raises in Opacus already (checked on opacus 1.6.0).",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_25':
+        "Of the engine's make_private only the wrapped module and dp_opt.original_optimizer, .expected_batch_size and .loss_reduction are used (its DPOptimizer, accountant hook and DPDataLoader are discarded); max_grad_norm only reaches that discarded DPOptimizer and, in _prepare_model, ghost modules only, where grad_sample_mode 'ghost' makes engine.make_private return 4 values, so the 3-name unpacking raises ValueError before this line, and 'ghost_fsdp' raises in Opacus already (checked on opacus 1.6.0).",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_33':
+        "Drops poisson_sampling=True, the default of opacus 1.6's PrivacyEngine.make_private (`poisson_sampling: bool = True`): the same call.",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_42':
+        "get_optimizer_class reads grad_sample_mode only in its 'ghost'/'ghost_fsdp' branches (else flat/non-distributed -> DPOptimizer for any mode, None included), and grad_sample_mode 'ghost' makes engine.make_private return 4 values, so the 3-name unpacking raises ValueError before this line, and 'ghost_fsdp' raises in Opacus already (checked on opacus 1.6.0).",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_45':
+        "Drops grad_sample_mode from get_optimizer_class (default None): it reads the mode only in its 'ghost'/'ghost_fsdp' branches, and grad_sample_mode 'ghost' makes engine.make_private return 4 values, so the 3-name unpacking raises ValueError before this line, and 'ghost_fsdp' raises in Opacus already (checked on opacus 1.6.0).",
+    'fedpeft.privacy.dpsgd.x_make_private__mutmut_59':
+        'Drops loss_reduction=dp_opt.loss_reduction: the engine is called without loss_reduction, so it is always its default "mean", which is also DPOptimizer\'s default (`loss_reduction: str = "mean"`).',
+    'fedpeft.privacy.dpsgd.xǁPoissonLoaderǁ__init____mutmut_6':
+        'rand_on_empty=None: CollateFnWithEmpty only truth-tests it (`1 if self.rand_on_empty else 0`, `if self.rand_on_empty:`), and None is falsy like False.',
+    'fedpeft.privacy.dpsgd.xǁPoissonLoaderǁ__init____mutmut_10':
+        "Drops batch_first=True, wrap_collate_with_empty's default (opacus 1.6: `batch_first: bool = True`): the same collate.",
+    'fedpeft.privacy.dpsgd.xǁPoissonLoaderǁ__init____mutmut_11':
+        "Drops rand_on_empty=False, wrap_collate_with_empty's default (opacus 1.6: `rand_on_empty: bool = False`): the same collate.",
 }
 
 KILLED_SINCE: dict[str, str] = {
