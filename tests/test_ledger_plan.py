@@ -348,3 +348,16 @@ def test_diverged_copies_are_merged_with_a_warning_naming_the_file(tmp_path: Pat
     with pytest.raises(LedgerConflict, match=_exactly(
             f"copies of ledger {path} disagree on delta: disk 1e-05, node state 1e-06")):
         Ledger.load_or_new(path, other.to_json(), client="0", target_epsilon=6.0, delta=DELTA)
+
+
+def test_a_tampered_epsilon_after_is_refused() -> None:
+    """The reported figure of an entry (the audit compares it with its bounds) must be a number."""
+    good = _good()
+    entry = good["entries"][0]
+    for value in (-0.1, math.nan, "0.5", True, None, [0.5]):
+        with pytest.raises(ValueError, match=_exactly(
+                f"ledger of client '0', entry 0: epsilon_after must be a number >= 0, got {value!r}")):
+            Ledger.from_json(json.dumps(good | {"entries": [entry | {"epsilon_after": value}]}))
+    for value in (0, 0.0, 7.5, math.inf):  # the boundaries load
+        led = Ledger.from_json(json.dumps(good | {"entries": [entry | {"epsilon_after": value}]}))
+        assert led.entries[0].epsilon_after == value
