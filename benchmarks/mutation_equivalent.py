@@ -57,6 +57,35 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.privacy.releases.x_record_release__mutmut_60": (
         "The placeholder epsilon_after 0.0 becomes 1.0: overwritten by ledger.epsilon() on the next line, as in "
         "mutant 46."),
+    # --- privacy.ledger ---
+    "fedpeft.privacy.ledger.xǁLedgerǁfrom_json__mutmut_80": (
+        "The default 1.0 instead of 0.0 for a missing noise_multiplier is only validated (both pass `finite and >= 0`), never stored: `cls(**raw)` then fills the missing field with the dataclass default 0.0."),
+    "fedpeft.privacy.ledger.xǁLedgerǁfrom_json__mutmut_87": (
+        "The default 1.0 instead of 0.0 for a missing sample_rate is only validated (both pass `0 <= q <= 1`), never stored: `cls(**raw)` then fills the missing field with the dataclass default 0.0."),
+    "fedpeft.privacy.ledger.xǁLedgerǁfrom_json__mutmut_110": (
+        "The default 1 instead of 0 for a missing planned_steps / plan_offset is only validated (both are non-negative ints), never stored: `cls(**raw)` then fills the missing field with the dataclass default 0."),
+    "fedpeft.privacy.ledger.xǁLedgerǁepsilon_if__mutmut_3": (
+        "Also adds the extra entry for steps <= 0; epsilon_for accounts `merge_history(history)`, which drops every entry with n <= 0 (before the accountant sees it), so the figure is the same."),
+    "fedpeft.privacy.ledger.xǁLedgerǁepsilon_if__mutmut_4": (
+        "Also adds the extra entry for steps == 0; epsilon_for accounts `merge_history(history)`, which drops every entry with n <= 0, so the figure is the same."),
+    "fedpeft.privacy.ledger.xǁLedgerǁensure_plan__mutmut_79": (
+        "log.info(msg) instead of log.info('%s', msg): logging %-formats a message only when it has args, so with none the record's message is msg verbatim (even with a '%' in it); tests/test_ledger_plan.py::test_a_calibration_is_logged_as_it_is_returned pins it."),
+    "fedpeft.privacy.ledger.xǁLedgerǁrecord__mutmut_31": (
+        "The new entry's placeholder epsilon_after 0.0 becomes None; the next statement overwrites it with self.epsilon() (which reads only sigma, q and steps) before anything reads or saves it."),
+    "fedpeft.privacy.ledger.xǁLedgerǁrecord__mutmut_43": (
+        "The placeholder epsilon_after 0.0 becomes 1.0: overwritten by self.epsilon() on the next line, as in mutant 31."),
+    "fedpeft.privacy.ledger.xǁLedgerǁto_json__mutmut_2": (
+        "indent=None instead of 1: whitespace only; every reader (from_json, privacy.audit, server.report, sim.audit) parses the JSON, none compares the text."),
+    "fedpeft.privacy.ledger.xǁLedgerǁto_json__mutmut_5": (
+        "No indent instead of indent=1: whitespace only; every reader (from_json, privacy.audit, server.report, sim.audit) parses the JSON, none compares the text."),
+    "fedpeft.privacy.ledger.xǁLedgerǁto_json__mutmut_6": (
+        "json.dumps without allow_nan=True: its default is allow_nan=True, the same call (an infinite target still round-trips, tested)."),
+    "fedpeft.privacy.ledger.xǁLedgerǁto_json__mutmut_8": (
+        "indent=2 instead of 1: whitespace only; every reader parses the JSON, none compares the text."),
+    "fedpeft.privacy.ledger.xǁLedgerǁload_or_new__mutmut_4": (
+        "read_text(encoding=None): the file is written by save() as json.dumps output with its default ensure_ascii=True, i.e. pure ASCII, which every locale encoding decodes the same as UTF-8 (and Python 3.11 coerces the C/POSIX locale to UTF-8)."),
+    "fedpeft.privacy.ledger.xǁLedgerǁload_or_new__mutmut_6": (
+        "encoding='UTF-8' instead of 'utf-8': codec names are case-insensitive, the same codec."),
     # --- data.partition ---
     "fedpeft.data.partition.x__partition_indices__mutmut_2": (
         "The cache key's id(pool) replaced by id(None): the cache holds one entry (cleared before each store) and a hit also needs `hit[0] is pool`, so another pool never hits whatever the key; the id in the key is redundant with that identity check (test_partition's freed-pool test pins the check itself)."),

@@ -6,7 +6,9 @@ the merge's base copy are checked in seconds (the mutation run's covering tests)
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,132 @@ def test_a_merge_keeps_the_plan_of_the_longer_copy_and_only_adds_what_is_missing
     split.noise_multiplier = 2.5
     based = Ledger.load_or_new(path, split.to_json(), client="0", target_epsilon=6.0, delta=DELTA)
     assert based.noise_multiplier == 2.5 and [e.key[1] for e in based.entries] == ["a", "a2", "c"]
+
+
+def _exactly(message: str) -> str:
+    """A ``match=`` pattern for the whole one-line message, nothing before or after it."""
+    return "^" + re.escape(message) + "$"
+
+
+def test_a_ledger_needs_delta_strictly_between_0_and_1() -> None:
+    for delta in (0.0, 1.0, 1.5, -DELTA):
+        with pytest.raises(ValueError, match=_exactly(f"ledger of client 0: delta must be in (0, 1), got {delta!r}")):
+            Ledger("0", 6.0, delta)
+
+
+def test_from_json_refusals_say_what_is_wrong_and_what_is_allowed() -> None:
+    def refused(raw: object, message: str) -> None:
+        with pytest.raises(ValueError, match=_exactly(message)):
+            Ledger.from_json(json.dumps(raw))
+
+    good = _good()
+    entry = good["entries"][0]
+    refused([], "ledger is not a JSON object")
+    refused(good | {"relation": "add-one"},
+            "ledger of client '0': unknown relation 'add-one'; allowed: replace-one, add-remove")
+    refused(good | {"accountant": "moments"},
+            "ledger of client '0': unknown accountant 'moments'; allowed: pld, prv, rdp")
+    for delta in (0.0, 1.0, 1.5):  # refused by from_json itself, not only by the constructor
+        refused(good | {"delta": delta}, f"ledger of client '0': delta must be in (0, 1), got {delta!r}")
+    refused(good | {"entries": [entry | {"noise_multiplier": 0.0}]},
+            "ledger of client '0', entry 0: noise_multiplier must be a finite number > 0, got 0.0")
+    shapes: tuple[object, ...] = ({}, "x", [[1.2, 0.5]], [[1.2, 0.5, 1, 1]], [(1.2, 0.5, 1), 3])
+    for reserved in shapes:
+        refused(good | {"reserved": reserved}, "ledger of client '0': reserved must be a list of [sigma, q, steps]")
+    for bad, word in (([0.0, 1.0, 1], "noise_multiplier must be a finite number > 0, got 0.0"),
+                      ([2.0, 1.5, 1], "sample_rate must be in (0, 1], got 1.5"),
+                      ([2.0, 1.0, -1], "steps must be a non-negative integer, got -1")):
+        refused(good | {"reserved": [[2.0, 1.0, 1], bad]}, f"ledger of client '0', reserved 1: {word}")
+    # the boundaries load: a target below 1, round 0, reserved releases (which round-trip)
+    assert Ledger.from_json(json.dumps(good | {"target_epsilon": 0.5})).target_epsilon == 0.5
+    assert Ledger.from_json(json.dumps(good | {"entries": [entry | {"round": 0}]})).entries[0].round == 0
+    led = Ledger.from_json(json.dumps(good | {"reserved": [[2.0, 1.0, 1], [3.0, 0.5, 2]]}))
+    assert led.reserved == [[2.0, 1.0, 1], [3.0, 0.5, 2]]
+    assert Ledger.from_json(led.to_json()) == led
+
+
+def test_the_fixed_parameters_are_named_in_the_refusal() -> None:
+    led = Ledger("0", 6.0, DELTA, "prv", relation="add-remove")
+    for change, name, stored, asked in (({"delta": 1e-6}, "delta", "1e-05", "1e-06"),
+                                        ({"accountant": "rdp"}, "accountant", "'prv'", "'rdp'"),
+                                        ({"relation": "replace-one", "accountant": "prv"}, "relation",
+                                         "'add-remove'", "'replace-one'")):
+        with pytest.raises(PlanMismatch, match=_exactly(
+                f"client 0: ledger {name}={stored} is fixed for its life, this run asks {name}={asked}; "
+                "use a new ledger directory")):
+            led.ensure_plan(**_plan(**({"accountant": "prv", "relation": "add-remove"} | change)))
+
+
+def test_a_plan_below_sigma_one_is_a_plan(fake_calibration: list[tuple[object, ...]]) -> None:
+    led = Ledger("0", 6.0, DELTA, noise_multiplier=0.8, sample_rate=0.25, planned_steps=8)
+    assert led.ensure_plan(**_plan()) == "client 0: plan holds (sigma=0.8000, q=0.25, 8 steps left)"
+    assert fake_calibration == []
+    led.target_epsilon = math.inf
+    assert led.check_budget(2) == epsilon_for([(0.8, 0.25, 2)], DELTA)[0]
+
+
+def test_reserved_releases_are_planned_for_and_a_change_of_them_re_plans(
+        fake_calibration: list[tuple[object, ...]]) -> None:
+    led = Ledger("0", 6.0, DELTA, noise_multiplier=1.5, sample_rate=0.25, planned_steps=8,
+                 entries=[_entry(1, "a", 2)])
+    msg = led.ensure_plan(**_plan(planned_steps=4, reserved=[(2, 1, 1)]))  # type: ignore[arg-type]
+    assert "(reserved releases 0 -> 1)" in msg
+    assert led.reserved == [[2.0, 1.0, 1]] and [type(v) for v in led.reserved[0]] == [float, float, int]
+    assert fake_calibration[-1][5] == ((1.2, 0.25, 2), (2.0, 1.0, 1))
+    for same in ([(2, 1, 1)], [(2.0, 1.0, 1)]):  # the same releases, however spelled, keep the plan
+        assert led.ensure_plan(**_plan(planned_steps=4, reserved=same)).startswith(  # type: ignore[arg-type]
+            "client 0: plan holds (sigma=2.0000")
+    assert led.epsilon_if(0) == epsilon_for([(1.2, 0.25, 2), (2.0, 1.0, 1)], DELTA)
+    msg = led.ensure_plan(**_plan(planned_steps=4, sample_rate=0.5, target_epsilon=7.0))  # all changed at once
+    assert "(q 0.25 -> 0.5; target epsilon 6 -> 7; reserved releases 1 -> 0)" in msg
+    assert led.reserved == [] and len(fake_calibration) == 2 and fake_calibration[-1][5] == ((1.2, 0.25, 2),)
+
+
+def test_a_calibration_is_logged_as_it_is_returned(fake_calibration: list[tuple[object, ...]],
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="fedpeft.ledger"):
+        msg = Ledger("0", 6.0, DELTA).ensure_plan(**_plan())
+    assert [(r.name, r.levelno) for r in caplog.records] == [("fedpeft.ledger", logging.INFO)]
+    assert caplog.messages == [msg]
+
+
+def test_epsilon_if_adds_even_one_step_under_the_ledgers_relation() -> None:
+    led = Ledger("0", 6.0, DELTA, noise_multiplier=1.2, sample_rate=0.25, planned_steps=8, relation="add-remove",
+                 entries=[_entry(1, "a", 4)])
+    assert led.epsilon_if(1) == epsilon_for([(1.2, 0.25, 5)], DELTA, "pld", "add-remove")
+
+
+def test_record_without_an_output_hash_is_never_a_replay() -> None:
+    led = Ledger("0", 6.0, DELTA, noise_multiplier=1.2, sample_rate=0.25, planned_steps=8)
+    for _ in range(2):
+        led.record(3, 4, "k", noise_multiplier=1.2, sample_rate=0.25)
+    assert [(e.replay_key, e.output_hash) for e in led.entries] == [("k", ""), ("k", "")]
+
+
+def test_diverged_copies_are_merged_with_a_warning_naming_the_file(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "client-0.json"
+    Ledger("0", 6.0, DELTA, entries=[_entry(1, "a"), _entry(2, "b")]).save(path)
+    state = Ledger("0", 6.0, DELTA, entries=[_entry(1, "a"), _entry(3, "c")])
+    with caplog.at_level(logging.WARNING, logger="fedpeft.ledger"):
+        merged = Ledger.load_or_new(path, state.to_json(), client="0", target_epsilon=6.0, delta=DELTA)
+    assert [e.round for e in merged.entries] == [1, 2, 3]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, f"ledger {path}: disk and node-state copies diverged; merged 2 + 1 entries into 3")]
+    other = Ledger("0", 6.0, 1e-6, entries=[_entry(1, "a")])
+    with pytest.raises(LedgerConflict, match=_exactly(
+            f"copies of ledger {path} disagree on delta: disk 1e-05, node state 1e-06")):
+        Ledger.load_or_new(path, other.to_json(), client="0", target_epsilon=6.0, delta=DELTA)
+
+
+def test_a_tampered_epsilon_after_is_refused() -> None:
+    """The reported figure of an entry (the audit compares it with its bounds) must be a number."""
+    good = _good()
+    entry = good["entries"][0]
+    for value in (-0.1, math.nan, "0.5", True, None, [0.5]):
+        with pytest.raises(ValueError, match=_exactly(
+                f"ledger of client '0', entry 0: epsilon_after must be a number >= 0, got {value!r}")):
+            Ledger.from_json(json.dumps(good | {"entries": [entry | {"epsilon_after": value}]}))
+    for value in (0, 0.0, 7.5, math.inf):  # the boundaries load
+        led = Ledger.from_json(json.dumps(good | {"entries": [entry | {"epsilon_after": value}]}))
+        assert led.entries[0].epsilon_after == value

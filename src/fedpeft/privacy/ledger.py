@@ -299,6 +299,9 @@ class Ledger:
             _valid_mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], f"{where}, entry {i}")
             if e.get("accountant", "") not in ("", *ACCOUNTANTS):
                 raise ValueError(f"{where}, entry {i}: unknown accountant {e['accountant']!r}")
+            eps = e["epsilon_after"]
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+                raise ValueError(f"{where}, entry {i}: epsilon_after must be a number >= 0, got {eps!r}")
             entries.append(LedgerEntry(**e))
         raw["entries"] = entries
         reserved = raw.get("reserved", [])
