@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -175,21 +176,35 @@ def _seed_from_results(module: str, mm: Any) -> int:
     where the interrupted run stopped (``runs/`` is not kept between machines).
 
     The mutants are generated afresh; a mutant the stored run killed is marked killed (exit 1),
-    every other one (survived, timed out, not checked) is left to be tested again. Refused unless
-    the module is unchanged since that run (same commit-time content: its mutants, numbered per
-    function, must be the same ones) and the generated names match the stored ones exactly.
-    Returns how many verdicts were carried over (the result JSON records it under ``seeded``).
+    every other one (survived, timed out, not checked) is left to be tested again. If the module
+    was changed in a commit since that run, kills carry over only in the functions whose source
+    is the same as then (mutmut numbers mutants per function, and keeps verdicts the same way
+    when a function's hash is unchanged); every mutant of a changed or new function is tested.
+    Refused for uncommitted edits (the stored run's source must be recoverable) and when the
+    generated names do not match the stored ones. Returns how many verdicts were carried over
+    (the result JSON records it under ``seeded``).
     """
     from mutmut.mutation.data import SourceFileMutationData
 
     old = json.loads(_result_path(module).read_text())
-    changed = subprocess.run(["git", "log", "--since", old["date"].replace(" UTC", "Z"), "--format=%h", "--", module],
+    since = old["date"].replace(" UTC", "Z")
+    changed = subprocess.run(["git", "log", "--since", since, "--format=%h", "--", module],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     dirty = subprocess.run(["git", "status", "--porcelain", "--", module], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.strip()
-    if changed or dirty:
-        raise SystemExit(f"cannot resume {module}: it changed since its stored run of {old['date']} "
-                         f"({', '.join(changed) or 'uncommitted edits'}); run it afresh without --resume")
+    if dirty:
+        raise SystemExit(f"cannot resume {module}: it has uncommitted edits since its stored run of {old['date']}; "
+                         "commit them or run it afresh without --resume")
+    same: Callable[[str], bool] = lambda name: True  # noqa: E731 -- every function as in the stored run
+    if changed:
+        then = subprocess.run(["git", "rev-list", "-1", f"--before={since}", "HEAD", "--", module],
+                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        if not then:
+            raise SystemExit(f"cannot resume {module}: no commit of it before its stored run of {old['date']}")
+        before = _function_sources(subprocess.run(["git", "show", f"{then}:{module}"], cwd=ROOT, capture_output=True,
+                                                  text=True, check=True).stdout)
+        now = _function_sources((ROOT / module).read_text())
+        same = lambda name: (f := _mutant_function(name)) in now and before.get(f) == now[f]  # noqa: E731
     Path("mutants").mkdir(exist_ok=True)
     mm.set_mutant_under_test("mutant_generation")
     mm.copy_src_dir()
@@ -200,12 +215,40 @@ def _seed_from_results(module: str, mm: Any) -> int:
     data = SourceFileMutationData(path=Path(module))
     data.load()
     names, alive = set(data.exit_code_by_key), set(old["mutants_not_killed"])
-    if len(names) != old["total"] or not alive <= names:
+    kept = {n for n in alive if same(n)}
+    if (not changed and len(names) != old["total"]) or not kept <= names:
         raise SystemExit(f"cannot resume {module}: {len(names)} mutants generated, the stored run had "
-                         f"{old['total']} ({len(alive - names)} of its names missing); run it afresh")
-    data.exit_code_by_key = {n: None if n in alive else 1 for n in sorted(names)}
+                         f"{old['total']} ({len(kept - names)} of its names missing); run it afresh")
+    data.exit_code_by_key = {n: 1 if same(n) and n not in alive else None for n in sorted(names)}
     data.save()
-    return len(names) - len(alive)
+    return sum(1 for code in data.exit_code_by_key.values() if code == 1)
+
+
+def _mutant_function(name: str) -> str:
+    """``pkg.m.xǁLedgerǁfrom_json__mutmut_12`` -> ``xǁLedgerǁfrom_json`` (mutmut's mangled name)."""
+    return name.rpartition(".")[2].partition("__mutmut_")[0]
+
+
+def _function_sources(source: str) -> dict[str, str]:
+    """Each top-level function's and method's source text (decorators included), by mutmut's
+    mangled name (``x_f``, ``xǁClassǁmethod``): what decides whether a stored verdict still holds."""
+    import ast
+
+    tree, out = ast.parse(source), {}
+    lines = source.splitlines()
+
+    def text(node: ast.AST) -> str:
+        first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])  # type: ignore[attr-defined]
+        return "\n".join(lines[first - 1:node.end_lineno])  # type: ignore[attr-defined]
+
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            out[f"x_{node.name}"] = text(node)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    out[f"xǁ{node.name}ǁ{item.name}"] = text(item)
+    return out
 
 
 def _result_path(module: str) -> Path:

@@ -43,7 +43,8 @@ def test_report_counts_and_lists_each_survivor_with_its_reason(tmp_path: Path, m
     assert "mutmut 3.8.1" in text and "2 shared CPU cores" in text
 
 
-def _fake_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, generated: list[str]) -> tuple[object, str]:
+def _fake_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, generated: list[str],
+                  total: int = 4) -> tuple[object, str]:
     """A git repository holding one module committed before its stored run (2026-12-03 10:00 UTC),
     the run's results beside it, and a stand-in for mutmut that "generates" ``generated``."""
     import os
@@ -54,7 +55,7 @@ def _fake_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, generated: li
 
     repo, module = tmp_path / "repo", "src/pkg/m.py"
     (repo / "src/pkg").mkdir(parents=True)
-    (repo / module).write_text("def f():\n    return 1\n")
+    (repo / module).write_text("def f():\n    return 1\n\n\nclass C:\n    def g(self):\n        return 2\n")
     env = {"GIT_AUTHOR_DATE": "2026-12-03T09:00:00Z", "GIT_COMMITTER_DATE": "2026-12-03T09:00:00Z"}
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
@@ -64,7 +65,7 @@ def _fake_run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, generated: li
     monkeypatch.setattr(mutation, "RESULTS_DIR", tmp_path / "results")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "m.json").write_text(json.dumps({
-        "module": module, "total": 4, "date": "2026-12-03 10:00 UTC", "seconds": 5.0,
+        "module": module, "total": total, "date": "2026-12-03 10:00 UTC", "seconds": 5.0,
         "mutants_not_killed": {"pkg.m.x_f__mutmut_2": "survived\n-a\n+b", "pkg.m.x_f__mutmut_4": "not checked\n"},
     }))
     work = tmp_path / "work"
@@ -104,16 +105,30 @@ def test_resume_without_a_cache_is_refused_when_the_module_or_its_mutants_change
     mm, module = _fake_run_dir(tmp_path, monkeypatch, names[:3])  # one mutant fewer than the stored run had
     with pytest.raises(SystemExit, match=r"^cannot resume src/pkg/m.py: 3 mutants generated, the stored run had 4 "):
         mutation._seed_from_results(module, mm)
-    (mutation.ROOT / module).write_text("def f():\n    return 2\n")  # edited since the run
-    with pytest.raises(SystemExit, match=r"^cannot resume src/pkg/m.py: it changed since its stored run .*uncommitted"):
+    (mutation.ROOT / module).write_text("def f():\n    return 2\n")  # edited since the run, not committed
+    with pytest.raises(SystemExit, match=r"^cannot resume src/pkg/m.py: it has uncommitted edits since its stored run"):
         mutation._seed_from_results(module, mm)
+
+
+def test_resume_after_a_committed_change_retests_every_mutant_of_the_changed_functions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fix committed after the stored run (C.g edited): f's kills stand, its survivor and
+    unchecked mutant are retested, and every mutant of C.g (renumbered by the edit) is tested."""
     import os
     import subprocess
 
+    from mutmut.mutation.data import SourceFileMutationData
+
+    f = [f"pkg.m.x_f__mutmut_{i}" for i in range(1, 5)]
+    g = [f"pkg.m.xǁCǁg__mutmut_{i}" for i in range(1, 4)]
+    mm, module = _fake_run_dir(tmp_path, monkeypatch, f + g, total=6)
+    source = (mutation.ROOT / module).read_text()
+    (mutation.ROOT / module).write_text(source.replace("return 2", "return 2 + 0"))
     later = {**os.environ, "GIT_AUTHOR_DATE": "2026-12-03T11:00:00Z", "GIT_COMMITTER_DATE": "2026-12-03T11:00:00Z"}
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "edit"], cwd=mutation.ROOT,
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "fix g"], cwd=mutation.ROOT,
                    check=True, env=later)
-    head = subprocess.run(["git", "log", "-1", "--format=%h"], cwd=mutation.ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    with pytest.raises(SystemExit, match=rf"^cannot resume src/pkg/m.py: it changed since its stored run .*\({head}\)"):
-        mutation._seed_from_results(module, mm)
+    assert mutation._seed_from_results(module, mm) == 2
+    data = SourceFileMutationData(path=Path(module))
+    data.load()
+    assert data.exit_code_by_key == {f[0]: 1, f[1]: None, f[2]: 1, f[3]: None, **dict.fromkeys(g)}
+    assert mutation._function_sources(source) == {"x_f": "def f():\n    return 1", "xǁCǁg": "    def g(self):\n        return 2"}
