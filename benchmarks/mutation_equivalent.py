@@ -104,6 +104,21 @@ EQUIVALENT: dict[str, str] = {
     #     "numpy's Generator.choice tests `if replace:`; None is falsy, so replace=None draws without replacement exactly as replace=False (same draw from the same generator state, checked).",
     # 'fedpeft.data.partition.x_make_partitioner__mutmut_40':
     #     'Drops partition_by="label", the class\'s default (pinned by tests/test_partition.py::test_partitioners_default_to_the_label_column_and_seed_42): the same call.',
+    # --- privacy.accounting ---
+    "fedpeft.privacy.accounting.x__calibrate__mutmut_24": (
+        "Log wording only (\"XX...XX\" around the PRV-calibration fallback warning); that the warning is "
+        "logged with its cause and says it calibrates with RDP is tested "
+        "(test_a_failing_prv_calibration_searches_rdp_for_the_same_plan_and_says_why)."),
+    "fedpeft.privacy.accounting.x__calibrate__mutmut_25": (
+        "Log wording only (\"prv\"/\"rdp\" lower-cased, the spelling of the accountant names in the API); "
+        "the warning itself is tested as for mutant 24."),
+    "fedpeft.privacy.accounting.x__search_sigma__mutmut_45": (
+        "The Illinois side marker starts as None instead of 0; it is only ever compared with == -1 and == 1, "
+        "which both None and 0 fail, so every branch is taken the same."),
+    "fedpeft.privacy.accounting.x__search_sigma__mutmut_59": (
+        "`hi / lo - 1 <= 1e-9` instead of `< 1e-9`: lo < hi <= 2 lo in the loop, so hi / lo is a double in "
+        "[1, 2] and hi / lo - 1 is exact (Sterbenz), a multiple of 2**-52; the double 1e-9 "
+        "(0x1.12e0be826d695p-30) is not one, so the two never differ."),
 }
 
 KILLED_SINCE: dict[str, str] = {
@@ -115,4 +130,7 @@ KILLED_SINCE: dict[str, str] = {
     "fedpeft.privacy.plan.x_make_plan__mutmut_41": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_make_plan__mutmut_68": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_sample_rate_for__mutmut_10": "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
+    # --- privacy.accounting --- (the one timeout: a 3**k grid; fails in well under a second applied by hand)
+    "fedpeft.privacy.accounting.xǁGridPRVAccountantǁ_get_domain__mutmut_25":
+        "tests/test_accounting.py::test_grid_prv_domain_covers_any_stock_domain",
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -47,7 +47,7 @@ def closed_form(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     calibrate_noise.cache_clear()
 
 
-@pytest.mark.parametrize("sigma_star", [0.02, 0.25, 0.3, 1.0, 1.7, 3.7, 40.0, 900.0])  # 0.25: eps(0.25) == target
+@pytest.mark.parametrize("sigma_star", [0.02, 0.3, 1.0, 1.7, 3.7, 40.0, 900.0])
 def test_search_finds_the_smallest_sigma_within_the_tolerance(closed_form: dict[str, Any], sigma_star: float) -> None:
     target = 2.0
     closed_form["scale"] = target * sigma_star / (0.5 * math.sqrt(16))  # eps(sigma_star) = target at q=0.5, 16 steps
@@ -82,6 +82,91 @@ def test_search_survives_infinite_and_zero_epsilons(closed_form: dict[str, Any],
     monkeypatch.setattr(accounting, "epsilon_for", lambda *_a: (math.inf, "pld"))  # no noise is enough
     with pytest.raises(RuntimeError, match=r"no bracket for epsilon=1\.0 \(q=0\.1, steps=10\)"):
         accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+
+
+def accountant_curve(monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float]) -> list[float]:
+    """``accounting.epsilon_for`` replaced by eps = curve(sigma of the last entry); returns the sigmas asked."""
+    asked: list[float] = []
+
+    def fake(history: list[tuple[float, float, int]], *_a: object) -> tuple[float, str]:
+        asked.append(history[-1][0])
+        return curve(history[-1][0]), "pld"
+
+    monkeypatch.setattr(accounting, "epsilon_for", fake)
+    return asked
+
+
+# eps(sigma) curves, the target, and how many accountant evaluations the search takes on them (each is
+# ~0.5-1 s with PLD, so a search that needs more is a slower first round for every client).
+@pytest.mark.parametrize(("curve", "target", "evaluations"), [
+    pytest.param(lambda s: math.exp(3 / s**3) - 1, 4.0, 6, id="steep"),
+    pytest.param(lambda s: math.exp(3 / s**3) - 1, 0.5, 4, id="steep-small-target"),
+    pytest.param(lambda s: math.exp(0.5 - math.log(s) - math.log(s) ** 3), 0.5, 6, id="log-cubic"),
+    pytest.param(lambda s: 0.3 / s + 0.1 * math.exp(-s) / s, 0.5, 4, id="inverse-and-a-bump"),
+    pytest.param(lambda s: 0.7 / s**3, 2.0, 3, id="power-law"),
+    pytest.param(lambda s: 0.5 / s, 2.0, 4, id="exactly-the-target-at-a-bracket-end"),  # eps(0.25) == 2.0
+    # Here the Illinois step once halved g_hi and the old test of the tolerance read that halved
+    # weight: it returned sigma = 4 with eps = 0.4916, below target - tolerance.
+    pytest.param(lambda s: 30 / s**3 + 5 * math.exp(-s) / s, 0.5, 6, id="near-the-bracket-end"),
+])
+def test_search_ends_within_the_tolerance_in_few_evaluations(monkeypatch: pytest.MonkeyPatch,
+                                                             curve: Callable[[float], float], target: float,
+                                                             evaluations: int) -> None:
+    asked = accountant_curve(monkeypatch, curve)
+    sigma = accounting._search_sigma(target, DELTA, 0.5, 16, "pld")
+    assert target - EPSILON_TOLERANCE <= curve(sigma) <= target, (sigma, curve(sigma))
+    assert sigma in asked and len(asked) <= evaluations, asked
+    first = list(asked)
+    assert accounting._search_sigma(target, DELTA, 0.5, 16, "pld") == sigma and asked[len(first):] == first
+
+
+def test_search_stops_at_a_figure_exactly_the_tolerance_below_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = accountant_curve(monkeypatch, lambda s: 3.604 / s)
+    # eps(1) = 3.604 is the tolerance below 3.609 in the search's own arithmetic: the interval's closed end
+    shortfall = 3.609 * (1 - math.exp(math.log(3.604 / 3.609)))
+    assert shortfall == EPSILON_TOLERANCE
+    assert accounting._search_sigma(3.609, DELTA, 0.5, 16, "pld") == 1.0 and asked == [1.0, 0.5]
+
+
+def test_search_treats_a_nan_epsilon_as_too_little_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    accountant_curve(monkeypatch, lambda s: math.nan if s < 10.0 else 11.0 / s)
+    sigma = accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+    assert 1.0 - EPSILON_TOLERANCE <= 11.0 / sigma <= 1.0, sigma
+
+
+@pytest.mark.parametrize(("log2_sigma", "found"), [(38.5, True), (39.5, False), (-38.5, True), (-39.5, False)])
+def test_search_brackets_sigma_within_two_to_the_39_and_refuses_beyond(monkeypatch: pytest.MonkeyPatch,
+                                                                      log2_sigma: float, found: bool) -> None:
+    sigma_star = 2.0**log2_sigma
+    asked = accountant_curve(monkeypatch, lambda s: 2.0 * sigma_star / s)
+    if found:
+        sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+        assert 2.0 - EPSILON_TOLERANCE <= 2.0 * sigma_star / sigma <= 2.0
+    else:
+        with pytest.raises(RuntimeError, match="found no bracket"):
+            accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+        assert len(asked) == 41  # sigma = 1, then 40 doublings or halvings, and no more
+
+
+def test_search_over_a_jump_past_the_tolerance_ends_at_the_jump(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = accountant_curve(monkeypatch, lambda s: 4.0 if s < 3.0 else 1.0)  # no sigma has eps in [1.995, 2]
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert 3.0 <= sigma <= 3.0 * (1 + 1e-8) and len(asked) <= 40
+
+
+def test_search_gives_up_after_a_hundred_refinements_on_the_noisier_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pathological accountant: just above the target below sigma = 3, nothing above it. The false
+    # position creeps along the flat side, so only the cap on refinements ends the search.
+    asked = accountant_curve(monkeypatch, lambda s: math.nextafter(2.0, 3.0) if s < 3.0 else 1e-300)
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert sigma >= 3.0 and len(asked) <= 3 + 100  # the bracket [2, 4], then at most 100 refinements
+
+
+def test_search_on_a_plateau_at_the_target_stays_on_the_plateau(monkeypatch: pytest.MonkeyPatch) -> None:
+    # eps is exactly the target for sigma in [2.5, 3.5): enough noise, and the least there is
+    asked = accountant_curve(monkeypatch, lambda s: 4.0 if s < 2.5 else 2.0 if s < 3.5 else 1.0)
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert 2.5 <= sigma < 3.5 and len(asked) <= 4
 
 
 def test_calibrate_raises_sigma_until_the_accountant_agrees(closed_form: dict[str, Any],
