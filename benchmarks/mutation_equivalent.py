@@ -121,18 +121,6 @@ EQUIVALENT: dict[str, str] = {
         'The division is by `np.maximum(demand, 1e-12)`, which is positive (or NaN), never zero, so `np.errstate(divide=...)` has nothing to suppress: with divide=None (leave as is) the same caps and no warning.',
     'fedpeft.data.partition.xǁLabelProportionsPartitionerǁ__init____mutmut_7':
         'np.asarray infers float64 for the float tuples DataConfig holds and int64/bool for integer or boolean fractions, which numpy promotes to float in `row * size` and in the division by the demand: the same counts. Only non-numeric fractions (strings) would differ, and no caller passes them.',
-    # 'fedpeft.data.partition.xǁLabelProportionsPartitionerǁ__init____mutmut_9':
-    #     'np.asarray infers float64 for the float tuples DataConfig holds and int64/bool for integer or boolean fractions, which numpy promotes to float in `row * size` and in the division by the demand: the same counts. Only non-numeric fractions (strings) would differ, and no caller passes them.',
-    # 'fedpeft.data.partition.x__partition_indices__mutmut_2':
-    #     "The cache holds one entry and a hit also needs the cached pool to be the very object passed (`hit[0] is pool`), so the pool's id in the key adds nothing.",
-    # 'fedpeft.data.partition.x__partition_indices__mutmut_34':
-    #     'The idx column holds Python ints, so np.asarray infers int64 without being told; only an empty partition would infer float64, and its only readers, len() (partition_sizes) and TextDataset.subset (casts to int64), read it the same.',
-    # 'fedpeft.data.partition.x__partition_indices__mutmut_36':
-    #     'The idx column holds Python ints, so np.asarray infers int64 without being told; only an empty partition would infer float64, and its only readers, len() (partition_sizes) and TextDataset.subset (casts to int64), read it the same.',
-    # 'fedpeft.data.partition.x__partition_indices__mutmut_45':
-    #     "numpy's Generator.choice tests `if replace:`; None is falsy, so replace=None draws without replacement exactly as replace=False (same draw from the same generator state, checked).",
-    # 'fedpeft.data.partition.x_make_partitioner__mutmut_40':
-    #     'Drops partition_by="label", the class\'s default (pinned by tests/test_partition.py::test_partitioners_default_to_the_label_column_and_seed_42): the same call.',
 
     # --- privacy.dpsgd --- (opacus 1.6.0)
     'fedpeft.privacy.dpsgd.x_make_private__mutmut_14':
@@ -159,6 +147,21 @@ EQUIVALENT: dict[str, str] = {
         "Drops batch_first=True, wrap_collate_with_empty's default (opacus 1.6: `batch_first: bool = True`): the same collate.",
     'fedpeft.privacy.dpsgd.xǁPoissonLoaderǁ__init____mutmut_11':
         "Drops rand_on_empty=False, wrap_collate_with_empty's default (opacus 1.6: `rand_on_empty: bool = False`): the same collate.",
+    # --- privacy.accounting ---
+    "fedpeft.privacy.accounting.x__calibrate__mutmut_24": (
+        "Log wording only (\"XX...XX\" around the PRV-calibration fallback warning); that the warning is "
+        "logged with its cause and says it calibrates with RDP is tested "
+        "(test_a_failing_prv_calibration_searches_rdp_for_the_same_plan_and_says_why)."),
+    "fedpeft.privacy.accounting.x__calibrate__mutmut_25": (
+        "Log wording only (\"prv\"/\"rdp\" lower-cased, the spelling of the accountant names in the API); "
+        "the warning itself is tested as for mutant 24."),
+    "fedpeft.privacy.accounting.x__search_sigma__mutmut_45": (
+        "The Illinois side marker starts as None instead of 0; it is only ever compared with == -1 and == 1, "
+        "which both None and 0 fail, so every branch is taken the same."),
+    "fedpeft.privacy.accounting.x__search_sigma__mutmut_59": (
+        "`hi / lo - 1 <= 1e-9` instead of `< 1e-9`: lo < hi <= 2 lo in the loop, so hi / lo is a double in "
+        "[1, 2] and hi / lo - 1 is exact (Sterbenz), a multiple of 2**-52; the double 1e-9 "
+        "(0x1.12e0be826d695p-30) is not one, so the two never differ."),
 }
 
 KILLED_SINCE: dict[str, str] = {
@@ -170,4 +173,7 @@ KILLED_SINCE: dict[str, str] = {
     "fedpeft.privacy.plan.x_make_plan__mutmut_41": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_make_plan__mutmut_68": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_sample_rate_for__mutmut_10": "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
+    # --- privacy.accounting --- (the one timeout: a 3**k grid; fails in well under a second applied by hand)
+    "fedpeft.privacy.accounting.xǁGridPRVAccountantǁ_get_domain__mutmut_25":
+        "tests/test_accounting.py::test_grid_prv_domain_covers_any_stock_domain",
 }

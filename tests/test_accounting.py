@@ -6,13 +6,14 @@ the mutation run can afford them per mutant."""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from opacus.accountants import PRVAccountant
-from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+from opacus.accountants.analysis.prv import Domain, PoissonSubsampledGaussianPRV
 
 import fedpeft.privacy.accounting as accounting
 from fedpeft.privacy.accounting import (
@@ -83,6 +84,91 @@ def test_search_survives_infinite_and_zero_epsilons(closed_form: dict[str, Any],
         accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
 
 
+def accountant_curve(monkeypatch: pytest.MonkeyPatch, curve: Callable[[float], float]) -> list[float]:
+    """``accounting.epsilon_for`` replaced by eps = curve(sigma of the last entry); returns the sigmas asked."""
+    asked: list[float] = []
+
+    def fake(history: list[tuple[float, float, int]], *_a: object) -> tuple[float, str]:
+        asked.append(history[-1][0])
+        return curve(history[-1][0]), "pld"
+
+    monkeypatch.setattr(accounting, "epsilon_for", fake)
+    return asked
+
+
+# eps(sigma) curves, the target, and how many accountant evaluations the search takes on them (each is
+# ~0.5-1 s with PLD, so a search that needs more is a slower first round for every client).
+@pytest.mark.parametrize(("curve", "target", "evaluations"), [
+    pytest.param(lambda s: math.exp(3 / s**3) - 1, 4.0, 6, id="steep"),
+    pytest.param(lambda s: math.exp(3 / s**3) - 1, 0.5, 4, id="steep-small-target"),
+    pytest.param(lambda s: math.exp(0.5 - math.log(s) - math.log(s) ** 3), 0.5, 6, id="log-cubic"),
+    pytest.param(lambda s: 0.3 / s + 0.1 * math.exp(-s) / s, 0.5, 4, id="inverse-and-a-bump"),
+    pytest.param(lambda s: 0.7 / s**3, 2.0, 3, id="power-law"),
+    pytest.param(lambda s: 0.5 / s, 2.0, 4, id="exactly-the-target-at-a-bracket-end"),  # eps(0.25) == 2.0
+    # Here the Illinois step once halved g_hi and the old test of the tolerance read that halved
+    # weight: it returned sigma = 4 with eps = 0.4916, below target - tolerance.
+    pytest.param(lambda s: 30 / s**3 + 5 * math.exp(-s) / s, 0.5, 6, id="near-the-bracket-end"),
+])
+def test_search_ends_within_the_tolerance_in_few_evaluations(monkeypatch: pytest.MonkeyPatch,
+                                                             curve: Callable[[float], float], target: float,
+                                                             evaluations: int) -> None:
+    asked = accountant_curve(monkeypatch, curve)
+    sigma = accounting._search_sigma(target, DELTA, 0.5, 16, "pld")
+    assert target - EPSILON_TOLERANCE <= curve(sigma) <= target, (sigma, curve(sigma))
+    assert sigma in asked and len(asked) <= evaluations, asked
+    first = list(asked)
+    assert accounting._search_sigma(target, DELTA, 0.5, 16, "pld") == sigma and asked[len(first):] == first
+
+
+def test_search_stops_at_a_figure_exactly_the_tolerance_below_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = accountant_curve(monkeypatch, lambda s: 3.604 / s)
+    # eps(1) = 3.604 is the tolerance below 3.609 in the search's own arithmetic: the interval's closed end
+    shortfall = 3.609 * (1 - math.exp(math.log(3.604 / 3.609)))
+    assert shortfall == EPSILON_TOLERANCE
+    assert accounting._search_sigma(3.609, DELTA, 0.5, 16, "pld") == 1.0 and asked == [1.0, 0.5]
+
+
+def test_search_treats_a_nan_epsilon_as_too_little_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    accountant_curve(monkeypatch, lambda s: math.nan if s < 10.0 else 11.0 / s)
+    sigma = accounting._search_sigma(1.0, DELTA, 0.1, 10, "pld")
+    assert 1.0 - EPSILON_TOLERANCE <= 11.0 / sigma <= 1.0, sigma
+
+
+@pytest.mark.parametrize(("log2_sigma", "found"), [(38.5, True), (39.5, False), (-38.5, True), (-39.5, False)])
+def test_search_brackets_sigma_within_two_to_the_39_and_refuses_beyond(monkeypatch: pytest.MonkeyPatch,
+                                                                      log2_sigma: float, found: bool) -> None:
+    sigma_star = 2.0**log2_sigma
+    asked = accountant_curve(monkeypatch, lambda s: 2.0 * sigma_star / s)
+    if found:
+        sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+        assert 2.0 - EPSILON_TOLERANCE <= 2.0 * sigma_star / sigma <= 2.0
+    else:
+        with pytest.raises(RuntimeError, match="found no bracket"):
+            accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+        assert len(asked) == 41  # sigma = 1, then 40 doublings or halvings, and no more
+
+
+def test_search_over_a_jump_past_the_tolerance_ends_at_the_jump(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = accountant_curve(monkeypatch, lambda s: 4.0 if s < 3.0 else 1.0)  # no sigma has eps in [1.995, 2]
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert 3.0 <= sigma <= 3.0 * (1 + 1e-8) and len(asked) <= 40
+
+
+def test_search_gives_up_after_a_hundred_refinements_on_the_noisier_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A pathological accountant: just above the target below sigma = 3, nothing above it. The false
+    # position creeps along the flat side, so only the cap on refinements ends the search.
+    asked = accountant_curve(monkeypatch, lambda s: math.nextafter(2.0, 3.0) if s < 3.0 else 1e-300)
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert sigma >= 3.0 and len(asked) <= 3 + 100  # the bracket [2, 4], then at most 100 refinements
+
+
+def test_search_on_a_plateau_at_the_target_stays_on_the_plateau(monkeypatch: pytest.MonkeyPatch) -> None:
+    # eps is exactly the target for sigma in [2.5, 3.5): enough noise, and the least there is
+    asked = accountant_curve(monkeypatch, lambda s: 4.0 if s < 2.5 else 2.0 if s < 3.5 else 1.0)
+    sigma = accounting._search_sigma(2.0, DELTA, 0.5, 16, "pld")
+    assert 2.5 <= sigma < 3.5 and len(asked) <= 4
+
+
 def test_calibrate_raises_sigma_until_the_accountant_agrees(closed_form: dict[str, Any],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accounting, "_search_sigma", lambda *a, **k: 1.0)
@@ -113,6 +199,40 @@ def test_only_a_failing_prv_calibration_falls_back_to_rdp(closed_form: dict[str,
     with pytest.raises(OverflowError):  # pld has no fallback
         accounting._calibrate(2.0, DELTA, 0.5, 16, "pld", (), "add-remove")
     assert asked == ["prv", "rdp", "pld"]
+
+
+def test_calibrate_keeps_a_sigma_whose_epsilon_is_exactly_the_target(closed_form: dict[str, Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accounting, "_search_sigma", lambda *a, **k: 1.0)
+    plan = accounting._calibrate(2.0, DELTA, 0.5, 16, "pld", (), "replace-one")  # eps(1.0) = 0.5 * 4 / 1.0 = 2.0
+    assert (plan.noise_multiplier, plan.epsilon) == (1.0, 2.0) and len(closed_form["calls"]) == 1
+
+
+def test_a_failing_prv_calibration_searches_rdp_for_the_same_plan_and_says_why(
+        closed_form: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    closed = accounting.epsilon_for
+
+    def prv_breaks(history: list[tuple[float, float, int]], delta: float, accountant: str = "pld",
+                   relation: str = "replace-one") -> tuple[float, str]:
+        if accountant == "prv":
+            raise OverflowError("PRV domain overflow")
+        return closed(history, delta, accountant, relation)
+
+    monkeypatch.setattr(accounting, "epsilon_for", prv_breaks)
+    closed_form["prior_eps"] = 0.5
+    closed_form["scale"] = 3.0  # eps = 0.5 + 3 * 0.25 * 3 / sigma: sigma* = 1.5 for a target of 2
+    with caplog.at_level(logging.WARNING, logger="fedpeft.privacy.accounting"):
+        plan = accounting._calibrate(2.0, 1e-6, 0.25, 9, "prv", ((3.0, 1.0, 1),), "add-remove")
+    assert plan.accountant == "rdp-used" and (plan.sample_rate, plan.planned_steps) == (0.25, 9)
+    assert 2.0 - EPSILON_TOLERANCE <= plan.epsilon <= 2.0 and plan.noise_multiplier >= 1.5
+    assert closed_form["calls"]
+    for history, delta, accountant, relation in closed_form["calls"]:
+        assert history[:-1] == [(3.0, 1.0, 1)] and history[-1][1:] == (0.25, 9)
+        assert (delta, accountant, relation) == (1e-6, "rdp", "add-remove")
+    [record] = [r for r in caplog.records if r.name == "fedpeft.privacy.accounting"]
+    assert record.levelno == logging.WARNING
+    message = record.getMessage()
+    assert "PRV domain overflow" in message and "calibrating with rdp" in message.lower()
 
 
 def test_calibrate_noise_checks_its_arguments_and_hands_them_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,8 +283,27 @@ def test_an_empty_history_spends_nothing() -> None:
     assert epsilon_for([], DELTA) == (0.0, "pld")
     assert epsilon_for([(1.0, 0.5, 0)], DELTA, "rdp", "add-remove") == (0.0, "rdp")
     assert accounting.pld_epsilon([(1.0, 0.5, 0)], DELTA) == 0.0
-    with pytest.raises(ValueError, match="unknown neighbouring relation"):
+    with pytest.raises(ValueError, match=r"unknown neighbouring relation 'add-one'; allowed: replace-one, add-remove"):
         accounting.pld_epsilon([(1.0, 0.5, 1)], DELTA, "add-one")
+
+
+def test_pld_epsilon_is_dp_accountings_figure_at_the_asked_discretisation() -> None:
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    figures = {}
+    for relation, rel in (("replace-one", NeighboringRelation.REPLACE_ONE),
+                          ("add-remove", NeighboringRelation.ADD_OR_REMOVE_ONE)):
+        for interval in (0.01, 0.05):  # coarse, so fast; the default (1e-4) is what clients use
+            direct = PLDAccountant(neighboring_relation=rel, value_discretization_interval=interval)
+            direct.compose(dp_event.SelfComposedDpEvent(
+                dp_event.PoissonSampledDpEvent(0.5, dp_event.GaussianDpEvent(1.0)), 3))
+            figures[relation, interval] = accounting.pld_epsilon([(1.0, 0.5, 1), (1.0, 0.5, 2)], DELTA, relation,
+                                                                 value_discretization_interval=interval)
+            assert figures[relation, interval] == direct.get_epsilon(DELTA)
+    assert figures["add-remove", 0.05] > figures["add-remove", 0.01]  # the pessimistic bound loosens with the grid
+    assert figures["replace-one", 0.01] > figures["add-remove", 0.01]
 
 
 @pytest.mark.parametrize("broken", [math.nan, -1.0, math.inf, RuntimeError("x"), OverflowError("x"), ValueError("x")])
@@ -200,13 +339,28 @@ def test_prv_is_handed_the_merged_history() -> None:
     assert not isinstance(rdp, PRVAccountant) and rdp.history == [(1.0, 0.1, 3)]
 
 
-@pytest.mark.parametrize("steps", [3, 40, 151])
-def test_grid_prv_domain_is_a_power_of_two_grid_at_least_as_fine_and_wide(steps: int) -> None:
-    prvs = [PoissonSubsampledGaussianPRV(1 / 3, 3.26)]
-    ours = GridPRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
-    theirs = PRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+def assert_grid_covers(ours: Domain, theirs: Domain) -> None:
+    """A power-of-two grid with a power-of-two mesh, at least as fine and as wide as Opacus's, no wider
+    than the next power of two above it."""
     assert ours.size & (ours.size - 1) == 0
     assert math.log2(ours.dt) == round(math.log2(ours.dt)) and ours.dt <= theirs.dt < 2 * ours.dt
     assert ours.t_min <= theirs.t_min and ours.t_max >= theirs.t_max
     widest = max(abs(theirs.t_min), abs(theirs.t_max))
     assert ours.t_max - ours.t_min <= 4 * widest + 6 * ours.dt  # rounded up to a power of two, no more
+
+
+@pytest.mark.parametrize("steps", [3, 40, 151])
+def test_grid_prv_domain_is_a_power_of_two_grid_at_least_as_fine_and_wide(steps: int) -> None:
+    prvs = [PoissonSubsampledGaussianPRV(1 / 3, 3.26)]
+    ours = GridPRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8)
+    assert_grid_covers(ours, PRVAccountant()._get_domain(prvs, [steps], 0.01, 1e-8))
+
+
+@pytest.mark.parametrize("stock", [
+    Domain(-4.0, 3.9375, 128),  # widest on the left, 2 * widest / mesh a power of two
+    Domain(-3.8125, 3.875, 124),  # 2 * widest / mesh + 4 a power of two: the bound is tight
+    Domain(-1.0, 1.1, 22),  # a mesh (0.1) that is not a power of two
+], ids=["left-widest", "tight", "mesh-0.1"])
+def test_grid_prv_domain_covers_any_stock_domain(monkeypatch: pytest.MonkeyPatch, stock: Domain) -> None:
+    monkeypatch.setattr(PRVAccountant, "_get_domain", lambda self, **_k: stock)
+    assert_grid_covers(GridPRVAccountant()._get_domain([], [1], 0.01, 1e-8), stock)

@@ -272,8 +272,9 @@ def _search_sigma(target: float, delta: float, q: float, steps: int, accountant:
     else:
         raise RuntimeError(f"sigma calibration found no bracket for epsilon={target} (q={q}, steps={steps})")
     side = 0
+    gap_hi = g_hi  # the gap at hi itself: g_hi is also the secant's weight, which Illinois halves
     for _ in range(100):
-        if target * (1 - math.exp(g_hi)) <= EPSILON_TOLERANCE or hi / lo - 1 < 1e-9:
+        if target * (1 - math.exp(gap_hi)) <= EPSILON_TOLERANCE or hi / lo - 1 < 1e-9:
             return hi
         x_lo, x_hi = math.log(lo), math.log(hi)
         x = 0.5 * (x_lo + x_hi)
@@ -289,6 +290,7 @@ def _search_sigma(target: float, delta: float, q: float, steps: int, accountant:
             side = -1
         else:
             hi, g_hi = mid, g
+            gap_hi = g
             if side == 1:
                 g_lo /= 2
             side = 1
