@@ -274,7 +274,8 @@ class FakeClock:
     """``time`` for adapter_avg: ``sleep`` records its argument and moves ``monotonic`` on."""
 
     def __init__(self) -> None:
-        self.now, self.sleeps = 100.0, []  # type: ignore[var-annotated]
+        self.now = 100.0
+        self.sleeps: list[float] = []
 
     def monotonic(self) -> float:
         return self.now
@@ -314,7 +315,8 @@ def test_configure_train_waits_a_second_at_a_time_for_late_nodes(  # type: ignor
     monkeypatch.setattr(adapter_avg, "time", clock)
     strategy = _direct(3)
     with caplog.at_level(logging.INFO, logger="fedpeft.server"):
-        messages = list(strategy.configure_train(3, ZERO100, ConfigRecord(), ArrivingNodes([9], [9, 4], [9, 4, 2])))
+        messages = list(strategy.configure_train(3, ZERO100, ConfigRecord(),
+                                                 ArrivingNodes([9], [9, 4], [9, 4, 2])))  # type: ignore[arg-type]
     assert clock.sleeps == [1.0, 1.0]  # until the third node is there, not a second longer
     assert [m.metadata.dst_node_id for m in messages] == [2, 4, 9]  # the nodes listed last, sorted
     assert _server_log(caplog) == ["round 3: waiting for nodes (1/3 connected)",
@@ -382,7 +384,7 @@ class StepRecordingPlugin(MeanPlugin):
 
 
 def _with_loss(msg: Message, loss: float) -> Message:
-    msg.content[wire.METRICS][wire.TRAIN_LOSS] = loss
+    msg.content.metric_records[wire.METRICS][wire.TRAIN_LOSS] = loss
     return msg
 
 
