@@ -16,6 +16,28 @@ EQUIVALENT: dict[str, str] = {
         "np.array(v) without copy=: numpy's default is copy=True, the same call.",
     "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁstate_dict__mutmut_6":
         "np.array(v) without copy=: numpy's default is copy=True, the same call.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_5":
+        "Flower's FedAvg reads fraction_train only in __init__ (== 0.0, false for None) and in its summary() and configure_train(), both overridden by AdapterAvg, which never calls them (nor does a subclass or wrapper).",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_10":
+        "fraction_train left out: FedAvg's default is 1.0, the value passed.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_15":
+        "Flower's FedAvg reads fraction_train only in __init__ (== 0.0, false for 2.0) and in its summary() and configure_train(), both overridden by AdapterAvg, which never calls them (nor does a subclass or wrapper).",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_7":
+        "Flower's FedAvg reads min_train_nodes only in its summary() and configure_train(), both overridden by AdapterAvg and never called (AdapterAvg samples per_round itself); None is never read.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_12":
+        "Flower's FedAvg reads min_train_nodes only in its summary() and configure_train(), both overridden by AdapterAvg and never called (AdapterAvg samples per_round itself); its default 2 is never read.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_8":
+        "Flower's FedAvg reads min_available_nodes only in summary() and configure_train() (overridden, never called) and in configure_evaluate() after its fraction_evaluate == 0.0 early return, which AdapterAvg always takes; None is never read.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_13":
+        "Flower's FedAvg reads min_available_nodes only in summary() and configure_train() (overridden, never called) and in configure_evaluate() after its fraction_evaluate == 0.0 early return, which AdapterAvg always takes; its default 2 is never read.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_14":
+        "weighted_by_key left out: FedAvg's default is 'num-examples', which is wire.NUM_EXAMPLES.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ__init____mutmut_30":
+        "_release_from_wrapper = None instead of False: it is only read as `if not self._release_from_wrapper`, and not None == not False; defer_release sets True.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁconfigure_train__mutmut_3":
+        "config.get(ATTEMPT, None) instead of default 0: a missing attempt gives None, which is not an int, so attempt is 0 as before.",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁconfigure_train__mutmut_5":
+        "config.get(ATTEMPT) without a default: ConfigRecord.get gives None for a missing key, not an int, so attempt is 0 as before.",
     # --- server.checkpoint ---
     "fedpeft.server.checkpoint.x_save_checkpoint__mutmut_14": (
         "The top-level prefix of the checkpoint's array members ('strategy' -> None) is only a name: each array's member name is written into the JSON part beside it and read back by that same name, and the other section keeps its own prefix, so no two members can collide; a checkpoint reads back the same."),

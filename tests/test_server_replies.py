@@ -30,6 +30,7 @@ import fedpeft.wire as wire
 from fedpeft.adapters import get
 from fedpeft.load import parse_config
 from fedpeft.server.loop import attribute_reply, send_and_receive
+from fedpeft.strategies import adapter_avg
 from fedpeft.strategies.adapter_avg import AdapterAvg, state_to_arrayrecord
 from fedpeft.strategies.registry import build_strategy
 from fedpeft.strategies.state import strategy_chain
@@ -264,3 +265,179 @@ def test_replies_are_averaged_in_client_id_order(flwr_identity) -> None:  # type
                              NodeIds(1, 2, 3, 4))
     strategy.aggregate_train(1, [_reply(1.0, 10.0, c) for c in ("b", "10", "a", "9")])
     assert [r.client for r in strategy.report.accepted] == ["9", "10", "a", "b"]
+
+
+# ---- configure_train: waiting for nodes, sampling, the attempt, the report ------------------
+
+
+class FakeClock:
+    """``time`` for adapter_avg: ``sleep`` records its argument and moves ``monotonic`` on."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class ArrivingNodes:
+    """A grid whose ``get_node_ids`` answers the next listing each time (the last one stays)."""
+
+    def __init__(self, *listings: list[int]) -> None:
+        self.listings = list(listings)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.listings.pop(0) if len(self.listings) > 1 else self.listings[0])
+
+
+def _direct(clients_per_round: int, **kwargs: Any) -> AdapterAvg:
+    """AdapterAvg built from its primitives, every optional one left at its default unless given."""
+    cfg = parse_config({"privacy.epsilon": "inf", "train.clients": 6})
+    return AdapterAvg(MeanPlugin(), SPEC100, clients_per_round=clients_per_round,  # type: ignore[arg-type]
+                      plugin_cfg=cfg, **kwargs)
+
+
+ZERO100 = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
+
+
+def _server_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "fedpeft.server"]
+
+
+def test_configure_train_waits_a_second_at_a_time_for_late_nodes(  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(adapter_avg, "time", clock)
+    strategy = _direct(3)
+    with caplog.at_level(logging.INFO, logger="fedpeft.server"):
+        messages = list(strategy.configure_train(3, ZERO100, ConfigRecord(),
+                                                 ArrivingNodes([9], [9, 4], [9, 4, 2])))  # type: ignore[arg-type]
+    assert clock.sleeps == [1.0, 1.0]  # until the third node is there, not a second longer
+    assert [m.metadata.dst_node_id for m in messages] == [2, 4, 9]  # the nodes listed last, sorted
+    assert _server_log(caplog) == ["round 3: waiting for nodes (1/3 connected)",
+                                   "round 3: waiting for nodes (2/3 connected)"]
+
+
+def test_configure_train_gives_up_waiting_after_node_wait_s(  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    """300 s by default, then the round goes to the nodes there are, without drawing a sample."""
+    clock = FakeClock()
+    monkeypatch.setattr(adapter_avg, "time", clock)
+    strategy = _direct(3)
+    sampler = strategy.rng.getstate()
+    with caplog.at_level(logging.WARNING, logger="fedpeft.server"):
+        messages = list(strategy.configure_train(5, ZERO100, ConfigRecord(), NodeIds(7, 2)))
+    assert clock.sleeps == [1.0] * 300 and clock.now == 400.0
+    assert [m.metadata.dst_node_id for m in messages] == [2, 7] and strategy.rng.getstate() == sampler
+    assert _server_log(caplog) == ["round 5: only 2 nodes connected, 3 wanted"]
+    assert strategy.report.sent_to == 2
+    strategy.node_wait_s, clock.sleeps = 2.5, []
+    strategy.configure_train(6, ZERO100, ConfigRecord(), NodeIds(7, 2))
+    assert clock.sleeps == [1.0, 1.0, 1.0]  # still short of the deadline after two
+
+
+def test_configure_train_with_enough_nodes_neither_waits_nor_draws(  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(adapter_avg, "time", clock)
+    strategy = _direct(3)
+    sampler = strategy.rng.getstate()
+    with caplog.at_level(logging.INFO, logger="fedpeft.server"):
+        messages = list(strategy.configure_train(2, ZERO100, ConfigRecord(), NodeIds(3, 1, 2)))
+    assert clock.sleeps == [] and _server_log(caplog) == []
+    assert [m.metadata.dst_node_id for m in messages] == [1, 2, 3]
+    assert strategy.rng.getstate() == sampler  # all nodes sent to: the sampler does not move on
+    assert strategy.report.sent_to == 3 and strategy.report.bytes_down == 3 * 100 * 100 * 4
+
+
+@pytest.mark.parametrize(("config", "attempt"), [({}, 0), ({"attempt": 2}, 2), ({"attempt": "2"}, 0),
+                                                 ({"attempt": 1.0}, 0)])
+def test_the_attempt_the_loop_passes_goes_into_every_instruction_and_the_report(  # type: ignore[no-untyped-def]
+        config: dict[str, Any], attempt: int, flwr_identity) -> None:
+    """An integer ``attempt`` is sent on; none, or anything else, is attempt 0."""
+    strategy = _direct(2)
+    messages = list(strategy.configure_train(4, ZERO100, ConfigRecord(config), NodeIds(1, 2)))
+    for msg in messages:
+        sent = wire.RoundConfig.from_record(wire.round_config_of(msg))
+        assert (sent.server_round, sent.attempt) == (4, attempt)
+        assert type(msg.content[wire.CONFIG][wire.ATTEMPT]) is int
+    assert strategy.report.attempt == attempt and strategy.report.server_round == 4
+
+
+# ---- aggregate_train: what the report and the aggregate say ----------------------------------
+
+
+class StepRecordingPlugin(MeanPlugin):
+    """The weighted mean, remembering the round and configuration each ``server_step`` was given."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, Any]] = []
+
+    def server_step(self, server_round: int, state: dict[str, np.ndarray], cfg: object) -> dict[str, np.ndarray]:
+        self.steps.append((server_round, cfg))
+        return state
+
+
+def _with_loss(msg: Message, loss: float) -> Message:
+    msg.content.metric_records[wire.METRICS][wire.TRAIN_LOSS] = loss
+    return msg
+
+
+def test_aggregate_train_reports_bytes_rejections_and_the_weighted_loss(  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    plugin = StepRecordingPlugin()
+    cfg = parse_config({"privacy.epsilon": "inf", "train.clients": 3})
+    strategy = AdapterAvg.from_config(plugin, cfg, SPEC100, "", "h")  # type: ignore[arg-type]
+    strategy.configure_train(4, ZERO100, ConfigRecord(), NodeIds(1, 2, 3))
+    bad = _reply(1.0, 10.0, "5")
+    bad.content[wire.ARRAYS] = state_to_arrayrecord({"w": np.zeros((3, 3), np.float32)})
+    replies = [_with_loss(_reply(1.0, 10.0, "0"), 0.2), bad, _with_loss(_reply(3.0, 30.0, "1"), 0.6)]
+    with caplog.at_level(logging.WARNING, logger="fedpeft.server"):
+        arrays, metrics = strategy.aggregate_train(4, replies)
+    report = strategy.report
+    assert report.bytes_up == 2 * 100 * 100 * 4 + 3 * 3 * 4  # every reply's upload, the rejected one's too
+    reason = "w: shape (3, 3) != expected (100, 100)"
+    assert report.rejected == {"client-5": reason}
+    assert _server_log(caplog) == [f"round 4: rejected reply from client-5: {reason}"]
+    assert report.released is True and [r.client for r in report.accepted] == ["0", "1"]
+    assert len(plugin.steps) == 1 and plugin.steps[0][0] == 4 and plugin.steps[0][1] is cfg
+    assert arrays is not None and np.allclose(arrays["w"].numpy(), 2.5)
+    assert metrics is not None and set(metrics) == {wire.NUM_EXAMPLES, "clients", wire.TRAIN_LOSS}
+    assert metrics[wire.NUM_EXAMPLES] == 40.0 and metrics["clients"] == 2
+    assert metrics[wire.TRAIN_LOSS] == pytest.approx((0.2 * 10 + 0.6 * 30) / 40)
+
+
+def test_too_few_valid_replies_average_nothing_in(  # type: ignore[no-untyped-def]
+        caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
+    """``faults.min_clients`` valid replies are needed (from_config); built directly, one is enough."""
+    strategy = _strategy_of(**{"faults.min_clients": 2})
+    strategy.configure_train(2, ZERO100, ConfigRecord(), NodeIds(1, 2))
+    with caplog.at_level(logging.WARNING, logger="fedpeft.server"):
+        assert strategy.aggregate_train(2, [_reply(1.0, 10.0, "0")]) == (None, None)
+    assert _server_log(caplog) == ["round 2: 1 valid replies, 2 needed (faults.min_clients); nothing averaged in"]
+    assert strategy.report.released is False and strategy.previous == {}
+    direct = _direct(2)
+    direct.configure_train(2, ZERO100, ConfigRecord(), NodeIds(1, 2))
+    arrays, _ = direct.aggregate_train(2, [_reply(1.0, 10.0, "0")])
+    assert arrays is not None and direct.report.released is True
+
+
+def test_flower_evaluation_is_off_and_evaluation_replies_are_weighted_by_examples(  # type: ignore[no-untyped-def]
+        flwr_identity) -> None:
+    """The server evaluates the global state itself: the FedAvg evaluation that wrappers forward
+    (DeadlineStrategy, Flower's DP wrapper) sends nothing, and would weight replies by examples."""
+    strategy = _direct(2)
+    assert list(strategy.configure_evaluate(1, ZERO100, ConfigRecord(), NodeIds(1, 2))) == []
+    replies = [Message(RecordDict({"metrics": MetricRecord({wire.NUM_EXAMPLES: n, "accuracy": a})}),
+                       reply_to=_instruction()) for n, a in ((10.0, 0.5), (30.0, 0.9))]
+    metrics = strategy.aggregate_evaluate(1, replies)
+    assert metrics is not None and dict(metrics) == {"accuracy": pytest.approx(0.8)}
+
+
+def test_a_fresh_strategy_reports_round_zero(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    assert _direct(2).round_report() == adapter_avg.RoundReport(0)

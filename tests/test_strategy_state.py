@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from flwr.app import ConfigRecord
 from inprocess_grid import NodeIds
 
+import fedpeft.wire as wire
 from fedpeft.adapters import get
 from fedpeft.config import ConfigError
 from fedpeft.load import parse_config
@@ -225,3 +227,32 @@ def test_hetero_emulator_refuses_another_scenarios_state(tmp_path: Path) -> None
     with pytest.raises(ValueError, match="HeteroEmulator"):  # resumed without the scenario
         restore(_through_file(tmp_path, AdapterAvg.from_config(get("ffa_lora"), a.cfg, SPEC, "", "h"), (a,)),
                 AdapterAvg.from_config(get("ffa_lora"), a.cfg, SPEC, "", "h"), [])
+
+
+# ---- AdapterAvg's primitives --------------------------------------------------------------------
+
+NODES = [11, 12, 13, 14, 15, 16]  # what _sampled's grid lists
+
+
+def test_the_sampler_is_seeded_with_the_run_seed(flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    """from_config seeds ``random.Random`` with ``cfg.seed``; built directly, the seed is 0."""
+    seeded, unseeded = random.Random(7), random.Random(0)
+    strategy = AdapterAvg.from_config(get("ffa_lora"), _cfg(seed=7), SPEC, "", "h")
+    assert _sampled(strategy, range(1, 6)) == [sorted(seeded.sample(NODES, 2)) for _ in range(5)]
+    direct = AdapterAvg(get("ffa_lora"), SPEC, clients_per_round=2, plugin_cfg=_cfg(seed=7))
+    assert _sampled(direct, range(1, 6)) == [sorted(unseeded.sample(NODES, 2)) for _ in range(5)]
+
+
+def test_every_instruction_carries_the_configuration_its_hash_and_the_extra_entries(  # type: ignore[no-untyped-def]
+        flwr_identity) -> None:
+    strategy = AdapterAvg.from_config(get("ffa_lora"), _cfg(), SPEC, "seed = 0\n", "abc",
+                                      extra_config={wire.LEDGER_DIR: "/ledgers"})
+    expected = {wire.SERVER_ROUND: 3, wire.CONFIG_TOML: "seed = 0\n", wire.CONFIG_HASH: "abc",
+                wire.FROZEN_HASH: "h", wire.ATTEMPT: 0, wire.LEDGER_DIR: "/ledgers"}
+    assert dict(strategy.round_config(3)) == expected
+    zero = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
+    messages = list(strategy.configure_train(3, zero, ConfigRecord(), NodeIds(1, 2)))
+    assert [dict(wire.round_config_of(m)) for m in messages] == [expected, expected]
+    direct = AdapterAvg(get("ffa_lora"), SPEC, clients_per_round=2, plugin_cfg=_cfg())  # nothing given: empty
+    assert dict(direct.round_config(1)) == {wire.SERVER_ROUND: 1, wire.CONFIG_TOML: "", wire.CONFIG_HASH: "",
+                                            wire.FROZEN_HASH: "h", wire.ATTEMPT: 0}
