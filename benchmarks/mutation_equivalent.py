@@ -184,6 +184,47 @@ EQUIVALENT: dict[str, str] = {
         "`hi / lo - 1 <= 1e-9` instead of `< 1e-9`: lo < hi <= 2 lo in the loop, so hi / lo is a double in "
         "[1, 2] and hi / lo - 1 is exact (Sterbenz), a multiple of 2**-52; the double 1e-9 "
         "(0x1.12e0be826d695p-30) is not one, so the two never differ."),
+    # 'fedpeft.data.partition.xǁLabelProportionsPartitionerǁ__init____mutmut_9':
+    #     'np.asarray infers float64 for the float tuples DataConfig holds and int64/bool for integer or boolean fractions, which numpy promotes to float in `row * size` and in the division by the demand: the same counts. Only non-numeric fractions (strings) would differ, and no caller passes them.',
+    # 'fedpeft.data.partition.x__partition_indices__mutmut_2':
+    #     "The cache holds one entry and a hit also needs the cached pool to be the very object passed (`hit[0] is pool`), so the pool's id in the key adds nothing.",
+    # 'fedpeft.data.partition.x__partition_indices__mutmut_34':
+    #     'The idx column holds Python ints, so np.asarray infers int64 without being told; only an empty partition would infer float64, and its only readers, len() (partition_sizes) and TextDataset.subset (casts to int64), read it the same.',
+    # 'fedpeft.data.partition.x__partition_indices__mutmut_36':
+    #     'The idx column holds Python ints, so np.asarray infers int64 without being told; only an empty partition would infer float64, and its only readers, len() (partition_sizes) and TextDataset.subset (casts to int64), read it the same.',
+    # 'fedpeft.data.partition.x__partition_indices__mutmut_45':
+    #     "numpy's Generator.choice tests `if replace:`; None is falsy, so replace=None draws without replacement exactly as replace=False (same draw from the same generator state, checked).",
+    # 'fedpeft.data.partition.x_make_partitioner__mutmut_40':
+    #     'Drops partition_by="label", the class\'s default (pinned by tests/test_partition.py::test_partitioners_default_to_the_label_column_and_seed_42): the same call.',
+    # --- client.trainer ---
+    "fedpeft.client.trainer.x__dp_step__mutmut_36": (
+        "_dp_step's zero_grad between chunks with set_to_none=None (falsy, as False) instead of True: Opacus's DPOptimizer.zero_grad drops grad_sample and keeps summed_grad either way and passes the flag on only for p.grad, which torch then zeroes instead of deleting; that p.grad is never read before SecretNoise.add_noise overwrites it with summed_grad + noise (fedpeft/privacy/dpsgd.py), and the last zero_grad(set_to_none=True) removes it."),
+    "fedpeft.client.trainer.x__dp_step__mutmut_37": (
+        "_dp_step's zero_grad between chunks with set_to_none=False instead of True: Opacus's DPOptimizer.zero_grad drops grad_sample and keeps summed_grad either way and passes the flag on only for p.grad, which torch then zeroes instead of deleting; that p.grad is never read before SecretNoise.add_noise overwrites it with summed_grad + noise (fedpeft/privacy/dpsgd.py), and the last zero_grad(set_to_none=True) removes it."),
+    "fedpeft.client.trainer.x__dp_step__mutmut_41": (
+        "The empty batch's zero grad_sample without dtype=param.dtype (float32 default): Opacus 1.6's clip_and_accumulate casts every grad_sample to p.dtype before use (grad_sample.to(p.dtype)), and a 0-row tensor has no values, so summed_grad (zeros in p.dtype) and the update are the same for every parameter dtype."),
+    "fedpeft.client.trainer.x__dp_step__mutmut_44": (
+        "As _dp_step__mutmut_41 (dtype= dropped instead of None): Opacus casts grad_sample to p.dtype before clipping, and a 0-row tensor has no values to change."),
+    "fedpeft.client.trainer.x__dp_step__mutmut_46": (
+        "The empty batch's grad_sample with 1 zero row instead of 0 rows: Opacus clips it (factor <= 1) and sums it into a zero summed_grad, exactly the empty sum; scale_grad divides by expected_batch_size * accumulated_iterations, which counts tensors (1) not rows, and zero_grad then drops grad_sample: same noise-only step, nothing else reads it."),
+    "fedpeft.client.trainer.x__plain_step__mutmut_3": (
+        "_plain_step's zero_grad(set_to_none=None) (falsy, as False): p.grad is zeroed instead of deleted before backward, which then adds the same gradient into it; a parameter the loss does not reach keeps a zero grad instead of None, and SGD (momentum buffer starts at 0) and Adam (moments start at 0) move it by exactly 0, as skipping it does; the optimiser is rebuilt each round."),
+    "fedpeft.client.trainer.x__plain_step__mutmut_4": (
+        "As _plain_step__mutmut_3, with set_to_none=False."),
+    "fedpeft.client.trainer.x_build_loader__mutmut_12": (
+        "drop_last=False dropped: it is DataLoader's default, the same call."),
+    "fedpeft.client.trainer.x__progress__mutmut_3": (
+        "FEDPEFT_PROGRESS's default '1' -> None: the default is only compared with '0' when the variable is unset, and None != '0' as '1' != '0': the bar is on in both."),
+    "fedpeft.client.trainer.x__progress__mutmut_5": (
+        "As _progress__mutmut_3 (the default dropped: os.environ.get returns None)."),
+    "fedpeft.client.trainer.x__progress__mutmut_8": (
+        "As _progress__mutmut_3 (default 'XX1XX', also != '0')."),
+    "fedpeft.client.trainer.x__progress__mutmut_15": (
+        "tqdm(file=None) instead of file=sys.stderr: tqdm replaces None by sys.stderr when the bar is built (tqdm/std.py: `if file is None: file = sys.stderr`), the same object read at the same moment."),
+    "fedpeft.client.trainer.x__progress__mutmut_22": (
+        "As _progress__mutmut_15 (file= dropped: tqdm's default None, resolved to sys.stderr)."),
+    "fedpeft.client.trainer.x_train_local__mutmut_136": (
+        "float('NAN') instead of float('nan'): Python parses 'nan' case-insensitively; the same NaN (no test can tell NaNs apart)."),
 }
 
 KILLED_SINCE: dict[str, str] = {
