@@ -1,7 +1,11 @@
 """AdapterAvg: Flower FedAvg whose aggregation rule belongs to the adapter plugin.
 
-Sampling and message construction are Flower's :class:`~flwr.serverapp.strategy.FedAvg`.
-What changes:
+It subclasses Flower's :class:`~flwr.serverapp.strategy.FedAvg` for the strategy interface
+(the wrappers, evaluation and summary), but does its own round set-up: ``configure_train``
+waits (bounded by ``node_wait_s``) for enough nodes, samples them with its own
+``random.Random(seed)`` over the sorted node ids (reproducible, and restored on resume), and
+builds each node's message itself; FedAvg's ``configure_train`` and ``aggregate_train`` are
+never called. What else differs:
 
 * every round's ``ConfigRecord`` carries the resolved run configuration, its hash and
   the hash of the shared frozen tensors (FFA-LoRA's A), so clients can check both;
