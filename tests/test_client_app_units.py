@@ -42,7 +42,7 @@ from fedpeft.client.node_store import (
     save_release,
     secret_path,
 )
-from fedpeft.client.personal_eval import release_digest
+from fedpeft.client.personal_eval import release_digest, split_held_out
 from fedpeft.client.runtime import ClientIdentity, NodeRefusal, Runtime, runtime_for
 from fedpeft.client.trainer import LocalResult
 from fedpeft.config import RunConfig, config_hash, config_to_toml
@@ -369,7 +369,8 @@ def test_keep_local_keeps_it_in_context_state_and_on_disk(tiny_cfg: RunConfig, t
 
 
 # ---- _replayed ----------------------------------------------------------------------------
-def test_a_round_is_replayed_only_when_stored_and_recorded(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+def test_a_round_is_replayed_only_when_stored_and_recorded(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     req = _local_req(tiny_cfg, tmp_path, 1)
     inputs = app._inputs(req)
     ledger = _planned(tiny_cfg, tmp_path, req.context)
@@ -381,7 +382,10 @@ def test_a_round_is_replayed_only_when_stored_and_recorded(tiny_cfg: RunConfig, 
     ledger.record(1, 2, inputs.replay_key, "out", noise_multiplier=2.0, sample_rate=Q)
     other = dataclasses.replace(inputs, replay_key="f" * 64)
     assert app._replayed(req, other, ledger) is None  # other inputs
-    reply = app._replayed(req, inputs, ledger)
+    with caplog.at_level(logging.INFO, logger="fedpeft.client"):
+        reply = app._replayed(req, inputs, ledger)
+    assert [r.getMessage() for r in caplog.records] == [
+        "client 0: round 1 was already released from these inputs; re-sending the stored release (no new privacy cost)"]
     assert reply is not None
     assert wire.arrayrecord_to_state(reply.content[wire.ARRAYS])["w"].tolist() == [1.5]
     assert dict(reply.content[wire.METRICS]) == metrics
@@ -416,12 +420,15 @@ def plan_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(("server_round", "planned"), [(1, 4), (2, 2)])
 def test_the_plan_is_checked_on_a_trial_copy(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
-                                             plan_calls: list[dict[str, Any]], server_round: int, planned: int) -> None:
+                                             plan_calls: list[dict[str, Any]], server_round: int, planned: int,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     req = _local_req(tiny_cfg, tmp_path, server_round)
     inputs = app._inputs(req)
     ledger = _planned(tiny_cfg, tmp_path, req.context)
     before = ledger.to_json()
-    trial = app._plan_budget(req, inputs, ledger)
+    with caplog.at_level(logging.DEBUG, logger="fedpeft.client"):
+        trial = app._plan_budget(req, inputs, ledger)
+    assert [r.getMessage() for r in caplog.records] == ["client 0: plan holds (sigma=2.0000, q=0.333333, 4 steps left)"]
     assert isinstance(trial, Ledger) and trial is not ledger and ledger.to_json() == before
     assert plan_calls == [{"target_epsilon": 6.0, "delta": 1e-5, "sample_rate": Q, "planned_steps": planned,
                            "accountant": "pld", "reserved": ()}]
@@ -445,12 +452,15 @@ def _refused_plan(req: app.RoundRequest, ledger: Ledger) -> dict[str, Any]:
     return _status(reply)
 
 
-def test_the_budget_is_refused_before_it_is_exceeded(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+def test_the_budget_is_refused_before_it_is_exceeded(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     req = _local_req(tiny_cfg, tmp_path, 2)
     ledger = _planned(tiny_cfg, tmp_path, req.context)
     ledger.record(1, 87, "earlier", "h", noise_multiplier=5.0, sample_rate=Q)  # 87 / 3 / 5 = 5.8 spent
     ledger.plan_offset = 87
-    status = _refused_plan(req, ledger)
+    with caplog.at_level(logging.WARNING, logger="fedpeft.client"):
+        status = _refused_plan(req, ledger)
+    assert [r.getMessage() for r in caplog.records] == [status[wire.REASON]]
     assert status[wire.EPSILON] == pytest.approx(5.8)
     assert str(status[wire.REASON]).startswith("client 0: next round (2 steps) would reach epsilon=6.133 > budget 6 ")
     assert (status[wire.REFUSED], status[wire.CLIENT]) == (True, "0")
@@ -558,6 +568,10 @@ def test_a_personal_evaluation_is_recorded_as_a_release(tiny_cfg: RunConfig, tmp
     assert (release.replay_key, release.output_hash) == (f"personal-eval:{inputs.replay_key}", release_digest(0.625))
     assert ledger.reserved == []
     app._reply(req, {}, metrics, {}, ledger)  # accounted: sent
+    early = dataclasses.replace(req, round=dataclasses.replace(req.round, server_round=1))
+    metrics = app._store_release(early, inputs, ledger, {"w": np.zeros(1, dtype=np.float32)}, {}, RESULT, None)
+    assert wire.PERSONAL_ACCURACY not in metrics and wire.PERSONAL_EXAMPLES not in metrics
+    assert ledger.entries[-1].sample_rate == Q and len(ledger.entries) == 3
 
 
 # ---- _train -------------------------------------------------------------------------------
@@ -748,3 +762,76 @@ def test_client_app_wraps_train_in_the_mods(tiny_cfg: RunConfig, tmp_path: Path,
     assert _status(app.app(msg, _ctx()))[wire.REASON] == _refusal_text("0")
     assert isinstance(app.app, type(app.client_app()))
     assert not any(isinstance(v, ArrayRecord) for v in reply.content.values())
+
+
+# ---- a device's rank tier, a deployed node's secret ---------------------------------------
+def test_a_rank_tier_is_set_after_loading_and_before_training(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                                              trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt, ctx = _rt(tiny_cfg), _ctx()
+    wire.DeviceDirective("Small", 8, 2).store(ctx.state)
+    req = _request(_msg(tiny_cfg, 1, tmp_path, **{wire.HETERO_PLAN: _plan_entry()}), ctx)
+    inputs = app._inputs(req)
+    app._train(req, inputs, None, 1)  # a plugin without rank tiers trains its one rank
+    ranks: list[tuple[Any, int, int, bool]] = []
+
+    def set_client_rank(model: Any, rank: int) -> None:
+        loaded = all((v == 0.5).all() for v in rt.plugin.trainable_state(model).values())
+        ranks.append((model, rank, len(trainer.calls), bool(loaded)))
+
+    monkeypatch.setattr(rt.plugin, "set_client_rank", set_client_rank, raising=False)
+    app._train(req, inputs, None, 1)
+    assert ranks == [(rt.model, 2, 1, True)]
+    app._train(dataclasses.replace(req, device=None), inputs, None, 1)
+    assert len(ranks) == 1
+
+
+def test_a_deployed_node_keeps_its_secret_beside_its_ledger(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                                            trainer: Trainer) -> None:
+    ctx = _ctx()
+    _planned(tiny_cfg, tmp_path, ctx)
+    req = _request(_msg(tiny_cfg, 1, tmp_path), ctx)
+    deployed = dataclasses.replace(req, ident=dataclasses.replace(req.ident, partition_id=None, data_path="d.csv"))
+    reply = app._train_round(deployed)
+    assert set(wire.arrayrecord_to_state(reply.content[wire.ARRAYS])) == B_AND_HEAD
+    assert (tmp_path / "client-0.secret").is_file()
+    assert not secret_path(tmp_path, "0", deployed=False).exists()
+
+
+# ---- FedSA-LoRA: local B, a personalised evaluation ---------------------------------------
+@pytest.fixture()
+def fedsa_cfg(tiny_cfg: RunConfig) -> RunConfig:
+    return dataclasses.replace(tiny_cfg, adapter=dataclasses.replace(
+        tiny_cfg.adapter, method="fedsa_lora", options=(("eval_fraction", 0.25), ("eval_sigma", 4.0))))
+
+
+def test_parse_holds_out_the_personal_split(fedsa_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    rt = _rt(fedsa_cfg)
+    req = _request(_msg(fedsa_cfg, 2, tmp_path), _ctx())
+    assert req.personal == PersonalEvalParams(0.25, 4.0) and req.evaluates
+    train_part, held = split_held_out(rt.data_for(req.ident, {}), 0.25, fedsa_cfg.seed, "0")
+    assert req.held is not None and len(req.held) == 24 and len(req.data) == 72
+    assert data_digest(req.held) == data_digest(held) and data_digest(req.data) == data_digest(train_part)
+    assert data_digest(train_part) != data_digest(split_held_out(rt.data_for(req.ident, {}), 0.25, 1, "0")[0])
+    assert data_digest(train_part) != data_digest(split_held_out(rt.data_for(req.ident, {}), 0.25, 0, "1")[0])
+
+
+def test_a_personal_round_sends_a_and_head_and_the_recorded_accuracy(fedsa_cfg: RunConfig, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                     flwr_identity, trainer: Trainer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app, "personal_accuracy", lambda *args: 0.625)
+    rt, ctx = _rt(fedsa_cfg), _ctx()
+    ledger = Ledger(client="0", target_epsilon=6.0, delta=1e-5, noise_multiplier=2.0, sample_rate=Q, planned_steps=2,
+                    reserved=[list(release_entry(4.0))])
+    save_ledger(ledger, tmp_path, "0", ctx)
+    sent = _incoming(rt)
+    assert not any(".lora_B." in k for k in sent) and any(".lora_A." in k for k in sent)
+    reply = app.handle_train(_msg(fedsa_cfg, 2, tmp_path, sent), ctx)
+    metrics = dict(reply.content[wire.METRICS])
+    assert metrics == {**DP_METRICS, wire.BYTES_UP: wire.state_nbytes(sent), wire.EPSILON: pytest.approx(
+        2 * Q / 2.0 + 1 / 4.0), wire.PERSONAL_ACCURACY: 0.625, wire.PERSONAL_EXAMPLES: 24}
+    assert set(wire.arrayrecord_to_state(reply.content[wire.ARRAYS])) == set(sent)  # B stays home
+    local = wire.arrayrecord_to_state(ctx.state[app.LOCAL_STATE_KEY])
+    assert local and all(".lora_B." in k for k in local)
+    assert load_local(tmp_path, "0", config_hash(fedsa_cfg), 3)[0] == 2
+    entries = Ledger.from_json((tmp_path / "client-0.json").read_text()).entries
+    assert [(e.round, e.steps, e.sample_rate) for e in entries] == [(2, 2, Q), (2, 1, 1.0)]
