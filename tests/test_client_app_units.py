@@ -835,3 +835,5 @@ def test_a_personal_round_sends_a_and_head_and_the_recorded_accuracy(fedsa_cfg: 
     assert load_local(tmp_path, "0", config_hash(fedsa_cfg), 3)[0] == 2
     entries = Ledger.from_json((tmp_path / "client-0.json").read_text()).entries
     assert [(e.round, e.steps, e.sample_rate) for e in entries] == [(2, 2, Q), (2, 1, 1.0)]
+    again = app.handle_train(_msg(fedsa_cfg, 2, tmp_path, sent), ctx)  # replayed: the accounted release again
+    assert dict(again.content[wire.METRICS]) == metrics and len(trainer.calls) == 1
