@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -837,3 +838,17 @@ def test_a_personal_round_sends_a_and_head_and_the_recorded_accuracy(fedsa_cfg: 
     assert [(e.round, e.steps, e.sample_rate) for e in entries] == [(2, 2, Q), (2, 1, 1.0)]
     again = app.handle_train(_msg(fedsa_cfg, 2, tmp_path, sent), ctx)  # replayed: the accounted release again
     assert dict(again.content[wire.METRICS]) == metrics and len(trainer.calls) == 1
+
+
+def test_a_deployed_node_reads_its_own_file_and_no_device(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    rt = _rt(tiny_cfg)
+    labels = list(rt.layout[0].pool.label_names)
+    rows = "".join(f"review {i} was {labels[i % 2]},{labels[i % 2]}\n" for i in range(6))
+    (tmp_path / "own.csv").write_text("review,sentiment\n" + rows, encoding="utf-8")
+    ctx = _ctx(**{wire.DATA_PATH: str(tmp_path / "own.csv"), wire.CLIENT_ID: "n1", wire.LEDGER_DIR: str(tmp_path),
+                  wire.TEXT_COLUMN: "review", wire.LABEL_COLUMN: "sentiment"})
+    wire.DeviceDirective("Small", 8, 2).store(ctx.state)  # no simulator hands a deployed node a device
+    req = _request(_msg(tiny_cfg, 1, tmp_path, **{wire.LABEL_NAMES: json.dumps(labels)}), ctx)
+    assert req.ident == ClientIdentity("n1", None, str(tmp_path / "own.csv"), tmp_path, tuple(labels))
+    assert len(req.data) == 6 and req.data.texts[1] == f"review 1 was {labels[1]}"
+    assert req.device is None and req.cfg is rt.cfg
