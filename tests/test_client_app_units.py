@@ -701,6 +701,9 @@ def test_a_round_without_dp(nodp_cfg: RunConfig, tmp_path: Path, flwr_identity, 
     assert [r.getMessage() for r in caplog.records] == [f"client 0: {reason}"]
     assert len(trainer.calls) == 1
     assert rt is _rt(nodp_cfg)
+    floor = app.handle_train(msg, _ctx(**{wire.PARTITION_ID: 0, wire.MIN_NOISE_MULTIPLIER: 1.5}))
+    assert _status(floor)[wire.REASON] == ("this node requires min-noise-multiplier=1.5 and the run has no DP "
+                                           "(privacy.epsilon=inf)")
 
 
 def test_handle_train_returns_a_parse_refusal(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
