@@ -522,13 +522,16 @@ def test_a_dp_reply_refuses_unaccounted_metrics(tiny_cfg: RunConfig, nodp_cfg: R
 
 
 # ---- _store_release -----------------------------------------------------------------------
-def test_store_release_records_then_stores(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+def test_store_release_records_then_stores(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                           caplog: pytest.LogCaptureFixture) -> None:
     req = _local_req(tiny_cfg, tmp_path, 1)
     inputs = app._inputs(req)
     ledger = _planned(tiny_cfg, tmp_path, _ctx())
     state = {"w": np.full((2, 3), 1.5, dtype=np.float32)}
     result = dataclasses.replace(RESULT, steps=3, sample_rate=0.25)  # what really ran
-    metrics = app._store_release(req, inputs, ledger, state, {"b": np.array([5.0])}, result, None)
+    with caplog.at_level(logging.DEBUG, logger="fedpeft.client"):
+        metrics = app._store_release(req, inputs, ledger, state, {"b": np.array([5.0])}, result, None)
+    assert f"client 0 round 1 (stays on this node): {DIAGNOSTICS}" in [r.getMessage() for r in caplog.records]
     assert metrics == {**DP_METRICS, wire.STEPS: 3, wire.BYTES_UP: 24, wire.EPSILON: 3 * 0.25 / 2.0,
                        wire.SAMPLE_RATE: 0.25}
     [entry] = ledger.entries
@@ -855,3 +858,10 @@ def test_a_deployed_node_reads_its_own_file_and_no_device(tiny_cfg: RunConfig, t
     assert req.ident == ClientIdentity("n1", None, str(tmp_path / "own.csv"), tmp_path, tuple(labels))
     assert len(req.data) == 6 and req.data.texts[1] == f"review 1 was {labels[1]}"
     assert req.device is None and req.cfg is rt.cfg
+
+
+def test_steps_follow_the_data_without_a_fixed_step_count(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+    cfg = dataclasses.replace(tiny_cfg, train=dataclasses.replace(tiny_cfg.train, local_steps=0, local_epochs=2.0))
+    req = _request(_msg(cfg, 1, tmp_path), _ctx())
+    assert app._inputs(req).steps == 6  # 2 epochs of 96 examples in batches of 32
+    assert app._inputs(dataclasses.replace(req, data=req.data.subset(np.arange(32)))).steps == 2
