@@ -686,7 +686,7 @@ def test_a_refused_budget_trains_nothing_and_saves_nothing(tiny_cfg: RunConfig, 
 
 def test_a_round_without_dp(nodp_cfg: RunConfig, tmp_path: Path, flwr_identity, trainer: Trainer,  # type: ignore[no-untyped-def]
                             caplog: pytest.LogCaptureFixture) -> None:
-    rt, msg = _rt(nodp_cfg), _msg(nodp_cfg, 1, tmp_path)
+    msg = _msg(nodp_cfg, 1, tmp_path)
     key = app._inputs(_request(msg, _ctx())).replay_key
     reply = app.handle_train(msg, _ctx())
     assert dict(reply.content[wire.METRICS]) == {wire.NUM_EXAMPLES: 96, wire.STEPS: 2, wire.BYTES_UP: NBYTES,
@@ -703,7 +703,6 @@ def test_a_round_without_dp(nodp_cfg: RunConfig, tmp_path: Path, flwr_identity, 
     assert _status(refused) == {wire.REFUSED: True, wire.CLIENT: "0", wire.REASON: reason}
     assert [r.getMessage() for r in caplog.records] == [f"client 0: {reason}"]
     assert len(trainer.calls) == 1
-    assert rt is _rt(nodp_cfg)
     floor = app.handle_train(msg, _ctx(**{wire.PARTITION_ID: 0, wire.MIN_NOISE_MULTIPLIER: 1.5}))
     assert _status(floor)[wire.REASON] == ("this node requires min-noise-multiplier=1.5 and the run has no DP "
                                            "(privacy.epsilon=inf)")
