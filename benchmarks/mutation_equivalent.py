@@ -104,6 +104,25 @@ EQUIVALENT: dict[str, str] = {
     #     "numpy's Generator.choice tests `if replace:`; None is falsy, so replace=None draws without replacement exactly as replace=False (same draw from the same generator state, checked).",
     # 'fedpeft.data.partition.x_make_partitioner__mutmut_40':
     #     'Drops partition_by="label", the class\'s default (pinned by tests/test_partition.py::test_partitioners_default_to_the_label_column_and_seed_42): the same call.',
+    # --- client.app ---
+    "fedpeft.client.app.x__directive_refusal__mutmut_13": (
+        "log.warning(reason) for log.warning('%s', reason): logging %-formats a message only when it has "
+        "arguments, so both log exactly the text of reason, for every reason."),
+    "fedpeft.client.app.x__plan_budget__mutmut_36": (
+        "log.debug(note) for log.debug('%s', note): logging %-formats a message only when it has arguments, "
+        "so both log exactly the text of note (a str), for every note."),
+    "fedpeft.client.app.x__plan_budget__mutmut_55": (
+        "log.warning(exc) for log.warning('%s', exc): without arguments logging logs str(exc), the text that "
+        "'%s' % exc gives."),
+    "fedpeft.client.app.x__train_round__mutmut_50": (
+        "node_budget_refusal(..., cfg=None, ledger=None, ...): with no ledger (a run without DP) it reads only "
+        "the node config (no limit: '', else the no-DP refusal naming the limit); cfg is read only with a ledger."),
+    "fedpeft.client.app.x__train_round__mutmut_51": (
+        "node_budget_refusal(..., steps=None) with ledger=None (a run without DP): it reads only the node "
+        "config and returns before steps is used (steps enter only the plan a ledger is checked against)."),
+    "fedpeft.client.app.x__train_round__mutmut_52": (
+        "node_budget_refusal(..., server_round=None) with ledger=None (a run without DP): it reads only the "
+        "node config and returns before server_round is used (only the plan a ledger is checked against)."),
 }
 
 KILLED_SINCE: dict[str, str] = {

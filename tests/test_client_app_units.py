@@ -297,10 +297,14 @@ def test_a_frozen_tensor_mismatch_is_an_error(tiny_cfg: RunConfig, tmp_path: Pat
         app._inputs(req)
 
 
-def test_inputs_and_the_replay_key(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity) -> None:  # type: ignore[no-untyped-def]
+def test_inputs_and_the_replay_key(tiny_cfg: RunConfig, tmp_path: Path, flwr_identity,  # type: ignore[no-untyped-def]
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
     rt = _rt(tiny_cfg)
     req = _request(_msg(tiny_cfg, 1, tmp_path), _ctx())
+    activated: list[tuple[Any, Any]] = []
+    monkeypatch.setattr(rt, "activate", lambda model, ident: activated.append((model, ident)))
     inputs = app._inputs(req)
+    assert activated == [(rt.model, req.ident)]  # a multi-task model is routed to this client's task
     assert {k: v.tolist() for k, v in inputs.incoming.items()} == {k: v.tolist() for k, v in _incoming(rt).items()}
     assert inputs.local_in == {} and inputs.steps == 2
     frozen = rt.plugin.frozen_fingerprint(rt.model)
