@@ -123,6 +123,12 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.client.app.x__train_round__mutmut_52": (
         "node_budget_refusal(..., server_round=None) with ledger=None (a run without DP): it reads only the "
         "node config and returns before server_round is used (only the plan a ledger is checked against)."),
+    "fedpeft.client.app.x__store_release__mutmut_5": (
+        "float('INF') for float('inf'): Python parses the special values case-insensitively, the same infinity."),
+    "fedpeft.client.app.x__store_release__mutmut_27": (
+        "float(sigma or 1.0) for float(sigma or 0.0): with a ledger, sigma is the plan's noise multiplier that "
+        "_plan_budget checked (ensure_plan calibrates sigma > 0; check_budget refuses steps at sigma <= 0), "
+        "so the fallback is never taken."),
 }
 
 KILLED_SINCE: dict[str, str] = {
