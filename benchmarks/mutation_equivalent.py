@@ -225,6 +225,31 @@ EQUIVALENT: dict[str, str] = {
         "As _progress__mutmut_15 (file= dropped: tqdm's default None, resolved to sys.stderr)."),
     "fedpeft.client.trainer.x_train_local__mutmut_136": (
         "float('NAN') instead of float('nan'): Python parses 'nan' case-insensitively; the same NaN (no test can tell NaNs apart)."),
+    # --- client.app ---
+    "fedpeft.client.app.x__directive_refusal__mutmut_13": (
+        "log.warning(reason) for log.warning('%s', reason): logging %-formats a message only when it has "
+        "arguments, so both log exactly the text of reason, for every reason."),
+    "fedpeft.client.app.x__plan_budget__mutmut_36": (
+        "log.debug(note) for log.debug('%s', note): logging %-formats a message only when it has arguments, "
+        "so both log exactly the text of note (a str), for every note."),
+    "fedpeft.client.app.x__plan_budget__mutmut_55": (
+        "log.warning(exc) for log.warning('%s', exc): without arguments logging logs str(exc), the text that "
+        "'%s' % exc gives."),
+    "fedpeft.client.app.x__train_round__mutmut_50": (
+        "node_budget_refusal(..., cfg=None, ledger=None, ...): with no ledger (a run without DP) it reads only "
+        "the node config (no limit: '', else the no-DP refusal naming the limit); cfg is read only with a ledger."),
+    "fedpeft.client.app.x__train_round__mutmut_51": (
+        "node_budget_refusal(..., steps=None) with ledger=None (a run without DP): it reads only the node "
+        "config and returns before steps is used (steps enter only the plan a ledger is checked against)."),
+    "fedpeft.client.app.x__train_round__mutmut_52": (
+        "node_budget_refusal(..., server_round=None) with ledger=None (a run without DP): it reads only the "
+        "node config and returns before server_round is used (only the plan a ledger is checked against)."),
+    "fedpeft.client.app.x__store_release__mutmut_5": (
+        "float('INF') for float('inf'): Python parses the special values case-insensitively, the same infinity."),
+    "fedpeft.client.app.x__store_release__mutmut_27": (
+        "float(sigma or 1.0) for float(sigma or 0.0): with a ledger, sigma is the plan's noise multiplier that "
+        "_plan_budget checked (ensure_plan calibrates sigma > 0; check_budget refuses steps at sigma <= 0), "
+        "so the fallback is never taken."),
 }
 
 KILLED_SINCE: dict[str, str] = {

@@ -78,7 +78,8 @@ def node_budget_refusal(node_config: Mapping[str, Any], cfg: RunConfig, ledger: 
         return ""
     node_delta = _node_delta(node_config)
     if ledger is None:
-        return f"this node allows at most epsilon={cap:g} and the run has no DP (privacy.epsilon=inf)"
+        limit = f"allows at most epsilon={cap:g}" if cap is not None else f"requires min-noise-multiplier={floor:g}"
+        return f"this node {limit} and the run has no DP (privacy.epsilon=inf)"
     if not node_delta < 1:
         return f"node config max-delta={node_delta:g} must be below 1; refusing to train"
     if refusal := _delta_refusal(cfg, node_delta):
