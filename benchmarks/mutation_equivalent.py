@@ -261,6 +261,12 @@ KILLED_SINCE: dict[str, str] = {
     "fedpeft.privacy.plan.x_make_plan__mutmut_41": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_make_plan__mutmut_68": "tests/test_privacy_plan.py::test_plan_calibrates_and_accounts_with_the_accountant_and_relation_it_is_given",
     "fedpeft.privacy.plan.x_sample_rate_for__mutmut_10": "tests/test_privacy_audit.py::test_plan_matches_the_ledger_the_clients_keep",
+    # --- strategies.adapter_avg --- (timed out in mutmut: a test on the real clock then waits the full
+    # 300 s node_wait_s; with adapter_avg.time replaced by a fake clock the test fails at once)
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ_wait_for_nodes__mutmut_5":
+        "tests/test_server_replies.py::test_configure_train_with_enough_nodes_neither_waits_nor_draws",
+    "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ_wait_for_nodes__mutmut_6":
+        "tests/test_server_replies.py::test_configure_train_with_enough_nodes_neither_waits_nor_draws",
     # --- privacy.accounting --- (the one timeout: a 3**k grid; fails in well under a second applied by hand)
     "fedpeft.privacy.accounting.xǁGridPRVAccountantǁ_get_domain__mutmut_25":
         "tests/test_accounting.py::test_grid_prv_domain_covers_any_stock_domain",
