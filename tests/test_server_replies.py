@@ -305,15 +305,20 @@ def _direct(clients_per_round: int, **kwargs: Any) -> AdapterAvg:
 ZERO100 = state_to_arrayrecord({"w": np.zeros((100, 100), np.float32)})
 
 
+def _on_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> tuple[FakeClock, AdapterAvg]:
+    """A strategy wanting 3 nodes whose waits run on a fake clock (no real sleep)."""
+    clock = FakeClock()
+    monkeypatch.setattr(adapter_avg, "time", clock)
+    return clock, _direct(3)
+
+
 def _server_log(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "fedpeft.server"]
 
 
 def test_configure_train_waits_a_second_at_a_time_for_late_nodes(  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr(adapter_avg, "time", clock)
-    strategy = _direct(3)
+    clock, strategy = _on_a_fake_clock(monkeypatch)
     with caplog.at_level(logging.INFO, logger="fedpeft.server"):
         messages = list(strategy.configure_train(3, ZERO100, ConfigRecord(),
                                                  ArrivingNodes([9], [9, 4], [9, 4, 2])))  # type: ignore[arg-type]
@@ -326,9 +331,7 @@ def test_configure_train_waits_a_second_at_a_time_for_late_nodes(  # type: ignor
 def test_configure_train_gives_up_waiting_after_node_wait_s(  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
     """300 s by default, then the round goes to the nodes there are, without drawing a sample."""
-    clock = FakeClock()
-    monkeypatch.setattr(adapter_avg, "time", clock)
-    strategy = _direct(3)
+    clock, strategy = _on_a_fake_clock(monkeypatch)
     sampler = strategy.rng.getstate()
     with caplog.at_level(logging.WARNING, logger="fedpeft.server"):
         messages = list(strategy.configure_train(5, ZERO100, ConfigRecord(), NodeIds(7, 2)))
@@ -343,9 +346,7 @@ def test_configure_train_gives_up_waiting_after_node_wait_s(  # type: ignore[no-
 
 def test_configure_train_with_enough_nodes_neither_waits_nor_draws(  # type: ignore[no-untyped-def]
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, flwr_identity) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr(adapter_avg, "time", clock)
-    strategy = _direct(3)
+    clock, strategy = _on_a_fake_clock(monkeypatch)
     sampler = strategy.rng.getstate()
     with caplog.at_level(logging.INFO, logger="fedpeft.server"):
         messages = list(strategy.configure_train(2, ZERO100, ConfigRecord(), NodeIds(3, 1, 2)))
