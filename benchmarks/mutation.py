@@ -283,6 +283,10 @@ def render() -> str:
             notes.append(f"- `{r['module']}`: the {rr['mutants']} mutants still alive were retested against the "
                          f"tests added since, on {rr['date']} ({rr['seconds']:.0f} s, load "
                          f"{'/'.join(f'{x:.1f}' for x in rr['load'])}); the counts are after the last retest.")
+        for seed in r.get("seeded", []):
+            notes.append(f"- `{r['module']}`: resumed without the earlier run's cache: {seed['killed']} kills carried "
+                         f"over from its results of {seed['from']} (only in functions unchanged since), every "
+                         "other mutant tested again.")
         if c.get("not checked"):
             notes.append(f"- `{r['module']}`: the run was stopped before it had checked every mutant "
                          f"({c['not checked']} not checked).")

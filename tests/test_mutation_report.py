@@ -35,9 +35,10 @@ def test_report_counts_and_lists_each_survivor_with_its_reason(tmp_path: Path, m
         "module": "src/fedpeft/m.py", "counts": {"killed": 8, "survived": 2}, "total": 10,
         "mutants_not_killed": {"m.x_f__mutmut_1": "survived\n-a\n+b", "m.x_f__mutmut_2": "survived\n-c\n+d"},
         "seconds": 12.0, "date": "2026-12-03 10:00 UTC", "load": [1.0, 2.0, 3.0], "cpus": 2,
-        "mutmut": "3.8.1", "max_children": 1,
+        "mutmut": "3.8.1", "max_children": 1, "seeded": [{"killed": 8, "from": "2026-12-02 09:00 UTC"}],
     }))
     text = mutation.render()
+    assert "8 kills carried over from its results of 2026-12-02 09:00 UTC (only in functions unchanged" in text
     assert "| `src/fedpeft/m.py` | 8 | 2 | 0 | 0 | 0 | 10 | 1 | 12 | 2026-12-03 10:00 UTC | 1.0/2.0/3.0 |" in text
     assert "only a log message" in text and text.count("**not explained: needs a test**") == 1
     assert "mutmut 3.8.1" in text and "2 shared CPU cores" in text
