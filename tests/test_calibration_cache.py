@@ -74,3 +74,36 @@ def test_off_writes_nothing(calls: list[tuple[Any, ...]], tmp_path: Path, monkey
     calibrate_noise.cache_clear()
     _cal()
     assert len(calls) == 2 and not list(tmp_path.iterdir())
+
+
+def test_an_epsilon_is_computed_once_per_machine_and_an_edited_one_is_not_trusted(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every simulation worker and every round's budget check asks for the same PLD figures
+    (~0.5 s of CPU each): the first process computes one, the others read it (``epsilon/``)."""
+    monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", str(tmp_path))
+    seen: list[tuple[Any, ...]] = []
+    real = accounting._epsilon_uncached
+
+    def counting(*args: Any) -> Any:
+        seen.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(accounting, "_epsilon_uncached", counting)
+    history = [(1.1, 0.25, 4), (1.1, 0.25, 4)]  # merged to one entry of 8 steps before the lookup
+
+    def fresh_process() -> tuple[float, str]:
+        accounting._epsilon_of.cache_clear()
+        return accounting.epsilon_for(history, 1e-5, "rdp", "add-remove")
+
+    first = fresh_process()
+    assert fresh_process() == first and seen == [(((1.1, 0.25, 8),), 1e-5, "rdp", "add-remove")]
+    assert first == real(((1.1, 0.25, 8),), 1e-5, "rdp", "add-remove")
+    (path,) = (tmp_path / "epsilon").glob("*.json")
+    assert not list(tmp_path.glob("*.json"))  # calibrations are kept apart
+    doc = json.loads(path.read_text())
+    doc["result"]["epsilon"] *= 0.5  # an under-reported spend
+    path.write_text(json.dumps(doc))
+    assert fresh_process() == first and len(seen) == 2
+    monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", "off")
+    assert fresh_process() == first and len(seen) == 3
+    accounting._epsilon_of.cache_clear()

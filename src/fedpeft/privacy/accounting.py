@@ -175,6 +175,19 @@ def epsilon_for(history: Sequence[HistoryEntry], delta: float, accountant: str =
 
 @lru_cache(maxsize=256)
 def _epsilon_of(steps: tuple[HistoryEntry, ...], delta: float, accountant: str, relation: str) -> tuple[float, str]:
+    """Memoised per process and on disk (:mod:`fedpeft.privacy.calibration_cache`): a PLD figure
+    costs ~0.5 s of CPU, and every simulation worker asks for the same ones (its clients share
+    the plan), as does every round's budget check."""
+    args = {"epsilon_of": [list(s) for s in steps], "delta": delta, "accountant": accountant, "relation": relation}
+    out = cached(args, lambda: dict(zip(("epsilon", "accountant"), _epsilon_uncached(steps, delta, accountant,
+                                                                                     relation), strict=True)),
+                 kind="epsilon")
+    return float(out["epsilon"]), str(out["accountant"])
+
+
+def _epsilon_uncached(steps: tuple[HistoryEntry, ...], delta: float, accountant: str,
+                      relation: str) -> tuple[float, str]:
+    """:func:`_epsilon_of` without its caches."""
     if accountant == "pld":
         return pld_epsilon(steps, delta, relation), "pld"
     if accountant == "prv":

@@ -1,4 +1,4 @@
-"""Calibrated noise multipliers kept on this machine's disk, shared by its processes.
+"""Calibrated noise multipliers and epsilon figures kept on this machine's disk, shared by its processes.
 
 Calibrating sigma (:func:`fedpeft.privacy.accounting.calibrate_noise`) takes seconds (about
 15 accountant evaluations) and every fresh process paid it again: each simulation worker
@@ -7,7 +7,9 @@ function of public arguments (target epsilon, delta, sample rate, steps, account
 history, relation) and of the accountant code, so it is cached once per distinct plan in
 ``$FEDPEFT_CALIBRATION_CACHE`` (default ``$XDG_CACHE_HOME/fedpeft/calibration``, i.e.
 ``~/.cache/...``; ``off`` disables it). Processes that ask for the same plan at once take a
-lock per plan: one calibrates, the others read its result.
+lock per plan: one calibrates, the others read its result. Epsilon figures
+(:func:`fedpeft.privacy.accounting.epsilon_for`, ~0.5 s of CPU each with PLD) are kept the same
+way, in its ``epsilon/`` subfolder, keyed by the merged history, delta, accountant and relation.
 
 A file is used only when its recorded arguments equal the requested ones exactly and its
 SHA-256 matches; anything else is ignored and overwritten. No randomness is involved and
@@ -32,7 +34,9 @@ __all__ = ["FORMAT", "cache_dir", "cached"]
 
 log = logging.getLogger("fedpeft.privacy")
 
-FORMAT = 1
+# 2 (2026-12-04): the sigma search's stopping rule was fixed; a format-1 calibration could lie
+# up to twice the tolerance below its target (never above it), so those are computed again.
+FORMAT = 2
 
 
 def cache_dir() -> Path | None:
@@ -78,11 +82,13 @@ def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
     return file_lock(path.with_suffix(".lock"))
 
 
-def cached(args: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``compute()`` for these JSON ``args``, from the disk cache when it holds them (module doc)."""
+def cached(args: dict[str, Any], compute: Callable[[], dict[str, Any]], kind: str = "") -> dict[str, Any]:
+    """``compute()`` for these JSON ``args``, from the disk cache when it holds them (module doc);
+    ``kind`` names a subfolder (``epsilon``) so each kind of figure is kept apart."""
     root = cache_dir()
     if root is None:
         return compute()
+    root = root / kind if kind else root
     args = {**args, "format": FORMAT, "versions": _versions()}
     try:
         root.mkdir(parents=True, exist_ok=True)
