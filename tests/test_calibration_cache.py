@@ -23,17 +23,23 @@ def _cal(*plan: Any) -> Any:
     return calibrate_noise(*(plan or PLAN), relation="add-remove")
 
 
-@pytest.fixture()
-def calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[Any, ...]]:
-    monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", str(tmp_path))
+def _count_calls(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple[Any, ...]]:
+    """Replace ``accounting.<name>`` by a wrapper that records each call's arguments."""
     seen: list[tuple[Any, ...]] = []
-    real = accounting._calibrate
+    real = getattr(accounting, name)
 
     def counting(*args: Any) -> Any:
         seen.append(args)
         return real(*args)
 
-    monkeypatch.setattr(accounting, "_calibrate", counting)
+    monkeypatch.setattr(accounting, name, counting)
+    return seen
+
+
+@pytest.fixture()
+def calls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[Any, ...]]:
+    monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", str(tmp_path))
+    seen = _count_calls(monkeypatch, "_calibrate")
     calibrate_noise.cache_clear()
     yield seen
     calibrate_noise.cache_clear()
@@ -81,14 +87,8 @@ def test_an_epsilon_is_computed_once_per_machine_and_an_edited_one_is_not_truste
     """Every simulation worker and every round's budget check asks for the same PLD figures
     (~0.5 s of CPU each): the first process computes one, the others read it (``epsilon/``)."""
     monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", str(tmp_path))
-    seen: list[tuple[Any, ...]] = []
     real = accounting._epsilon_uncached
-
-    def counting(*args: Any) -> Any:
-        seen.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(accounting, "_epsilon_uncached", counting)
+    seen = _count_calls(monkeypatch, "_epsilon_uncached")
     history = [(1.1, 0.25, 4), (1.1, 0.25, 4)]  # merged to one entry of 8 steps before the lookup
 
     def fresh_process() -> tuple[float, str]:
