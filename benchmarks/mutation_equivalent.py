@@ -177,6 +177,16 @@ EQUIVALENT: dict[str, str] = {
     "fedpeft.privacy.accounting.x__calibrate__mutmut_25": (
         "Log wording only (\"prv\"/\"rdp\" lower-cased, the spelling of the accountant names in the API); "
         "the warning itself is tested as for mutant 24."),
+    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_15": (
+        "np.errstate(divide=None) keeps numpy's 'warn': the PRV path has two guards against the one warning it can raise, numpy's divide-by-zero in Opacus's np.log(1 - q) at q = 1: np.errstate(divide='ignore') and, for q >= 1, a RuntimeWarning filter. Either alone silences it, so a mutant of one is covered by the other: tests/test_accounting.py::test_real_prv_gives_a_figure_without_a_warning_even_at_q_one (warnings as errors, q 0.1 and 1) passes with it applied by hand."),
+    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_19": (
+        "The RuntimeWarning filter only for q > 1: the PRV path has two guards against the one warning it can raise, numpy's divide-by-zero in Opacus's np.log(1 - q) at q = 1: np.errstate(divide='ignore') and, for q >= 1, a RuntimeWarning filter. Either alone silences it, so a mutant of one is covered by the other: tests/test_accounting.py::test_real_prv_gives_a_figure_without_a_warning_even_at_q_one (warnings as errors, q 0.1 and 1) passes with it applied by hand."),
+    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_20": (
+        "The RuntimeWarning filter only for q >= 2: the PRV path has two guards against the one warning it can raise, numpy's divide-by-zero in Opacus's np.log(1 - q) at q = 1: np.errstate(divide='ignore') and, for q >= 1, a RuntimeWarning filter. Either alone silences it, so a mutant of one is covered by the other: tests/test_accounting.py::test_real_prv_gives_a_figure_without_a_warning_even_at_q_one (warnings as errors, q 0.1 and 1) passes with it applied by hand."),
+    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_22": (
+        "simplefilter('ignore', None): no warning reaches the filter (errstate already silences numpy's); the PRV path has two guards against the one warning it can raise, numpy's divide-by-zero in Opacus's np.log(1 - q) at q = 1: np.errstate(divide='ignore') and, for q >= 1, a RuntimeWarning filter. Either alone silences it, so a mutant of one is covered by the other: tests/test_accounting.py::test_real_prv_gives_a_figure_without_a_warning_even_at_q_one (warnings as errors, q 0.1 and 1) passes with it applied by hand."),
+    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_24": (
+        "simplefilter('ignore') for every category: no warning of any category reaches it; the PRV path has two guards against the one warning it can raise, numpy's divide-by-zero in Opacus's np.log(1 - q) at q = 1: np.errstate(divide='ignore') and, for q >= 1, a RuntimeWarning filter. Either alone silences it, so a mutant of one is covered by the other: tests/test_accounting.py::test_real_prv_gives_a_figure_without_a_warning_even_at_q_one (warnings as errors, q 0.1 and 1) passes with it applied by hand."),
     "fedpeft.privacy.accounting.x__search_sigma__mutmut_45": (
         "The Illinois side marker starts as None instead of 0; it is only ever compared with == -1 and == 1, "
         "which both None and 0 fail, so every branch is taken the same."),

@@ -332,6 +332,23 @@ def test_prv_gives_its_own_figure_when_it_can(monkeypatch: pytest.MonkeyPatch) -
         accounting._epsilon_of.cache_clear()
 
 
+@pytest.mark.parametrize("q", [0.1, 1.0])
+def test_real_prv_gives_a_figure_without_a_warning_even_at_q_one(q: float) -> None:
+    """Opacus's PRV takes log(1 - q), which numpy warns about (divide by zero) at q = 1 and
+    which is harmless there; epsilon_for silences exactly that, so a run at sampling rate 1
+    (every example every step) neither prints nor, under ``-W error``, fails."""
+    import warnings
+
+    accounting._epsilon_of.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            eps, used = epsilon_for([(1.0, q, 3)], DELTA, "prv", "add-remove")
+        assert used == "prv" and math.isfinite(eps) and eps > 0
+    finally:
+        accounting._epsilon_of.cache_clear()
+
+
 def test_prv_is_handed_the_merged_history() -> None:
     acc = accounting._opacus("prv", [(1.0, 0.1, 3), (1.0, 0.1, 4), (2.0, 0.2, 0)])
     assert isinstance(acc, GridPRVAccountant) and acc.history == [(1.0, 0.1, 7)]
