@@ -6,9 +6,11 @@ the mutation run can afford them per mutant."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -328,6 +330,29 @@ def test_prv_gives_its_own_figure_when_it_can(monkeypatch: pytest.MonkeyPatch) -
     try:
         assert epsilon_for([(1.0, 0.1, 7)], DELTA, "prv", "add-remove") == (0.0, "prv")
         assert epsilon_for([(1.0, 1.0, 7)], DELTA, "prv", "add-remove") == (0.0, "prv")  # q = 1
+    finally:
+        accounting._epsilon_of.cache_clear()
+
+
+def test_an_epsilon_is_kept_on_disk_under_its_plan_and_read_back_as_computed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The disk cache's record of a figure (``epsilon/``): the merged history, delta, accountant
+    and relation it is for, and the figure and accountant that gave it; a fresh process reads
+    it back instead of computing it again (tests/test_calibration_cache.py: damaged files)."""
+    monkeypatch.setenv("FEDPEFT_CALIBRATION_CACHE", str(tmp_path))
+    history = [(1.1, 0.25, 4), (1.1, 0.25, 4)]
+    accounting._epsilon_of.cache_clear()
+    try:
+        first = epsilon_for(history, 1e-5, "rdp", "add-remove")
+        (path,) = (tmp_path / "epsilon").glob("*.json")
+        doc = json.loads(path.read_text())
+        assert {k: v for k, v in doc["args"].items() if k != "versions"} == {
+            "epsilon_of": [[1.1, 0.25, 8]], "delta": 1e-5, "accountant": "rdp", "relation": "add-remove", "format": 2}
+        assert doc["result"] == {"epsilon": first[0], "accountant": "rdp"} and first[0] > 0
+        accounting._epsilon_of.cache_clear()  # a fresh process
+        monkeypatch.setattr(accounting, "_epsilon_uncached", lambda *a: pytest.fail("computed again"))
+        again = epsilon_for(history, 1e-5, "rdp", "add-remove")
+        assert again == first and type(again[0]) is float and type(again[1]) is str
     finally:
         accounting._epsilon_of.cache_clear()
 
