@@ -309,7 +309,8 @@ def test_pld_epsilon_is_dp_accountings_figure_at_the_asked_discretisation() -> N
 
 
 @pytest.mark.parametrize("broken", [math.nan, -1.0, math.inf, RuntimeError("x"), OverflowError("x"), ValueError("x")])
-def test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure(monkeypatch: pytest.MonkeyPatch, broken: object) -> None:
+def test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure(monkeypatch: pytest.MonkeyPatch, broken: object,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
     def get_epsilon(self: object, delta: float) -> float:
         if isinstance(broken, BaseException):
             raise broken
@@ -318,8 +319,12 @@ def test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure(monkeypatch: pytest.
     monkeypatch.setattr(GridPRVAccountant, "get_epsilon", get_epsilon)
     accounting._epsilon_of.cache_clear()
     try:
-        eps, used = epsilon_for([(1.0, 0.1, 7)], DELTA, "prv", "add-remove")
+        with caplog.at_level(logging.WARNING, logger="fedpeft.privacy.accounting"):
+            eps, used = epsilon_for([(1.0, 0.1, 7)], DELTA, "prv", "add-remove")
         assert used == "rdp" and eps == epsilon_for([(1.0, 0.1, 7)], DELTA, "rdp", "add-remove")[0]
+        why = (f"PRV accountant failed ({broken}); falling back to RDP" if isinstance(broken, BaseException)
+               else f"PRV accountant gave epsilon={broken}; falling back to RDP")
+        assert [r.getMessage() for r in caplog.records if r.name == "fedpeft.privacy.accounting"] == [why]
     finally:
         accounting._epsilon_of.cache_clear()
 
