@@ -70,6 +70,36 @@ def test_lr_is_chosen_on_the_validation_split_never_the_test_split(tiny_model_di
     assert again.calls == []  # tuning and evaluation cells both resume
 
 
+class PersonalRunner(SplitAwareRunner):
+    """FedSA-LoRA's server model (shared head, B = 0) favours one rate, its clients' accounted
+    personalised evaluation (``personal_accuracy``, last round) the other."""
+
+    def __call__(self, cfg: RunConfig, path: Path) -> None:
+        super().__call__(cfg, path)
+        if cfg.adapter.method != "fedsa_lora":
+            return
+        assert dict(cfg.adapter.options).get("eval_fraction"), "compare turns the personalised evaluation on"
+        rd = RunDir(path)
+        rows = rd.read_metrics()
+        (path / "metrics.jsonl").unlink()
+        for row in rows:
+            personal = 0.9 if cfg.train.lr == TEST_BEST else 0.7  # the rate the server's validation did not favour
+            rd.append_metrics({**row, **({"personal_accuracy": personal} if row is rows[-1] else {})})
+
+
+def test_a_personalised_method_is_tuned_on_its_clients_held_out_metric(tiny_model_dir: Path, tmp_path: Path) -> None:
+    grid = {"ffa_lora": (VAL_BEST, TEST_BEST), "fedsa_lora": (VAL_BEST, TEST_BEST)}
+    spec = SweepSpec(("ffa_lora", "fedsa_lora"), (3.0,), (0,), _base(tiny_model_dir), grid, validation_size=40)
+    cells, tune, _ = run_compare(spec, tmp_path, PersonalRunner())
+    chosen = {k[0]: v.lr for k, v in choose_lrs(tune).items()}
+    assert chosen == {"ffa_lora": VAL_BEST, "fedsa_lora": TEST_BEST}  # each on the metric it is judged by
+    assert {c.cfg.train.lr for c in cells if c.method == "fedsa_lora"} == {TEST_BEST}
+    rows = list(csv.DictReader(write_report(cells, tmp_path, tuning=tune)["tuning"].open()))
+    judged = {(r["method"], float(r["lr"])): (r["judged_by"], float(r["validation_accuracy"])) for r in rows}
+    assert judged[("fedsa_lora", TEST_BEST)] == ("personal_accuracy", 0.9)
+    assert judged[("ffa_lora", VAL_BEST)][0] == "accuracy"
+
+
 def test_a_tuning_cell_scoring_the_test_split_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     spec = _spec(tiny_model_dir)
     cells, tune, _ = run_compare(spec, tmp_path, SplitAwareRunner())

@@ -34,7 +34,7 @@ from fedpeft.server.figures import fmt as _fmt
 from fedpeft.server.figures import html_table as _html_table
 from fedpeft.sim.compare.plots import write_plots
 from fedpeft.sim.compare.stats import paired_rows
-from fedpeft.sim.compare.sweep import Cell, cell_is_finished
+from fedpeft.sim.compare.sweep import Cell, cell_is_finished, judged_metric
 from fedpeft.sim.compare.tuning import choose_lrs, tuning_rows
 from fedpeft.tasks.base import TaskType
 from fedpeft.tasks.registry import DEFAULT, get, task_for
@@ -79,7 +79,7 @@ def collect(cells: Sequence[Cell]) -> tuple[list[dict[str, Any]], dict[tuple[str
         last = rows[-1]
         # a method whose clients keep part of the model is judged by their accounted personalised
         # evaluation of the last round (fedpeft.client.personal_eval), not by the server's model
-        judged = f"personal_{metric}" if last.get(f"personal_{metric}") is not None else metric
+        judged = judged_metric(last, metric)
         results.append({
             "method": cell.method, "epsilon_target": cell.epsilon,
             "epsilon_spent": _f(last.get("epsilon")) if math.isfinite(cell.epsilon) else math.inf,
@@ -168,7 +168,10 @@ PAIRED_COLS = ("epsilon_target", "method", "reference", "pairs", "diff_mean", "d
                "p_sign_flip_min", "better")
 TUNING_NOTE = ("The learning rate of each (method, epsilon) was chosen from its grid by the final {metric} on a "
                "validation split held out of the training pool (no client trains on it), in tuning runs with "
-               "seed {seed}; the test split never took part. Every evaluation seed then ran with the chosen rate.")
+               "seed {seed}; the test split never took part. A method judged by its clients' personalised "
+               "evaluation (judged_by personal_{metric}: FedSA-LoRA) was tuned on that metric instead, measured on "
+               "the clients' held-out splits of their own training data. Every evaluation seed then ran with the "
+               "chosen rate.")
 
 
 def _paired_reading(paired: Sequence[dict[str, Any]], metric: str) -> list[str]:

@@ -36,7 +36,7 @@ from fedpeft.load import config_from_toml, parse_config
 from fedpeft.tasks.registry import task_for
 
 __all__ = ["Cell", "CellResult", "SweepSpec", "cell_is_finished", "cell_problem", "check_methods", "eps_label",
-           "make_cell", "personal_layer", "plan_cells", "run_sweep"]
+           "judged_metric", "make_cell", "personal_layer", "plan_cells", "run_sweep"]
 
 log = logging.getLogger("fedpeft.compare")
 
@@ -121,6 +121,16 @@ for it in a sweep: its cells are judged by ``personal_<metric>``, the clients' a
 def personal_layer(method: str) -> dict[str, Any]:
     """The configuration entries that turn on ``method``'s personalised evaluation (none without one)."""
     return {"adapter.options.eval_fraction": PERSONAL_EVAL_FRACTION} if isinstance(registry.get(method), PersonalEval) else {}
+
+
+def judged_metric(last: dict[str, Any], metric: str) -> str:
+    """The metric a run is judged by, read from its last metrics row: ``personal_<metric>``
+    when the row carries the clients' accounted personalised evaluation (a method whose clients
+    keep part of the model, FedSA-LoRA's B: the server's model lacks it), else ``metric``.
+    Tuning cells and evaluation cells use the same rule, so a rate is chosen on the metric the
+    method is then judged by."""
+    personal = f"personal_{metric}"
+    return personal if last.get(personal) is not None else metric
 
 
 def make_cell(spec: SweepSpec, method: str, eps: float, seed: int, path: Path, extra: dict[str, Any]) -> Cell:

@@ -14,6 +14,9 @@ of that method's grid, one *tuning cell* ``OUTPUT/tune/<method>_eps-<e>_lr-<lr>`
   cell's test examples, and no client of any cell trains on either.
 
 The rate with the best *final* validation value of the task type's primary metric is chosen
+(for a method judged by its clients' personalised evaluation, FedSA-LoRA, the same metric
+measured on the clients' held-out splits of their own data: ``personal_<metric>``, the value
+its evaluation cells are judged by; :func:`~fedpeft.sim.compare.sweep.judged_metric})
 (ties: the smaller rate; a non-finite score ranks last), once every grid point of that
 (method, epsilon) has finished. The evaluation cells (:func:`plan_cells`) then run every
 evaluation seed with the chosen rate and ``evaluate_on = "test"``. Tuning cells are ordinary
@@ -39,6 +42,7 @@ from fedpeft.sim.compare.sweep import (
     cell_is_finished,
     check_methods,
     eps_label,
+    judged_metric,
     make_cell,
     plan_cells,
     run_sweep,
@@ -80,11 +84,16 @@ def plan_tuning_cells(spec: SweepSpec, output_dir: Path) -> list[Cell]:
     return cells
 
 
-def _final(cell: Cell, metric: str) -> float:
+def _final(cell: Cell, metric: str) -> tuple[float, str]:
+    """(the tuning cell's final validation score, the metric it is read from): ``metric`` on the
+    server's validation split, or for a method judged by its clients' personalised evaluation
+    (:func:`judged_metric`) ``personal_<metric>``, measured on the clients' held-out splits of
+    their own training data -- also never the test split."""
     rows = [json.loads(x) for x in (cell.path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
             if x.strip()]
-    value = rows[-1].get(metric)
-    return float(value) if value is not None else math.nan
+    judged = judged_metric(rows[-1], metric)
+    value = rows[-1].get(judged)
+    return (float(value) if value is not None else math.nan), judged
 
 
 def choose_lrs(cells: Sequence[Cell]) -> dict[tuple[str, float], Choice]:
@@ -106,7 +115,7 @@ def choose_lrs(cells: Sequence[Cell]) -> dict[tuple[str, float], Choice]:
     for key, group in groups.items():
         if not all(cell_is_finished(c) for c in group):
             continue
-        scores = tuple((c.cfg.train.lr, _final(c, metric)) for c in group)
+        scores = tuple((c.cfg.train.lr, _final(c, metric)[0]) for c in group)
         ranked = sorted(scores, key=lambda s: (-sign * s[1] if math.isfinite(s[1]) else math.inf, s[0]))
         out[key] = Choice(key[0], key[1], ranked[0][0], scores)
     return out
@@ -114,14 +123,15 @@ def choose_lrs(cells: Sequence[Cell]) -> dict[tuple[str, float], Choice]:
 
 def tuning_rows(cells: Sequence[Cell], choices: dict[tuple[str, float], Choice]) -> list[dict[str, Any]]:
     """One row per tuning cell: method, epsilon target, lr, seed, final validation metric
-    (empty while unfinished) and whether it is the chosen rate."""
+    (empty while unfinished), the metric it was read from and whether it is the chosen rate."""
     metric = task_for(cells[0].cfg).primary_metric if cells else "accuracy"
     rows = []
     for c in cells:
         done = cell_is_finished(c)
         choice = choices.get((c.method, c.epsilon))
+        score, judged = _final(c, metric) if done else (math.nan, "")
         rows.append({"method": c.method, "epsilon_target": c.epsilon, "lr": c.cfg.train.lr, "seed": c.seed,
-                     f"validation_{metric}": _final(c, metric) if done else math.nan,
+                     f"validation_{metric}": score, "judged_by": judged,
                      "status": "finished" if done else "not finished",
                      "chosen": bool(choice and choice.lr == c.cfg.train.lr), "run_dir": f"{TUNE_DIR}/{c.name}"})
     return rows
