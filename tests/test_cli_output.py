@@ -156,6 +156,34 @@ def _alive(pids: dict[int, float]) -> list[int]:
     return out
 
 
+def test_the_run_returns_once_the_serverapp_marks_it_finished_and_stop_ends_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flwr run`` (here a process that would outlive the test) is not waited for once the
+    ServerApp's finished marker exists (:func:`fedpeft.sim.apps.write_finished`); :meth:`stop`
+    then ends it. Without the marker the run would wait for it to exit."""
+    import threading
+    import time
+
+    from fedpeft.sim.apps import finished_marker, write_finished
+
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(superlink.subprocess, "Popen", lambda cmd, **kw: real_popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], **kw))
+    link = superlink.LocalSuperLink(tmp_path / "flower.log")
+    link.home = __import__("tempfile").TemporaryDirectory(prefix="fedpeft-flwr-")
+    link._log = link.live_log.open("ab")
+    launch = link.home_path / "launch.pickle"
+    assert finished_marker(launch) == link.home_path / "finished"
+    threading.Timer(1.0, write_finished, args=(launch,)).start()
+    t0 = time.monotonic()
+    link.run(tmp_path, 'launch=""', "num-supernodes=1", finished=finished_marker(launch))
+    assert time.monotonic() - t0 < 30 and finished_marker(launch).read_text() == "finished\n"
+    flwr_run = link.run_proc
+    assert flwr_run is not None and flwr_run.poll() is None  # returned without waiting for it
+    link.stop()
+    assert flwr_run.poll() is not None and link.home is None
+
+
 @pytest.mark.slow
 def test_the_local_superlink_starts_and_leaves_nothing_running(tmp_path: Path) -> None:
     with superlink.LocalSuperLink(tmp_path / "flower.log") as link:

@@ -37,8 +37,8 @@ from fedpeft.server.loop import run_federation
 from fedpeft.sim.hetero.hook import HeteroEmulator
 from fedpeft.sim.mods import simulation_app
 
-__all__ = ["CLIENT_APP", "SERVER_APP", "Launch", "client_app", "read_launch", "server_app", "write_app_dir",
-           "write_launch"]
+__all__ = ["CLIENT_APP", "SERVER_APP", "Launch", "client_app", "finished_marker", "read_launch", "server_app",
+           "write_app_dir", "write_finished", "write_launch"]
 
 SERVER_APP = "fedpeft.sim.apps:server_app"
 CLIENT_APP = "fedpeft.sim.apps:client_app"
@@ -113,3 +113,20 @@ def _main(grid: Grid, context: Context) -> None:
         timer = HeteroEmulator(launch.scenario, launch.cfg)
         hooks.append(timer)
     run_federation(grid, launch.cfg, Path(launch.run_dir), hooks=hooks, resume=launch.resume, round_timer=timer)
+    write_finished(str(context.run_config["launch"]))
+
+
+def finished_marker(launch_path: str | Path) -> Path:
+    """The file the ServerApp writes next to the launch file once its federation has returned:
+    every round, checkpoint, adapter and report is on disk. The process that started the run
+    then stops the runtime at once (:meth:`~fedpeft.sim.superlink.LocalSuperLink.run`) instead
+    of waiting ~4 s for Flower's own teardown (Ray's actors and daemons, the task output push,
+    the log stream's last poll), which nothing of the run needs."""
+    return Path(launch_path).with_name("finished")
+
+
+def write_finished(launch_path: str | Path) -> None:
+    marker = finished_marker(launch_path)
+    tmp = marker.with_name(marker.name + ".tmp")
+    tmp.write_text("finished\n", encoding="utf-8")
+    tmp.replace(marker)  # atomic: the starter never reads a half-written marker

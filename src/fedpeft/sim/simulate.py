@@ -198,7 +198,7 @@ def _run_superlink(link: Any, cfg: RunConfig, path: Path, resume: bool, scenario
                    watcher: Any, verbose: bool) -> None:
     """The run through ``flwr run`` on the launched private SuperLink ``link`` (module doc); the
     caller stops it (and everything it started) whatever happens, Ctrl-C and SIGTERM included."""
-    from fedpeft.sim.apps import Launch, write_app_dir, write_launch
+    from fedpeft.sim.apps import Launch, finished_marker, write_app_dir, write_launch
     from fedpeft.sim.superlink import RuntimeFailed, federation_config, terminate_as_interrupt
 
     watcher.tail(link.live_log if verbose else None)
@@ -208,7 +208,8 @@ def _run_superlink(link: Any, cfg: RunConfig, path: Path, resume: bool, scenario
         launch = write_launch(home / "launch.pickle", Launch(cfg, str(path.resolve()), resume, scenario))
         app_dir = write_app_dir(home / "app")
         try:
-            link.run(app_dir, f'launch="{launch}"', federation_config(cfg.train.clients, backend), poll=watcher.poll)
+            link.run(app_dir, f'launch="{launch}"', federation_config(cfg.train.clients, backend), poll=watcher.poll,
+                     finished=finished_marker(launch))
         except RuntimeFailed as exc:
             raise RuntimeFailed(f"{exc}{_last_error(link.live_log)}") from None
     log_path = link.log_path

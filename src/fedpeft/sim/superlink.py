@@ -216,15 +216,22 @@ class LocalSuperLink:
         return simulating
 
     def run(self, app_dir: Path, run_config: str, federation: str,
-            poll: Callable[[], None] | None = None, poll_s: float = 0.5) -> None:
-        """``flwr run APP_DIR sim --stream`` until the run ends; ``poll`` is called between checks
-        (progress). Its output is appended to the log file; a non-zero exit is :class:`RuntimeFailed`."""
+            poll: Callable[[], None] | None = None, poll_s: float = 0.2, finished: Path | None = None) -> None:
+        """``flwr run APP_DIR sim --stream`` until the run ends, or until the file ``finished``
+        exists (the ServerApp wrote it after its last output: :func:`fedpeft.sim.apps.finished_marker`;
+        the caller then stops the runtime with :meth:`stop`, skipping Flower's own teardown);
+        ``poll`` is called between checks (progress). Its output is appended to the log file; a
+        non-zero exit is :class:`RuntimeFailed`."""
         cmd = [str(Path(sys.executable).with_name("flwr")), "run", str(app_dir), "sim", "--stream",
                "--run-config", run_config, "--federation-config", federation]
         self.run_proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
         seen, gone_since = False, 0.0
         while self.run_proc.poll() is None:
+            if finished is not None and finished.is_file():
+                if poll is not None:
+                    poll()
+                return
             simulating = self.track()
             seen = seen or simulating
             gone_since = 0.0 if simulating else (gone_since or time.monotonic())
@@ -272,6 +279,13 @@ class LocalSuperLink:
         for proc in (self.run_proc, self.proc):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
+        alive = []  # killed while the SuperLink shuts down, not after: nothing below it is waited for
+        for pid, created in sorted(self.known.items()):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+                    alive.append(p)
         for proc in (self.run_proc, self.proc):
             if proc is not None:
                 try:
@@ -279,13 +293,6 @@ class LocalSuperLink:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(timeout=5)
-        alive = []
-        for pid, created in sorted(self.known.items()):
-            with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                if p.create_time() == created and p.status() != psutil.STATUS_ZOMBIE:
-                    p.kill()
-                    alive.append(p)
         psutil.wait_procs(alive, timeout=5)
         self._kill_marked()
         if self._log is not None:
