@@ -214,3 +214,24 @@ def test_method_matrix_only_times_the_named_methods_and_ffa_lora(tiny_model_dir:
     assert all(r.error is None and r.value is not None and r.value > 0 for r in rows)
     upload = next(r for r in rows if r.name == "rolora: upload bytes / FFA-LoRA")
     assert upload.value == pytest.approx(1.0), "a B round uploads what FFA-LoRA does"
+
+
+def test_flower_scan_drives_flowers_own_lookup_on_its_stand_in_state(tmp_path: Path) -> None:
+    """The scan benchmark's state is one Flower's ``get_message_ins`` really reads: a message
+    addressed to a scanned node is found once and marked delivered, others are left alone; the
+    report names every (nodes, in flight) pair it measured."""
+    from benchmarks import flower_scan
+
+    state = flower_scan._State(3)
+    assert state.get_message_ins(node_id=1, limit=1) == []
+    from types import SimpleNamespace
+
+    mine = {**vars(state.message_ins_store["m0"].metadata), "dst_node_id": 7}
+    state.message_ins_store["mine"] = SimpleNamespace(metadata=SimpleNamespace(**mine))
+    found = state.get_message_ins(node_id=7, limit=1)
+    assert len(found) == 1 and found[0].metadata.delivered_at != ""
+    assert state.get_message_ins(node_id=7, limit=1) == []  # delivered once
+    assert flower_scan.main(["--reps", "1", "--output", str(tmp_path / "scan")]) == 0
+    rows = json.loads((tmp_path / "scan.json").read_text())["rows"]
+    assert {(r["nodes"], r["messages_in_flight"]) for r in rows} == {(n, m) for n in (10, 1000, 10000) for m in (0, 10)}
+    assert all(r["cpu_ms_per_scan"] >= 0 and 0 <= r["core_share"] < 1 for r in rows)
