@@ -308,6 +308,39 @@ def test_pld_epsilon_is_dp_accountings_figure_at_the_asked_discretisation() -> N
     assert figures["replace-one", 0.01] > figures["add-remove", 0.01]
 
 
+def _accountants_figure(history: list[tuple[float, float, int]], relation: str, interval: float) -> float:
+    """What dp-accounting's own ``PLDAccountant`` says, one event per entry as given."""
+    from dp_accounting import dp_event
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+    from dp_accounting.privacy_accountant import NeighboringRelation
+
+    rel = NeighboringRelation.REPLACE_ONE if relation == "replace-one" else NeighboringRelation.ADD_OR_REMOVE_ONE
+    direct = PLDAccountant(neighboring_relation=rel, value_discretization_interval=interval)
+    direct.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(s)), n) for s, q, n in history]))
+    return float(direct.get_epsilon(DELTA))
+
+
+@pytest.mark.parametrize("relation", ["replace-one", "add-remove"])
+def test_pld_epsilon_builds_each_step_once_and_still_gives_the_accountants_figure_bit_for_bit(relation: str) -> None:
+    """The one-step PLD is cached per process (a round's budget check re-uses its plan's step):
+    every figure, first or from the cache, in any order, equals the accountant's exactly,
+    including an entry never sampled (q = 0, skipped) between two real ones, and a noiseless
+    one (infinite epsilon)."""
+    interval = 0.01  # coarse, so fast
+    accounting._step_pld.cache_clear()
+    histories = [[(1.0, 0.5, 2)], [(1.0, 0.5, 5)], [(1.0, 0.5, 2), (2.0, 0.25, 3)],
+                 [(2.0, 0.25, 1), (1.0, 0.0, 4), (1.0, 0.5, 2)], [(1.0, 0.5, 2), (0.0, 0.5, 1)]]
+    expected = [_accountants_figure(h, relation, interval) for h in histories]
+    assert expected[-1] == math.inf and len(set(expected[:-1])) == 4
+    for _ in range(2):  # the second pass reads every step from the cache
+        assert [accounting.pld_epsilon(h, DELTA, relation, interval) for h in histories] == expected
+    info = accounting._step_pld.cache_info()
+    assert info.misses == 2 and info.hits >= 10  # (1.0, 0.5) and (2.0, 0.25), each built once
+    assert accounting.pld_epsilon([(1.0, 0.5, 2)], DELTA, relation, interval) == expected[0]  # not mutated
+    assert accounting.pld_epsilon([(1.0, 0.5, 2)], DELTA, relation, 0.05) > expected[0]  # the grid is part of the key
+
+
 @pytest.mark.parametrize("broken", [math.nan, -1.0, math.inf, RuntimeError("x"), OverflowError("x"), ValueError("x")])
 def test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure(monkeypatch: pytest.MonkeyPatch, broken: object,
                                                            caplog: pytest.LogCaptureFixture) -> None:
