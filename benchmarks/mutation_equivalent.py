@@ -284,29 +284,6 @@ KILLED_SINCE: dict[str, str] = {
     "fedpeft.strategies.adapter_avg.xǁAdapterAvgǁ_wait_for_nodes__mutmut_6":
         "tests/test_server_replies.py::test_configure_train_with_enough_nodes_neither_waits_nor_draws",
     # --- privacy.accounting --- (the one timeout: a 3**k grid; fails in well under a second applied by hand)
-    # --- privacy.accounting --- (the PRV fallback's warnings, pinned after the 2026-12-04 run)
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_43":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_44":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_45":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_46":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_47":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_48":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_50":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_51":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_52":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_53":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
-    "fedpeft.privacy.accounting.x__epsilon_uncached__mutmut_54":
-        "tests/test_accounting.py::test_prv_falls_back_to_rdp_when_it_cannot_give_a_figure",
     "fedpeft.privacy.accounting.xǁGridPRVAccountantǁ_get_domain__mutmut_25":
         "tests/test_accounting.py::test_grid_prv_domain_covers_any_stock_domain",
 }
